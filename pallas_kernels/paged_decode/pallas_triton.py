@@ -1,0 +1,308 @@
+"""Split-K paged decode attention for GPU: Pallas with the Triton lowering.
+
+Decode reads every K/V value of a sequence once per step and does 2 * Q * G FLOPs per value, so it is
+memory-bound; the kernel's only job is to keep HBM busy. Design:
+
+- One program per (sequence, KV head, split). It holds all G = H / K query heads of the group and all
+  Q query tokens (speculative verification, Q <= 5) as M = Q * G rows padded to a power of two >= 16
+  (Triton's smallest dot), so every K/V byte is read from HBM exactly once per step.
+- The program walks its share of the sequence in blocks of `pages_per_block` pages, reading the page ids
+  from the sequence's row of the page table and gathering the pages straight from the cache
+  (`[K, P, page_size, D]`, head-major, so one head's page is `page_size * D` contiguous values). The
+  cache is never copied or transposed.
+- Splits: the sequence's blocks are divided evenly among `num_splits` programs at run time (from its
+  actual length), so short sequences in a long page table do not leave splits idle while others work;
+  a split past the end does nothing and reports (m = -inf, l = 0). `num_splits` is chosen from the
+  number of SMs so that one sequence with a long context still fills the chip.
+- Each split writes float32 partials (acc, m, l) with m in log2 units; `_combine` merges them in jnp.
+- Quantized pages (int8 / float8_e4m3fn) are converted to the compute dtype in registers (exact for
+  both); per-(token, head) scales multiply the logits (K) and the probabilities (V), per-head scales
+  fold into the softmax scale (K) and the final accumulator (V).
+- The last block of a sequence is loaded with a mask (other=0), so slots past kv_len are never read:
+  they may hold stale data or NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+import jax.numpy as jnp
+
+_LOG2E = math.log2(math.e)
+_MIN_ROWS = 16  # smallest M of a Triton dot
+_MAX_ROWS = 128  # Q * G beyond this would spill registers; served by the reference instead
+_DEFAULT_NUM_SMS = 132  # H100 / H200 SXM
+_PAGE_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16, jnp.int8,
+                                            jnp.float8_e4m3fn))
+
+_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def _num_sms() -> int:
+  try:
+    dev = jax.devices()[0]
+  except RuntimeError:
+    return _DEFAULT_NUM_SMS
+  return int(getattr(dev, "core_count", 0) or _DEFAULT_NUM_SMS)
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, *, num_sms: int,
+                      programs_per_sm: int = 2) -> int:
+  """Number of splits per (sequence, KV head) so that the grid fills the chip.
+
+  Args:
+    num_seqs: sequences in the batch (S).
+    num_kv_heads: KV heads (K).
+    max_blocks: compute blocks in the longest possible sequence (page-table width / pages_per_block).
+    num_sms: streaming multiprocessors of the card.
+    programs_per_sm: resident programs wanted per SM.
+
+  Returns:
+    The smallest split count giving at least `num_sms * programs_per_sm` programs, capped so every
+    split of a full-length sequence gets at least one block.
+  """
+  want = num_sms * programs_per_sm
+  return max(1, min(pl.cdiv(want, num_seqs * num_kv_heads), max_blocks))
+
+
+def _decode_kernel(
+    kv_len_ref,  # [1] int32
+    pages_ref,  # [Pmax] int32: this sequence's row of the page table
+    q_ref,  # [M, D]: Q * G query rows of one KV head, zero-padded to M
+    k_ref,  # [P, page_size, D]: this KV head's pages
+    v_ref,  # [P, page_size, D]
+    k_scale_ref,  # None, [1] (per head) or [P, page_size] (per token) float32
+    v_scale_ref,  # None, [1] (per head) or [P, page_size] (per token) float32
+    acc_ref,  # [M, D] float32: unnormalized output of this split
+    m_ref,  # [M] float32: running max of the logits, log2 units
+    l_ref,  # [M] float32: softmax denominator
+    *,
+    q_len: int,
+    group: int,
+    pages_per_block: int,
+    num_splits: int,
+    sm_scale: float,
+    precision: lax.Precision | None,
+):
+  split = pl.program_id(2)
+  rows, head_dim = q_ref.shape
+  page_size = k_ref.shape[1]
+  block_tokens = pages_per_block * page_size
+  compute_dtype = q_ref.dtype
+
+  length = kv_len_ref[0]
+  length = jnp.where(length > 0, jnp.maximum(length, q_len), 0)
+  num_blocks = pl.cdiv(length, block_tokens)
+  blocks_per_split = pl.cdiv(num_blocks, num_splits)
+  first = split * blocks_per_split
+  last = jnp.minimum(first + blocks_per_split, num_blocks)
+
+  q = q_ref[...]
+  # Row r is query token r // group, at position length - q_len + r // group; it sees keys up to there.
+  row_token = jnp.minimum(lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // group, q_len - 1)
+  row_limit = length - q_len + row_token  # [M, 1]
+
+  qk_scale = sm_scale * _LOG2E
+  per_token_k = k_scale_ref is not None and len(k_scale_ref.shape) == 2
+  per_token_v = v_scale_ref is not None and len(v_scale_ref.shape) == 2
+  if k_scale_ref is not None and not per_token_k:
+    qk_scale = qk_scale * k_scale_ref[0]
+  in_page = lax.broadcasted_iota(jnp.int32, (1, page_size), 1)  # [1, page_size]
+  slot = lax.broadcasted_iota(jnp.int32, (pages_per_block, 1), 0) * page_size + in_page  # [ppb, ps]
+  dim = lax.broadcasted_iota(jnp.int32, (1, 1, head_dim), 2)
+
+  def body(b, carry):
+    acc, m_prev, l_prev = carry
+    page_ids = pages_ref[pl.ds(b * pages_per_block, pages_per_block)]  # [ppb]
+    pos = b * block_tokens + slot  # [ppb, page_size]
+    in_seq = pos < length
+    in_seq_d = jnp.broadcast_to(in_seq[:, :, None], (pages_per_block, page_size, head_dim))
+    # Array indices on every axis (the form both the Triton lowering and the interpreter accept for a
+    # masked gather): element [i, t, d] of the block is k_ref[page_ids[i], t, d].
+    kv_idx = (page_ids[:, None, None], in_page[:, :, None], dim)
+    scale_idx = (page_ids[:, None], in_page)
+    k = plgpu.load(k_ref.at[kv_idx], mask=in_seq_d, other=0)  # [ppb, page_size, D]
+    k = k.reshape(block_tokens, head_dim).astype(compute_dtype)
+    s = pl.dot(q, k, trans_b=True, precision=precision) * qk_scale  # [M, block_tokens]
+    if per_token_k:
+      ks = plgpu.load(k_scale_ref.at[scale_idx], mask=in_seq, other=0.0)  # [ppb, page_size]
+      s = s * ks.reshape(1, block_tokens)
+    visible = pos.reshape(1, block_tokens) <= row_limit  # [M, block_tokens]
+    s = jnp.where(visible, s, -jnp.inf)
+    m_next = jnp.maximum(m_prev, s.max(axis=-1))
+    m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # rows that have seen no key yet
+    alpha = jnp.exp2(m_prev - m_safe)
+    p = jnp.exp2(s - m_safe[:, None])
+    l_next = alpha * l_prev + p.sum(axis=-1)
+    if per_token_v:
+      vs = plgpu.load(v_scale_ref.at[scale_idx], mask=in_seq, other=0.0)  # [ppb, page_size]
+      p = p * vs.reshape(1, block_tokens)
+    v = plgpu.load(v_ref.at[kv_idx], mask=in_seq_d, other=0)  # [ppb, page_size, D]
+    v = v.reshape(block_tokens, head_dim).astype(compute_dtype)
+    acc = acc * alpha[:, None] + pl.dot(p.astype(compute_dtype), v, precision=precision)
+    return acc, m_next, l_next
+
+  init = (jnp.zeros((rows, head_dim), jnp.float32),
+          jnp.full((rows,), -jnp.inf, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+  acc, m, l = lax.fori_loop(first, last, body, init)
+  if v_scale_ref is not None and not per_token_v:
+    acc = acc * v_scale_ref[0]
+  acc_ref[...] = acc
+  m_ref[...] = m
+  l_ref[...] = l
+
+
+def _combine(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
+  """Merges split partials: acc [S, K, N, M, D], m and l [S, K, N, M] -> float32 [S, K, M, D]."""
+  m_max = jnp.max(m, axis=2, keepdims=True)
+  m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
+  w = jnp.exp2(m - m_max)  # 0 for splits that saw no key
+  denom = jnp.sum(l * w, axis=2)
+  out = jnp.sum(acc * w[..., None], axis=2)
+  return out / jnp.where(denom > 0, denom, 1.0)[..., None]
+
+
+def _scale_spec(scales: jax.Array | None, num_kv_heads: int, num_pages: int, page_size: int):
+  if scales is None:
+    return None
+  if scales.shape == (num_kv_heads,):
+    return pl.BlockSpec((1,), lambda s, h, j: (h,))
+  if scales.shape == (num_kv_heads, num_pages, page_size):
+    return pl.BlockSpec((None, num_pages, page_size), lambda s, h, j: (h, 0, 0))
+  raise NotImplementedError(
+      f"scales of shape {scales.shape}; expected [K]={num_kv_heads} or [K, P, page_size]")
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("sm_scale", "sliding_window", "num_splits", "pages_per_block", "num_warps",
+                     "num_stages", "interpret"))
+def paged_decode(
+    q: jax.Array,  # [S, Q, H, D]
+    k_pages: jax.Array,  # [K, P, page_size, D]
+    v_pages: jax.Array,  # [K, P, page_size, D]
+    kv_lens: jax.Array,  # [S] int32
+    page_table: jax.Array,  # [S, Pmax] int32
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    k_scales: jax.Array | None = None,  # [K, P, page_size] or [K] float32
+    v_scales: jax.Array | None = None,  # [K, P, page_size] or [K] float32
+    num_splits: int | None = None,
+    pages_per_block: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+  """Paged decode attention; the semantics of `reference.paged_decode_attention`.
+
+  Args:
+    q: Q new query tokens of each of S sequences; float32, bfloat16 or float16.
+    k_pages, v_pages: the layer's pages `[K, P, page_size, D]`, in q's dtype, or int8 / float8_e4m3fn
+      with scales.
+    kv_lens: KV length of each sequence including its Q new tokens; 0 marks a padding sequence.
+    page_table: page ids of each sequence in order.
+    sm_scale: softmax scale.
+    sliding_window: unsupported (raises NotImplementedError so the api falls back to the reference).
+    k_scales, v_scales: float32 dequantization scales, per (head, token) `[K, P, page_size]` or per head
+      `[K]`; None for unquantized pages.
+    num_splits: programs per (sequence, KV head); default from the SM count (`choose_num_splits`).
+    pages_per_block: pages gathered per loop step; default so that a block holds 128 tokens.
+    num_warps, num_stages: Triton launch parameters (default 4 warps, 3 stages).
+    interpret: run the kernel in the Pallas interpreter (CPU tests).
+
+  Returns:
+    [S, Q, H, D] in q's dtype; zeros for sequences with kv_lens == 0.
+
+  Raises:
+    NotImplementedError: for inputs the kernel does not serve (sliding window, head_dim or page_size not
+      a power of two, Q * G > 128, mismatched shapes).
+  """
+  num_seqs, q_len, num_heads, head_dim = q.shape
+  num_kv_heads, num_pages, page_size, head_dim_k = k_pages.shape
+  max_pages = page_table.shape[1]
+  if sliding_window is not None:
+    raise NotImplementedError("paged_decode does not implement sliding_window")
+  if v_pages.shape[:3] != k_pages.shape[:3] or v_pages.shape[3] != head_dim or head_dim_k != head_dim or num_heads % num_kv_heads:
+    raise NotImplementedError(f"unsupported shapes q={q.shape} k_pages={k_pages.shape} "
+                              f"v_pages={v_pages.shape}")
+  if head_dim < 16 or head_dim != _next_pow2(head_dim) or page_size != _next_pow2(page_size):
+    raise NotImplementedError(f"head_dim={head_dim} and page_size={page_size} must be powers of 2, "
+                              "head_dim >= 16")
+  group = num_heads // num_kv_heads
+  rows = max(_MIN_ROWS, _next_pow2(q_len * group))
+  if rows > _MAX_ROWS:
+    raise NotImplementedError(f"Q * G = {q_len * group} query rows per KV head exceed {_MAX_ROWS}")
+  if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    raise NotImplementedError(f"q dtype {q.dtype}")
+  if k_pages.dtype not in _PAGE_DTYPES or v_pages.dtype not in _PAGE_DTYPES:
+    raise NotImplementedError(f"page dtypes {k_pages.dtype}, {v_pages.dtype}")
+
+  if pages_per_block is None:
+    pages_per_block = max(1, 128 // page_size)
+  pages_per_block = max(1, min(pages_per_block, _next_pow2(max_pages)))
+  if pages_per_block * page_size < 16:
+    pages_per_block = pl.cdiv(16, page_size)
+  max_blocks = pl.cdiv(max_pages, pages_per_block)
+  if max_pages % pages_per_block:
+    # A block reads whole rows of `pages_per_block` ids; pad the (small) table, never the cache.
+    page_table = jnp.pad(page_table, ((0, 0), (0, max_blocks * pages_per_block - max_pages)))
+  if num_splits is None:
+    num_splits = choose_num_splits(num_seqs, num_kv_heads, max_blocks, num_sms=_num_sms())
+
+  # [S, Q, K*G, D] -> [S, K, Q*G rows, D]; row r is token r // G, head r % G of the group.
+  qr = q.reshape(num_seqs, q_len, num_kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
+  qr = qr.reshape(num_seqs, num_kv_heads, q_len * group, head_dim)
+  if rows != q_len * group:
+    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, rows - q_len * group), (0, 0)))
+
+  precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+  kernel = functools.partial(
+      _decode_kernel, q_len=q_len, group=group, pages_per_block=pages_per_block,
+      num_splits=num_splits, sm_scale=sm_scale, precision=precision)
+  padded_pages = page_table.shape[1]
+  grid = (num_seqs, num_kv_heads, num_splits)
+  in_specs = [
+      pl.BlockSpec((1,), lambda s, h, j: (s,)),  # kv_lens
+      pl.BlockSpec((None, padded_pages), lambda s, h, j: (s, 0)),  # page_table
+      pl.BlockSpec((None, None, rows, head_dim), lambda s, h, j: (s, h, 0, 0)),  # q
+      pl.BlockSpec((None, num_pages, page_size, head_dim), lambda s, h, j: (h, 0, 0, 0)),  # k_pages
+      pl.BlockSpec((None, num_pages, page_size, head_dim), lambda s, h, j: (h, 0, 0, 0)),  # v_pages
+      _scale_spec(k_scales, num_kv_heads, num_pages, page_size),
+      _scale_spec(v_scales, num_kv_heads, num_pages, page_size),
+  ]
+  out_specs = [
+      pl.BlockSpec((None, None, None, rows, head_dim), lambda s, h, j: (s, h, j, 0, 0)),  # acc
+      pl.BlockSpec((None, None, None, rows), lambda s, h, j: (s, h, j, 0)),  # m
+      pl.BlockSpec((None, None, None, rows), lambda s, h, j: (s, h, j, 0)),  # l
+  ]
+  part = (num_seqs, num_kv_heads, num_splits, rows)
+  out_shape = [
+      jax.ShapeDtypeStruct(part + (head_dim,), jnp.float32),
+      jax.ShapeDtypeStruct(part, jnp.float32),
+      jax.ShapeDtypeStruct(part, jnp.float32),
+  ]
+  acc, m, l = pl.pallas_call(
+      kernel,
+      grid=grid,
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=_CompilerParams(num_warps=num_warps or 4, num_stages=num_stages or 3),
+      interpret=interpret,
+      name=f"paged_decode_q{q_len}_g{group}_ppb{pages_per_block}",
+  )(kv_lens.astype(jnp.int32), page_table.astype(jnp.int32), qr, k_pages, v_pages, k_scales, v_scales)
+
+  out = _combine(acc, m, l)[:, :, :q_len * group]  # [S, K, Q*G, D]
+  out = out.reshape(num_seqs, num_kv_heads, q_len, group, head_dim).transpose(0, 2, 1, 3, 4)
+  return out.reshape(num_seqs, q_len, num_heads, head_dim).astype(q.dtype)
