@@ -1,0 +1,68 @@
+"""Prompt token ids materialized from lengths: random ids from a seed, optionally sharing common prefixes.
+
+The traces hold lengths, not text, so prompts are random ids in [low, vocab_size); `low` keeps special ids
+(padding, BOS, EOS) out of prompts. With `shared_prefix_fraction > 0`, that fraction of requests (chosen from
+the seed) begins with one of `num_shared_prefixes` fixed prefixes of `shared_prefix_len` tokens, which gives
+a prefix cache something to hit. Lengths never change: the prefix overwrites the first tokens (a prompt
+shorter than the prefix is the prefix cut to its length).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Independent streams of one seed, so that e.g. adding shared prefixes leaves the other ids unchanged.
+_TOKEN_STREAM = 0
+_PREFIX_STREAM = 1
+
+
+def materialize_prompts(prompt_lens: np.ndarray, vocab_size: int, seed: int = 0, low: int = 0,
+                        shared_prefix_fraction: float = 0.0, num_shared_prefixes: int = 1,
+                        shared_prefix_len: int = 0) -> list[tuple[int, ...]]:
+  """Makes one prompt per length, deterministically from the seed.
+
+  Args:
+    prompt_lens: [N] prompt lengths in tokens (>= 0).
+    vocab_size: ids are drawn from [low, vocab_size).
+    seed: the same seed and arguments give the same prompts.
+    low: smallest id drawn (>= 0, < vocab_size).
+    shared_prefix_fraction: fraction in [0, 1] of requests that start with a shared prefix; round(f * N) of
+      them, chosen from the seed.
+    num_shared_prefixes: how many distinct prefixes (>= 1); each chosen request uses one, uniformly.
+    shared_prefix_len: tokens per shared prefix (>= 0; 0 disables sharing).
+
+  Returns:
+    N tuples of Python ints (all tuples share the int objects, which keeps long traces small in memory).
+
+  Raises:
+    ValueError: a bad id range, fraction, count or length, named.
+  """
+  if not 0 <= low < vocab_size:
+    raise ValueError(f"need 0 <= low < vocab_size, got low={low!r}, vocab_size={vocab_size!r}")
+  if not 0.0 <= shared_prefix_fraction <= 1.0:
+    raise ValueError(f"shared_prefix_fraction must be in [0, 1], got {shared_prefix_fraction!r}")
+  if num_shared_prefixes < 1:
+    raise ValueError(f"num_shared_prefixes must be >= 1, got {num_shared_prefixes!r}")
+  if shared_prefix_len < 0:
+    raise ValueError(f"shared_prefix_len must be >= 0, got {shared_prefix_len!r}")
+  lens = np.asarray(prompt_lens, np.int64)
+  if (lens < 0).any():
+    raise ValueError(f"prompt lengths must be >= 0, got {int(lens.min())}")
+  offsets = np.concatenate([[0], np.cumsum(lens)])
+  ids = np.random.default_rng([seed, _TOKEN_STREAM]).integers(low, vocab_size, size=int(offsets[-1]))
+
+  num_shared = round(shared_prefix_fraction * len(lens))
+  if num_shared and shared_prefix_len:
+    rng = np.random.default_rng([seed, _PREFIX_STREAM])
+    prefixes = rng.integers(low, vocab_size, size=(num_shared_prefixes, shared_prefix_len))
+    chosen = np.sort(rng.choice(len(lens), size=num_shared, replace=False))
+    which = rng.integers(0, num_shared_prefixes, size=num_shared)
+    for i, k in zip(chosen, which):
+      n = min(int(lens[i]), shared_prefix_len)
+      ids[offsets[i]:offsets[i] + n] = prefixes[k, :n]
+
+  # Python ints shared through one table: a tuple then costs a pointer per token, not an int object.
+  table = np.empty((vocab_size,), dtype=object)
+  table[:] = range(vocab_size)
+  objs = table[ids]
+  return [tuple(objs[offsets[i]:offsets[i + 1]]) for i in range(len(lens))]
