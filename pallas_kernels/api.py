@@ -1,0 +1,85 @@
+"""Public attention entry points and the choice of backend.
+
+Every function here has the signature of its `jnp` reference in `pallas_kernels.reference` plus a
+`backend` argument:
+
+- "reference": the `jnp` reference (any platform).
+- "pallas": the Pallas kernel for the default device's platform; raises if there is none.
+- "auto" (default): the Pallas kernel where one exists for the platform and accepts the inputs, the
+  reference otherwise (a kernel that cannot serve some inputs raises `NotImplementedError` and the
+  reference runs instead). On CPU, "auto" is the reference.
+
+The choice is made at trace time from `jax.default_backend()`, so it costs nothing per step.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Callable
+
+import jax
+
+from pallas_kernels import reference
+
+
+class Backend(enum.Enum):
+  AUTO = "auto"
+  REFERENCE = "reference"
+  PALLAS = "pallas"
+
+  @classmethod
+  def parse(cls, name: "str | Backend") -> "Backend":
+    if isinstance(name, Backend):
+      return name
+    try:
+      return cls(name)
+    except ValueError:
+      valid = ", ".join(b.value for b in cls)
+      raise ValueError(f"unknown attention backend {name!r}; valid: {valid}") from None
+
+
+def _dispatch(kernel: Callable[[], Callable] | None, ref: Callable, backend: "str | Backend", *args, **kwargs):
+  backend = Backend.parse(backend)
+  if backend is Backend.REFERENCE:
+    return ref(*args, **kwargs)
+  on_gpu = jax.default_backend() == "gpu"
+  if backend is Backend.PALLAS:
+    if kernel is None or not on_gpu:
+      raise NotImplementedError(f"no Pallas kernel for platform {jax.default_backend()!r}")
+    return kernel()(*args, **kwargs)
+  if kernel is not None and on_gpu:
+    try:
+      return kernel()(*args, **kwargs)
+    except NotImplementedError:
+      pass
+  return ref(*args, **kwargs)
+
+
+def _prefill_kernel() -> Callable:
+  from pallas_kernels.flash_prefill import flash_prefill  # pylint: disable=import-outside-toplevel
+  return flash_prefill
+
+
+def _decode_kernel() -> Callable:
+  from pallas_kernels.paged_decode import paged_decode  # pylint: disable=import-outside-toplevel
+  return paged_decode
+
+
+def ragged_paged_attention(*args, backend: "str | Backend" = "auto", **kwargs) -> jax.Array:
+  """Attention for a mixed ragged batch (prompt chunks and decode tokens); see the reference.
+
+  Until a mixed-batch GPU kernel exists this is the `jnp` reference on every platform.
+  """
+  return _dispatch(None, reference.ragged_paged_attention, backend, *args, **kwargs)
+
+
+def prefill_attention(*args, backend: "str | Backend" = "auto", **kwargs) -> jax.Array:
+  """Causal attention for ragged prompt chunks with cached prefixes; signature of
+  `reference.ragged_paged_attention`."""
+  return _dispatch(_prefill_kernel, reference.ragged_paged_attention, backend, *args, **kwargs)
+
+
+def paged_decode_attention(*args, backend: "str | Backend" = "auto", **kwargs) -> jax.Array:
+  """Split-K paged decode attention (Q >= 1 queries per sequence); signature of
+  `reference.paged_decode_attention`."""
+  return _dispatch(_decode_kernel, reference.paged_decode_attention, backend, *args, **kwargs)

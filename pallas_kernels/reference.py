@@ -1,0 +1,164 @@
+"""Pure-`jnp` reference attention over a paged KV cache.
+
+These functions define the semantics every Pallas kernel in this package must reproduce; the kernels
+take the same arguments and are tested against them on random inputs. They are also the attention
+that pdopt runs on CPU.
+
+Page layout (shared with `pdopt.cache.kv_cache`): one array per layer for K and one for V,
+
+    k_pages, v_pages: [K, P, page_size, D]   (KV head, page, slot within the page, head dim)
+
+Head-major, so the `page_size * D` values one KV head keeps in a page are contiguous; this is also the
+layout of `jax.experimental.pallas.ops.gpu.paged_attention`, which lets benchmarks run both on the same
+pages. Quantized caches store int8 or float8 values plus float32 scales, either per (KV head, token)
+`[K, P, page_size]` or per KV head `[K]`; the dequantized value is `pages.astype(f32) * scales`.
+
+A ragged batch of S sequences is described by
+
+    q:          [T, H, D]     query tokens of all sequences, flattened; sequence s owns rows
+                              cu_q_lens[s]:cu_q_lens[s + 1]
+    kv_lens:    [S] int32     KV tokens of each sequence after this step (cached prefix + new tokens)
+    page_table: [S, Pmax] int32  page ids of each sequence, in order; entries past the sequence's last
+                              page are never read and may hold anything in range
+    cu_q_lens:  [S + 1] int32 cumulative query lengths
+    num_seqs:   [1] int32     sequences that are real; the rest of the S slots are padding
+
+The i-th query of sequence s sits at absolute position kv_lens[s] - q_len[s] + i and attends causally to
+keys 0 ... that position (optionally only the last `sliding_window` of them). Rows of q that belong to no
+real sequence produce zeros. Letter legend: T tokens, S sequences, H query heads, K KV heads, G = H / K
+query heads per KV head, D head dim, P pages, L key positions.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def dequantize_pages(pages: jax.Array, scales: jax.Array | None) -> jax.Array:
+  """Returns float32 pages, applying per-(head, token) `[K, P, page_size]` or per-head `[K]` scales."""
+  out = pages.astype(jnp.float32)
+  if scales is None:
+    return out
+  scales = scales.astype(jnp.float32)
+  if scales.ndim == 1:
+    return out * scales[:, None, None, None]
+  return out * scales[..., None]
+
+
+def token_sequence_ids(cu_q_lens: jax.Array, num_tokens: int, num_seqs: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Maps each of `num_tokens` flat query rows to (sequence id, index within that sequence's chunk).
+
+  Returns:
+    seq_ids: [T] int32; rows past cu_q_lens[num_seqs] get id -1.
+    offsets: [T] int32, row index minus the start of its sequence's rows.
+  """
+  rows = jnp.arange(num_tokens, dtype=jnp.int32)
+  seq_ids = jnp.searchsorted(cu_q_lens[1:], rows, side="right").astype(jnp.int32)
+  n = jnp.reshape(num_seqs, ()).astype(jnp.int32)
+  valid = rows < cu_q_lens[n]
+  seq_ids_clamped = jnp.minimum(seq_ids, cu_q_lens.shape[0] - 2)
+  offsets = rows - cu_q_lens[seq_ids_clamped]
+  return jnp.where(valid, seq_ids_clamped, -1), offsets
+
+
+def ragged_paged_attention(
+    q: jax.Array,  # [T, H, D]
+    k_pages: jax.Array,  # [K, P, page_size, D]
+    v_pages: jax.Array,  # [K, P, page_size, D]
+    kv_lens: jax.Array,  # [S] int32
+    page_table: jax.Array,  # [S, Pmax] int32
+    cu_q_lens: jax.Array,  # [S + 1] int32
+    num_seqs: jax.Array,  # [1] int32
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    k_scales: jax.Array | None = None,  # [K, P, page_size] or [K] float32
+    v_scales: jax.Array | None = None,  # [K, P, page_size] or [K] float32
+) -> jax.Array:
+  """Causal attention of a ragged batch of query tokens against paged K/V.
+
+  Args:
+    q: query rows of all sequences, flattened (see the module docstring).
+    k_pages, v_pages: the layer's KV pages, `[K, P, page_size, D]`.
+    kv_lens: KV length of each sequence including this step's tokens.
+    page_table: page ids of each sequence.
+    cu_q_lens: cumulative query lengths, `cu_q_lens[0] == 0`.
+    num_seqs: number of real sequences, shape [1].
+    sm_scale: softmax scale, usually `D ** -0.5`.
+    sliding_window: if set, a query at position p sees keys in (p - sliding_window, p].
+    k_scales, v_scales: dequantization scales of quantized pages, or None.
+
+  Returns:
+    [T, H, D] in q's dtype; rows of padding tokens are zero. Softmax runs in float32.
+  """
+  num_tokens, num_heads, head_dim = q.shape
+  num_kv_heads, _, page_size, _ = k_pages.shape
+  group = num_heads // num_kv_heads
+  max_len = page_table.shape[1] * page_size
+
+  seq_ids, offsets = token_sequence_ids(cu_q_lens, num_tokens, num_seqs)
+  valid_row = seq_ids >= 0
+  sid = jnp.maximum(seq_ids, 0)
+  q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+  q_pos = kv_lens[sid] - q_lens[sid] + offsets  # [T]
+
+  k = dequantize_pages(k_pages, k_scales)
+  v = dequantize_pages(v_pages, v_scales)
+  # Gather each row's sequence pages: [K, T, Pmax, page_size, D] -> [K, T, L, D].
+  pages = page_table[sid]  # [T, Pmax]
+  k_rows = k[:, pages].reshape(num_kv_heads, num_tokens, max_len, head_dim)
+  v_rows = v[:, pages].reshape(num_kv_heads, num_tokens, max_len, head_dim)
+
+  key_pos = jnp.arange(max_len, dtype=jnp.int32)
+  mask = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] < kv_lens[sid][:, None])
+  if sliding_window is not None:
+    mask &= key_pos[None, :] > q_pos[:, None] - sliding_window
+  mask &= valid_row[:, None]  # [T, L]
+
+  qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim)
+  scores = jnp.einsum("TKGD,KTLD->TKGL", qg, k_rows, precision=_HIGHEST) * sm_scale
+  scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
+  row_max = jnp.max(scores, axis=-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  probs = jnp.exp(scores - row_max)
+  denom = jnp.sum(probs, axis=-1, keepdims=True)
+  # Masked keys may be NaN (unused pages); zero them so 0 * NaN cannot leak into the output.
+  v_rows = jnp.where(mask[None, :, :, None], v_rows, 0.0)
+  out = jnp.einsum("TKGL,KTLD->TKGD", probs, v_rows, precision=_HIGHEST)
+  out = out / jnp.where(denom > 0, denom, 1.0)
+  out = jnp.where(valid_row[:, None, None, None], out, 0.0)
+  return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+
+
+def paged_decode_attention(
+    q: jax.Array,  # [S, Q, H, D]
+    k_pages: jax.Array,  # [K, P, page_size, D]
+    v_pages: jax.Array,  # [K, P, page_size, D]
+    kv_lens: jax.Array,  # [S] int32
+    page_table: jax.Array,  # [S, Pmax] int32
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    k_scales: jax.Array | None = None,
+    v_scales: jax.Array | None = None,
+) -> jax.Array:
+  """Decode attention: every sequence has the same number Q >= 1 of new query tokens.
+
+  Q = 1 is plain decoding; Q = k + 1 verifies k speculated tokens. The Q queries of sequence s sit at
+  positions kv_lens[s] - Q ... kv_lens[s] - 1. Sequences with kv_lens[s] == 0 are padding and give zeros.
+
+  Returns:
+    [S, Q, H, D] in q's dtype.
+  """
+  num_seqs, q_len, num_heads, head_dim = q.shape
+  cu_q_lens = jnp.arange(num_seqs + 1, dtype=jnp.int32) * q_len
+  real = jnp.asarray([num_seqs], jnp.int32)
+  out = ragged_paged_attention(
+      q.reshape(num_seqs * q_len, num_heads, head_dim), k_pages, v_pages,
+      jnp.maximum(kv_lens, q_len), page_table, cu_q_lens, real,
+      sm_scale=sm_scale, sliding_window=sliding_window, k_scales=k_scales, v_scales=v_scales)
+  out = out.reshape(num_seqs, q_len, num_heads, head_dim)
+  return jnp.where((kv_lens > 0)[:, None, None, None], out, 0).astype(q.dtype)

@@ -1,0 +1,7 @@
+"""pdopt: prefill/decode-aware LLM inference in JAX."""
+
+from pdopt.models.config import ModelConfig, preset
+from pdopt.models.hf import load_hf, save_hf
+from pdopt.models.transformer import Transformer, init_model, logits
+
+__all__ = ["ModelConfig", "Transformer", "init_model", "load_hf", "logits", "preset", "save_hf"]

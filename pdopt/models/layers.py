@@ -1,0 +1,160 @@
+"""Building blocks of the Llama-family decoder: RMSNorm, RoPE, paged GQA attention, SwiGLU MLP.
+
+Letter legend for einsums: T tokens, E embed, H query heads, K KV heads, D head dim, F MLP width, V vocab.
+Activations are flat ragged batches `[T, E]`: the tokens of all sequences in a step, one after another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pallas_kernels import api as attention_api
+from pdopt.models.config import ModelConfig, RopeScaling, RopeType
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMetadata:
+  """Where each token of a ragged batch sits and which KV pages its sequence reads (device arrays).
+
+  Attributes:
+    positions: [T] int32 absolute position of each token in its sequence.
+    slot_mapping: [T] int32 flat cache slot `page * page_size + offset` that receives each token's K/V;
+      negative for padding tokens (nothing is written).
+    cu_q_lens: [S + 1] int32 cumulative query lengths.
+    kv_lens: [S] int32 KV length of each sequence after this step.
+    page_table: [S, Pmax] int32 page ids of each sequence.
+    num_seqs: [1] int32 number of real sequences.
+  """
+  positions: jax.Array
+  slot_mapping: jax.Array
+  cu_q_lens: jax.Array
+  kv_lens: jax.Array
+  page_table: jax.Array
+  num_seqs: jax.Array
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
+  """Einsum with float32 accumulation; float32 operands run at HIGHEST precision (no TF32)."""
+  precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+  out = jnp.einsum(spec, a, b, precision=precision, preferred_element_type=jnp.float32)
+  return out.astype(out_dtype or a.dtype)
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = 0.02) -> nnx.Param:
+  return nnx.Param((jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype))
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm computed in float32, weight applied in the activation dtype (as in HF Llama)."""
+
+  def __init__(self, dim: int, eps: float, dtype):
+    self.weight = nnx.Param(jnp.ones((dim,), dtype))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...] * xf.astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:
+  """Inverse RoPE frequencies [D / 2] (float32), with linear or Llama 3 scaling applied."""
+  inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+  inv_freq = inv_freq.astype(np.float32)
+  match scaling.rope_type:
+    case RopeType.DEFAULT:
+      return inv_freq
+    case RopeType.LINEAR:
+      return (inv_freq / scaling.factor).astype(np.float32)
+    case RopeType.LLAMA3:
+      old_len = scaling.original_max_position_embeddings
+      low_wavelen = old_len / scaling.low_freq_factor
+      high_wavelen = old_len / scaling.high_freq_factor
+      wavelen = 2 * math.pi / inv_freq
+      scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+      smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+      smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+      medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+      return np.where(medium, smoothed, scaled).astype(np.float32)
+  raise ValueError(f"unsupported rope type {scaling.rope_type}")
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotates `x` [T, N, D] by its positions [T] (the half-split convention of HF Llama)."""
+  freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
+  cos = jnp.cos(freqs).astype(x.dtype)[:, None, :]
+  sin = jnp.sin(freqs).astype(x.dtype)[:, None, :]
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def write_kv(pages: jax.Array, new: jax.Array, slot_mapping: jax.Array) -> jax.Array:
+  """Scatters new K or V [T, K, D] into pages [K, P, page_size, D] at flat slots [T].
+
+  Padding tokens (negative slots) are dropped. Under `jit` with the pages donated, XLA updates in place.
+  """
+  num_kv_heads, num_pages, page_size, head_dim = pages.shape
+  flat = pages.reshape(num_kv_heads, num_pages * page_size, head_dim)
+  slots = jnp.where(slot_mapping < 0, num_pages * page_size, slot_mapping)
+  flat = flat.at[:, slots].set(jnp.swapaxes(new, 0, 1).astype(pages.dtype), mode="drop")
+  return flat.reshape(pages.shape)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention over a paged KV cache."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    dtype = jnp.dtype(config.dtype)
+    e, h, k, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    self.q_proj = _normal(rngs, (e, h, d), dtype)  # [E, H, D]
+    self.k_proj = _normal(rngs, (e, k, d), dtype)  # [E, K, D]
+    self.v_proj = _normal(rngs, (e, k, d), dtype)  # [E, K, D]
+    self.o_proj = _normal(rngs, (h, d, e), dtype)  # [H, D, E]
+    if config.qkv_bias:
+      self.q_bias = nnx.Param(jnp.zeros((h, d), dtype))
+      self.k_bias = nnx.Param(jnp.zeros((k, d), dtype))
+      self.v_bias = nnx.Param(jnp.zeros((k, d), dtype))
+    self.qkv_bias = config.qkv_bias
+    self.sm_scale = d ** -0.5
+    self.sliding_window = config.sliding_window
+    self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(d, config.rope_theta, config.rope_scaling)))
+
+  def __call__(self, x: jax.Array, meta: AttentionMetadata, k_pages: jax.Array, v_pages: jax.Array,
+               attention_backend: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
+    q = einsum("TE,EHD->THD", x, self.q_proj[...])
+    k = einsum("TE,EKD->TKD", x, self.k_proj[...])
+    v = einsum("TE,EKD->TKD", x, self.v_proj[...])
+    if self.qkv_bias:
+      q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+    inv_freq = self.inv_freq[...]
+    q = apply_rope(q, meta.positions, inv_freq)
+    k = apply_rope(k, meta.positions, inv_freq)
+    k_pages = write_kv(k_pages, k, meta.slot_mapping)
+    v_pages = write_kv(v_pages, v, meta.slot_mapping)
+    out = attention_api.ragged_paged_attention(
+        q, k_pages, v_pages, meta.kv_lens, meta.page_table, meta.cu_q_lens, meta.num_seqs,
+        sm_scale=self.sm_scale, sliding_window=self.sliding_window, backend=attention_backend)
+    return einsum("THD,HDE->TE", out, self.o_proj[...]), k_pages, v_pages
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    dtype = jnp.dtype(config.dtype)
+    e, f = config.hidden_size, config.intermediate_size
+    self.gate_proj = _normal(rngs, (e, f), dtype)  # [E, F]
+    self.up_proj = _normal(rngs, (e, f), dtype)  # [E, F]
+    self.down_proj = _normal(rngs, (f, e), dtype)  # [F, E]
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    gate = einsum("TE,EF->TF", x, self.gate_proj[...])
+    up = einsum("TE,EF->TF", x, self.up_proj[...])
+    return einsum("TF,FE->TE", jax.nn.silu(gate) * up, self.down_proj[...])
