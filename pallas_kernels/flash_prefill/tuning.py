@@ -1,0 +1,116 @@
+"""Block sizes of the flash prefill kernel, keyed by (head dim, group size, dtype, card).
+
+The table is data: `ENTRIES` lists (key, config) pairs, `TABLE` is built from it once and rejects a
+duplicate key. `lookup` returns the exact entry when there is one and a heuristic default otherwise.
+Entries are measured on the card named; see `pallas_kernels/NOTES.md` (## flash_prefill).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+
+class Card(enum.Enum):
+  """Accelerators the table distinguishes; OTHER covers everything else (and interpret mode)."""
+
+  H100 = "h100"
+  H200 = "h200"
+  OTHER = "other"
+
+  @classmethod
+  def from_device_kind(cls, device_kind: str) -> "Card":
+    """Maps `jax.Device.device_kind` (e.g. "NVIDIA H100 80GB HBM3") to a Card."""
+    kind = device_kind.lower()
+    for card in (cls.H200, cls.H100):
+      if card.value in kind:
+        return card
+    return cls.OTHER
+
+
+def current_card() -> Card:
+  """The card of the default device (OTHER off GPU)."""
+  if jax.default_backend() != "gpu":
+    return Card.OTHER
+  return Card.from_device_kind(jax.devices()[0].device_kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningKey:
+  """What the best block sizes depend on.
+
+  Attributes:
+    head_dim: D.
+    group: G = query heads per KV head.
+    dtype: the name of q's dtype, e.g. "bfloat16".
+    card: the accelerator.
+  """
+
+  head_dim: int
+  group: int
+  dtype: str
+  card: Card
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+  """One kernel configuration.
+
+  Attributes:
+    block_q: query tokens per program; the program's matmul rows are block_q * G.
+    block_k: key tokens per inner-loop step.
+    num_warps: Triton warps per program.
+    num_stages: Triton software-pipelining depth of the K/V loads.
+  """
+
+  block_q: int
+  block_k: int
+  num_warps: int
+  num_stages: int
+
+
+def build_table(entries: Iterable[tuple[TuningKey, BlockConfig]]) -> Mapping[TuningKey, BlockConfig]:
+  """Returns a dict of the entries; raises ValueError on a duplicate key."""
+  table: dict[TuningKey, BlockConfig] = {}
+  for key, config in entries:
+    if key in table:
+      raise ValueError(f"duplicate tuning key {key}: {table[key]} and {config}")
+    table[key] = config
+  return table
+
+
+def _entries() -> list[tuple[TuningKey, BlockConfig]]:
+  out = []
+  for card in (Card.H100, Card.H200):
+    for dtype in ("bfloat16", "float16"):
+      # D=128: 128 matmul rows per program (block_q * G), 8 warps, 3 stages.
+      out += [
+          (TuningKey(128, 1, dtype, card), BlockConfig(block_q=128, block_k=64, num_warps=8, num_stages=3)),
+          (TuningKey(128, 4, dtype, card), BlockConfig(block_q=32, block_k=64, num_warps=8, num_stages=3)),
+          (TuningKey(128, 8, dtype, card), BlockConfig(block_q=16, block_k=64, num_warps=8, num_stages=3)),
+          (TuningKey(64, 1, dtype, card), BlockConfig(block_q=128, block_k=64, num_warps=4, num_stages=3)),
+          (TuningKey(64, 4, dtype, card), BlockConfig(block_q=32, block_k=64, num_warps=4, num_stages=3)),
+          (TuningKey(64, 8, dtype, card), BlockConfig(block_q=16, block_k=64, num_warps=4, num_stages=3)),
+      ]
+  return out
+
+
+ENTRIES: tuple[tuple[TuningKey, BlockConfig], ...] = tuple(_entries())
+TABLE: Mapping[TuningKey, BlockConfig] = build_table(ENTRIES)
+
+
+def default_config(head_dim: int, group: int) -> BlockConfig:
+  """Heuristic for keys not in the table: about 128 matmul rows per program, 64 keys per step."""
+  rows = 128 if head_dim <= 128 else 64
+  block_q = max(16, rows // group)
+  return BlockConfig(block_q=block_q, block_k=64, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+
+
+def lookup(head_dim: int, group: int, dtype: jnp.dtype | str, card: Card) -> BlockConfig:
+  """The table's entry for the key, or `default_config` when there is none."""
+  key = TuningKey(head_dim, group, jnp.dtype(dtype).name, card)
+  return TABLE.get(key) or default_config(head_dim, group)
