@@ -1,7 +1,10 @@
 """pdopt: prefill/decode-aware LLM inference in JAX."""
 
+from pdopt.engine.engine import Engine, EngineConfig
+from pdopt.engine.request import RequestOutput, SamplingParams
 from pdopt.models.config import ModelConfig, preset
 from pdopt.models.hf import load_hf, save_hf
 from pdopt.models.transformer import Transformer, init_model, logits
 
-__all__ = ["ModelConfig", "Transformer", "init_model", "load_hf", "logits", "preset", "save_hf"]
+__all__ = ["Engine", "EngineConfig", "ModelConfig", "RequestOutput", "SamplingParams", "Transformer", "init_model",
+           "load_hf", "logits", "preset", "save_hf"]

@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels import api as attention_api
+from pdopt.cache.kv_cache import write_kv
 from pdopt.models.config import ModelConfig, RopeScaling, RopeType
 
 
@@ -93,18 +94,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
   sin = jnp.sin(freqs).astype(x.dtype)[:, None, :]
   x1, x2 = jnp.split(x, 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-def write_kv(pages: jax.Array, new: jax.Array, slot_mapping: jax.Array) -> jax.Array:
-  """Scatters new K or V [T, K, D] into pages [K, P, page_size, D] at flat slots [T].
-
-  Padding tokens (negative slots) are dropped. Under `jit` with the pages donated, XLA updates in place.
-  """
-  num_kv_heads, num_pages, page_size, head_dim = pages.shape
-  flat = pages.reshape(num_kv_heads, num_pages * page_size, head_dim)
-  slots = jnp.where(slot_mapping < 0, num_pages * page_size, slot_mapping)
-  flat = flat.at[:, slots].set(jnp.swapaxes(new, 0, 1).astype(pages.dtype), mode="drop")
-  return flat.reshape(pages.shape)
 
 
 class Attention(nnx.Module):

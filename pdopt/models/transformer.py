@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pdopt.cache import kv_cache
+from pdopt.cache.kv_cache import LayerCache
 from pdopt.models.config import ModelConfig
 from pdopt.models.layers import MLP, Attention, AttentionMetadata, RMSNorm, einsum
 
-# Per layer (K pages, V pages), each [K, P, page_size, D].
-LayerCache = tuple[jax.Array, jax.Array]
 
 
 class DecoderLayer(nnx.Module):
@@ -89,10 +89,9 @@ def init_model(config: ModelConfig, seed: int = 0) -> Transformer:
 
 
 def empty_cache(config: ModelConfig, num_pages: int, page_size: int, dtype=None) -> list[LayerCache]:
-  """Zeroed KV pages for every layer: [K, num_pages, page_size, D] each, in the model dtype by default."""
-  dtype = jnp.dtype(dtype or config.dtype)
-  shape = (config.num_kv_heads, num_pages, page_size, config.head_dim)
-  return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]
+  """Zeroed KV pages for every layer of this model, in the model dtype unless `dtype` is given."""
+  return kv_cache.empty_cache(config.num_layers, config.num_kv_heads, config.head_dim, num_pages, page_size,
+                              jnp.dtype(dtype or config.dtype))
 
 
 _LOGITS_PAGE_SIZE = 16

@@ -1,0 +1,99 @@
+"""Packing a step's scheduled chunks into flat, padded arrays (host side, numpy).
+
+Shapes are padded to a small fixed set of buckets (tokens T, sequences S, pages per sequence P) so the
+step compiles once per bucket, never per request.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+
+def geometric_buckets(smallest: int, largest: int, factor: int = 4) -> tuple[int, ...]:
+  """smallest, smallest*factor, ... capped by and always including `largest`."""
+  out, b = [], max(1, min(smallest, largest))
+  while b < largest:
+    out.append(b)
+    b *= factor
+  out.append(largest)
+  return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+  """Allowed padded sizes; a batch takes the smallest bucket that holds it in each dimension."""
+  tokens: tuple[int, ...]
+  seqs: tuple[int, ...]
+  pages: tuple[int, ...]
+
+  @staticmethod
+  def _pick(sizes: tuple[int, ...], n: int, what: str) -> int:
+    i = bisect.bisect_left(sizes, n)
+    if i == len(sizes):
+      raise ValueError(f"{what}={n} exceeds the largest bucket {sizes[-1]}")
+    return sizes[i]
+
+  def pick(self, num_tokens: int, num_seqs: int, max_pages: int) -> tuple[int, int, int]:
+    return (self._pick(self.tokens, num_tokens, "tokens"), self._pick(self.seqs, num_seqs, "sequences"),
+            self._pick(self.pages, max_pages, "pages per sequence"))
+
+  def all_shapes(self) -> list[tuple[int, int, int]]:
+    """Every (T, S, P) combination a step can use (S <= T)."""
+    return [(t, s, p) for t in self.tokens for s in self.seqs for p in self.pages if s <= t]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSpec:
+  """One sequence's part of a step: tokens [start, start + len(token_ids)) of its sequence."""
+  token_ids: Sequence[int]
+  start: int
+  page_table: Sequence[int]
+  temperature: float
+  top_k: int
+  top_p: float
+  seed: int
+  token_index: int  # Index of the token this chunk would sample (number generated so far).
+
+
+def pack(chunks: Sequence[ChunkSpec], page_size: int, shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
+  """Flat arrays for `Transformer.__call__`'s metadata and the sampler, padded to `shape` = (T, S, P).
+
+  Padding tokens get slot -1 (nothing written) and belong to no sequence; padding sequences have no
+  queries and kv_len 0.
+  """
+  t_pad, s_pad, p_pad = shape
+  token_ids = np.zeros(t_pad, np.int32)
+  positions = np.zeros(t_pad, np.int32)
+  slots = np.full(t_pad, -1, np.int32)
+  cu_q_lens = np.zeros(s_pad + 1, np.int32)
+  kv_lens = np.zeros(s_pad, np.int32)
+  page_table = np.zeros((s_pad, p_pad), np.int32)
+  logits_indices = np.zeros(s_pad, np.int32)
+  temperature = np.zeros(s_pad, np.float32)
+  top_k = np.zeros(s_pad, np.int32)
+  top_p = np.ones(s_pad, np.float32)
+  seeds = np.zeros(s_pad, np.uint32)
+  token_index = np.zeros(s_pad, np.int32)
+  t = 0
+  for s, c in enumerate(chunks):
+    n = len(c.token_ids)
+    pos = np.arange(c.start, c.start + n, dtype=np.int32)
+    pages = np.asarray(c.page_table, np.int32)
+    token_ids[t:t + n] = c.token_ids
+    positions[t:t + n] = pos
+    slots[t:t + n] = pages[pos // page_size] * page_size + pos % page_size
+    page_table[s, :len(pages)] = pages
+    kv_lens[s] = c.start + n
+    t += n
+    cu_q_lens[s + 1] = t
+    logits_indices[s] = t - 1
+    temperature[s], top_k[s], top_p[s] = c.temperature, c.top_k, c.top_p
+    seeds[s], token_index[s] = c.seed, c.token_index
+  cu_q_lens[len(chunks) + 1:] = t
+  return dict(token_ids=token_ids, positions=positions, slot_mapping=slots, cu_q_lens=cu_q_lens, kv_lens=kv_lens,
+              page_table=page_table, num_seqs=np.asarray([len(chunks)], np.int32), logits_indices=logits_indices,
+              temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, token_index=token_index)

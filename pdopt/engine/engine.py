@@ -1,0 +1,323 @@
+"""The continuous-batching engine.
+
+Each `step()`:
+1. builds a read-only `SchedulerView` and asks the policy for a `Plan`;
+2. carries it out on the host: rejections, preemptions (pages freed, the request goes back to the front
+   of the waiting queue and will recompute), admissions (the longest cached prefix is matched, pages are
+   allocated for exactly the scheduled tokens);
+3. packs the chunks into one ragged batch padded to a shape bucket and runs one compiled forward pass
+   that writes K/V into the pages and samples on the device;
+4. appends tokens, stamps times, registers newly full pages in the prefix cache, and frees the pages of
+   finished requests.
+
+Every request ends exactly once (finished, aborted or rejected); the policy decides what runs, the engine
+never silently drops work.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import math
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from pdopt.cache.block_manager import BlockManager
+from pdopt.engine.batch import Buckets, ChunkSpec, geometric_buckets, pack
+from pdopt.engine.request import Request, RequestOutput, RequestStatus, SamplingParams, validate_prompt
+from pdopt.engine.runner import ModelRunner
+from pdopt.metrics import RequestRecord
+from pdopt.models.transformer import Transformer
+from pdopt.scheduling import RequestView, SchedulerView, SchedulingConfig, make_scheduler
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  """Engine settings.
+
+  Attributes:
+    policy: scheduling policy name (see `pdopt.scheduling.POLICIES`).
+    page_size: tokens per KV page.
+    num_pages: pages in the pool (all layers share page ids).
+    max_num_batched_tokens: token budget of one step.
+    max_num_seqs: sequences in one step.
+    chunk_size: largest prompt chunk per request per step (None: the token budget).
+    max_model_len: longest prompt + output (tokens); None takes the model's context length.
+    enable_prefix_caching: share full pages between requests with the same prefix.
+    ttft_slo_ms, tpot_slo_ms: targets for `slo_aware`.
+    attention_backend: "auto", "reference" or "pallas".
+    seed: draws per-request seeds for requests that give none.
+    token_buckets, seq_buckets, page_buckets: padded sizes; None derives geometric buckets.
+  """
+  policy: str = "chunked"
+  page_size: int = 16
+  num_pages: int = 512
+  max_num_batched_tokens: int = 512
+  max_num_seqs: int = 64
+  chunk_size: int | None = None
+  max_model_len: int | None = None
+  enable_prefix_caching: bool = True
+  ttft_slo_ms: float | None = None
+  tpot_slo_ms: float | None = None
+  attention_backend: str = "auto"
+  seed: int = 0
+  token_buckets: tuple[int, ...] | None = None
+  seq_buckets: tuple[int, ...] | None = None
+  page_buckets: tuple[int, ...] | None = None
+
+  def scheduling(self) -> SchedulingConfig:
+    return SchedulingConfig(policy=self.policy, max_num_batched_tokens=self.max_num_batched_tokens,
+                            max_num_seqs=self.max_num_seqs, chunk_size=self.chunk_size,
+                            ttft_slo_ms=self.ttft_slo_ms, tpot_slo_ms=self.tpot_slo_ms)
+
+
+class Engine:
+  """Serves requests on one model with continuous batching over a paged KV cache.
+
+  Args:
+    model: the Transformer.
+    config: EngineConfig.
+    clock: returns seconds; injectable so tests and replays control time.
+  """
+
+  def __init__(self, model: Transformer, config: EngineConfig | None = None,
+               clock: Callable[[], float] = time.perf_counter):
+    config = config or EngineConfig()
+    self.config = config
+    self.model_config = model.config
+    self.clock = clock
+    self.max_model_len = config.max_model_len or model.config.max_position_embeddings
+    for name in ("page_size", "num_pages"):
+      if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
+        raise ValueError(f"EngineConfig.{name} must be an int >= 1, got {getattr(config, name)!r}")
+    if self.max_model_len > model.config.max_position_embeddings:
+      raise ValueError(f"EngineConfig.max_model_len={self.max_model_len} exceeds the model's context "
+                       f"{model.config.max_position_embeddings}")
+    self.policy = make_scheduler(config.scheduling())
+    self.block_manager = BlockManager(config.num_pages, config.page_size, config.enable_prefix_caching)
+    max_pages = math.ceil(self.max_model_len / config.page_size)
+    self.buckets = Buckets(
+        tokens=tuple(config.token_buckets or geometric_buckets(16, config.max_num_batched_tokens)),
+        seqs=tuple(config.seq_buckets or geometric_buckets(4, config.max_num_seqs)),
+        pages=tuple(config.page_buckets or geometric_buckets(4, max_pages)))
+    if self.buckets.tokens[-1] < config.max_num_batched_tokens or self.buckets.seqs[-1] < config.max_num_seqs \
+        or self.buckets.pages[-1] < max_pages:
+      raise ValueError(f"EngineConfig buckets {self.buckets} do not cover max_num_batched_tokens="
+                       f"{config.max_num_batched_tokens}, max_num_seqs={config.max_num_seqs} and "
+                       f"{max_pages} pages per sequence")
+    self.runner = ModelRunner(model, config.num_pages, config.page_size, config.attention_backend)
+    self._eos = frozenset(model.config.eos_token_id)
+    self._seed_rng = np.random.default_rng(config.seed)
+    self._ids = itertools.count()
+    self.requests: dict[str, Request] = {}
+    self.waiting: collections.deque[str] = collections.deque()
+    self.running: list[str] = []
+    self.num_steps = 0
+    self.num_preemptions = 0
+
+  # ------------------------------------------------------------------ API
+
+  def add_request(self, prompt_token_ids: Sequence[int], sampling_params: SamplingParams | None = None,
+                  request_id: str | None = None, arrival_time: float | None = None) -> str:
+    """Queues a request.
+
+    Args:
+      prompt_token_ids: the prompt.
+      sampling_params: defaults to SamplingParams().
+      request_id: unique id; generated when None.
+      arrival_time: its arrival on the engine clock (seconds); now when None.
+
+    Returns:
+      The request id. A request that can never fit in the page pool is accepted and immediately ends as
+      rejected with a reason (see `RequestOutput.finish_reason`).
+
+    Raises:
+      ValueError: bad prompt, sampling parameter, length or duplicate id (named); the engine is unchanged.
+    """
+    params = sampling_params or SamplingParams()
+    params.validate()
+    prompt = validate_prompt(prompt_token_ids, self.model_config.vocab_size)
+    if len(prompt) + params.max_tokens > self.max_model_len:
+      raise ValueError(f"prompt length {len(prompt)} + max_tokens {params.max_tokens} exceeds max_model_len "
+                       f"{self.max_model_len}")
+    rid = str(next(self._ids)) if request_id is None else str(request_id)
+    if rid in self.requests:
+      raise ValueError(f"request_id {rid!r} is already in use")
+    seed = params.seed if params.seed is not None else int(self._seed_rng.integers(0, 2**32))
+    now = self.clock()
+    req = Request(rid, prompt, params, seed, now if arrival_time is None else arrival_time)
+    self.requests[rid] = req
+    # The last generated token never needs a KV slot.
+    pages = math.ceil((len(prompt) + params.max_tokens - 1) / self.config.page_size)
+    if pages > self.config.num_pages:
+      self._end(req, RequestStatus.REJECTED, now,
+                f"needs {pages} KV pages but the pool has {self.config.num_pages}")
+    else:
+      self.waiting.append(rid)
+    return rid
+
+  def abort(self, request_id: str) -> bool:
+    """Ends a waiting or running request; returns False if it is unknown or already ended."""
+    req = self.requests.get(request_id)
+    if req is None or req.status.done:
+      return False
+    self._end(req, RequestStatus.ABORTED, self.clock(), "abort")
+    return True
+
+  def has_unfinished(self) -> bool:
+    return bool(self.waiting or self.running)
+
+  def step(self) -> list[RequestOutput]:
+    """Runs one scheduling decision and at most one forward pass.
+
+    Returns:
+      Outputs of the requests that got a token or ended during this step.
+    """
+    now = self.clock()
+    plan = self.policy.schedule(self._view(now))
+    touched: dict[str, Request] = {}
+    for rid, reason in plan.reject:
+      req = self.requests[rid]
+      if req.status is RequestStatus.WAITING:
+        self._end(req, RequestStatus.REJECTED, now, reason)
+        touched[rid] = req
+    for rid in plan.preempt:
+      self._preempt(self.requests[rid])
+    scheduled: list[tuple[Request, int, int]] = []
+    for chunk in plan.chunks:
+      req = self.requests[chunk.request_id]
+      if req.status.done:
+        continue
+      admitting = req.status is RequestStatus.WAITING
+      if admitting:
+        req.num_computed_tokens = self.block_manager.match_prefix(req.request_id, req.all_token_ids)
+        req.num_cached_tokens = req.num_computed_tokens
+      n = min(chunk.num_tokens, req.num_pending_tokens)
+      if n < 1 or not self.block_manager.allocate(req.request_id, req.num_computed_tokens + n):
+        if admitting:
+          self.block_manager.free(req.request_id)
+          req.num_computed_tokens = 0
+        else:
+          self._preempt(req)
+        continue
+      if admitting:
+        self.waiting.remove(req.request_id)
+        self.running.append(req.request_id)
+        req.status = RequestStatus.RUNNING
+        if req.first_scheduled_time is None:
+          req.first_scheduled_time = now
+      scheduled.append((req, req.num_computed_tokens, n))
+    if scheduled:
+      self._execute(scheduled, touched)
+    self.num_steps += 1
+    return [RequestOutput.of(r) for r in touched.values()]
+
+  def generate(self, prompts: Sequence[Sequence[int]],
+               sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+    """Runs the prompts to completion (with anything already queued) and returns their outputs in order."""
+    if sampling_params is None or isinstance(sampling_params, SamplingParams):
+      params = [sampling_params] * len(prompts)
+    else:
+      params = list(sampling_params)
+      if len(params) != len(prompts):
+        raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+    ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+    while self.has_unfinished():
+      self.step()
+    return [RequestOutput.of(self.requests[i]) for i in ids]
+
+  def warmup(self) -> int:
+    """Compiles the step for every shape bucket; returns how many shapes were compiled."""
+    before = self.runner.num_compilations
+    for shape in self.buckets.all_shapes():
+      self.runner.run(pack([], self.config.page_size, shape))
+    return self.runner.num_compilations - before
+
+  def records(self) -> list[RequestRecord]:
+    """Metrics records of every ended request, in submission order."""
+    return [r.to_record() for r in self.requests.values() if r.status.done]
+
+  def check_no_leaks(self) -> None:
+    """Raises if a request that has ended still holds pages or the allocator is inconsistent."""
+    self.block_manager.check_invariants()
+    if not self.has_unfinished():
+      self.block_manager.assert_no_leaks()
+
+  # ------------------------------------------------------------------ internals
+
+  def _view(self, now: float) -> SchedulerView:
+    def view(req: Request, running: bool) -> RequestView:
+      return RequestView(
+          request_id=req.request_id, arrival_time=req.arrival_time, prompt_len=req.prompt_len,
+          num_tokens=req.num_tokens, num_computed_tokens=req.num_computed_tokens if running else 0,
+          num_pages_held=len(self.block_manager.page_table(req.request_id)) if running else 0,
+          num_generated=req.num_generated, max_tokens=req.sampling.max_tokens, is_running=running,
+          first_token_time=req.first_token_time)
+    return SchedulerView(
+        now=now,
+        running=tuple(view(self.requests[r], True) for r in self.running),
+        waiting=tuple(view(self.requests[r], False) for r in self.waiting),
+        free_pages=self.block_manager.num_free_pages, page_size=self.config.page_size,
+        num_pages=self.config.num_pages)
+
+  def _preempt(self, req: Request) -> None:
+    if req.status is not RequestStatus.RUNNING:
+      return
+    self.block_manager.free(req.request_id)
+    self.running.remove(req.request_id)
+    req.status = RequestStatus.WAITING
+    req.num_computed_tokens = 0
+    req.num_preemptions += 1
+    self.num_preemptions += 1
+    self.waiting.appendleft(req.request_id)
+
+  def _end(self, req: Request, status: RequestStatus, now: float, reason: str) -> None:
+    if req.request_id in self.running:
+      self.running.remove(req.request_id)
+    elif req.request_id in self.waiting:
+      self.waiting.remove(req.request_id)
+    self.block_manager.free(req.request_id)
+    req.status = status
+    req.finish_time = now
+    req.finish_reason = reason
+
+  def _execute(self, scheduled: list[tuple[Request, int, int]], touched: dict[str, Request]) -> None:
+    bm = self.block_manager
+    chunks = [ChunkSpec(token_ids=req.all_token_ids[start:start + n], start=start,
+                        page_table=bm.page_table(req.request_id), temperature=float(req.sampling.temperature),
+                        top_k=req.sampling.top_k, top_p=float(req.sampling.top_p), seed=req.seed,
+                        token_index=req.num_generated)
+              for req, start, n in scheduled]
+    num_tokens = sum(n for _, _, n in scheduled)
+    max_pages = max(len(c.page_table) for c in chunks)
+    shape = self.buckets.pick(num_tokens, len(chunks), max_pages)
+    sampled = self.runner.run(pack(chunks, self.config.page_size, shape))
+    now = self.clock()
+    for s, (req, start, n) in enumerate(scheduled):
+      if start < req.num_tokens - 1:  # Any part of the chunk that is not a plain decode token.
+        req.num_prefill_tokens_computed += n
+      req.num_computed_tokens = start + n
+      bm.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
+      if req.num_computed_tokens < req.num_tokens:
+        continue  # A prompt chunk that does not reach the end: nothing to sample yet.
+      token = int(sampled[s])
+      req.all_token_ids.append(token)
+      req.token_times.append(now)
+      if req.first_token_time is None:
+        req.first_token_time = now
+      touched[req.request_id] = req
+      reason = self._stop_reason(req, token)
+      if reason is not None:
+        self._end(req, RequestStatus.FINISHED, now, reason)
+
+  def _stop_reason(self, req: Request, token: int) -> str | None:
+    if token in req.sampling.stop_token_ids:
+      return "stop"
+    if not req.sampling.ignore_eos and token in self._eos:
+      return "eos"
+    if req.num_generated >= req.sampling.max_tokens or req.num_tokens >= self.max_model_len:
+      return "length"
+    return None

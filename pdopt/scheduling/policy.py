@@ -1,0 +1,229 @@
+"""The `Scheduler` protocol, the read-only view a policy plans from, the plan it returns, and the registry.
+
+A policy sees plain host data (`SchedulerView`) and returns a `Plan`: which requests run how many tokens
+this step, which running requests to preempt (recompute later), and which waiting requests to reject with
+a reason. It never touches the device, the model or the block manager; the engine (or the simulator)
+carries the plan out, so both drive the very same policy objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Protocol, Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestView:
+  """A request as a policy sees it.
+
+  Attributes:
+    request_id: id.
+    arrival_time: seconds on the engine clock.
+    prompt_len: prompt tokens.
+    num_tokens: prompt plus generated tokens so far.
+    num_computed_tokens: tokens whose K/V are cached (for a waiting request: the prefix-cache hit the
+      engine expects, in whole pages).
+    num_pages_held: KV pages the request holds now (0 while waiting).
+    num_generated: generated tokens so far.
+    max_tokens: generation limit.
+    is_running: admitted and holding pages (False while waiting, including after preemption).
+    first_token_time: when its first token came out, or None.
+  """
+  request_id: str
+  arrival_time: float
+  prompt_len: int
+  num_tokens: int
+  num_computed_tokens: int
+  num_pages_held: int
+  num_generated: int
+  max_tokens: int
+  is_running: bool
+  first_token_time: float | None = None
+
+  @property
+  def num_pending(self) -> int:
+    """Tokens to run before the next token can be sampled (1 while decoding)."""
+    return self.num_tokens - self.num_computed_tokens
+
+  @property
+  def is_decoding(self) -> bool:
+    return self.is_running and self.num_pending == 1 and self.num_computed_tokens >= self.prompt_len
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerView:
+  """A snapshot of the engine for one scheduling decision.
+
+  Attributes:
+    now: the engine clock (seconds).
+    running: admitted requests in admission order (oldest first).
+    waiting: requests waiting for admission in queue order (preempted ones first, then by arrival).
+    free_pages: pages allocatable now (free plus evictable prefix-cache pages).
+    page_size: tokens per page.
+    num_pages: pages in the pool.
+  """
+  now: float
+  running: tuple[RequestView, ...]
+  waiting: tuple[RequestView, ...]
+  free_pages: int
+  page_size: int
+  num_pages: int
+
+  def pages_needed(self, request: RequestView, num_tokens: int) -> int:
+    """Extra pages `request` needs to run `num_tokens` more tokens."""
+    total = math.ceil((request.num_computed_tokens + num_tokens) / self.page_size)
+    return max(0, total - request.num_pages_held)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledChunk:
+  """Run `num_tokens` tokens of `request_id` this step (a prompt chunk, or 1 for a decode)."""
+  request_id: str
+  num_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """One step's decision.
+
+  Attributes:
+    chunks: what runs, in order; the engine allocates pages in this order.
+    preempt: running requests to free and send back to the waiting queue (recompute later).
+    reject: (request_id, reason) for waiting requests the policy gives up on.
+  """
+  chunks: tuple[ScheduledChunk, ...] = ()
+  preempt: tuple[str, ...] = ()
+  reject: tuple[tuple[str, str], ...] = ()
+
+  @property
+  def num_tokens(self) -> int:
+    return sum(c.num_tokens for c in self.chunks)
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulingConfig:
+  """Knobs shared by the policies (each policy's docstring says which it uses).
+
+  Attributes:
+    policy: registry name.
+    max_num_batched_tokens: tokens per step (the token budget).
+    max_num_seqs: sequences per step.
+    chunk_size: largest prompt chunk per request per step; None means the whole budget.
+    ttft_slo_ms, tpot_slo_ms: targets for `slo_aware` (milliseconds).
+  """
+  policy: str = "chunked"
+  max_num_batched_tokens: int = 512
+  max_num_seqs: int = 64
+  chunk_size: int | None = None
+  ttft_slo_ms: float | None = None
+  tpot_slo_ms: float | None = None
+
+  def __post_init__(self):
+    if self.policy not in POLICIES:
+      raise ValueError(f"unknown scheduling policy {self.policy!r}; valid: {', '.join(sorted(POLICIES))}")
+    for name in ("max_num_batched_tokens", "max_num_seqs"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ValueError(f"SchedulingConfig.{name} must be an int >= 1, got {getattr(self, name)!r}")
+    if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
+      raise ValueError(f"SchedulingConfig.chunk_size must be an int >= 1 or None, got {self.chunk_size!r}")
+    for name in ("ttft_slo_ms", "tpot_slo_ms"):
+      value = getattr(self, name)
+      if value is not None and not value > 0:
+        raise ValueError(f"SchedulingConfig.{name} must be > 0 or None, got {value!r}")
+
+
+class Scheduler(Protocol):
+  """A scheduling policy. `schedule` must not mutate the view and must respect, for every plan: at most
+  `max_num_batched_tokens` tokens, at most `max_num_seqs` chunks, one chunk per request, no chunk longer
+  than the request's pending tokens, and pages needed (after its preemptions) within `free_pages`."""
+
+  name: str
+
+  def schedule(self, view: SchedulerView) -> Plan:
+    ...
+
+
+POLICIES: dict[str, Callable[[SchedulingConfig], Scheduler]] = {}
+
+
+def register(name: str):
+  """Class decorator adding a policy to the registry under `name`."""
+  def wrap(cls):
+    POLICIES[name] = cls
+    cls.name = name
+    return cls
+  return wrap
+
+
+def make_scheduler(config: SchedulingConfig) -> Scheduler:
+  """Builds the policy named by `config.policy`."""
+  return POLICIES[config.policy](config)
+
+
+class StepBuilder:
+  """Accumulates a plan under a token budget, a sequence limit and the free pages.
+
+  Policies use it so that every one of them accounts pages and preemption the same way.
+  """
+
+  def __init__(self, view: SchedulerView, max_tokens: int, max_seqs: int):
+    self.view = view
+    self.tokens_left = max_tokens
+    self.seqs_left = max_seqs
+    self.free_pages = view.free_pages
+    self.chunks: list[ScheduledChunk] = []
+    self.preempted: list[str] = []
+    self.rejected: list[tuple[str, str]] = []
+    self._scheduled: set[str] = set()
+
+  def scheduled(self, request_id: str) -> bool:
+    return request_id in self._scheduled
+
+  def add(self, request: RequestView, num_tokens: int) -> bool:
+    """Schedules `num_tokens` of `request` if budget, sequences and pages allow; returns whether it did."""
+    if num_tokens < 1 or num_tokens > self.tokens_left or self.seqs_left < 1 or self.scheduled(request.request_id):
+      return False
+    need = self.view.pages_needed(request, num_tokens)
+    if need > self.free_pages:
+      return False
+    self.free_pages -= need
+    self.tokens_left -= num_tokens
+    self.seqs_left -= 1
+    self.chunks.append(ScheduledChunk(request.request_id, num_tokens))
+    self._scheduled.add(request.request_id)
+    return True
+
+  def fit_chunk(self, request: RequestView, limit: int) -> int:
+    """The largest chunk <= limit of `request`'s pending tokens that fits the token budget and the pages."""
+    n = min(request.num_pending, limit, self.tokens_left)
+    if n < 1:
+      return 0
+    room = (request.num_pages_held + self.free_pages) * self.view.page_size - request.num_computed_tokens
+    return max(0, min(n, room))
+
+  def preempt(self, request: RequestView) -> None:
+    self.preempted.append(request.request_id)
+    self.free_pages += request.num_pages_held
+
+  def schedule_decodes(self, running: Sequence[RequestView]) -> None:
+    """Gives every decoding request in `running` (priority order) its token, preempting from the back of
+    `running` (lowest priority first) when pages run out, as vLLM does."""
+    queue = [r for r in running]
+    victims = [r for r in reversed(running)]
+    for request in queue:
+      if request.request_id in self.preempted or not request.is_decoding:
+        continue
+      while self.view.pages_needed(request, 1) > self.free_pages:
+        victim = next((v for v in victims if v.request_id not in self.preempted
+                       and not self.scheduled(v.request_id) and v.request_id != request.request_id), None)
+        if victim is None:
+          break
+        self.preempt(victim)
+      if self.view.pages_needed(request, 1) > self.free_pages:
+        self.preempt(request)
+        continue
+      self.add(request, 1)
+
+  def plan(self) -> Plan:
+    return Plan(tuple(self.chunks), tuple(self.preempted), tuple(self.rejected))
