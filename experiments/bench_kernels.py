@@ -1,0 +1,27 @@
+"""Kernel benchmarks on one accelerator: `python -m experiments.bench_kernels {prefill,decode} --out=FILE.json`.
+
+Each subcommand times pdopt's kernel and its peers in one run on one card, checks correctness against the
+`jnp` reference in the same run, prints a table and writes every number to `--out`.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+_OUT = flags.DEFINE_string("out", None, "JSON file for the results.")
+_QUICK = flags.DEFINE_bool("quick", False, "Fewer shapes and repetitions (smoke run).")
+
+
+def main(argv: list[str]) -> None:
+  commands = ("prefill", "decode")
+  if len(argv) != 2 or argv[1] not in commands:
+    raise app.UsageError(f"usage: python -m experiments.bench_kernels {{{','.join(commands)}}} --out=FILE.json")
+  if argv[1] == "prefill":
+    from experiments.benchmarks import prefill as bench  # pylint: disable=import-outside-toplevel
+  else:
+    from experiments.benchmarks import decode as bench  # pylint: disable=import-outside-toplevel
+  bench.run(out=_OUT.value, quick=_QUICK.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
