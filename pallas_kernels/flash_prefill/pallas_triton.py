@@ -45,6 +45,12 @@ _CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "Trit
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
+def _dot(a: jax.Array, b: jax.Array, *, contract_b: int, precision) -> jax.Array:
+  """[M, C] x b -> [M, N] float32, contracting b's dim `contract_b` (pl.dot is gone in JAX 0.12)."""
+  return lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), precision=precision,
+                         preferred_element_type=jnp.float32)
+
+
 def _flash_prefill_kernel(
     work_seq_ref,  # [W] int32, sequence of each work item, -1 for spare items
     work_block_ref,  # [W] int32, query block (in units of block_q) within the sequence's chunk
@@ -121,14 +127,14 @@ def _flash_prefill_kernel(
 
   def step(k, v, carry, mask):
     acc, m_prev, l_prev = carry
-    qk = pl.dot(q, k, trans_b=True, precision=precision) * qk_scale  # [rows, block_k] f32
+    qk = _dot(q, k, contract_b=1, precision=precision) * qk_scale  # [rows, block_k] f32
     if mask is not None:
       qk = jnp.where(mask, qk, _MASK_VALUE)
     m_next = jnp.maximum(m_prev, qk.max(axis=-1))
     alpha = jnp.exp2(m_prev - m_next)
     p = jnp.exp2(qk - m_next[:, None])
     l_next = l_prev * alpha + p.sum(axis=-1)
-    acc = acc * alpha[:, None] + pl.dot(p.astype(v.dtype), v, precision=precision)
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, contract_b=0, precision=precision)
     return acc, m_next, l_next
 
   def full_body(start, carry):
