@@ -9,7 +9,10 @@ memory-bound; the kernel's only job is to keep HBM busy. Design:
 - The program walks its share of the sequence in blocks of `pages_per_block` pages, reading the page ids
   from the sequence's row of the page table and gathering the pages straight from the cache
   (`[K, P, page_size, D]`, head-major, so one head's page is `page_size * D` contiguous values). The
-  cache is never copied or transposed.
+  kernel sees the cache as `[K, P * page_size, D]` (a reshape, free) and loads a block as one 2-D
+  gather `[block_tokens, D]` whose rows are `page_id * page_size + slot`: a plain load feeding the dot,
+  which Triton's software pipeliner turns into asynchronous copies `num_stages` blocks ahead. The cache
+  is never copied or transposed.
 - Splits: the sequence's blocks are divided evenly among `num_splits` programs at run time (from its
   actual length), so short sequences in a long page table do not leave splits idle while others work;
   a split past the end does nothing and reports (m = -inf, l = 0). `num_splits` is chosen from the
@@ -74,28 +77,37 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, *, num_
   return max(1, min(pl.cdiv(want, num_seqs * num_kv_heads), max_blocks))
 
 
+def _dot(a: jax.Array, b: jax.Array, contract: tuple[tuple[int], tuple[int]],
+         precision: lax.Precision | None) -> jax.Array:
+  """2-D matmul with float32 accumulation (`pl.dot` is gone from JAX 0.12)."""
+  return lax.dot_general(a, b, (contract, ((), ())), precision=precision,
+                         preferred_element_type=jnp.float32)
+
+
 def _decode_kernel(
     kv_len_ref,  # [1] int32
     pages_ref,  # [Pmax] int32: this sequence's row of the page table
     q_ref,  # [M, D]: Q * G query rows of one KV head, zero-padded to M
-    k_ref,  # [P, page_size, D]: this KV head's pages
-    v_ref,  # [P, page_size, D]
-    k_scale_ref,  # None, [1] (per head) or [P, page_size] (per token) float32
-    v_scale_ref,  # None, [1] (per head) or [P, page_size] (per token) float32
+    k_ref,  # [P * page_size, D]: this KV head's pages, slots flattened (a free reshape)
+    v_ref,  # [P * page_size, D]
+    k_scale_ref,  # None, [1] (per head) or [P * page_size] (per token) float32
+    v_scale_ref,  # None, [1] (per head) or [P * page_size] (per token) float32
     acc_ref,  # [M, D] float32: unnormalized output of this split
     m_ref,  # [M] float32: running max of the logits, log2 units
     l_ref,  # [M] float32: softmax denominator
     *,
     q_len: int,
     group: int,
+    page_size: int,
     pages_per_block: int,
     num_splits: int,
     sm_scale: float,
     precision: lax.Precision | None,
+    per_token_k: bool,
+    per_token_v: bool,
 ):
   split = pl.program_id(2)
   rows, head_dim = q_ref.shape
-  page_size = k_ref.shape[1]
   block_tokens = pages_per_block * page_size
   compute_dtype = q_ref.dtype
 
@@ -108,47 +120,42 @@ def _decode_kernel(
 
   q = q_ref[...]
   # Row r is query token r // group, at position length - q_len + r // group; it sees keys up to there.
-  row_token = jnp.minimum(lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // group, q_len - 1)
+  row_token = jnp.minimum(lax.div(lax.broadcasted_iota(jnp.int32, (rows, 1), 0), group), q_len - 1)
   row_limit = length - q_len + row_token  # [M, 1]
 
   qk_scale = sm_scale * _LOG2E
-  per_token_k = k_scale_ref is not None and len(k_scale_ref.shape) == 2
-  per_token_v = v_scale_ref is not None and len(v_scale_ref.shape) == 2
   if k_scale_ref is not None and not per_token_k:
     qk_scale = qk_scale * k_scale_ref[0]
-  in_page = lax.broadcasted_iota(jnp.int32, (1, page_size), 1)  # [1, page_size]
-  slot = lax.broadcasted_iota(jnp.int32, (pages_per_block, 1), 0) * page_size + in_page  # [ppb, ps]
-  dim = lax.broadcasted_iota(jnp.int32, (1, 1, head_dim), 2)
+  tok_in_block = lax.broadcasted_iota(jnp.int32, (block_tokens,), 0)
+  dim = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)
+  k_other = 0 if jnp.issubdtype(k_ref.dtype, jnp.integer) else 0.0  # Triton casts no int to fp8
+  v_other = 0 if jnp.issubdtype(v_ref.dtype, jnp.integer) else 0.0
 
   def body(b, carry):
     acc, m_prev, l_prev = carry
-    page_ids = pages_ref[pl.ds(b * pages_per_block, pages_per_block)]  # [ppb]
-    pos = b * block_tokens + slot  # [ppb, page_size]
+    pos = b * block_tokens + tok_in_block  # [bt] key positions
+    page_ids = pages_ref[lax.div(pos, page_size)]  # [bt] (each id read page_size times, from L1)
+    slot = page_ids * page_size + lax.rem(pos, page_size)  # [bt] rows of k_ref / v_ref
     in_seq = pos < length
-    in_seq_d = jnp.broadcast_to(in_seq[:, :, None], (pages_per_block, page_size, head_dim))
-    # Array indices on every axis (the form both the Triton lowering and the interpreter accept for a
-    # masked gather): element [i, t, d] of the block is k_ref[page_ids[i], t, d].
-    kv_idx = (page_ids[:, None, None], in_page[:, :, None], dim)
-    scale_idx = (page_ids[:, None], in_page)
-    k = plgpu.load(k_ref.at[kv_idx], mask=in_seq_d, other=0)  # [ppb, page_size, D]
-    k = k.reshape(block_tokens, head_dim).astype(compute_dtype)
-    s = pl.dot(q, k, trans_b=True, precision=precision) * qk_scale  # [M, block_tokens]
+    # A 2-D gather straight into the dot's operand: row t of the block is k_ref[slot[t], :]. Slots past
+    # kv_len are masked, so stale or NaN cache entries are never read.
+    kv_idx = (slot[:, None], dim)
+    kv_mask = jnp.broadcast_to(in_seq[:, None], (block_tokens, head_dim))
+    k = plgpu.load(k_ref.at[kv_idx], mask=kv_mask, other=k_other)  # [bt, D]
+    v = plgpu.load(v_ref.at[kv_idx], mask=kv_mask, other=v_other)  # [bt, D]
+    s = _dot(q, k.astype(compute_dtype), ((1,), (1,)), precision) * qk_scale  # [M, bt]
     if per_token_k:
-      ks = plgpu.load(k_scale_ref.at[scale_idx], mask=in_seq, other=0.0)  # [ppb, page_size]
-      s = s * ks.reshape(1, block_tokens)
-    visible = pos.reshape(1, block_tokens) <= row_limit  # [M, block_tokens]
-    s = jnp.where(visible, s, -jnp.inf)
+      s = s * plgpu.load(k_scale_ref.at[slot], mask=in_seq, other=0.0)[None, :]
+    s = jnp.where(pos[None, :] <= row_limit, s, -jnp.inf)
     m_next = jnp.maximum(m_prev, s.max(axis=-1))
     m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # rows that have seen no key yet
     alpha = jnp.exp2(m_prev - m_safe)
     p = jnp.exp2(s - m_safe[:, None])
     l_next = alpha * l_prev + p.sum(axis=-1)
     if per_token_v:
-      vs = plgpu.load(v_scale_ref.at[scale_idx], mask=in_seq, other=0.0)  # [ppb, page_size]
-      p = p * vs.reshape(1, block_tokens)
-    v = plgpu.load(v_ref.at[kv_idx], mask=in_seq_d, other=0)  # [ppb, page_size, D]
-    v = v.reshape(block_tokens, head_dim).astype(compute_dtype)
-    acc = acc * alpha[:, None] + pl.dot(p.astype(compute_dtype), v, precision=precision)
+      p = p * plgpu.load(v_scale_ref.at[slot], mask=in_seq, other=0.0)[None, :]
+    acc = acc * alpha[:, None] + _dot(p.astype(compute_dtype), v.astype(compute_dtype), ((1,), (0,)),
+                                      precision)
     return acc, m_next, l_next
 
   init = (jnp.zeros((rows, head_dim), jnp.float32),
@@ -172,13 +179,15 @@ def _combine(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
   return out / jnp.where(denom > 0, denom, 1.0)[..., None]
 
 
-def _scale_spec(scales: jax.Array | None, num_kv_heads: int, num_pages: int, page_size: int):
+def _flat_scales(scales: jax.Array | None, num_kv_heads: int, num_pages: int, page_size: int):
+  """Scales as the kernel reads them, with their BlockSpec: per head [K], or per token [K, P * ps]."""
   if scales is None:
-    return None
+    return None, None
   if scales.shape == (num_kv_heads,):
-    return pl.BlockSpec((1,), lambda s, h, j: (h,))
+    return scales.astype(jnp.float32), pl.BlockSpec((1,), lambda s, h, j: (h,))
   if scales.shape == (num_kv_heads, num_pages, page_size):
-    return pl.BlockSpec((None, num_pages, page_size), lambda s, h, j: (h, 0, 0))
+    flat = scales.astype(jnp.float32).reshape(num_kv_heads, num_pages * page_size)
+    return flat, pl.BlockSpec((None, num_pages * page_size), lambda s, h, j: (h, 0))
   raise NotImplementedError(
       f"scales of shape {scales.shape}; expected [K]={num_kv_heads} or [K, P, page_size]")
 
@@ -250,9 +259,9 @@ def paged_decode(
 
   if pages_per_block is None:
     pages_per_block = max(1, 128 // page_size)
-  pages_per_block = max(1, min(pages_per_block, _next_pow2(max_pages)))
-  if pages_per_block * page_size < 16:
-    pages_per_block = pl.cdiv(16, page_size)
+  # A power of two (Triton block sizes), at most the table width, and at least 16 tokens (dot size).
+  pages_per_block = min(1 << (max(1, pages_per_block).bit_length() - 1), _next_pow2(max_pages))
+  pages_per_block = max(pages_per_block, pl.cdiv(16, page_size))
   max_blocks = pl.cdiv(max_pages, pages_per_block)
   if max_pages % pages_per_block:
     # A block reads whole rows of `pages_per_block` ids; pad the (small) table, never the cache.
@@ -268,18 +277,26 @@ def paged_decode(
 
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
   kernel = functools.partial(
-      _decode_kernel, q_len=q_len, group=group, pages_per_block=pages_per_block,
-      num_splits=num_splits, sm_scale=sm_scale, precision=precision)
+      _decode_kernel, q_len=q_len, group=group, page_size=page_size, pages_per_block=pages_per_block,
+      num_splits=num_splits, sm_scale=sm_scale, precision=precision,
+      per_token_k=k_scales is not None and k_scales.ndim == 3,
+      per_token_v=v_scales is not None and v_scales.ndim == 3)
   padded_pages = page_table.shape[1]
+  num_slots = num_pages * page_size
+  # [K, P, page_size, D] -> [K, P * page_size, D] is a bitcast of the contiguous cache, not a copy.
+  k_flat = k_pages.reshape(num_kv_heads, num_slots, head_dim)
+  v_flat = v_pages.reshape(num_kv_heads, num_slots, head_dim)
+  k_scales, k_scale_spec = _flat_scales(k_scales, num_kv_heads, num_pages, page_size)
+  v_scales, v_scale_spec = _flat_scales(v_scales, num_kv_heads, num_pages, page_size)
   grid = (num_seqs, num_kv_heads, num_splits)
   in_specs = [
       pl.BlockSpec((1,), lambda s, h, j: (s,)),  # kv_lens
       pl.BlockSpec((None, padded_pages), lambda s, h, j: (s, 0)),  # page_table
       pl.BlockSpec((None, None, rows, head_dim), lambda s, h, j: (s, h, 0, 0)),  # q
-      pl.BlockSpec((None, num_pages, page_size, head_dim), lambda s, h, j: (h, 0, 0, 0)),  # k_pages
-      pl.BlockSpec((None, num_pages, page_size, head_dim), lambda s, h, j: (h, 0, 0, 0)),  # v_pages
-      _scale_spec(k_scales, num_kv_heads, num_pages, page_size),
-      _scale_spec(v_scales, num_kv_heads, num_pages, page_size),
+      pl.BlockSpec((None, num_slots, head_dim), lambda s, h, j: (h, 0, 0)),  # k_pages
+      pl.BlockSpec((None, num_slots, head_dim), lambda s, h, j: (h, 0, 0)),  # v_pages
+      k_scale_spec,
+      v_scale_spec,
   ]
   out_specs = [
       pl.BlockSpec((None, None, None, rows, head_dim), lambda s, h, j: (s, h, j, 0, 0)),  # acc
@@ -301,7 +318,7 @@ def paged_decode(
       compiler_params=_CompilerParams(num_warps=num_warps or 4, num_stages=num_stages or 3),
       interpret=interpret,
       name=f"paged_decode_q{q_len}_g{group}_ppb{pages_per_block}",
-  )(kv_lens.astype(jnp.int32), page_table.astype(jnp.int32), qr, k_pages, v_pages, k_scales, v_scales)
+  )(kv_lens.astype(jnp.int32), page_table.astype(jnp.int32), qr, k_flat, v_flat, k_scales, v_scales)
 
   out = _combine(acc, m, l)[:, :, :q_len * group]  # [S, K, Q*G, D]
   out = out.reshape(num_seqs, num_kv_heads, q_len, group, head_dim).transpose(0, 2, 1, 3, 4)

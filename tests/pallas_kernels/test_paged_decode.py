@@ -20,7 +20,7 @@ from pallas_kernels import reference
 from pallas_kernels.paged_decode import (choose_num_splits, dequantize_kv, paged_decode, quantize_kv,
                                          storage_dtype)
 
-_ON_GPU = jax.default_backend() == "gpu"
+_ON_GPU = jax.devices()[0].platform == "gpu"
 _TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 
