@@ -1,0 +1,8 @@
+"""Scheduling policies behind one protocol; `make_scheduler(SchedulingConfig(policy=...))` picks one."""
+
+from pdopt.scheduling import chunked, decode_first, prefill_first, slo_aware  # noqa: F401  (register the policies)
+from pdopt.scheduling.policy import (POLICIES, Plan, RequestView, ScheduledChunk, Scheduler, SchedulerView,
+                                     SchedulingConfig, StepBuilder, make_scheduler, register)
+
+__all__ = ["POLICIES", "Plan", "RequestView", "ScheduledChunk", "Scheduler", "SchedulerView", "SchedulingConfig",
+           "StepBuilder", "make_scheduler", "register"]

@@ -31,4 +31,5 @@ class ChunkedPrefill:
         n = step.fit_chunk(request, limit)
         if not step.add(request, n):
           break
+    step.ensure_progress(view.running, limit)
     return step.plan()

@@ -225,5 +225,25 @@ class StepBuilder:
         continue
       self.add(request, 1)
 
+  def ensure_progress(self, running: Sequence[RequestView], limit: int) -> None:
+    """If nothing is scheduled yet, runs up to `limit` tokens of the oldest running request that is not
+    preempted, preempting newer ones (from the back of `running`) until its pages fit.
+
+    Running prompts that each hold part of the pool and each wait for more pages would otherwise wait
+    for one another forever; the oldest alone always fits a pool that can hold any single request.
+    """
+    if self.chunks:
+      return
+    head = next((r for r in running if r.request_id not in self.preempted), None)
+    if head is None:
+      return
+    n = min(head.num_pending, limit, self.tokens_left)
+    for victim in reversed(running):
+      if self.view.pages_needed(head, n) <= self.free_pages:
+        break
+      if victim.request_id != head.request_id and victim.request_id not in self.preempted:
+        self.preempt(victim)
+    self.add(head, n)
+
   def plan(self) -> Plan:
     return Plan(tuple(self.chunks), tuple(self.preempted), tuple(self.rejected))
