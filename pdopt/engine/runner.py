@@ -18,6 +18,7 @@ from pdopt.models.layers import AttentionMetadata
 from pdopt.models.transformer import Transformer, empty_cache
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
 def _step(graphdef, attention_backend, state, cache, batch):
   model = nnx.merge(graphdef, state)
   meta = AttentionMetadata(positions=batch["positions"], slot_mapping=batch["slot_mapping"],
@@ -37,16 +38,17 @@ class ModelRunner:
     self.config = model.config
     self.page_size = page_size
     self.num_pages = num_pages
-    graphdef, self.state = nnx.split(model)
+    self.graphdef, self.state = nnx.split(model)
+    self.attention_backend = attention_backend
     self.cache = empty_cache(model.config, num_pages, page_size)
-    self._step = jax.jit(functools.partial(_step, graphdef, attention_backend), donate_argnums=(1,))
 
   @property
   def num_compilations(self) -> int:
-    """Distinct input shapes compiled so far."""
-    return self._step._cache_size()  # pylint: disable=protected-access
+    """Step programs compiled so far in this process (engines of the same model and shapes share them)."""
+    return _step._cache_size()  # pylint: disable=protected-access
 
   def run(self, batch: dict[str, np.ndarray]) -> np.ndarray:
     """Runs one step; returns the sampled token of every (padded) sequence as int32 [S]."""
-    tokens, self.cache = self._step(self.state, self.cache, {k: jnp.asarray(v) for k, v in batch.items()})
+    tokens, self.cache = _step(self.graphdef, self.attention_backend, self.state, self.cache,
+                               {k: jnp.asarray(v) for k, v in batch.items()})
     return np.asarray(tokens)

@@ -1,0 +1,235 @@
+"""The engine: exact greedy outputs under any batching, prefix caching, preemption, no leaks, no recompiles."""
+
+import math
+
+import numpy as np
+import pytest
+
+import pdopt
+from pdopt.engine.request import RequestStatus
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def model():
+  return pdopt.init_model(pdopt.preset("tiny"), seed=0)
+
+
+def _alone(model, prompt, max_tokens):
+  """The oracle: a plain greedy loop over full-sequence logits."""
+  ids = list(prompt)
+  for _ in range(max_tokens):
+    ids.append(int(np.argmax(pdopt.logits(model, ids)[-1])))
+  return ids[len(prompt):]
+
+
+def _workload(seed, n, shared_prefix):
+  rng = np.random.default_rng(seed)
+  prefixes = [list(rng.integers(2, VOCAB, size=k)) for k in (40, 97)]
+  prompts, max_tokens, add_at = [], [], []
+  for i in range(n):
+    length = int(rng.integers(1, 301))
+    prompt = list(rng.integers(2, VOCAB, size=length))
+    if shared_prefix and i % 2:
+      prompt = (prefixes[i % 4 // 2] + prompt)[:300]
+    prompts.append(prompt)
+    max_tokens.append(int(rng.integers(1, 9)))
+    add_at.append(int(rng.integers(0, 25)))
+  return prompts, max_tokens, add_at
+
+
+@pytest.fixture(scope="module")
+def workload(model):
+  """32 prompts, every other one starting with one of two shared prefixes, and their oracle outputs."""
+  prompts, max_tokens, add_at = _workload(7, 32, shared_prefix=True)
+  expected = [_alone(model, p, m) for p, m in zip(prompts, max_tokens)]
+  return prompts, max_tokens, add_at, expected
+
+
+def _run(engine, prompts, max_tokens, add_at):
+  ids = {}
+  step = 0
+  while len(ids) < len(prompts) or engine.has_unfinished():
+    for i, at in enumerate(add_at):
+      if at == step and i not in ids:
+        ids[i] = engine.add_request(prompts[i], pdopt.SamplingParams(max_tokens=max_tokens[i], ignore_eos=True))
+    if step > max(add_at):
+      for i in range(len(prompts)):
+        if i not in ids:
+          ids[i] = engine.add_request(prompts[i], pdopt.SamplingParams(max_tokens=max_tokens[i], ignore_eos=True))
+    engine.step()
+    step += 1
+    assert step < 5000, "engine made no progress"
+  return [engine.requests[ids[i]] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("budget,chunk", [(16, None), (61, 23), (320, None)], ids=["one-page", "odd", "whole"])
+def test_greedy_identity_under_any_batching(model, workload, budget, chunk):
+  prompts, max_tokens, add_at, expected = workload
+  # 20 pages of 16 tokens cannot hold the running requests: forces preemption. Few, coarse buckets keep
+  # compilation short on CPU; padding inside a bucket is exercised all the same.
+  engine = pdopt.Engine(model, pdopt.EngineConfig(
+      num_pages=20, page_size=16, max_num_batched_tokens=budget, max_num_seqs=8, chunk_size=chunk,
+      max_model_len=512, token_buckets=tuple(sorted({16, budget})), seq_buckets=(8,), page_buckets=(8, 32)))
+  requests = _run(engine, prompts, max_tokens, add_at)
+  for i, req in enumerate(requests):
+    assert req.status is RequestStatus.FINISHED
+    assert req.output_token_ids == expected[i], f"prompt {i} (len {len(prompts[i])})"
+  if budget > 16:  # With one page of tokens per step, admissions are too slow to exhaust the pool.
+    assert engine.num_preemptions > 0
+  assert sum(r.num_cached_tokens for r in requests) > 0  # The shared prefixes hit the cache.
+  engine.check_no_leaks()
+
+
+def test_prefix_cache_prefills_only_the_uncached_suffix(model):
+  rng = np.random.default_rng(3)
+  prefix = list(rng.integers(2, VOCAB, size=200))
+  first = prefix + list(rng.integers(2, VOCAB, size=30))
+  second = prefix + list(rng.integers(2, VOCAB, size=50))
+  engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=64, max_num_batched_tokens=128, max_model_len=512))
+  out1 = engine.generate([first], pdopt.SamplingParams(max_tokens=4, ignore_eos=True))
+  out2 = engine.generate([second], pdopt.SamplingParams(max_tokens=4, ignore_eos=True))
+  req = engine.requests[out2[0].request_id]
+  cached = 200 // 16 * 16
+  assert req.num_cached_tokens == cached
+  assert req.num_prefill_tokens_computed == len(second) - cached
+  assert out2[0].token_ids == _alone(model, second, 4)
+  assert out1[0].token_ids == _alone(model, first, 4)
+  engine.check_no_leaks()
+  assert engine.block_manager.stats().cached > 0
+
+
+def test_no_compilation_after_warmup(model):
+  engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=96, max_num_batched_tokens=64, max_num_seqs=16,
+                                                  max_model_len=128, page_buckets=(8,)))
+  engine.warmup()
+  compiled = engine.runner.num_compilations
+  rng = np.random.default_rng(5)
+  for i in range(200):
+    engine.add_request(list(rng.integers(2, VOCAB, size=int(rng.integers(1, 60)))),
+                       pdopt.SamplingParams(max_tokens=int(rng.integers(1, 6)), ignore_eos=True))
+    if i % 3 == 0:
+      engine.step()
+  while engine.has_unfinished():
+    engine.step()
+  assert engine.runner.num_compilations == compiled
+  assert all(r.status is RequestStatus.FINISHED for r in engine.requests.values())
+  engine.check_no_leaks()
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(model):
+  prompt = [5, 6, 7, 8]
+  def sample(seed, others):
+    engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=32, max_model_len=256))
+    for o in range(others):  # Different batch company must not change the tokens.
+      engine.add_request([9 + o] * (3 + o), pdopt.SamplingParams(max_tokens=5, temperature=1.0, seed=o))
+    rid = engine.add_request(prompt, pdopt.SamplingParams(max_tokens=24, temperature=1.5, top_k=50, top_p=0.95,
+                                                          seed=seed, ignore_eos=True))
+    while engine.has_unfinished():
+      engine.step()
+    return engine.requests[rid].output_token_ids
+  a, b, c = sample(1, 0), sample(1, 3), sample(2, 0)
+  assert a == b
+  assert a != c
+
+
+def test_top_k_one_is_greedy(model):
+  engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=32, max_model_len=256))
+  out = engine.generate([[3, 4, 5]], pdopt.SamplingParams(max_tokens=6, temperature=0.8, top_k=1, seed=4,
+                                                          ignore_eos=True))
+  assert out[0].token_ids == _alone(model, [3, 4, 5], 6)
+
+
+@pytest.mark.parametrize("prompt,params,match", [
+    ([], pdopt.SamplingParams(), "empty"),
+    ([1, 512], pdopt.SamplingParams(), "512"),
+    ([1, -1], pdopt.SamplingParams(), "-1"),
+    ([1] * 250, pdopt.SamplingParams(max_tokens=10), "max_model_len"),
+    ([1], pdopt.SamplingParams(max_tokens=0), "max_tokens"),
+    ([1], pdopt.SamplingParams(temperature=-1.0), "temperature"),
+    ([1], pdopt.SamplingParams(temperature=float("nan")), "temperature"),
+    ([1], pdopt.SamplingParams(top_p=0.0), "top_p"),
+    ([1], pdopt.SamplingParams(top_p=1.5), "top_p"),
+    ([1], pdopt.SamplingParams(top_k=-2), "top_k"),
+])
+def test_bad_input_is_named_and_others_keep_serving(model, prompt, params, match):
+  engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=32, max_model_len=256))
+  good = engine.add_request([7, 8, 9], pdopt.SamplingParams(max_tokens=3, ignore_eos=True))
+  engine.step()
+  with pytest.raises(ValueError, match=match):
+    engine.add_request(prompt, params)
+  while engine.has_unfinished():
+    engine.step()
+  assert engine.requests[good].output_token_ids == _alone(model, [7, 8, 9], 3)
+  assert len(engine.requests) == 1
+  engine.check_no_leaks()
+
+
+def test_request_that_can_never_fit_is_rejected_with_a_reason(model):
+  engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=4, page_size=16, max_model_len=256))
+  big = engine.add_request(list(range(2, 100)), pdopt.SamplingParams(max_tokens=8))
+  small = engine.add_request([2, 3], pdopt.SamplingParams(max_tokens=3, ignore_eos=True))
+  while engine.has_unfinished():
+    engine.step()
+  assert engine.requests[big].status is RequestStatus.REJECTED
+  assert "pages" in engine.requests[big].finish_reason
+  assert engine.requests[small].status is RequestStatus.FINISHED
+  assert [r.status for r in engine.records()] == ["rejected", "finished"]
+  engine.check_no_leaks()
+
+
+def test_abort_frees_pages_and_ends_once(model):
+  engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=32, max_model_len=256))
+  a = engine.add_request(list(range(2, 60)), pdopt.SamplingParams(max_tokens=50, ignore_eos=True))
+  b = engine.add_request([4, 5], pdopt.SamplingParams(max_tokens=4, ignore_eos=True))
+  engine.step()
+  engine.step()
+  assert engine.abort(a)
+  assert not engine.abort(a)
+  assert not engine.abort("unknown")
+  while engine.has_unfinished():
+    engine.step()
+  assert engine.requests[a].status is RequestStatus.ABORTED
+  assert engine.requests[b].output_token_ids == _alone(model, [4, 5], 4)
+  engine.check_no_leaks()
+
+
+def test_timestamps_are_ordered(model):
+  t = [0.0]
+  def clock():
+    t[0] += 0.01
+    return t[0]
+  engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=32, max_model_len=256), clock=clock)
+  engine.generate([[2, 3, 4], list(range(2, 40))], pdopt.SamplingParams(max_tokens=5, ignore_eos=True))
+  for rec in engine.records():
+    assert rec.arrival_time <= rec.first_scheduled_time <= rec.first_token_time == rec.token_times[0]
+    assert list(rec.token_times) == sorted(rec.token_times) and len(rec.token_times) == 5
+    assert rec.finish_time == rec.token_times[-1]
+
+
+def test_stop_tokens_and_eos(model):
+  expected = _alone(model, [10, 11, 12], 8)
+  engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=32, max_model_len=256))
+  out = engine.generate([[10, 11, 12]], pdopt.SamplingParams(max_tokens=8, stop_token_ids=(expected[2],),
+                                                             ignore_eos=True))
+  assert out[0].token_ids == expected[:expected.index(expected[2]) + 1]
+  assert out[0].finish_reason == "stop"
+
+
+def test_unknown_policy_lists_valid_ones(model):
+  with pytest.raises(ValueError, match="chunked"):
+    pdopt.Engine(model, pdopt.EngineConfig(policy="fastest"))
+
+
+def test_write_kv_drops_padding_and_keeps_other_slots():
+  import jax.numpy as jnp
+  from pdopt.cache.kv_cache import write_kv
+  pages = jnp.arange(2 * 3 * 4 * 2, dtype=jnp.float32).reshape(2, 3, 4, 2)
+  new = -jnp.ones((3, 2, 2))
+  out = np.asarray(write_kv(pages, new, jnp.asarray([5, -1, 0], jnp.int32)))
+  ref = np.asarray(pages).copy()
+  ref[:, 1, 1, :] = -1
+  ref[:, 0, 0, :] = -1
+  np.testing.assert_array_equal(out, ref)
+  assert math.isfinite(out.sum())
