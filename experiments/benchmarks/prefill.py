@@ -151,7 +151,10 @@ def _check_rows(ours_fn, q_flat, k_pages, v_pages, page_table, seq_starts, q_len
   return err
 
 
-def _bench_dense(seq_len: int, num_kv_heads: int, *, iters: int, with_torch: bool) -> dict[str, Any]:
+def _bench_dense(seq_len: int, num_kv_heads: int, *, iters: int, with_torch: bool,
+                 peers: tuple[str, ...] | None = None,
+                 ours_variants: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+  """Times ours, its keyword variants (name -> flash_prefill kwargs) and the peers (all when None)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from experiments.benchmarks import timing  # pylint: disable=import-outside-toplevel
@@ -191,7 +194,12 @@ def _bench_dense(seq_len: int, num_kv_heads: int, *, iters: int, with_torch: boo
   if err is None:
     result["max_err_vs_reference"] = _try(lambda: _check_rows(
         ours, q[0], k_pages, v_pages, page_table, [0], [seq_len], [seq_len], sm_scale))[0]
+  for name, kwargs in (ours_variants or {}).items():
+    variant = jax.jit(functools.partial(flash_prefill, sm_scale=sm_scale, **kwargs))
+    record(name, lambda: variant(q[0], k_pages, v_pages, kv_lens, page_table, cu, one))
   for name, build in _peers_dense(q, k, v, sm_scale, seq_len).items():
+    if peers is not None and name not in peers:
+      continue
     fn, err = _try(build)
     if err is not None:
       result["impls"][name] = {"error": err}
@@ -318,7 +326,7 @@ def _table(results: list[dict[str, Any]]) -> str:
       if "ms" not in r:
         lines.append(f"  {name:<26}{'-':>10}{'-':>10}{'-':>11}  {r['error'][:60]}")
         continue
-      ratio = "" if (ours is None or name in ours_names) else f"{r['ms'] / ours['ms']:.2f}x"
+      ratio = "" if (ours is None or name in ours_names or name.startswith("ours")) else f"{r['ms'] / ours['ms']:.2f}x"
       lines.append(f"  {name:<26}{r['ms']:>10.3f}{r['tflops']:>10.1f}{ratio:>11}")
   return "\n".join(lines)
 

@@ -69,6 +69,7 @@ def _flash_prefill_kernel(
     group: int,
     sliding_window: int | None,
     precision: lax.Precision | None,
+    prefetch_pages: bool,
 ):
   del o_init_ref  # Only there to zero the rows no program writes.
   item, kv_head = pl.program_id(0), pl.program_id(1)
@@ -110,20 +111,17 @@ def _flash_prefill_kernel(
   qk_scale = sm_scale * _LOG2E
   d_index = jnp.arange(head_dim)
 
-  def load_kv(start, key_mask):
-    key_pos = start * block_k + jnp.arange(block_k)  # [block_k]
-    page_index = jnp.minimum(key_pos // page_size, max_pages - 1)
-    pages = page_table_ref[seq, page_index]  # [block_k]
-    slots = key_pos % page_size
-    index = (kv_head, pages[:, None], slots[:, None], d_index[None, :])
+  def page_ids(start):
+    key_pos = start * block_k + jnp.arange(block_k)
+    return page_table_ref[seq, jnp.minimum(key_pos // page_size, max_pages - 1)]  # [block_k]
+
+  def load_kv(key_pos, pages, key_mask):
+    index = (kv_head, pages[:, None], (key_pos % page_size)[:, None], d_index[None, :])
     if key_mask is None:
-      k = k_pages_ref[index]  # [block_k, D]
-      v = v_pages_ref[index]
-    else:
-      mask = key_mask[:, None]
-      k = plgpu.load(k_pages_ref.at[index], mask=mask, other=0.0)
-      v = plgpu.load(v_pages_ref.at[index], mask=mask, other=0.0)
-    return key_pos, k, v
+      return k_pages_ref[index], v_pages_ref[index]  # [block_k, D] each
+    mask = key_mask[:, None]
+    return (plgpu.load(k_pages_ref.at[index], mask=mask, other=0.0),
+            plgpu.load(v_pages_ref.at[index], mask=mask, other=0.0))
 
   def step(k, v, carry, mask):
     acc, m_prev, l_prev = carry
@@ -137,25 +135,36 @@ def _flash_prefill_kernel(
     acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, contract_b=0, precision=precision)
     return acc, m_next, l_next
 
-  def full_body(start, carry):
-    _, k, v = load_kv(start, None)
-    return step(k, v, carry, None)
-
-  def masked_body(start, carry):
+  def body(start, carry, *, masked: bool):
+    if prefetch_pages:
+      # The page ids of block `start` came from the previous step, so the K/V addresses do not wait on
+      # a load issued in this one; fetch those of the next block now.
+      *state, pages = carry
+      next_pages = page_ids(start + 1)
+    else:
+      state, pages = carry, page_ids(start)
     key_pos = start * block_k + jnp.arange(block_k)  # [block_k]
-    _, k, v = load_kv(start, key_pos < kv_len)
-    mask = key_pos[None, :] <= q_pos[:, None]
-    if sliding_window is not None:
-      mask &= key_pos[None, :] > q_pos[:, None] - sliding_window
-    return step(k, v, carry, mask)
+    if masked:
+      k, v = load_kv(key_pos, pages, key_pos < kv_len)
+      mask = key_pos[None, :] <= q_pos[:, None]
+      if sliding_window is not None:
+        mask &= key_pos[None, :] > q_pos[:, None] - sliding_window
+    else:
+      k, v = load_kv(key_pos, pages, None)
+      mask = None
+    state = step(k, v, tuple(state), mask)
+    return (*state, next_pages) if prefetch_pages else state
 
   carry = (
       jnp.zeros((rows, head_dim), jnp.float32),
       jnp.full((rows,), -jnp.inf, jnp.float32),
       jnp.zeros((rows,), jnp.float32),
   )
-  carry = lax.fori_loop(lo, num_full, full_body, carry)
-  acc, _, l = lax.fori_loop(num_full, num_blocks, masked_body, carry)
+  if prefetch_pages:
+    carry = (*carry, page_ids(lo))
+  carry = lax.fori_loop(lo, num_full, functools.partial(body, masked=False), carry)
+  carry = lax.fori_loop(num_full, num_blocks, functools.partial(body, masked=True), carry)
+  acc, _, l = carry[:3]
   out = acc / jnp.where(l > 0, l, 1.0)[:, None]
   out = out.astype(o_ref.dtype)
   if group == 1:
@@ -203,9 +212,9 @@ def work_items(cu_q_lens: jax.Array, kv_lens: jax.Array, num_seqs: jax.Array, *,
 @functools.partial(
     jax.jit,
     static_argnames=("sm_scale", "sliding_window", "block_q", "block_k", "num_warps", "num_stages",
-                     "interpret"))
+                     "prefetch_pages", "interpret"))
 def _flash_prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale,
-                   sliding_window, block_q, block_k, num_warps, num_stages, interpret):
+                   sliding_window, block_q, block_k, num_warps, num_stages, prefetch_pages, interpret):
   num_tokens, num_heads, head_dim = q.shape
   num_kv_heads = k_pages.shape[0]
   group = num_heads // num_kv_heads
@@ -214,7 +223,7 @@ def _flash_prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
   kernel = functools.partial(
       _flash_prefill_kernel, sm_scale=sm_scale, block_q=block_q, block_k=block_k, group=group,
-      sliding_window=sliding_window, precision=precision)
+      sliding_window=sliding_window, precision=precision, prefetch_pages=prefetch_pages)
   return pl.pallas_call(
       kernel,
       grid=(work_seq.shape[0], num_kv_heads),
@@ -248,6 +257,7 @@ def flash_prefill(
     block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    prefetch_pages: bool = True,
     interpret: bool = False,
 ) -> jax.Array:
   """Causal attention of ragged prompt chunks against paged K/V (Pallas, Triton lowering).
@@ -259,6 +269,7 @@ def flash_prefill(
     block_q: query tokens per program (a power of two); default from the tuning table.
     block_k: key tokens per inner step (a power of two, >= 16); default from the tuning table.
     num_warps, num_stages: Triton launch parameters; default from the tuning table.
+    prefetch_pages: load the next key block's page ids one step ahead (in the loop carry).
     interpret: run the kernel in the Pallas interpreter (CPU tests).
 
   Returns:
@@ -291,4 +302,4 @@ def flash_prefill(
       q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, sm_scale=float(sm_scale),
       sliding_window=sliding_window, block_q=block_q, block_k=block_k,
       num_warps=num_warps or config.num_warps, num_stages=num_stages or config.num_stages,
-      interpret=interpret)
+      prefetch_pages=prefetch_pages, interpret=interpret)

@@ -135,6 +135,11 @@ def test_sliding_window():
   check(case, jnp.float32, seed=11, interpret=True, sliding_window=6, block_q=4, block_k=8)
 
 
+def test_page_ids_loaded_in_step():
+  case = Case(q_lens=(9, 3), prefixes=(6, 0), group=2, page_size=4)
+  check(case, jnp.float32, seed=13, interpret=True, block_q=4, block_k=8, prefetch_pages=False)
+
+
 def test_no_real_sequences_gives_zeros():
   args = list(make_inputs(Case(q_lens=(3,), prefixes=(2,)), jnp.float32, seed=5))
   args[-1] = jnp.asarray([0], jnp.int32)
