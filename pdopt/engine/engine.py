@@ -24,6 +24,9 @@ import time
 from typing import Callable, Sequence
 
 import numpy as np
+from jax.sharding import Mesh
+
+from pdopt import sharding
 
 from pdopt.cache.block_manager import BlockManager
 from pdopt.engine.batch import Buckets, ChunkSpec, geometric_buckets, pack
@@ -81,10 +84,12 @@ class Engine:
     model: the Transformer.
     config: EngineConfig.
     clock: returns seconds; injectable so tests and replays control time.
+    mesh: a device mesh (`pdopt.sharding.make_mesh`); the model is sharded onto it (tensor parallelism
+      over its `model` axis) and the KV cache with its KV heads. None runs on the default device.
   """
 
   def __init__(self, model: Transformer, config: EngineConfig | None = None,
-               clock: Callable[[], float] = time.perf_counter):
+               clock: Callable[[], float] = time.perf_counter, mesh: Mesh | None = None):
     config = config or EngineConfig()
     self.config = config
     self.model_config = model.config
@@ -108,7 +113,9 @@ class Engine:
       raise ValueError(f"EngineConfig buckets {self.buckets} do not cover max_num_batched_tokens="
                        f"{config.max_num_batched_tokens}, max_num_seqs={config.max_num_seqs} and "
                        f"{max_pages} pages per sequence")
-    self.runner = ModelRunner(model, config.num_pages, config.page_size, config.attention_backend)
+    if mesh is not None:
+      sharding.shard_model(model, mesh)
+    self.runner = ModelRunner(model, config.num_pages, config.page_size, config.attention_backend, mesh)
     self._eos = frozenset(model.config.eos_token_id)
     self._seed_rng = np.random.default_rng(config.seed)
     self._ids = itertools.count()

@@ -6,20 +6,20 @@ function serves all shape buckets; `num_compilations` counts the shapes compiled
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pdopt import sharding
 
 from pdopt.engine import sampler
 from pdopt.models.layers import AttentionMetadata
 from pdopt.models.transformer import Transformer, empty_cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
-def _step(graphdef, attention_backend, state, cache, batch):
+def _step_impl(graphdef, attention_backend, state, cache, batch):
   model = nnx.merge(graphdef, state)
   meta = AttentionMetadata(positions=batch["positions"], slot_mapping=batch["slot_mapping"],
                            cu_q_lens=batch["cu_q_lens"], kv_lens=batch["kv_lens"], page_table=batch["page_table"],
@@ -31,24 +31,50 @@ def _step(graphdef, attention_backend, state, cache, batch):
   return tokens, cache
 
 
+# Unsharded engines of the same model and shapes share compilations.
+_step = jax.jit(_step_impl, static_argnums=(0, 1), donate_argnums=(3,))
+
+
 class ModelRunner:
   """Holds the model state and the KV pages on the device and runs compiled steps."""
 
-  def __init__(self, model: Transformer, num_pages: int, page_size: int, attention_backend: str = "auto"):
+  def __init__(self, model: Transformer, num_pages: int, page_size: int, attention_backend: str = "auto",
+               mesh: Mesh | None = None):
+    """Args:
+      model: the model; with a mesh, its parameters must already be sharded (`pdopt.sharding.shard_model`).
+      num_pages, page_size: the KV pool.
+      attention_backend: see `pallas_kernels.api`.
+      mesh: shard the KV cache by KV head over its `model` axis and compile the step with explicit input
+        and output shardings; None runs on the default device.
+    """
     self.config = model.config
     self.page_size = page_size
     self.num_pages = num_pages
     self.graphdef, self.state = nnx.split(model)
     self.attention_backend = attention_backend
     self.cache = empty_cache(model.config, num_pages, page_size)
+    self._batch_sharding = None
+    self._fn = _step
+    if mesh is not None:
+      kv = sharding.cache_sharding(mesh)
+      replicated = NamedSharding(mesh, PartitionSpec())
+      cache_shardings = [(kv, kv)] * len(self.cache)
+      self.cache = jax.device_put(self.cache, cache_shardings)
+      state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.state)
+      self._batch_sharding = replicated
+      self._fn = jax.jit(_step_impl, static_argnums=(0, 1), donate_argnums=(3,),
+                         in_shardings=(state_shardings, cache_shardings, replicated),
+                         out_shardings=(replicated, cache_shardings))
 
   @property
   def num_compilations(self) -> int:
-    """Step programs compiled so far in this process (engines of the same model and shapes share them)."""
-    return _step._cache_size()  # pylint: disable=protected-access
+    """Step programs compiled so far (unsharded engines of the same model and shapes share them)."""
+    return self._fn._cache_size()  # pylint: disable=protected-access
 
   def run(self, batch: dict[str, np.ndarray]) -> np.ndarray:
     """Runs one step; returns the sampled token of every (padded) sequence as int32 [S]."""
-    tokens, self.cache = _step(self.graphdef, self.attention_backend, self.state, self.cache,
-                               {k: jnp.asarray(v) for k, v in batch.items()})
+    arrays = {k: jnp.asarray(v) for k, v in batch.items()}
+    if self._batch_sharding is not None:
+      arrays = jax.device_put(arrays, self._batch_sharding)
+    tokens, self.cache = self._fn(self.graphdef, self.attention_backend, self.state, self.cache, arrays)
     return np.asarray(tokens)

@@ -1,0 +1,102 @@
+"""Logical axis names of every parameter and of the KV cache, and the single table mapping them to mesh axes.
+
+Tensor parallelism over `model` (Megatron style): query and KV heads, MLP columns (gate/up) and rows
+(down), and the vocabulary are split; activations between blocks stay replicated, so XLA inserts one
+all-reduce after the attention output projection and one after the MLP down projection. The KV cache
+splits with its KV heads, so each device keeps and reads only its heads' pages.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pdopt.models.config import ModelConfig
+from pdopt.sharding.mesh import MODEL
+
+# Logical axis -> mesh axis (None: replicated). The only place where this mapping lives.
+LOGICAL_RULES: dict[str, str | None] = {
+    "vocab": MODEL,
+    "embed": None,
+    "heads": MODEL,
+    "kv_heads": MODEL,
+    "head_dim": None,
+    "mlp": MODEL,
+    "pages": None,
+    "page_slot": None,
+}
+
+# Parameter name (last path element) -> logical axes of its dimensions.
+_PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "embed": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "q_proj": ("embed", "heads", "head_dim"),
+    "k_proj": ("embed", "kv_heads", "head_dim"),
+    "v_proj": ("embed", "kv_heads", "head_dim"),
+    "o_proj": ("heads", "head_dim", "embed"),
+    "q_bias": ("heads", "head_dim"),
+    "k_bias": ("kv_heads", "head_dim"),
+    "v_bias": ("kv_heads", "head_dim"),
+    "gate_proj": ("embed", "mlp"),
+    "up_proj": ("embed", "mlp"),
+    "down_proj": ("mlp", "embed"),
+    "weight": ("embed",),  # RMSNorm
+}
+
+CACHE_AXES = ("kv_heads", "pages", "page_slot", "head_dim")
+
+
+def logical_axes(path: tuple[Any, ...]) -> tuple[str, ...]:
+  """Logical axes of the parameter at `path` in the Transformer (e.g. ("layers", 0, "attn", "q_proj"))."""
+  name = path[-1]
+  if name not in _PARAM_AXES:
+    raise KeyError(f"no logical axes for parameter {'/'.join(map(str, path))}")
+  return _PARAM_AXES[name]
+
+
+def _spec(axes: tuple[str, ...]) -> PartitionSpec:
+  return PartitionSpec(*(LOGICAL_RULES[a] for a in axes))
+
+
+def validate_tensor_parallel(config: ModelConfig, tp: int) -> None:
+  """Raises ValueError naming every model dimension that the tensor-parallel degree does not divide."""
+  sizes = {"num_heads": config.num_heads, "num_kv_heads": config.num_kv_heads,
+           "intermediate_size": config.intermediate_size, "vocab_size": config.vocab_size}
+  bad = [f"{name}={size}" for name, size in sizes.items() if size % tp]
+  if bad:
+    raise ValueError(f"tensor parallelism {tp} over the 'model' mesh axis does not divide {', '.join(bad)}")
+
+
+def param_shardings(model: nnx.Module, mesh: Mesh) -> Any:
+  """NamedShardings for the model's `nnx.Param` state, as a pure dict shaped like its state."""
+  state = nnx.state(model, nnx.Param).to_pure_dict()
+  flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+  specs = [NamedSharding(mesh, _spec(logical_axes(tuple(getattr(k, "key", getattr(k, "idx", None)) for k in p))))
+           for p, _ in flat]
+  return jax.tree_util.tree_unflatten(treedef, specs)
+
+
+def cache_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of each layer's K or V pages `[K, P, page_size, D]`."""
+  return NamedSharding(mesh, _spec(CACHE_AXES))
+
+
+def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
+  """Moves every parameter into its shards on `mesh` (in place) and returns the model.
+
+  Raises:
+    ValueError: the `model` axis does not divide heads, KV heads, MLP width or vocabulary (named).
+  """
+  validate_tensor_parallel(model.config, mesh.shape[MODEL])
+  params = nnx.state(model, nnx.Param)
+  values = jax.device_put(params.to_pure_dict(), param_shardings(model, mesh))
+  params.replace_by_pure_dict(values)
+  nnx.update(model, params)
+  # Non-parameter state (RoPE frequencies) is small: replicate it on the mesh.
+  others = nnx.state(model, nnx.Not(nnx.Param))
+  others.replace_by_pure_dict(jax.device_put(others.to_pure_dict(), NamedSharding(mesh, PartitionSpec())))
+  nnx.update(model, others)
+  return model

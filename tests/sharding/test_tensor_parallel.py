@@ -1,0 +1,68 @@
+"""Tensor parallelism on 8 virtual CPU devices: same logits and greedy tokens as unsharded.
+
+The device count must be set before JAX starts, so the checks run in a child process of their own.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import pdopt
+from pdopt.sharding import MeshConfig, make_mesh, validate_tensor_parallel
+
+_CHILD = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax, numpy as np, pdopt
+    from pdopt.sharding import MeshConfig, make_mesh, shard_model, cache_sharding
+    assert len(jax.devices()) == 8
+    cfg = pdopt.preset("tiny").replace(num_heads=8, num_kv_heads=8, head_dim=16, intermediate_size=352)
+    ids = list(range(2, 70))
+    ref = pdopt.logits(pdopt.init_model(cfg, seed=1), ids)
+    prompts = [list(range(3, 3 + n)) for n in (5, 40, 17)]
+    params = pdopt.SamplingParams(max_tokens=6, ignore_eos=True)
+    ecfg = pdopt.EngineConfig(num_pages=32, max_num_batched_tokens=64, max_model_len=256)
+    base = [o.token_ids for o in pdopt.Engine(pdopt.init_model(cfg, seed=1), ecfg).generate(prompts, params)]
+    for tp in (1, 2, 4, 8):
+      mesh = make_mesh(MeshConfig(data=-1, model=tp))
+      model = shard_model(pdopt.init_model(cfg, seed=1), mesh)
+      spec = model.layers[0].attn.q_proj[...].sharding.spec
+      assert tuple(spec) == (None, "model", None), spec
+      assert tuple(model.layers[0].mlp.down_proj[...].sharding.spec) == ("model", None)
+      out = pdopt.logits(model, ids)
+      err = float(np.abs(out - ref).max() / np.abs(ref).max())
+      assert err <= 1e-5, (tp, err)
+      engine = pdopt.Engine(pdopt.init_model(cfg, seed=1), ecfg, mesh=mesh)
+      got = [o.token_ids for o in engine.generate(prompts, params)]
+      assert got == base, (tp, got, base)
+      k_pages = engine.runner.cache[0][0]
+      assert k_pages.sharding == cache_sharding(mesh), k_pages.sharding
+      assert len(k_pages.addressable_shards) == 8 and k_pages.addressable_shards[0].data.shape[0] == 8 // tp
+      engine.check_no_leaks()
+      print("tp", tp, "ok", err)
+""")
+
+
+def test_tensor_parallel_matches_unsharded():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert proc.stdout.count("ok") == 4
+
+
+def test_mesh_that_does_not_divide_heads_is_named():
+  with pytest.raises(ValueError, match="num_kv_heads=2"):
+    validate_tensor_parallel(pdopt.preset("tiny"), 4)
+  with pytest.raises(ValueError, match="num_heads=14"):
+    validate_tensor_parallel(pdopt.preset("qwen2.5-0.5b"), 4)
+
+
+def test_mesh_shape_must_match_device_count():
+  import jax
+  with pytest.raises(ValueError, match="devices"):
+    make_mesh(MeshConfig(data=2, model=1), jax.devices()[:1])
