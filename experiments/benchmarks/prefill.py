@@ -184,8 +184,6 @@ def _bench_dense(seq_len: int, num_kv_heads: int, *, iters: int, with_torch: boo
     print(f"  {result['case']:<14} {name:<20} " + (f"{t * 1e3:9.3f} ms {flops / t / 1e12:7.1f} TFLOP/s"
                                                      if err is None else f"FAILED {err}"), flush=True)
 
-  ours_out = None
-
   def run_ours():
     return ours(q[0], k_pages, v_pages, kv_lens, page_table, cu, one)
 
@@ -315,7 +313,6 @@ def _bench_ragged(*, iters: int) -> dict[str, Any]:
 
 def _table(results: list[dict[str, Any]]) -> str:
   lines = []
-  ours_names = ("ours", "ours_whole_prompts", "ours_with_prefix")
   for res in results:
     impls = res["impls"]
     ours = next((impls[n] for n in ("ours", "ours_whole_prompts") if n in impls and "ms" in impls[n]), None)
@@ -326,7 +323,7 @@ def _table(results: list[dict[str, Any]]) -> str:
       if "ms" not in r:
         lines.append(f"  {name:<26}{'-':>10}{'-':>10}{'-':>11}  {r['error'][:60]}")
         continue
-      ratio = "" if (ours is None or name in ours_names or name.startswith("ours")) else f"{r['ms'] / ours['ms']:.2f}x"
+      ratio = "" if (ours is None or name.startswith("ours")) else f"{r['ms'] / ours['ms']:.2f}x"
       lines.append(f"  {name:<26}{r['ms']:>10.3f}{r['tflops']:>10.1f}{ratio:>11}")
   return "\n".join(lines)
 

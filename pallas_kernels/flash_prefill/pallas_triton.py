@@ -257,7 +257,7 @@ def flash_prefill(
     block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    prefetch_pages: bool = True,
+    prefetch_pages: bool | None = None,
     interpret: bool = False,
 ) -> jax.Array:
   """Causal attention of ragged prompt chunks against paged K/V (Pallas, Triton lowering).
@@ -269,7 +269,8 @@ def flash_prefill(
     block_q: query tokens per program (a power of two); default from the tuning table.
     block_k: key tokens per inner step (a power of two, >= 16); default from the tuning table.
     num_warps, num_stages: Triton launch parameters; default from the tuning table.
-    prefetch_pages: load the next key block's page ids one step ahead (in the loop carry).
+    prefetch_pages: load the next key block's page ids one step ahead (in the loop carry); default
+      from the tuning table.
     interpret: run the kernel in the Pallas interpreter (CPU tests).
 
   Returns:
@@ -302,4 +303,5 @@ def flash_prefill(
       q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, sm_scale=float(sm_scale),
       sliding_window=sliding_window, block_q=block_q, block_k=block_k,
       num_warps=num_warps or config.num_warps, num_stages=num_stages or config.num_stages,
-      prefetch_pages=prefetch_pages, interpret=interpret)
+      prefetch_pages=config.prefetch_pages if prefetch_pages is None else prefetch_pages,
+      interpret=interpret)

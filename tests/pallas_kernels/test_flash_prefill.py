@@ -115,7 +115,8 @@ _CASES = {
 @pytest.mark.parametrize("name", sorted(_CASES))
 def test_matches_reference_f32(name):
   case, block_q, block_k = _CASES[name]
-  check(case, jnp.float32, seed=zlib.crc32(name.encode()) % 1000, interpret=True, block_q=block_q, block_k=block_k)
+  seed = zlib.crc32(name.encode()) % 1000
+  check(case, jnp.float32, seed=seed, interpret=True, block_q=block_q, block_k=block_k)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -135,9 +136,10 @@ def test_sliding_window():
   check(case, jnp.float32, seed=11, interpret=True, sliding_window=6, block_q=4, block_k=8)
 
 
-def test_page_ids_loaded_in_step():
+@pytest.mark.parametrize("prefetch_pages", [False, True])
+def test_page_id_prefetch(prefetch_pages):
   case = Case(q_lens=(9, 3), prefixes=(6, 0), group=2, page_size=4)
-  check(case, jnp.float32, seed=13, interpret=True, block_q=4, block_k=8, prefetch_pages=False)
+  check(case, jnp.float32, seed=13, interpret=True, block_q=4, block_k=8, prefetch_pages=prefetch_pages)
 
 
 def test_no_real_sequences_gives_zeros():
@@ -171,7 +173,8 @@ def test_card_from_device_kind():
 
 def _cuda_lowering_available() -> tuple[bool, str]:
   try:
-    from jax._src.pallas.triton import pallas_call_registration  # pylint: disable=import-outside-toplevel,unused-import
+    # pylint: disable-next=import-outside-toplevel,unused-import
+    from jax._src.pallas.triton import pallas_call_registration
   except ImportError as e:
     return False, f"this jax cannot lower Pallas Triton kernels: {e}"
   return True, ""
