@@ -1,0 +1,220 @@
+"""The experiment config: one `ml_collections.ConfigDict` with every field, and its typed, validated parts.
+
+`configs/<name>.py` files start from `default_config()` and change what they need; `experiments/run.py`
+loads them with `lock_config=True`, so a misspelt override is an error. Fields (times in seconds, SLOs in
+milliseconds, sizes in tokens unless said otherwise):
+
+  run_name            results go to `<results_dir>/<run_name>/`.
+  results_dir         parent directory of the run directories ("results", git-ignored).
+  model               `pdopt.preset` name of the model ("tiny"); weights are random from `model_seed`.
+  model_seed          seed of the random weights.
+  hf_dir              a Hugging Face checkpoint directory; when set it replaces `model` / `model_seed`.
+  dtype               parameter dtype: "float32", "bfloat16" or "float16".
+  policies            comma-separated policy names ("chunked,prefill_first"); see `pdopt.scheduling.POLICIES`.
+  rate                mean arrival rate (req/s) that replaces `workload.rate`; None keeps `workload.rate`
+                      (for an Azure trace with trace arrivals, None with `workload.rate` None is real time).
+  rates               comma-separated rates ("1,2,4") for a sweep: every policy runs at every rate; "" runs
+                      once at `rate`.
+  slo                 "ttft:MS tpot:MS" (vLLM's `--goodput`): goodput, SLO attainment, and the targets of
+                      `slo_aware` unless `engine.ttft_slo_ms` / `engine.tpot_slo_ms` are set.
+  warmup              compile every shape bucket of each fresh engine before its timed replay.
+  progress            tqdm progress bars.
+  max_duration        seconds after which a replay aborts what is left (recorded, never lost); None waits.
+  compilation_cache_dir  JAX persistent compilation cache: the engines of one run compile each shape once,
+                      and later runs start warm. "" leaves JAX's setting alone.
+  workload.*          fields of `pdopt.workloads.WorkloadConfig` (kind, path, start, num_requests, time_window,
+                      rate, arrival, cv, prompt_len, output_len, length_distribution, range_ratio,
+                      max_prompt_len, max_output_len, seed, low_token_id, shared_prefix_*); prompts and
+                      outputs are also clamped to `engine.max_model_len`.
+  engine.*            fields of `pdopt.EngineConfig` except `policy` (page_size, num_pages,
+                      max_num_batched_tokens, max_num_seqs, chunk_size, max_model_len, enable_prefix_caching,
+                      ttft_slo_ms, tpot_slo_ms, attention_backend, seed, token_buckets, seq_buckets,
+                      page_buckets). Few buckets keep the warm-up short on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import ml_collections
+from ml_collections import config_dict
+
+from pdopt.engine.engine import EngineConfig
+from pdopt.metrics import Slo, parse_slo
+from pdopt.scheduling import POLICIES
+from pdopt.workloads import WorkloadConfig
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every experiment field with its default (see the module docstring). Unset optional fields are typed
+  placeholders, so that `--config.rate=4` overrides them from the command line."""
+  c = ml_collections.ConfigDict()
+  c.run_name = "experiment"
+  c.results_dir = "results"
+  c.model = "tiny"
+  c.model_seed = 0
+  c.hf_dir = ""
+  c.dtype = "float32"
+  c.policies = "chunked,prefill_first,decode_first,slo_aware"
+  c.rate = config_dict.placeholder(float)
+  c.rates = ""
+  c.slo = "ttft:2000 tpot:100"
+  c.warmup = True
+  c.progress = True
+  c.max_duration = config_dict.placeholder(float)
+  c.compilation_cache_dir = ""
+
+  w = ml_collections.ConfigDict()
+  w.kind = "synthetic"
+  w.name = config_dict.placeholder(str)
+  w.path = config_dict.placeholder(str)
+  w.start = 0
+  w.num_requests = config_dict.placeholder(int)
+  w.time_window = config_dict.placeholder(tuple)
+  w.rate = config_dict.placeholder(float)
+  w.arrival = config_dict.placeholder(str)
+  w.cv = 1.0
+  w.prompt_len = 128
+  w.output_len = 128
+  w.length_distribution = "fixed"
+  w.range_ratio = 0.0
+  w.max_prompt_len = config_dict.placeholder(int)
+  w.max_output_len = config_dict.placeholder(int)
+  w.seed = 0
+  w.low_token_id = 0
+  w.shared_prefix_fraction = 0.0
+  w.num_shared_prefixes = 1
+  w.shared_prefix_len = 0
+  c.workload = w
+
+  e = ml_collections.ConfigDict()
+  e.page_size = 16
+  e.num_pages = 512
+  e.max_num_batched_tokens = 512
+  e.max_num_seqs = 64
+  e.chunk_size = config_dict.placeholder(int)
+  e.max_model_len = config_dict.placeholder(int)
+  e.enable_prefix_caching = True
+  e.ttft_slo_ms = config_dict.placeholder(float)
+  e.tpot_slo_ms = config_dict.placeholder(float)
+  e.attention_backend = "auto"
+  e.seed = 0
+  e.token_buckets = config_dict.placeholder(tuple)
+  e.seq_buckets = config_dict.placeholder(tuple)
+  e.page_buckets = config_dict.placeholder(tuple)
+  c.engine = e
+  return c
+
+
+def as_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """`default_config()` updated with `config` (a ConfigDict or a plain nested dict of the fields to set).
+
+  Raises:
+    ValueError: a field that does not exist, named.
+  """
+  base = default_config()
+  values = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  _update(base, values, "config")
+  return base
+
+
+def _update(target: ml_collections.ConfigDict, values: Mapping[str, Any], prefix: str) -> None:
+  for key, value in values.items():
+    if key not in target:
+      raise ValueError(f"unknown experiment field {prefix}.{key}; valid: {', '.join(sorted(target.keys()))}")
+    if isinstance(target[key], ml_collections.ConfigDict):
+      if not isinstance(value, Mapping):
+        raise ValueError(f"{prefix}.{key} must be a mapping of fields, got {value!r}")
+      _update(target[key], value, f"{prefix}.{key}")
+    else:
+      target[key] = value
+
+
+def parse_policies(spec: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+  """Policy names from "a,b" (or a sequence), in order, each checked against the registry.
+
+  Raises:
+    ValueError: an empty list, a repeated name, or an unknown name (listing the valid ones).
+  """
+  names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec)]
+  names = [n for n in names if n]
+  if not names:
+    raise ValueError(f"config.policies is empty; valid: {', '.join(sorted(POLICIES))}")
+  for name in names:
+    if name not in POLICIES:
+      raise ValueError(f"config.policies: unknown policy {name!r}; valid: {', '.join(sorted(POLICIES))}")
+  if len(set(names)) != len(names):
+    raise ValueError(f"config.policies names a policy twice: {spec!r}")
+  return tuple(names)
+
+
+def parse_rates(spec: str | float | tuple[float, ...] | list[float] | None) -> tuple[float, ...]:
+  """Sweep rates (req/s) from "1,2,4" (or a sequence); () for no sweep.
+
+  Raises:
+    ValueError: a value that is not a positive number, or a repeated rate.
+  """
+  if spec is None or spec == "":
+    return ()
+  items = spec.split(",") if isinstance(spec, str) else ([spec] if isinstance(spec, (int, float)) else spec)
+  rates = []
+  for item in items:
+    if isinstance(item, str) and not item.strip():
+      continue
+    try:
+      rate = float(item)
+    except (TypeError, ValueError):
+      raise ValueError(f"config.rates: {item!r} is not a number of requests/s") from None
+    if not rate > 0:
+      raise ValueError(f"config.rates: {rate!r} must be > 0 requests/s")
+    rates.append(rate)
+  if len(set(rates)) != len(rates):
+    raise ValueError(f"config.rates repeats a rate: {spec!r}")
+  return tuple(rates)
+
+
+def workload_config(config: ml_collections.ConfigDict, rate: float | None = None) -> WorkloadConfig:
+  """The `WorkloadConfig` of `config.workload`, at `rate` (else `config.rate`, else `workload.rate`).
+
+  Raises:
+    ValueError: an invalid workload field, named.
+  """
+  fields = dict(config.workload.to_dict())
+  if rate is None:
+    rate = config.rate
+  if rate is not None:
+    fields["rate"] = float(rate)
+  if fields.get("time_window") is not None:
+    fields["time_window"] = tuple(fields["time_window"])
+  return WorkloadConfig(**fields)
+
+
+def slo(config: ml_collections.ConfigDict) -> Slo:
+  """The run's SLO (`config.slo`), validated."""
+  try:
+    return parse_slo(config.slo)
+  except ValueError as e:
+    raise ValueError(f"config.slo: {e}") from None
+
+
+def engine_config(config: ml_collections.ConfigDict, policy: str) -> EngineConfig:
+  """The `EngineConfig` of `config.engine` for one policy; SLO targets default to `config.slo`'s.
+
+  Raises:
+    ValueError: an unknown policy or an invalid engine field, named.
+  """
+  fields = dict(config.engine.to_dict())
+  target = slo(config)
+  if fields.get("ttft_slo_ms") is None:
+    fields["ttft_slo_ms"] = target.ttft_ms
+  if fields.get("tpot_slo_ms") is None:
+    fields["tpot_slo_ms"] = target.tpot_ms
+  for name in ("token_buckets", "seq_buckets", "page_buckets"):
+    if fields.get(name) is not None:
+      fields[name] = tuple(int(b) for b in fields[name])
+  unknown = set(fields) - {f.name for f in dataclasses.fields(EngineConfig)}
+  if unknown:
+    raise ValueError(f"config.engine has fields EngineConfig lacks: {sorted(unknown)}")
+  parse_policies(policy)
+  return EngineConfig(policy=policy, **fields)

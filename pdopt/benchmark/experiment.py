@@ -1,0 +1,251 @@
+"""The experiment runner: one workload replayed against each policy on the real engine.
+
+`run_experiment(config)` builds the model once, then for every policy (and every rate of a sweep) a fresh
+`Engine` on that same model object, compiles its shape buckets, replays the workload (`replay.replay`),
+computes the serving metrics under the run's SLO, prints vLLM's "Serving Benchmark Result" block and
+finally one comparison table, and writes `<results_dir>/<run_name>/`:
+
+  config.json          the full config (`default_config()` with the run's values).
+  metrics.json         one entry per policy: `{policy: entry}`; with a rate sweep `{policy: {rate: entry}}`,
+                       rates keyed as `f"{rate:g}"` ("0.5", "2"). An entry is every `ServingMetrics` field
+                       under vLLM's names (`completed`, `failed`, `request_throughput`, `median_ttft_ms`,
+                       `p99_itl_ms`, ..., `request_goodput`, `slo_attainment`) plus `ENGINE_STATS_KEYS`.
+  requests.csv         one row per request (`pdopt.metrics.REQUEST_COLUMNS`) with a leading "policy" column;
+                       with a sweep the column reads "policy@rate".
+  ttft_cdf.png, tpot_cdf.png   latency CDFs, one line per policy (the highest rate of a sweep).
+  goodput_vs_rate.png  with a sweep: request goodput against the offered rate, one line per policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import ml_collections
+
+import pdopt
+from pdopt import metrics as metrics_lib
+from pdopt import workloads
+from pdopt.benchmark import config as config_lib
+from pdopt.benchmark.replay import ReplayResult, replay
+from pdopt.engine.engine import Engine, EngineConfig
+from pdopt.models.transformer import Transformer
+
+# Engine and run facts stored next to the metrics of every policy entry in metrics.json.
+ENGINE_STATS_KEYS: tuple[str, ...] = (
+    "policy",  # the policy name.
+    "rate",  # offered mean arrival rate of the workload (req/s).
+    "num_steps",  # engine steps during the replay.
+    "num_preemptions",  # preemptions (recompute) during the replay.
+    "num_compilations",  # step shapes compiled during the timed replay (0 after a complete warm-up).
+    "warmup_compilations",  # shapes compiled (or loaded from the cache) by the warm-up.
+    "warmup_s",  # seconds the warm-up took.
+    "num_rejected_at_submit",  # requests `add_request` refused (a bad prompt or length).
+    "num_aborted_at_deadline",  # requests aborted because `max_duration` passed.
+    "prefix_cache_queries",  # prompt tokens looked up in the prefix cache.
+    "prefix_cache_hits",  # of those, tokens found.
+    "prefix_cache_hit_rate",  # hits / queries (0.0 when nothing was queried).
+    "prefix_cache_evictions",  # cached pages reclaimed for new allocations.
+    "num_clamped",  # workload requests whose lengths were clamped to the context or the caps.
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyRun:
+  """One policy replayed on one workload.
+
+  Attributes:
+    policy: the policy name.
+    replay: what the replay produced (records, outputs, counters).
+    metrics: the serving metrics of its records.
+    stats: the `ENGINE_STATS_KEYS` facts.
+  """
+  policy: str
+  replay: ReplayResult
+  metrics: metrics_lib.ServingMetrics
+  stats: dict[str, Any]
+
+  @property
+  def records(self) -> tuple[metrics_lib.RequestRecord, ...]:
+    return self.replay.records
+
+  def entry(self) -> dict[str, Any]:
+    """The metrics.json entry: every metric under vLLM's names plus the engine stats."""
+    return {**metrics_lib.metrics_to_dict(self.metrics), **self.stats}
+
+
+def build_model(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Transformer:
+  """The run's model: `load_hf(hf_dir)` when set, else the `model` preset with random weights from
+  `model_seed`."""
+  config = config_lib.as_config(config)
+  if config.hf_dir:
+    return pdopt.load_hf(config.hf_dir, dtype=config.dtype)
+  return pdopt.init_model(pdopt.preset(config.model, dtype=config.dtype), seed=config.model_seed)
+
+
+def make_workload(config: ml_collections.ConfigDict | Mapping[str, Any], model: Transformer,
+                  rate: float | None = None) -> workloads.Workload:
+  """The run's workload at `rate` (default: `config.rate`), clamped to the engine's context."""
+  config = config_lib.as_config(config)
+  max_model_len = config.engine.max_model_len or model.config.max_position_embeddings
+  return workloads.make_workload(config_lib.workload_config(config, rate), max_model_len=max_model_len,
+                                 vocab_size=model.config.vocab_size)
+
+
+def run_policy(model: Transformer, workload: workloads.Workload, engine_config: EngineConfig, *,
+               slo: str | metrics_lib.Slo | None = None, warmup: bool = True, progress: bool = True,
+               max_duration: float | None = None, clock: Callable[[], float] = time.perf_counter,
+               rate: float | None = None) -> PolicyRun:
+  """Replays `workload` against a fresh engine with `engine_config` on `model`.
+
+  Args:
+    model: the model (shared by the runs of an experiment; the engine keeps its own KV cache).
+    workload: the requests and their arrival times.
+    engine_config: the engine, its `policy` included.
+    slo: SLO for goodput ("ttft:2000 tpot:100", ms), or None.
+    warmup: compile every shape bucket before the replay starts (the timed part).
+    progress: show a progress bar.
+    max_duration: seconds after which the replay aborts what is left.
+    clock: the engine clock (a `VirtualClock` for deterministic tests).
+    rate: the offered rate to record in the stats (default: the workload's measured mean rate).
+
+  Returns:
+    The `PolicyRun`. The engine is checked for leaked pages after the replay.
+  """
+  engine = Engine(model, engine_config, clock=clock)
+  t0 = time.perf_counter()
+  warmup_compilations = engine.warmup() if warmup else 0
+  warmup_s = time.perf_counter() - t0
+  result = replay(engine, workload, progress=progress, desc=engine_config.policy, max_duration=max_duration)
+  engine.check_no_leaks()
+  cache = engine.block_manager.stats()
+  stats = {
+      "policy": engine_config.policy,
+      "rate": float(rate if rate is not None else workload.mean_rate),
+      "num_steps": result.num_steps,
+      "num_preemptions": result.num_preemptions,
+      "num_compilations": result.num_compilations,
+      "warmup_compilations": warmup_compilations,
+      "warmup_s": warmup_s,
+      "num_rejected_at_submit": result.num_rejected_at_submit,
+      "num_aborted_at_deadline": result.num_aborted_at_deadline,
+      "prefix_cache_queries": cache.prefix_queries,
+      "prefix_cache_hits": cache.prefix_hits,
+      "prefix_cache_hit_rate": cache.hit_rate,
+      "prefix_cache_evictions": cache.evictions,
+      "num_clamped": workload.num_clamped,
+  }
+  assert tuple(stats) == ENGINE_STATS_KEYS
+  m = metrics_lib.compute_metrics(result.records, slo=slo, duration=result.duration)
+  return PolicyRun(policy=engine_config.policy, replay=result, metrics=m, stats=stats)
+
+
+def rate_key(rate: float) -> str:
+  """How a sweep rate is spelled in metrics.json and requests.csv ("0.5", "2")."""
+  return f"{rate:g}"
+
+
+def enable_compilation_cache(path: str) -> None:
+  """Turns on JAX's persistent compilation cache in `path`, caching every compiled program.
+
+  Each engine jits its own step function, so without it every policy would compile the same shapes again.
+  This changes process-wide JAX settings; `run_experiment` calls it only when `compilation_cache_dir` is set.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  pathlib.Path(path).mkdir(parents=True, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
+                   print_fn: Callable[[str], None] | None = print) -> dict[str, Any]:
+  """Runs every policy (at every rate of a sweep), prints the reports and writes the run directory.
+
+  Args:
+    config: the experiment (see `pdopt.benchmark.config`): a ConfigDict, or a nested dict of the fields that
+      differ from `default_config()`.
+    print_fn: where the reports go (None: nowhere).
+
+  Returns:
+    {"run_dir": pathlib.Path, "metrics": the metrics.json content, "runs": {policy: PolicyRun} or, with a
+    sweep, {policy: {rate_key: PolicyRun}}, "table": the comparison table text (one table per rate,
+    concatenated, with a sweep)}.
+
+  Raises:
+    ValueError: an invalid field (unknown policy, bad rate or SLO, invalid workload or engine field), named,
+      before anything runs.
+  """
+  config = config_lib.as_config(config)
+  say = print_fn or (lambda _: None)
+  # Validate everything before spending time on a model.
+  policies = config_lib.parse_policies(config.policies)
+  rates = config_lib.parse_rates(config.rates)
+  slo = config_lib.slo(config)
+  engine_configs = {p: config_lib.engine_config(config, p) for p in policies}
+  for rate in rates or (None,):
+    config_lib.workload_config(config, rate)
+  if config.compilation_cache_dir:
+    enable_compilation_cache(config.compilation_cache_dir)
+
+  run_dir = pathlib.Path(config.results_dir) / config.run_name
+  run_dir.mkdir(parents=True, exist_ok=True)
+  (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str) + "\n")
+
+  model = build_model(config)
+  runs: dict[str, Any] = {p: {} for p in policies}
+  tables = []
+  for rate in rates or (None,):
+    workload = make_workload(config, model, rate)
+    say(f"workload {workload.name}: {len(workload)} requests, mean rate {workload.mean_rate:.2f} req/s over "
+        f"{workload.duration:.1f} s, {workload.total_prompt_tokens} prompt + {workload.total_output_tokens} "
+        f"output tokens, {workload.num_clamped} clamped")
+    by_policy = {}
+    for policy in policies:
+      run = run_policy(model, workload, engine_configs[policy], slo=slo, warmup=config.warmup,
+                       progress=config.progress, max_duration=config.max_duration,
+                       rate=rate if rate is not None else _offered_rate(config, workload))
+      by_policy[policy] = run
+      label = policy if rate is None else f"{policy} @ {rate_key(rate)} req/s"
+      say(metrics_lib.format_benchmark_result(run.metrics, policy=label))
+    table = metrics_lib.format_comparison_table({p: r.metrics for p, r in by_policy.items()})
+    if rate is not None:
+      table = f"rate {rate_key(rate)} req/s\n{table}"
+    tables.append(table)
+    for policy, run in by_policy.items():
+      if rate is None:
+        runs[policy] = run
+      else:
+        runs[policy][rate_key(rate)] = run
+  say("\n\n".join(tables))
+
+  if rates:
+    metrics_json = {p: {k: r.entry() for k, r in by_rate.items()} for p, by_rate in runs.items()}
+    records = {f"{p}@{k}": r.records for p, by_rate in runs.items() for k, r in by_rate.items()}
+    last = {p: by_rate[rate_key(max(rates))].records for p, by_rate in runs.items()}
+    metrics_lib.plot_goodput_vs_rate(
+        {p: [(float(k), r.metrics.request_goodput) for k, r in by_rate.items()] for p, by_rate in runs.items()},
+        run_dir / "goodput_vs_rate.png", title=f"goodput vs rate ({str(slo) or 'no SLO'})")
+  else:
+    metrics_json = {p: r.entry() for p, r in runs.items()}
+    records = last = {p: r.records for p, r in runs.items()}
+  (run_dir / "metrics.json").write_text(json.dumps(metrics_json, indent=2) + "\n")
+  metrics_lib.write_requests_csv(records, run_dir / "requests.csv")
+  metrics_lib.plot_latency_cdf(last, run_dir / "ttft_cdf.png", metric="ttft")
+  metrics_lib.plot_latency_cdf(last, run_dir / "tpot_cdf.png", metric="tpot")
+  say(f"wrote {run_dir}/")
+  return {"run_dir": run_dir, "metrics": metrics_json, "runs": runs, "table": "\n\n".join(tables)}
+
+
+def _offered_rate(config: ml_collections.ConfigDict, workload: workloads.Workload) -> float:
+  """The rate the config asked for, or the workload's measured mean rate when it asked for none."""
+  rate = config.rate if config.rate is not None else config.workload.rate
+  return float(rate) if rate is not None else workload.mean_rate
+
+
+def compare(runs: Mapping[str, PolicyRun], columns: Sequence[tuple[str, str]] = metrics_lib.DEFAULT_COLUMNS) -> str:
+  """The comparison table of policy runs (one column per policy)."""
+  return metrics_lib.format_comparison_table({p: r.metrics for p, r in runs.items()}, columns)
