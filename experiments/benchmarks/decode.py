@@ -369,14 +369,15 @@ def tune(out: str | None = None, quick: bool = False) -> list[dict[str, Any]]:
 
   sm_scale = _HEAD_DIM**-0.5
   results = []
-  grid = lambda ppbs, warps, stages, splits: list(itertools.product(ppbs, warps, stages, splits))  # pylint: disable=unnecessary-lambda-assignment
+  grid = lambda ppbs, warps, stages, splits: [(*c, "bits") for c in itertools.product(ppbs, warps, stages, splits)]  # pylint: disable=unnecessary-lambda-assignment
   sweeps = [
-      # (batch, kv_len, kind, [(pages_per_block, num_warps, num_stages, num_splits), ...])
-      (64, 4096, "bf16", grid((4, 8, 16), (4, 8), (2, 3, 4), (None,))),
-      (64, 4096, "int8", grid((8, 16), (4, 8), (2, 3, 4), (None,))),
-      (1, 32768, "bf16", grid((8,), (4,), (3,), (None, 66, 132)) + [(16, 8, 3, None), (8, 4, 2, 66)]),
-      (1, 32768, "int8", grid((16,), (4,), (3,), (None, 66))),
-      (8, 4096, "bf16", grid((8,), (4,), (3,), (None, 16))),
+      # (batch, kv_len, kind, [(pages_per_block, num_warps, num_stages, num_splits, int8_upcast), ...])
+      (64, 4096, "bf16", grid((4, 8), (4,), (2, 3), (None,))),
+      (64, 4096, "int8", grid((8, 16), (4,), (3, 4), (None,)) + [(16, 8, 3, None, "bits"),
+                                                                (8, 4, 3, None, "convert")]),
+      (64, 4096, "fp8", grid((8, 16), (4,), (3,), (None,))),
+      (1, 32768, "bf16", grid((4, 8), (4,), (3,), (None,))),
+      (1, 32768, "int8", grid((8, 16), (4,), (3,), (None,))),
   ]
   if quick:
     sweeps = [(64, 4096, "bf16", grid((8,), (4, 8), (2, 3), (None,)))]
@@ -391,18 +392,18 @@ def tune(out: str | None = None, quick: bool = False) -> list[dict[str, Any]]:
       k_pages, kw["k_scales"] = quant(k_pages)
       v_pages, kw["v_scales"] = quant(v_pages)
     nbytes = sum(x.nbytes for x in (k_pages, v_pages, *kw.values()))
-    for ppb, nw, ns, sp in configs:
+    for ppb, nw, ns, sp, up in configs:
       f = jax.jit(functools.partial(paged_decode, sm_scale=sm_scale, pages_per_block=ppb, num_warps=nw,
-                                    num_stages=ns, num_splits=sp))
+                                    num_stages=ns, num_splits=sp, int8_upcast=up))
       rec = {"batch": batch, "kv_len": kv_len, "kind": kind, "pages_per_block": ppb, "num_warps": nw,
-             "num_stages": ns, "num_splits": sp, "seconds": None}
+             "num_stages": ns, "num_splits": sp, "int8_upcast": up, "seconds": None}
       try:
         rec["seconds"] = _time(lambda: f(q, k_pages, v_pages, kv_lens, table, **kw), quick=True)  # pylint: disable=cell-var-from-loop
         rec["tbps"] = nbytes / rec["seconds"] / 1e12
       except Exception as e:  # pylint: disable=broad-except
         rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
       results.append(rec)
-      print(f"tune B={batch} L={kv_len} {kind} ppb={ppb} warps={nw} stages={ns} splits={sp}: "
+      print(f"tune B={batch} L={kv_len} {kind} ppb={ppb} warps={nw} stages={ns} splits={sp} {up}: "
             f"{(rec['seconds'] or 0) * 1e6:.1f} us {rec.get('tbps', 0):.2f} TB/s {rec.get('error', '')}",
             flush=True)
     del k_pages, v_pages, kw

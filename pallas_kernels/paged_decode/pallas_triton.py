@@ -18,9 +18,9 @@ memory-bound; the kernel's only job is to keep HBM busy. Design:
   a split past the end does nothing and reports (m = -inf, l = 0). `num_splits` is chosen from the
   number of SMs so that one sequence with a long context still fills the chip.
 - Each split writes float32 partials (acc, m, l) with m in log2 units; `_combine` merges them in jnp.
-- Quantized pages (int8 / float8_e4m3fn) are converted to the compute dtype in registers (exact for
-  both); per-(token, head) scales multiply the logits (K) and the probabilities (V), per-head scales
-  fold into the softmax scale (K) and the final accumulator (V).
+- Quantized pages (int8 / float8_e4m3fn) are converted to float16 in registers (exact for both; int8 by
+  bit arithmetic, see `_upcast`); per-(token, head) scales multiply the logits (K) and the
+  probabilities (V), per-head scales fold into the softmax scale (K) and the final accumulator (V).
 - The last block of a sequence is loaded with a mask (other=0), so slots past kv_len are never read:
   they may hold stale data or NaN.
 """
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Literal
 
 import jax
 from jax import lax
@@ -84,10 +85,37 @@ def _dot(a: jax.Array, b: jax.Array, contract: tuple[tuple[int], tuple[int]],
                          preferred_element_type=jnp.float32)
 
 
+def _compute_dtype(q_dtype, page_dtype) -> jnp.dtype:
+  """Operand dtype of the two dots.
+
+  float32 queries keep float32 (exact tests). Quantized pages compute in float16: int8 and e4m3 values
+  are exact there, and both convert to float16 without the slow int-to-float conversion unit (the
+  queries must then lie within float16's range, as the activations of any bf16 model do).
+  """
+  if q_dtype == jnp.float32:
+    return jnp.dtype(jnp.float32)
+  if page_dtype in (jnp.int8, jnp.float8_e4m3fn):
+    return jnp.dtype(jnp.float16)
+  return jnp.dtype(q_dtype)
+
+
+def _upcast(x: jax.Array, dtype, int8_upcast: str = "bits") -> jax.Array:
+  """Page values in the dot's dtype; int8 -> float16 by bit arithmetic.
+
+  `astype` would lower to int-to-float conversions, which run at a quarter of the ALU rate on Hopper
+  and made int8 pages no faster than bf16. Instead: the float16 with bits 0x6400 + u is 1024 + u for
+  0 <= u < 1024, so x + 128 added to those bits gives 1152 + x exactly.
+  """
+  if x.dtype == jnp.int8 and dtype == jnp.float16 and int8_upcast == "bits":
+    bits = x.astype(jnp.int16) + jnp.int16(0x6400 + 128)
+    return lax.bitcast_convert_type(bits, jnp.float16) - jnp.float16(1152)
+  return x.astype(dtype)
+
+
 def _decode_kernel(
     kv_len_ref,  # [1] int32
     pages_ref,  # [Pmax] int32: this sequence's row of the page table
-    q_ref,  # [M, D]: Q * G query rows of one KV head, zero-padded to M
+    q_ref,  # [Q * H, D]: this sequence's queries, token-major
     k_ref,  # [P * page_size, D]: this KV head's pages, slots flattened (a free reshape)
     v_ref,  # [P * page_size, D]
     k_scale_ref,  # None, [1] (per head) or [P * page_size] (per token) float32
@@ -105,11 +133,15 @@ def _decode_kernel(
     precision: lax.Precision | None,
     per_token_k: bool,
     per_token_v: bool,
+    rows: int,
+    num_heads: int,
+    int8_upcast: str,
 ):
   split = pl.program_id(2)
-  rows, head_dim = q_ref.shape
+  kv_head = pl.program_id(1)
+  head_dim = q_ref.shape[1]
   block_tokens = pages_per_block * page_size
-  compute_dtype = q_ref.dtype
+  compute_dtype = _compute_dtype(q_ref.dtype, k_ref.dtype)
 
   length = kv_len_ref[0]
   length = jnp.where(length > 0, jnp.maximum(length, q_len), 0)
@@ -118,16 +150,21 @@ def _decode_kernel(
   first = split * blocks_per_split
   last = jnp.minimum(first + blocks_per_split, num_blocks)
 
-  q = q_ref[...]
-  # Row r is query token r // group, at position length - q_len + r // group; it sees keys up to there.
-  row_token = jnp.minimum(lax.div(lax.broadcasted_iota(jnp.int32, (rows, 1), 0), group), q_len - 1)
-  row_limit = length - q_len + row_token  # [M, 1]
+  # Row r of the M rows is head kv_head * G + r % G of query token r // G (rows past Q * G are padding);
+  # the token sits at position length - q_len + r // G and sees keys up to there.
+  row = lax.broadcasted_iota(jnp.int32, (rows,), 0)
+  row_token = jnp.minimum(lax.div(row, group), q_len - 1)  # [M]
+  q_row = row_token * num_heads + kv_head * group + lax.rem(row, group)
+  dim = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)
+  q_mask = jnp.broadcast_to((row < q_len * group)[:, None], (rows, head_dim))
+  q = plgpu.load(q_ref.at[q_row[:, None], dim], mask=q_mask, other=0.0)  # [M, D]
+  q = q.astype(compute_dtype)
+  row_limit = (length - q_len + row_token)[:, None]  # [M, 1]
 
   qk_scale = sm_scale * _LOG2E
   if k_scale_ref is not None and not per_token_k:
     qk_scale = qk_scale * k_scale_ref[0]
   tok_in_block = lax.broadcasted_iota(jnp.int32, (block_tokens,), 0)
-  dim = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)
   k_other = 0 if jnp.issubdtype(k_ref.dtype, jnp.integer) else 0.0  # Triton casts no int to fp8
   v_other = 0 if jnp.issubdtype(v_ref.dtype, jnp.integer) else 0.0
 
@@ -143,7 +180,7 @@ def _decode_kernel(
     kv_mask = jnp.broadcast_to(in_seq[:, None], (block_tokens, head_dim))
     k = plgpu.load(k_ref.at[kv_idx], mask=kv_mask, other=k_other)  # [bt, D]
     v = plgpu.load(v_ref.at[kv_idx], mask=kv_mask, other=v_other)  # [bt, D]
-    s = _dot(q, k.astype(compute_dtype), ((1,), (1,)), precision) * qk_scale  # [M, bt]
+    s = _dot(q, _upcast(k, compute_dtype, int8_upcast), ((1,), (1,)), precision) * qk_scale  # [M, bt]
     if per_token_k:
       s = s * plgpu.load(k_scale_ref.at[slot], mask=in_seq, other=0.0)[None, :]
     s = jnp.where(pos[None, :] <= row_limit, s, -jnp.inf)
@@ -152,10 +189,17 @@ def _decode_kernel(
     alpha = jnp.exp2(m_prev - m_safe)
     p = jnp.exp2(s - m_safe[:, None])
     l_next = alpha * l_prev + p.sum(axis=-1)
+    v = _upcast(v, compute_dtype, int8_upcast)
     if per_token_v:
-      p = p * plgpu.load(v_scale_ref.at[slot], mask=in_seq, other=0.0)[None, :]
-    acc = acc * alpha[:, None] + _dot(p.astype(compute_dtype), v.astype(compute_dtype), ((1,), (0,)),
-                                      precision)
+      # The V scales run along the reduction: fold them into p, divided by the block's largest scale so
+      # that p stays in [0, 1] (float16 keeps full precision there), and multiply that back afterwards.
+      vs = plgpu.load(v_scale_ref.at[slot], mask=in_seq, other=0.0)  # [bt]
+      vs_max = vs.max()
+      vs_max = jnp.where(vs_max > 0, vs_max, 1.0)
+      pv = _dot((p * (vs / vs_max)[None, :]).astype(compute_dtype), v, ((1,), (0,)), precision) * vs_max
+    else:
+      pv = _dot(p.astype(compute_dtype), v, ((1,), (0,)), precision)
+    acc = acc * alpha[:, None] + pv
     return acc, m_next, l_next
 
   init = (jnp.zeros((rows, head_dim), jnp.float32),
@@ -195,7 +239,7 @@ def _flat_scales(scales: jax.Array | None, num_kv_heads: int, num_pages: int, pa
 @functools.partial(
     jax.jit,
     static_argnames=("sm_scale", "sliding_window", "num_splits", "pages_per_block", "num_warps",
-                     "num_stages", "interpret"))
+                     "num_stages", "int8_upcast", "interpret"))
 def paged_decode(
     q: jax.Array,  # [S, Q, H, D]
     k_pages: jax.Array,  # [K, P, page_size, D]
@@ -211,6 +255,7 @@ def paged_decode(
     pages_per_block: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    int8_upcast: Literal["bits", "convert"] = "bits",
     interpret: bool = False,
 ) -> jax.Array:
   """Paged decode attention; the semantics of `reference.paged_decode_attention`.
@@ -228,6 +273,8 @@ def paged_decode(
     num_splits: programs per (sequence, KV head); default from the SM count (`choose_num_splits`).
     pages_per_block: pages gathered per loop step; default so that a block holds 128 tokens.
     num_warps, num_stages: Triton launch parameters (default 4 warps, 3 stages).
+    int8_upcast: how int8 pages become float16: "bits" (integer arithmetic, `_upcast`) or "convert"
+      (`astype`, the conversion unit); kept to measure one against the other.
     interpret: run the kernel in the Pallas interpreter (CPU tests).
 
   Returns:
@@ -242,7 +289,10 @@ def paged_decode(
   max_pages = page_table.shape[1]
   if sliding_window is not None:
     raise NotImplementedError("paged_decode does not implement sliding_window")
-  if v_pages.shape[:3] != k_pages.shape[:3] or v_pages.shape[3] != head_dim or head_dim_k != head_dim or num_heads % num_kv_heads:
+  if int8_upcast not in ("bits", "convert"):
+    raise ValueError(f"unknown int8_upcast {int8_upcast!r}; valid: bits, convert")
+  if (v_pages.shape != k_pages.shape or head_dim_k != head_dim or num_heads % num_kv_heads
+      or page_table.shape[0] != num_seqs or kv_lens.shape != (num_seqs,)):
     raise NotImplementedError(f"unsupported shapes q={q.shape} k_pages={k_pages.shape} "
                               f"v_pages={v_pages.shape}")
   if head_dim < 16 or head_dim != _next_pow2(head_dim) or page_size != _next_pow2(page_size):
@@ -269,18 +319,15 @@ def paged_decode(
   if num_splits is None:
     num_splits = choose_num_splits(num_seqs, num_kv_heads, max_blocks, num_sms=_num_sms())
 
-  # [S, Q, K*G, D] -> [S, K, Q*G rows, D]; row r is token r // G, head r % G of the group.
-  qr = q.reshape(num_seqs, q_len, num_kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
-  qr = qr.reshape(num_seqs, num_kv_heads, q_len * group, head_dim)
-  if rows != q_len * group:
-    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, rows - q_len * group), (0, 0)))
+  q_flat = q.reshape(num_seqs, q_len * num_heads, head_dim)  # free; the kernel gathers its rows
 
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
   kernel = functools.partial(
       _decode_kernel, q_len=q_len, group=group, page_size=page_size, pages_per_block=pages_per_block,
       num_splits=num_splits, sm_scale=sm_scale, precision=precision,
       per_token_k=k_scales is not None and k_scales.ndim == 3,
-      per_token_v=v_scales is not None and v_scales.ndim == 3)
+      per_token_v=v_scales is not None and v_scales.ndim == 3, rows=rows, num_heads=num_heads,
+      int8_upcast=int8_upcast)
   padded_pages = page_table.shape[1]
   num_slots = num_pages * page_size
   # [K, P, page_size, D] -> [K, P * page_size, D] is a bitcast of the contiguous cache, not a copy.
@@ -292,7 +339,7 @@ def paged_decode(
   in_specs = [
       pl.BlockSpec((1,), lambda s, h, j: (s,)),  # kv_lens
       pl.BlockSpec((None, padded_pages), lambda s, h, j: (s, 0)),  # page_table
-      pl.BlockSpec((None, None, rows, head_dim), lambda s, h, j: (s, h, 0, 0)),  # q
+      pl.BlockSpec((None, q_len * num_heads, head_dim), lambda s, h, j: (s, 0, 0)),  # q
       pl.BlockSpec((None, num_slots, head_dim), lambda s, h, j: (h, 0, 0)),  # k_pages
       pl.BlockSpec((None, num_slots, head_dim), lambda s, h, j: (h, 0, 0)),  # v_pages
       k_scale_spec,
@@ -318,7 +365,7 @@ def paged_decode(
       compiler_params=_CompilerParams(num_warps=num_warps or 4, num_stages=num_stages or 3),
       interpret=interpret,
       name=f"paged_decode_q{q_len}_g{group}_ppb{pages_per_block}",
-  )(kv_lens.astype(jnp.int32), page_table.astype(jnp.int32), qr, k_flat, v_flat, k_scales, v_scales)
+  )(kv_lens.astype(jnp.int32), page_table.astype(jnp.int32), q_flat, k_flat, v_flat, k_scales, v_scales)
 
   out = _combine(acc, m, l)[:, :, :q_len * group]  # [S, K, Q*G, D]
   out = out.reshape(num_seqs, num_kv_heads, q_len, group, head_dim).transpose(0, 2, 1, 3, 4)

@@ -181,15 +181,17 @@ def test_num_splits_fills_the_chip():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("kind", [None, "int8", "fp8"])
-def test_gpu_matches_reference(kind):
-  case = Case(group=4, q_len=2, page_size=16, kv_lens=(1, 300, 1000, 17), max_pages=64, num_splits=None,
+@pytest.mark.parametrize("kind,granularity", [(None, None), ("int8", "token"), ("fp8", "token"),
+                                               ("fp8", "head"), ("int8", "head")])
+def test_gpu_matches_reference(kind, granularity):
+  # A page-table width that is neither a power of two nor a multiple of the block.
+  case = Case(group=4, q_len=2, page_size=16, kv_lens=(1, 300, 790, 17), max_pages=50, num_splits=None,
               num_kv_heads=2, head_dim=128)
   q, k, v, kv_lens, table = _inputs(np.random.default_rng(), case, jnp.bfloat16)
   kw = {}
   if kind is not None:
-    k, kw["k_scales"] = _quantize(k, kind, "token")
-    v, kw["v_scales"] = _quantize(v, kind, "token")
+    k, kw["k_scales"] = _quantize(k, kind, granularity)
+    v, kw["v_scales"] = _quantize(v, kind, granularity)
   else:
     k, v = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
   out = paged_decode(q, k, v, kv_lens, table, sm_scale=case.head_dim**-0.5, **kw)
