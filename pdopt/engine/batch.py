@@ -42,8 +42,10 @@ class Buckets:
             self._pick(self.pages, max_pages, "pages per sequence"))
 
   def all_shapes(self) -> list[tuple[int, int, int]]:
-    """Every (T, S, P) combination a step can use (S <= T)."""
-    return [(t, s, p) for t in self.tokens for s in self.seqs for p in self.pages if s <= t]
+    """Every (T, S, P) combination `pick` can return: a sequence bucket is reachable with token bucket T
+    when its smallest sequence count (one more than the bucket below it) fits in T tokens."""
+    lower = dict(zip(self.seqs, (0,) + self.seqs[:-1]))
+    return [(t, s, p) for t in self.tokens for s in self.seqs for p in self.pages if lower[s] + 1 <= t]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -233,3 +233,12 @@ def test_write_kv_drops_padding_and_keeps_other_slots():
   ref[:, 0, 0, :] = -1
   np.testing.assert_array_equal(out, ref)
   assert math.isfinite(out.sum())
+
+
+def test_warmup_covers_every_shape_pick_can_return():
+  from pdopt.engine.batch import Buckets
+  b = Buckets(tokens=(16, 64), seqs=(8, 32), pages=(4,))
+  shapes = set(b.all_shapes())
+  for tokens in range(1, 65):
+    for seqs in range(1, min(tokens, 32) + 1):
+      assert b.pick(tokens, seqs, 3) in shapes
