@@ -5,7 +5,8 @@ memory-bound; the kernel's only job is to keep HBM busy. Design:
 
 - One program per (sequence, KV head, split). It holds all G = H / K query heads of the group and all
   Q query tokens (speculative verification, Q <= 5) as M = Q * G rows padded to a power of two >= 16
-  (Triton's smallest dot), so every K/V byte is read from HBM exactly once per step.
+  (Triton's smallest dot), so every K/V byte is read from HBM exactly once per step. The rows are
+  gathered from `q` `[S, Q * H, D]` (a free reshape) inside the kernel, so no transpose runs before it.
 - The program walks its share of the sequence in blocks of `pages_per_block` pages, reading the page ids
   from the sequence's row of the page table and gathering the pages straight from the cache
   (`[K, P, page_size, D]`, head-major, so one head's page is `page_size * D` contiguous values). The
