@@ -11,7 +11,11 @@
 and a large device-to-device copy for the card's bandwidth. Every output is checked against the `jnp`
 reference (float32, HIGHEST) on the first sequences of the batch in the same run. Effective bandwidth
 is KV bytes read / time (values plus scales); times are medians of device-synchronized runs of
-`_REPS` back-to-back calls (so launch latency is hidden as in a real decode step).
+`_REPS` back-to-back calls. On the H200 host used so far every JAX call costs >= ~50 us whatever its size,
+so rows under ~100 us measure launch overhead more than kernels (see BENCHMARKS.md).
+
+`tune()` sweeps the kernel's launch parameters at the target shapes:
+`python -c "from experiments.benchmarks import decode; decode.tune('tune.json')"`.
 """
 
 from __future__ import annotations
@@ -292,8 +296,9 @@ def _table(rows: list[Row]) -> str:
       else:
         t[impl] = r.seconds
         cells.append(f"{r.seconds * 1e6:8.1f}us {r.tbps:4.2f}T")
-    ratio = lambda peer: f"{t[peer] / t['ours_bf16']:10.2f}" if peer in t and "ours_bf16" in t else f"{'-':>10}"  # pylint: disable=unnecessary-lambda-assignment
-    lines.append(f"{b:>3} {l:>6} {ps:>3} | " + " | ".join(cells) + f" | {ratio('jax_paged')} {ratio('torch_sdpa')}")
+    ratios = [f"{t[p] / t['ours_bf16']:10.2f}" if p in t and "ours_bf16" in t else f"{'-':>10}"
+              for p in ("jax_paged", "torch_sdpa")]
+    lines.append(f"{b:>3} {l:>6} {ps:>3} | " + " | ".join(cells) + " | " + " ".join(ratios))
   return "\n".join(lines)
 
 
@@ -369,7 +374,9 @@ def tune(out: str | None = None, quick: bool = False) -> list[dict[str, Any]]:
 
   sm_scale = _HEAD_DIM**-0.5
   results = []
-  grid = lambda ppbs, warps, stages, splits: [(*c, "bits") for c in itertools.product(ppbs, warps, stages, splits)]  # pylint: disable=unnecessary-lambda-assignment
+  def grid(ppbs, warps, stages, splits):
+    return [(*c, "bits") for c in itertools.product(ppbs, warps, stages, splits)]
+
   sweeps = [
       # (batch, kv_len, kind, [(pages_per_block, num_warps, num_stages, num_splits, int8_upcast), ...])
       (64, 4096, "bf16", grid((4, 8), (4,), (2, 3), (None,))),
@@ -398,7 +405,8 @@ def tune(out: str | None = None, quick: bool = False) -> list[dict[str, Any]]:
       rec = {"batch": batch, "kv_len": kv_len, "kind": kind, "pages_per_block": ppb, "num_warps": nw,
              "num_stages": ns, "num_splits": sp, "int8_upcast": up, "seconds": None}
       try:
-        rec["seconds"] = _time(lambda: f(q, k_pages, v_pages, kv_lens, table, **kw), quick=True)  # pylint: disable=cell-var-from-loop
+        call = functools.partial(f, q, k_pages, v_pages, kv_lens, table, **kw)
+        rec["seconds"] = _time(call, quick=True)
         rec["tbps"] = nbytes / rec["seconds"] / 1e12
       except Exception as e:  # pylint: disable=broad-except
         rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
