@@ -23,6 +23,7 @@ import math
 import time
 from typing import Callable, Sequence
 
+import jax
 import numpy as np
 from jax.sharding import Mesh
 
@@ -53,6 +54,8 @@ class EngineConfig:
     ttft_slo_ms, tpot_slo_ms: targets for `slo_aware`.
     attention_backend: "auto", "reference" or "pallas".
     seed: draws per-request seeds for requests that give none.
+    handoff_after_prefill: a prefill instance of disaggregated serving: once a request has its first token
+      (and is not finished), it leaves the running set with its pages held, for `take_handoffs`.
     token_buckets, seq_buckets, page_buckets: padded sizes; None derives geometric buckets.
   """
   policy: str = "chunked"
@@ -67,6 +70,7 @@ class EngineConfig:
   tpot_slo_ms: float | None = None
   attention_backend: str = "auto"
   seed: int = 0
+  handoff_after_prefill: bool = False
   token_buckets: tuple[int, ...] | None = None
   seq_buckets: tuple[int, ...] | None = None
   page_buckets: tuple[int, ...] | None = None
@@ -124,6 +128,7 @@ class Engine:
     self.running: list[str] = []
     self.num_steps = 0
     self.num_preemptions = 0
+    self._handoffs: list[Request] = []
 
   # ------------------------------------------------------------------ API
 
@@ -253,6 +258,52 @@ class Engine:
     if not self.has_unfinished():
       self.block_manager.assert_no_leaks()
 
+  # ------------------------------------------------------------------ disaggregated serving
+
+  def take_handoffs(self) -> list[Request]:
+    """Requests prefilled since the last call (with `handoff_after_prefill`); they still hold their pages
+    until `release_handoff`."""
+    out, self._handoffs = self._handoffs, []
+    return out
+
+  def export_kv(self, request_id: str) -> tuple[jax.Array, int]:
+    """The K/V of a handed-off request's computed tokens, `[L, 2, K, n, page_size, D]` with n padded to a
+    power of two, and the number of real pages."""
+    req = self.requests[request_id]
+    pages = self.block_manager.page_table(request_id)[:math.ceil(req.num_computed_tokens / self.config.page_size)]
+    return self.runner.gather_pages(pages), len(pages)
+
+  def release_handoff(self, request_id: str) -> None:
+    """Frees the pages of a handed-off request once its K/V has been copied elsewhere."""
+    if self.requests[request_id].status is not RequestStatus.HANDED_OFF:
+      raise ValueError(f"request {request_id!r} was not handed off")
+    self.block_manager.free(request_id)
+
+  def import_request(self, request: Request, kv: jax.Array, num_pages: int) -> bool:
+    """Continues a request prefilled elsewhere: allocates pages, writes its K/V, and starts decoding it.
+
+    Args:
+      request: the prefilled request (one token generated, `num_computed_tokens` tokens of K/V).
+      kv: `[L, 2, K, n, page_size, D]` from `export_kv`, already on this engine's devices.
+      num_pages: real pages in `kv`.
+
+    Returns:
+      False (nothing changed) if the pool cannot hold it now; the caller retries later.
+    """
+    rid = request.request_id
+    if rid in self.requests:
+      raise ValueError(f"request_id {rid!r} is already in use")
+    if not self.block_manager.allocate(rid, request.num_computed_tokens):
+      return False
+    pages = self.block_manager.page_table(rid)
+    assert len(pages) == num_pages, (len(pages), num_pages)
+    self.runner.scatter_pages(pages, kv)
+    request.status = RequestStatus.RUNNING
+    self.requests[rid] = request
+    self.running.append(rid)
+    self.block_manager.commit(rid, request.all_token_ids, request.num_computed_tokens)
+    return True
+
   # ------------------------------------------------------------------ internals
 
   def _view(self, now: float) -> SchedulerView:
@@ -319,6 +370,10 @@ class Engine:
       reason = self._stop_reason(req, token)
       if reason is not None:
         self._end(req, RequestStatus.FINISHED, now, reason)
+      elif self.config.handoff_after_prefill:
+        self.running.remove(req.request_id)
+        req.status = RequestStatus.HANDED_OFF
+        self._handoffs.append(req)
 
   def _stop_reason(self, req: Request, token: int) -> str | None:
     if token in req.sampling.stop_token_ids:

@@ -52,6 +52,7 @@ class RequestStatus(enum.Enum):
   FINISHED = "finished"
   ABORTED = "aborted"
   REJECTED = "rejected"
+  HANDED_OFF = "handed_off"  # Prefilled here, continues on another engine (disaggregated serving).
 
   @property
   def done(self) -> bool:

@@ -6,6 +6,8 @@ function serves all shape buckets; `num_compilations` counts the shapes compiled
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +31,24 @@ def _step_impl(graphdef, attention_backend, state, cache, batch):
   tokens = sampler.sample(logits, batch["temperature"], batch["top_k"], batch["top_p"], batch["seeds"],
                           batch["token_index"])
   return tokens, cache
+
+
+@jax.jit
+def _gather_pages(cache, pages):
+  return jnp.stack([jnp.stack([k[:, pages], v[:, pages]]) for k, v in cache])  # [L, 2, K, n, page_size, D]
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _scatter_pages(cache, pages, data):
+  return [(k.at[:, pages].set(data[i, 0], mode="drop"), v.at[:, pages].set(data[i, 1], mode="drop"))
+          for i, (k, v) in enumerate(cache)]
+
+
+def _padded(pages, fill: int) -> np.ndarray:
+  n = max(1, 1 << max(0, len(pages) - 1).bit_length())  # Powers of two: few compiled shapes.
+  out = np.full(n, fill, np.int32)
+  out[:len(pages)] = pages
+  return out
 
 
 # Unsharded engines of the same model and shapes share compilations.
@@ -70,6 +90,14 @@ class ModelRunner:
   def num_compilations(self) -> int:
     """Step programs compiled so far (unsharded engines of the same model and shapes share them)."""
     return self._fn._cache_size()  # pylint: disable=protected-access
+
+  def gather_pages(self, pages) -> jax.Array:
+    """K/V of `pages` for every layer, `[L, 2, K, n, page_size, D]`, n padded to a power of two."""
+    return _gather_pages(self.cache, jnp.asarray(_padded(pages, 0)))
+
+  def scatter_pages(self, pages, data: jax.Array) -> None:
+    """Writes `data` from `gather_pages` (on this runner's devices) into `pages`; padding is dropped."""
+    self.cache = _scatter_pages(self.cache, jnp.asarray(_padded(pages, self.num_pages)), data)
 
   def run(self, batch: dict[str, np.ndarray]) -> np.ndarray:
     """Runs one step; returns the sampled token of every (padded) sequence as int32 [S]."""
