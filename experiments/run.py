@@ -11,6 +11,8 @@ work is done by `pdopt.benchmark.run_experiment`.
 
 from __future__ import annotations
 
+import os
+
 from absl import app
 from ml_collections import config_flags
 
@@ -25,6 +27,11 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
     raise app.UsageError("--config=configs/<name>.py is required")
+  if _CONFIG.value.host_devices:
+    # CPU only: split the host into virtual devices for multi-instance deployments. XLA reads this when
+    # the backend starts, which has not happened yet at this point.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={_CONFIG.value.host_devices}")
   try:
     benchmark.run_experiment(_CONFIG.value)
   except ValueError as e:

@@ -22,6 +22,11 @@ milliseconds, sizes in tokens unless said otherwise):
   max_duration        seconds after which a replay aborts what is left (recorded, never lost); None waits.
   compilation_cache_dir  JAX persistent compilation cache: the engines of one run compile each shape once,
                       and later runs start warm. "" leaves JAX's setting alone.
+  deployments         multi-instance deployments run after the policies, on one shared device budget:
+                      "disaggregated:P:D[:policy]" and "colocated:N[:policy]", comma-separated (see
+                      `pdopt.benchmark.deployments`); "" runs none.
+  devices             the devices the deployments share (0 = all), split evenly over each one's instances.
+  host_devices        CPU only: `experiments/run.py` splits the host into this many virtual devices (0: no).
   workload.*          fields of `pdopt.workloads.WorkloadConfig` (kind, path, start, num_requests, time_window,
                       rate, arrival, cv, prompt_len, output_len, length_distribution, range_ratio,
                       max_prompt_len, max_output_len, seed, low_token_id, shared_prefix_*); prompts and
@@ -64,6 +69,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.progress = True
   c.max_duration = config_dict.placeholder(float)
   c.compilation_cache_dir = ""
+  c.deployments = ""
+  c.devices = 0
+  c.host_devices = 0
 
   w = ml_collections.ConfigDict()
   w.kind = "synthetic"

@@ -30,6 +30,7 @@ import pdopt
 from pdopt import metrics as metrics_lib
 from pdopt import workloads
 from pdopt.benchmark import config as config_lib
+from pdopt.benchmark import deployments as deployments_lib
 from pdopt.benchmark.replay import ReplayResult, replay
 from pdopt.engine.engine import Engine, EngineConfig
 from pdopt.models.transformer import Transformer
@@ -188,6 +189,8 @@ def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
   engine_configs = {p: config_lib.engine_config(config, p) for p in policies}
   for rate in rates or (None,):
     config_lib.workload_config(config, rate)
+  deployments = deployments_lib.parse_deployments(config.deployments)
+  devices = _devices(config, deployments)
   if config.compilation_cache_dir:
     enable_compilation_cache(config.compilation_cache_dir)
 
@@ -210,6 +213,14 @@ def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
                        rate=rate if rate is not None else _offered_rate(config, workload))
       by_policy[policy] = run
       label = policy if rate is None else f"{policy} @ {rate_key(rate)} req/s"
+      say(metrics_lib.format_benchmark_result(run.metrics, policy=label))
+    for deployment in deployments:
+      run = deployments_lib.run_deployment(
+          model, workload, deployment, config_lib.engine_config(config, deployment.policy), devices=devices,
+          slo=slo, warmup=config.warmup, progress=config.progress)
+      by_policy[deployment.label] = run
+      runs.setdefault(deployment.label, {})
+      label = deployment.label if rate is None else f"{deployment.label} @ {rate_key(rate)} req/s"
       say(metrics_lib.format_benchmark_result(run.metrics, policy=label))
     table = metrics_lib.format_comparison_table({p: r.metrics for p, r in by_policy.items()})
     if rate is not None:
@@ -238,6 +249,22 @@ def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
   metrics_lib.plot_latency_cdf(last, run_dir / "tpot_cdf.png", metric="tpot")
   say(f"wrote {run_dir}/")
   return {"run_dir": run_dir, "metrics": metrics_json, "runs": runs, "table": "\n\n".join(tables)}
+
+
+def _devices(config: ml_collections.ConfigDict, deployments) -> list:
+  """The device budget shared by the deployments (`config.devices`, 0 = all), checked against them."""
+  if not deployments:
+    return []
+  import jax  # pylint: disable=import-outside-toplevel
+  available = jax.devices()
+  n = config.devices or len(available)
+  if n > len(available):
+    raise ValueError(f"config.devices={n} but only {len(available)} devices are available")
+  for d in deployments:
+    if n % d.num_instances:
+      raise ValueError(f"config.deployments: {d.label} has {d.num_instances} instances, which do not split "
+                       f"config.devices={n} evenly")
+  return available[:n]
 
 
 def _offered_rate(config: ml_collections.ConfigDict, workload: workloads.Workload) -> float:
