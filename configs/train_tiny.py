@@ -37,7 +37,7 @@ def get_config():
   config.models = ml_collections.ConfigDict()
   # ~5.3M parameters.
   config.models.target = _model(checkpoint_name="tiny-code", hidden_size=256, intermediate_size=864,
-                                num_layers=6, cpu_small=dict(steps=300, batch_size=8, seq_len=256))
+                                num_layers=6, cpu_small=dict(steps=600, batch_size=8, seq_len=256))
   # ~0.46M parameters (< 1/8 of the target).
   config.models.draft = _model(checkpoint_name="tiny-code-draft", hidden_size=128, intermediate_size=384,
                                num_layers=2, cpu_small=dict(steps=600, batch_size=8, seq_len=256))
