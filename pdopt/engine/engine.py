@@ -33,6 +33,7 @@ from pdopt.cache.block_manager import BlockManager
 from pdopt.engine.batch import Buckets, ChunkSpec, geometric_buckets, pack
 from pdopt.engine.request import Request, RequestOutput, RequestStatus, SamplingParams, validate_prompt
 from pdopt.engine.runner import ModelRunner
+from pdopt.engine.speculative import SpecStats, SpeculativeConfig, SpeculativeDecoder
 from pdopt.metrics import RequestRecord
 from pdopt.models.transformer import Transformer
 from pdopt.scheduling import RequestView, SchedulerView, SchedulingConfig, make_scheduler
@@ -57,6 +58,8 @@ class EngineConfig:
     handoff_after_prefill: a prefill instance of disaggregated serving: once a request has its first token
       (and is not finished), it leaves the running set with its pages held, for `take_handoffs`.
     token_buckets, seq_buckets, page_buckets: padded sizes; None derives geometric buckets.
+    speculative: speculative decoding (`pdopt.engine.speculative`), or None; method "draft" needs
+      `Engine(..., draft_model=...)`. Guesses only use token budget and pages the policy left free.
   """
   policy: str = "chunked"
   page_size: int = 16
@@ -74,6 +77,7 @@ class EngineConfig:
   token_buckets: tuple[int, ...] | None = None
   seq_buckets: tuple[int, ...] | None = None
   page_buckets: tuple[int, ...] | None = None
+  speculative: SpeculativeConfig | None = None
 
   def scheduling(self) -> SchedulingConfig:
     return SchedulingConfig(policy=self.policy, max_num_batched_tokens=self.max_num_batched_tokens,
@@ -90,10 +94,13 @@ class Engine:
     clock: returns seconds; injectable so tests and replays control time.
     mesh: a device mesh (`pdopt.sharding.make_mesh`); the model is sharded onto it (tensor parallelism
       over its `model` axis) and the KV cache with its KV heads. None runs on the default device.
+    draft_model: the draft of `EngineConfig.speculative` with method "draft" (same vocabulary; it gets
+      its own KV pool of `num_pages` pages).
   """
 
   def __init__(self, model: Transformer, config: EngineConfig | None = None,
-               clock: Callable[[], float] = time.perf_counter, mesh: Mesh | None = None):
+               clock: Callable[[], float] = time.perf_counter, mesh: Mesh | None = None,
+               draft_model: Transformer | None = None):
     config = config or EngineConfig()
     self.config = config
     self.model_config = model.config
@@ -120,6 +127,15 @@ class Engine:
     if mesh is not None:
       sharding.shard_model(model, mesh)
     self.runner = ModelRunner(model, config.num_pages, config.page_size, config.attention_backend, mesh)
+    self.speculator: SpeculativeDecoder | None = None
+    if config.speculative is not None:
+      if mesh is not None:
+        raise ValueError("EngineConfig.speculative does not support a mesh yet")
+      self.speculator = SpeculativeDecoder(
+          config.speculative, model, draft_model, config.num_pages, config.page_size, self.buckets,
+          config.max_num_batched_tokens, self.max_model_len, config.attention_backend)
+    elif draft_model is not None:
+      raise ValueError("draft_model given but EngineConfig.speculative is None")
     self._eos = frozenset(model.config.eos_token_id)
     self._seed_rng = np.random.default_rng(config.seed)
     self._ids = itertools.count()
@@ -243,9 +259,12 @@ class Engine:
 
   def warmup(self) -> int:
     """Compiles the step for every shape bucket; returns how many shapes were compiled."""
-    before = self.runner.num_compilations
+    before = self.runner.num_compilations + (self.speculator.num_compilations if self.speculator else 0)
     for shape in self.buckets.all_shapes():
       self.runner.run(pack([], self.config.page_size, shape))
+    if self.speculator is not None:
+      self.speculator.warmup(self.runner, self.model_config.vocab_size)
+      return self.runner.num_compilations + self.speculator.num_compilations - before
     return self.runner.num_compilations - before
 
   def records(self) -> list[RequestRecord]:
@@ -257,6 +276,13 @@ class Engine:
     self.block_manager.check_invariants()
     if not self.has_unfinished():
       self.block_manager.assert_no_leaks()
+    if self.speculator is not None:
+      self.speculator.check_no_leaks(idle=not self.has_unfinished())
+
+  def spec_stats(self) -> SpecStats | None:
+    """Speculative decoding counters (acceptance rate, mean accepted length, tokens per target forward),
+    or None without speculation."""
+    return self.speculator.stats if self.speculator is not None else None
 
   # ------------------------------------------------------------------ disaggregated serving
 
@@ -319,12 +345,15 @@ class Engine:
         running=tuple(view(self.requests[r], True) for r in self.running),
         waiting=tuple(view(self.requests[r], False) for r in self.waiting),
         free_pages=self.block_manager.num_free_pages, page_size=self.config.page_size,
-        num_pages=self.config.num_pages)
+        num_pages=self.config.num_pages,
+        num_lookahead_tokens=self.speculator.k if self.speculator is not None else 0)
 
   def _preempt(self, req: Request) -> None:
     if req.status is not RequestStatus.RUNNING:
       return
     self.block_manager.free(req.request_id)
+    if self.speculator is not None:
+      self.speculator.free(req.request_id)
     self.running.remove(req.request_id)
     req.status = RequestStatus.WAITING
     req.num_computed_tokens = 0
@@ -338,6 +367,8 @@ class Engine:
     elif req.request_id in self.waiting:
       self.waiting.remove(req.request_id)
     self.block_manager.free(req.request_id)
+    if self.speculator is not None:
+      self.speculator.free(req.request_id)
     req.status = status
     req.finish_time = now
     req.finish_reason = reason
@@ -349,28 +380,35 @@ class Engine:
                         top_k=req.sampling.top_k, top_p=float(req.sampling.top_p), seed=req.seed,
                         token_index=req.num_generated)
               for req, start, n in scheduled]
-    num_tokens = sum(n for _, _, n in scheduled)
-    max_pages = max(len(c.page_table) for c in chunks)
-    shape = self.buckets.pick(num_tokens, len(chunks), max_pages)
-    sampled = self.runner.run(pack(chunks, self.config.page_size, shape))
+    if self.speculator is not None:  # Decodes may verify guesses; each emits 1 + accepted tokens.
+      budget = self.config.max_num_batched_tokens - sum(n for _, _, n in scheduled)
+      results = self.speculator.execute(self.runner, bm, scheduled, chunks, budget)
+    else:
+      num_tokens = sum(n for _, _, n in scheduled)
+      max_pages = max(len(c.page_table) for c in chunks)
+      shape = self.buckets.pick(num_tokens, len(chunks), max_pages)
+      sampled = self.runner.run(pack(chunks, self.config.page_size, shape))
+      # A prompt chunk that does not reach the end of its prompt samples nothing yet.
+      results = [(start + n, [int(sampled[s])] if start + n >= req.num_tokens else [])
+                 for s, (req, start, n) in enumerate(scheduled)]
     now = self.clock()
-    for s, (req, start, n) in enumerate(scheduled):
+    for (req, start, n), (num_computed, tokens) in zip(scheduled, results):
       if start < req.num_tokens - 1:  # Any part of the chunk that is not a plain decode token.
         req.num_prefill_tokens_computed += n
-      req.num_computed_tokens = start + n
-      bm.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
-      if req.num_computed_tokens < req.num_tokens:
-        continue  # A prompt chunk that does not reach the end: nothing to sample yet.
-      token = int(sampled[s])
-      req.all_token_ids.append(token)
-      req.token_times.append(now)
-      if req.first_token_time is None:
-        req.first_token_time = now
-      touched[req.request_id] = req
-      reason = self._stop_reason(req, token)
-      if reason is not None:
-        self._end(req, RequestStatus.FINISHED, now, reason)
-      elif self.config.handoff_after_prefill:
+      req.num_computed_tokens = num_computed
+      bm.commit(req.request_id, req.all_token_ids + tokens[:-1] if len(tokens) > 1 else req.all_token_ids,
+                num_computed)
+      for token in tokens:  # Stops at a stop token or the length limit; later accepted guesses are dropped.
+        req.all_token_ids.append(token)
+        req.token_times.append(now)
+        if req.first_token_time is None:
+          req.first_token_time = now
+        touched[req.request_id] = req
+        reason = self._stop_reason(req, token)
+        if reason is not None:
+          self._end(req, RequestStatus.FINISHED, now, reason)
+          break
+      if tokens and not req.status.done and self.config.handoff_after_prefill:
         self.running.remove(req.request_id)
         req.status = RequestStatus.HANDED_OFF
         self._handoffs.append(req)

@@ -106,3 +106,21 @@ class ModelRunner:
       arrays = jax.device_put(arrays, self._batch_sharding)
     tokens, self.cache = self._fn(self.graphdef, self.attention_backend, self.state, self.cache, arrays)
     return np.asarray(tokens)
+
+  def call(self, fn, batch: dict[str, np.ndarray]):
+    """Runs a variant of the step on this runner's model and KV cache (speculative decoding's verification
+    and draft steps, `pdopt.engine.speculative`).
+
+    Args:
+      fn: jitted `fn(graphdef, attention_backend, state, cache, batch) -> (outputs, cache)`, static in its
+        first two arguments and donating the cache.
+      batch: host arrays.
+
+    Returns:
+      `outputs` as numpy arrays (same tree).
+    """
+    if self._batch_sharding is not None:
+      raise NotImplementedError("step variants (speculative decoding) do not run on a mesh yet")
+    arrays = {k: jnp.asarray(v) for k, v in batch.items()}
+    outputs, self.cache = fn(self.graphdef, self.attention_backend, self.state, self.cache, arrays)
+    return jax.tree_util.tree_map(np.asarray, outputs)

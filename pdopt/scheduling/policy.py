@@ -62,6 +62,8 @@ class SchedulerView:
     free_pages: pages allocatable now (free plus evictable prefix-cache pages).
     page_size: tokens per page.
     num_pages: pages in the pool.
+    num_lookahead_tokens: token budget to leave free per scheduled decode (speculative decoding widens a
+      decode by up to this many guesses after planning, from what the plan left unused); 0 without it.
   """
   now: float
   running: tuple[RequestView, ...]
@@ -69,6 +71,7 @@ class SchedulerView:
   free_pages: int
   page_size: int
   num_pages: int
+  num_lookahead_tokens: int = 0
 
   def pages_needed(self, request: RequestView, num_tokens: int) -> int:
     """Extra pages `request` needs to run `num_tokens` more tokens."""
@@ -208,7 +211,9 @@ class StepBuilder:
 
   def schedule_decodes(self, running: Sequence[RequestView]) -> None:
     """Gives every decoding request in `running` (priority order) its token, preempting from the back of
-    `running` (lowest priority first) when pages run out, as vLLM does."""
+    `running` (lowest priority first) when pages run out, as vLLM does. With `view.num_lookahead_tokens`,
+    each scheduled decode also keeps that much of the token budget (at most what it can still generate)
+    unplanned, for speculative guesses; pages are not reserved (guesses only take pages left free)."""
     queue = [r for r in running]
     victims = [r for r in reversed(running)]
     for request in queue:
@@ -223,7 +228,9 @@ class StepBuilder:
       if self.view.pages_needed(request, 1) > self.free_pages:
         self.preempt(request)
         continue
-      self.add(request, 1)
+      if self.add(request, 1):
+        lookahead = min(self.view.num_lookahead_tokens, request.max_tokens - request.num_generated - 1)
+        self.tokens_left -= max(0, min(lookahead, self.tokens_left))
 
   def ensure_progress(self, running: Sequence[RequestView], limit: int) -> None:
     """If nothing is scheduled yet, runs up to `limit` tokens of the oldest running request that is not
