@@ -4,7 +4,8 @@ from pdopt.engine.engine import Engine, EngineConfig
 from pdopt.engine.request import RequestOutput, SamplingParams
 from pdopt.models.config import ModelConfig, preset
 from pdopt.models.hf import load_hf, save_hf
+from pdopt.models.pretrained import load_pretrained
 from pdopt.models.transformer import Transformer, init_model, logits
 
 __all__ = ["Engine", "EngineConfig", "ModelConfig", "RequestOutput", "SamplingParams", "Transformer", "init_model",
-           "load_hf", "logits", "preset", "save_hf"]
+           "load_hf", "load_pretrained", "logits", "preset", "save_hf"]

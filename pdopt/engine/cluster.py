@@ -27,7 +27,6 @@ from typing import Callable, Sequence
 
 import jax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from pdopt.engine.engine import Engine, EngineConfig
 from pdopt.engine.request import Request, RequestStatus, SamplingParams
@@ -257,9 +256,8 @@ class Cluster:
       dst = min(self.decode, key=lambda i: i.load)
       start = self.clock()
       kv, num_pages = engine.export_kv(req.request_id)
-      dst_cache = dst.engine.runner.cache[0][0].sharding
-      spec = PartitionSpec(None, None, *dst_cache.spec) if isinstance(dst_cache, NamedSharding) else None
-      target = NamedSharding(dst_cache.mesh, spec) if spec is not None else dst_cache
+      # Gathered pages have the rank and head split of the cache arrays they came from.
+      target = jax.tree_util.tree_map(lambda a: a.sharding, dst.engine.runner.cache)
       kv = jax.block_until_ready(jax.device_put(kv, target))
       engine.release_handoff(req.request_id)
       self.transfer_times[req.request_id] = self.clock() - start

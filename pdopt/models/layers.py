@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels import api as attention_api
-from pdopt.cache.kv_cache import write_kv
+from pdopt.cache.kv_cache import LayerCache, write_layer
 from pdopt.models.config import ModelConfig, RopeScaling, RopeType
 
 
@@ -115,8 +115,8 @@ class Attention(nnx.Module):
     self.sliding_window = config.sliding_window
     self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(d, config.rope_theta, config.rope_scaling)))
 
-  def __call__(self, x: jax.Array, meta: AttentionMetadata, k_pages: jax.Array, v_pages: jax.Array,
-               attention_backend: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array, meta: AttentionMetadata, cache: LayerCache,
+               attention_backend: str = "auto") -> tuple[jax.Array, LayerCache]:
     q = einsum("TE,EHD->THD", x, self.q_proj[...])
     k = einsum("TE,EKD->TKD", x, self.k_proj[...])
     v = einsum("TE,EKD->TKD", x, self.v_proj[...])
@@ -125,12 +125,13 @@ class Attention(nnx.Module):
     inv_freq = self.inv_freq[...]
     q = apply_rope(q, meta.positions, inv_freq)
     k = apply_rope(k, meta.positions, inv_freq)
-    k_pages = write_kv(k_pages, k, meta.slot_mapping)
-    v_pages = write_kv(v_pages, v, meta.slot_mapping)
+    cache = write_layer(cache, k, v, meta.slot_mapping)
+    k_pages, v_pages, *scales = cache
     out = attention_api.ragged_paged_attention(
         q, k_pages, v_pages, meta.kv_lens, meta.page_table, meta.cu_q_lens, meta.num_seqs,
-        sm_scale=self.sm_scale, sliding_window=self.sliding_window, backend=attention_backend)
-    return einsum("THD,HDE->TE", out, self.o_proj[...]), k_pages, v_pages
+        sm_scale=self.sm_scale, sliding_window=self.sliding_window, k_scales=scales[0] if scales else None,
+        v_scales=scales[1] if scales else None, backend=attention_backend)
+    return einsum("THD,HDE->TE", out, self.o_proj[...]), cache
 
 
 class MLP(nnx.Module):

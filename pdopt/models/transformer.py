@@ -32,10 +32,10 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(config, rngs=rngs)
 
   def __call__(self, x, meta, cache: LayerCache, attention_backend: str):
-    h, k_pages, v_pages = self.attn(self.input_norm(x), meta, *cache, attention_backend=attention_backend)
+    h, cache = self.attn(self.input_norm(x), meta, cache, attention_backend=attention_backend)
     x = x + h
     x = x + self.mlp(self.post_attn_norm(x))
-    return x, (k_pages, v_pages)
+    return x, cache
 
 
 class Transformer(nnx.Module):
@@ -88,10 +88,12 @@ def init_model(config: ModelConfig, seed: int = 0) -> Transformer:
   return Transformer(config, rngs=nnx.Rngs(params=seed))
 
 
-def empty_cache(config: ModelConfig, num_pages: int, page_size: int, dtype=None) -> list[LayerCache]:
-  """Zeroed KV pages for every layer of this model, in the model dtype unless `dtype` is given."""
+def empty_cache(config: ModelConfig, num_pages: int, page_size: int, dtype=None,
+                kv_quant: str | None = None) -> list[LayerCache]:
+  """Zeroed KV pages for every layer of this model, in the model dtype unless `dtype` is given, or
+  quantized ("int8", "fp8") with per-(head, token) scales."""
   return kv_cache.empty_cache(config.num_layers, config.num_kv_heads, config.head_dim, num_pages, page_size,
-                              jnp.dtype(dtype or config.dtype))
+                              jnp.dtype(dtype or config.dtype), kv_quant)
 
 
 _LOGITS_PAGE_SIZE = 16
@@ -104,7 +106,7 @@ def _full_logits(graphdef, state, token_ids, meta, cache):
   return logits
 
 
-def logits(model: Transformer, token_ids) -> np.ndarray:
+def logits(model: Transformer, token_ids, kv_quant: str | None = None) -> np.ndarray:
   """Float32 logits at every position of one sequence, computed from scratch.
 
   The sequence is padded to a power-of-two bucket so repeated calls on growing sequences compile a handful
@@ -113,6 +115,7 @@ def logits(model: Transformer, token_ids) -> np.ndarray:
   Args:
     model: the model.
     token_ids: 1-D sequence of token ids, at least one.
+    kv_quant: None, or "int8" / "fp8" to store K/V quantized (what a quantized engine cache computes).
 
   Returns:
     np.ndarray [len(token_ids), V] float32.
@@ -138,7 +141,7 @@ def logits(model: Transformer, token_ids) -> np.ndarray:
       page_table=jnp.arange(num_pages, dtype=jnp.int32)[None, :],
       num_seqs=jnp.asarray([1], jnp.int32),
   )
-  cache = empty_cache(model.config, num_pages, _LOGITS_PAGE_SIZE)
+  cache = empty_cache(model.config, num_pages, _LOGITS_PAGE_SIZE, kv_quant=kv_quant)
   graphdef, state = nnx.split(model)
   out = _full_logits(graphdef, state, jnp.asarray(padded), meta, cache)
   return np.asarray(out[:n], dtype=np.float32)

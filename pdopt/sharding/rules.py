@@ -79,9 +79,10 @@ def param_shardings(model: nnx.Module, mesh: Mesh) -> Any:
   return jax.tree_util.tree_unflatten(treedef, specs)
 
 
-def cache_sharding(mesh: Mesh) -> NamedSharding:
-  """Sharding of each layer's K or V pages `[K, P, page_size, D]`."""
-  return NamedSharding(mesh, _spec(CACHE_AXES))
+def cache_sharding(mesh: Mesh, ndim: int = 4) -> NamedSharding:
+  """Sharding of each layer's K or V pages `[K, P, page_size, D]` (ndim 4) or scales `[K, P, page_size]`
+  (ndim 3): split by KV head."""
+  return NamedSharding(mesh, _spec(CACHE_AXES[:ndim]))
 
 
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:

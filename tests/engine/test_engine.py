@@ -242,3 +242,26 @@ def test_warmup_covers_every_shape_pick_can_return():
   for tokens in range(1, 65):
     for seqs in range(1, min(tokens, 32) + 1):
       assert b.pick(tokens, seqs, 3) in shapes
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_quantized_kv_cache_serves_close_to_unquantized(model, kind):
+  prompt = list(range(2, 80))
+  ref = pdopt.logits(model, prompt)
+  got = pdopt.logits(model, prompt, kv_quant=kind)
+  assert np.abs(got - ref).max() / np.abs(ref).max() < (2e-2 if kind == "int8" else 8e-2)
+  engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=32, max_model_len=256, kv_cache_dtype=kind))
+  k_pages = engine.runner.cache[0][0]
+  assert k_pages.dtype == ("int8" if kind == "int8" else "float8_e4m3fn")
+  out = engine.generate([prompt], pdopt.SamplingParams(max_tokens=3, ignore_eos=True))
+  # The engine's tokens are the greedy tokens of the quantized-cache model, computed from scratch.
+  ids = list(prompt)
+  for _ in range(3):
+    ids.append(int(np.argmax(pdopt.logits(model, ids, kv_quant=kind)[-1])))
+  assert out[0].token_ids == ids[len(prompt):]
+  engine.check_no_leaks()
+
+
+def test_unknown_kv_cache_dtype_is_named(model):
+  with pytest.raises(ValueError, match="kv_cache_dtype='int4'"):
+    pdopt.Engine(model, pdopt.EngineConfig(kv_cache_dtype="int4"))
