@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 from pdopt import sharding
 
 from pdopt.cache.block_manager import BlockManager
+from pdopt.cache.kv_cache import KV_QUANT_KINDS
 from pdopt.engine.batch import Buckets, ChunkSpec, geometric_buckets, pack
 from pdopt.engine.request import Request, RequestOutput, RequestStatus, SamplingParams, validate_prompt
 from pdopt.engine.runner import ModelRunner
@@ -54,6 +55,8 @@ class EngineConfig:
     enable_prefix_caching: share full pages between requests with the same prefix.
     ttft_slo_ms, tpot_slo_ms: targets for `slo_aware`.
     attention_backend: "auto", "reference" or "pallas".
+    kv_cache_dtype: "auto" stores K/V in the model dtype; "int8" or "fp8" (e4m3) store them quantized with
+      a float32 scale per (KV head, token), quantized when written and dequantized inside attention.
     seed: draws per-request seeds for requests that give none.
     handoff_after_prefill: a prefill instance of disaggregated serving: once a request has its first token
       (and is not finished), it leaves the running set with its pages held, for `take_handoffs`.
@@ -72,6 +75,7 @@ class EngineConfig:
   ttft_slo_ms: float | None = None
   tpot_slo_ms: float | None = None
   attention_backend: str = "auto"
+  kv_cache_dtype: str = "auto"
   seed: int = 0
   handoff_after_prefill: bool = False
   token_buckets: tuple[int, ...] | None = None
@@ -126,7 +130,12 @@ class Engine:
                        f"{max_pages} pages per sequence")
     if mesh is not None:
       sharding.shard_model(model, mesh)
-    self.runner = ModelRunner(model, config.num_pages, config.page_size, config.attention_backend, mesh)
+    if config.kv_cache_dtype not in ("auto", *KV_QUANT_KINDS):
+      raise ValueError(f"EngineConfig.kv_cache_dtype={config.kv_cache_dtype!r}; valid: auto, "
+                       f"{', '.join(KV_QUANT_KINDS)}")
+    kv_quant = None if config.kv_cache_dtype == "auto" else config.kv_cache_dtype
+    self.runner = ModelRunner(model, config.num_pages, config.page_size, config.attention_backend, mesh,
+                              kv_quant=kv_quant)
     self.speculator: SpeculativeDecoder | None = None
     if config.speculative is not None:
       if mesh is not None:
@@ -292,9 +301,9 @@ class Engine:
     out, self._handoffs = self._handoffs, []
     return out
 
-  def export_kv(self, request_id: str) -> tuple[jax.Array, int]:
-    """The K/V of a handed-off request's computed tokens, `[L, 2, K, n, page_size, D]` with n padded to a
-    power of two, and the number of real pages."""
+  def export_kv(self, request_id: str) -> tuple[list, int]:
+    """The K/V of a handed-off request's computed tokens (`ModelRunner.gather_pages`: per layer, the cache
+    arrays cut to its n pages, n padded to a power of two) and the number of real pages."""
     req = self.requests[request_id]
     pages = self.block_manager.page_table(request_id)[:math.ceil(req.num_computed_tokens / self.config.page_size)]
     return self.runner.gather_pages(pages), len(pages)
@@ -305,12 +314,12 @@ class Engine:
       raise ValueError(f"request {request_id!r} was not handed off")
     self.block_manager.free(request_id)
 
-  def import_request(self, request: Request, kv: jax.Array, num_pages: int) -> bool:
+  def import_request(self, request: Request, kv: list, num_pages: int) -> bool:
     """Continues a request prefilled elsewhere: allocates pages, writes its K/V, and starts decoding it.
 
     Args:
       request: the prefilled request (one token generated, `num_computed_tokens` tokens of K/V).
-      kv: `[L, 2, K, n, page_size, D]` from `export_kv`, already on this engine's devices.
+      kv: from `export_kv` of an engine with the same cache layout, already on this engine's devices.
       num_pages: real pages in `kv`.
 
     Returns:

@@ -35,13 +35,13 @@ def _step_impl(graphdef, attention_backend, state, cache, batch):
 
 @jax.jit
 def _gather_pages(cache, pages):
-  return jnp.stack([jnp.stack([k[:, pages], v[:, pages]]) for k, v in cache])  # [L, 2, K, n, page_size, D]
+  # Per layer, every array of the layer cache at `pages` (axis 1): [K, n, page_size(, D)].
+  return [tuple(a[:, pages] for a in layer) for layer in cache]
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _scatter_pages(cache, pages, data):
-  return [(k.at[:, pages].set(data[i, 0], mode="drop"), v.at[:, pages].set(data[i, 1], mode="drop"))
-          for i, (k, v) in enumerate(cache)]
+  return [tuple(a.at[:, pages].set(d, mode="drop") for a, d in zip(layer, new)) for layer, new in zip(cache, data)]
 
 
 def _padded(pages, fill: int) -> np.ndarray:
@@ -59,26 +59,26 @@ class ModelRunner:
   """Holds the model state and the KV pages on the device and runs compiled steps."""
 
   def __init__(self, model: Transformer, num_pages: int, page_size: int, attention_backend: str = "auto",
-               mesh: Mesh | None = None):
+               mesh: Mesh | None = None, kv_quant: str | None = None):
     """Args:
       model: the model; with a mesh, its parameters must already be sharded (`pdopt.sharding.shard_model`).
       num_pages, page_size: the KV pool.
       attention_backend: see `pallas_kernels.api`.
       mesh: shard the KV cache by KV head over its `model` axis and compile the step with explicit input
         and output shardings; None runs on the default device.
+      kv_quant: None, "int8" or "fp8" (see `pdopt.cache.kv_cache`).
     """
     self.config = model.config
     self.page_size = page_size
     self.num_pages = num_pages
     self.graphdef, self.state = nnx.split(model)
     self.attention_backend = attention_backend
-    self.cache = empty_cache(model.config, num_pages, page_size)
+    self.cache = empty_cache(model.config, num_pages, page_size, kv_quant=kv_quant)
     self._batch_sharding = None
     self._fn = _step
     if mesh is not None:
-      kv = sharding.cache_sharding(mesh)
       replicated = NamedSharding(mesh, PartitionSpec())
-      cache_shardings = [(kv, kv)] * len(self.cache)
+      cache_shardings = [tuple(sharding.cache_sharding(mesh, a.ndim) for a in layer) for layer in self.cache]
       self.cache = jax.device_put(self.cache, cache_shardings)
       state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.state)
       self._batch_sharding = replicated
@@ -91,11 +91,12 @@ class ModelRunner:
     """Step programs compiled so far (unsharded engines of the same model and shapes share them)."""
     return self._fn._cache_size()  # pylint: disable=protected-access
 
-  def gather_pages(self, pages) -> jax.Array:
-    """K/V of `pages` for every layer, `[L, 2, K, n, page_size, D]`, n padded to a power of two."""
+  def gather_pages(self, pages):
+    """Contents of `pages` for every layer, shaped like the cache with the page axis cut to n (padded to
+    a power of two): per layer (K `[K, n, page_size, D]`, V, and the scales of a quantized cache)."""
     return _gather_pages(self.cache, jnp.asarray(_padded(pages, 0)))
 
-  def scatter_pages(self, pages, data: jax.Array) -> None:
+  def scatter_pages(self, pages, data) -> None:
     """Writes `data` from `gather_pages` (on this runner's devices) into `pages`; padding is dropped."""
     self.cache = _scatter_pages(self.cache, jnp.asarray(_padded(pages, self.num_pages)), data)
 
