@@ -27,6 +27,11 @@ milliseconds, sizes in tokens unless said otherwise):
                       `pdopt.benchmark.deployments`); "" runs none.
   devices             the devices the deployments share (0 = all), split evenly over each one's instances.
   host_devices        CPU only: `experiments/run.py` splits the host into this many virtual devices (0: no).
+  speculative_method  speculative decoding for every policy: "" (off), "draft" or "ngram"
+                      (`pdopt.engine.speculative`); not with `deployments`.
+  speculative_k       guesses verified per decode and step (k >= 1).
+  speculative_draft   the draft of method "draft": a shipped model name (`pdopt.models.pretrained.REGISTRY`,
+                      e.g. "tiny-code-draft") or a `pdopt.preset` name (random weights from `model_seed + 1`).
   workload.*          fields of `pdopt.workloads.WorkloadConfig` (kind, path, start, num_requests, time_window,
                       rate, arrival, cv, prompt_len, output_len, length_distribution, range_ratio,
                       max_prompt_len, max_output_len, seed, low_token_id, shared_prefix_*); prompts and
@@ -46,6 +51,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from pdopt.engine.engine import EngineConfig
+from pdopt.engine.speculative import SpeculativeConfig
 from pdopt.metrics import Slo, parse_slo
 from pdopt.scheduling import POLICIES
 from pdopt.workloads import WorkloadConfig
@@ -72,6 +78,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.deployments = ""
   c.devices = 0
   c.host_devices = 0
+  c.speculative_method = ""
+  c.speculative_k = 4
+  c.speculative_draft = ""
 
   w = ml_collections.ConfigDict()
   w.kind = "synthetic"
@@ -225,4 +234,21 @@ def engine_config(config: ml_collections.ConfigDict, policy: str) -> EngineConfi
   if unknown:
     raise ValueError(f"config.engine has fields EngineConfig lacks: {sorted(unknown)}")
   parse_policies(policy)
-  return EngineConfig(policy=policy, **fields)
+  return EngineConfig(policy=policy, speculative=speculative_config(config), **fields)
+
+
+def speculative_config(config: ml_collections.ConfigDict) -> SpeculativeConfig | None:
+  """The `speculative_*` fields as a `SpeculativeConfig`, or None when `speculative_method` is "".
+
+  Raises:
+    ValueError: an unknown method, a bad k, or method "draft" without `speculative_draft`, named.
+  """
+  if not config.speculative_method:
+    return None
+  try:
+    spec = SpeculativeConfig(method=config.speculative_method, num_speculative_tokens=config.speculative_k)
+  except ValueError as e:
+    raise ValueError(f"config.speculative_*: {e}") from None
+  if spec.method.value == "draft" and not config.speculative_draft:
+    raise ValueError("config.speculative_method='draft' needs config.speculative_draft (a model name)")
+  return spec

@@ -9,7 +9,9 @@ finally one comparison table, and writes `<results_dir>/<run_name>/`:
   metrics.json         one entry per policy: `{policy: entry}`; with a rate sweep `{policy: {rate: entry}}`,
                        rates keyed as `f"{rate:g}"` ("0.5", "2"). An entry is every `ServingMetrics` field
                        under vLLM's names (`completed`, `failed`, `request_throughput`, `median_ttft_ms`,
-                       `p99_itl_ms`, ..., `request_goodput`, `slo_attainment`) plus `ENGINE_STATS_KEYS`.
+                       `p99_itl_ms`, ..., `request_goodput`, `slo_attainment`) plus `ENGINE_STATS_KEYS`;
+                       with speculative decoding also `SpecStats.as_dict()` (`spec_acceptance_rate`,
+                       `spec_mean_accepted_length`, `spec_tokens_per_forward` and the counters).
   requests.csv         one row per request (`pdopt.metrics.REQUEST_COLUMNS`) with a leading "policy" column;
                        with a sweep the column reads "policy@rate".
   ttft_cdf.png, tpot_cdf.png   latency CDFs, one line per policy (the highest rate of a sweep).
@@ -33,6 +35,7 @@ from pdopt.benchmark import config as config_lib
 from pdopt.benchmark import deployments as deployments_lib
 from pdopt.benchmark.replay import ReplayResult, replay
 from pdopt.engine.engine import Engine, EngineConfig
+from pdopt.models import pretrained
 from pdopt.models.transformer import Transformer
 
 # Engine and run facts stored next to the metrics of every policy entry in metrics.json.
@@ -87,6 +90,17 @@ def build_model(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Transf
   return pdopt.init_model(pdopt.preset(config.model, dtype=config.dtype), seed=config.model_seed)
 
 
+def build_draft(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Transformer | None:
+  """The draft of `speculative_method="draft"`: a shipped model by name, else a `pdopt.preset` with random
+  weights from `model_seed + 1`; None for other methods."""
+  config = config_lib.as_config(config)
+  if config_lib.speculative_config(config) is None or config.speculative_method != "draft":
+    return None
+  if config.speculative_draft in pretrained.REGISTRY:
+    return pretrained.load_pretrained(config.speculative_draft, dtype=config.dtype)
+  return pdopt.init_model(pdopt.preset(config.speculative_draft, dtype=config.dtype), seed=config.model_seed + 1)
+
+
 def make_workload(config: ml_collections.ConfigDict | Mapping[str, Any], model: Transformer,
                   rate: float | None = None) -> workloads.Workload:
   """The run's workload at `rate` (default: `config.rate`), clamped to the engine's context."""
@@ -99,7 +113,7 @@ def make_workload(config: ml_collections.ConfigDict | Mapping[str, Any], model: 
 def run_policy(model: Transformer, workload: workloads.Workload, engine_config: EngineConfig, *,
                slo: str | metrics_lib.Slo | None = None, warmup: bool = True, progress: bool = True,
                max_duration: float | None = None, clock: Callable[[], float] = time.perf_counter,
-               rate: float | None = None) -> PolicyRun:
+               rate: float | None = None, draft_model: Transformer | None = None) -> PolicyRun:
   """Replays `workload` against a fresh engine with `engine_config` on `model`.
 
   Args:
@@ -112,11 +126,12 @@ def run_policy(model: Transformer, workload: workloads.Workload, engine_config: 
     max_duration: seconds after which the replay aborts what is left.
     clock: the engine clock (a `VirtualClock` for deterministic tests).
     rate: the offered rate to record in the stats (default: the workload's measured mean rate).
+    draft_model: the draft of `engine_config.speculative` (method "draft").
 
   Returns:
     The `PolicyRun`. The engine is checked for leaked pages after the replay.
   """
-  engine = Engine(model, engine_config, clock=clock)
+  engine = Engine(model, engine_config, clock=clock, draft_model=draft_model)
   t0 = time.perf_counter()
   warmup_compilations = engine.warmup() if warmup else 0
   warmup_s = time.perf_counter() - t0
@@ -140,6 +155,8 @@ def run_policy(model: Transformer, workload: workloads.Workload, engine_config: 
       "num_clamped": workload.num_clamped,
   }
   assert tuple(stats) == ENGINE_STATS_KEYS
+  if engine.spec_stats() is not None:
+    stats.update(engine.spec_stats().as_dict())
   m = metrics_lib.compute_metrics(result.records, slo=slo, duration=result.duration)
   return PolicyRun(policy=engine_config.policy, replay=result, metrics=m, stats=stats)
 
@@ -190,6 +207,8 @@ def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
   for rate in rates or (None,):
     config_lib.workload_config(config, rate)
   deployments = deployments_lib.parse_deployments(config.deployments)
+  if deployments and config.speculative_method:
+    raise ValueError("config.speculative_method is not supported with config.deployments")
   devices = _devices(config, deployments)
   if config.compilation_cache_dir:
     enable_compilation_cache(config.compilation_cache_dir)
@@ -199,6 +218,7 @@ def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
   (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str) + "\n")
 
   model = build_model(config)
+  draft = build_draft(config)
   runs: dict[str, Any] = {p: {} for p in policies}
   tables = []
   for rate in rates or (None,):
@@ -210,7 +230,7 @@ def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
     for policy in policies:
       run = run_policy(model, workload, engine_configs[policy], slo=slo, warmup=config.warmup,
                        progress=config.progress, max_duration=config.max_duration,
-                       rate=rate if rate is not None else _offered_rate(config, workload))
+                       rate=rate if rate is not None else _offered_rate(config, workload), draft_model=draft)
       by_policy[policy] = run
       label = policy if rate is None else f"{policy} @ {rate_key(rate)} req/s"
       say(metrics_lib.format_benchmark_result(run.metrics, policy=label))

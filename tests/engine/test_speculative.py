@@ -233,3 +233,20 @@ def test_config_errors_name_the_field(target, drafts):
     pdopt.Engine(target, draft_config, draft_model=pdopt.init_model(pdopt.preset("tiny", vocab_size=64)))
   with pytest.raises(ValueError, match="speculative is None"):
     pdopt.Engine(target, pdopt.EngineConfig(**SMALL), draft_model=drafts["draft"])
+
+
+def test_experiment_runner_reports_speculation(tmp_path):
+  from pdopt import benchmark  # pylint: disable=import-outside-toplevel
+  config = {"run_name": "spec", "results_dir": str(tmp_path), "policies": "chunked", "progress": False,
+            "rate": 100.0, "speculative_method": "ngram", "speculative_k": 3,
+            "workload": {"kind": "synthetic", "num_requests": 4, "prompt_len": 24, "output_len": 8},
+            "engine": dict(SMALL, num_pages=32)}
+  entry = benchmark.run_experiment(config, print_fn=None)["metrics"]["chunked"]
+  assert entry["completed"] == 4 and entry["num_compilations"] == 0
+  for key in ("spec_acceptance_rate", "spec_mean_accepted_length", "spec_tokens_per_forward", "spec_num_drafts"):
+    assert key in entry
+  assert entry["spec_tokens_per_forward"] >= 1.0
+  with pytest.raises(ValueError, match="speculative_draft"):
+    benchmark.engine_config(benchmark.as_config({"speculative_method": "draft"}), "chunked")
+  with pytest.raises(ValueError, match="unknown method 'eagle'"):
+    benchmark.engine_config(benchmark.as_config({"speculative_method": "eagle"}), "chunked")
