@@ -6,7 +6,8 @@ milliseconds, sizes in tokens unless said otherwise):
 
   run_name            results go to `<results_dir>/<run_name>/`.
   results_dir         parent directory of the run directories ("results", git-ignored).
-  model               `pdopt.preset` name of the model ("tiny"); weights are random from `model_seed`.
+  model               a shipped model ("tiny-code", `pdopt.models.pretrained.REGISTRY`), or a `pdopt.preset` name
+                      ("tiny") whose weights are random from `model_seed`.
   model_seed          seed of the random weights.
   hf_dir              a Hugging Face checkpoint directory; when set it replaces `model` / `model_seed`.
   dtype               parameter dtype: "float32", "bfloat16" or "float16".

@@ -36,6 +36,7 @@ from pdopt.benchmark import deployments as deployments_lib
 from pdopt.benchmark.replay import ReplayResult, replay
 from pdopt.engine.engine import Engine, EngineConfig
 from pdopt.models import pretrained
+from pdopt.models import pretrained
 from pdopt.models.transformer import Transformer
 
 # Engine and run facts stored next to the metrics of every policy entry in metrics.json.
@@ -82,11 +83,13 @@ class PolicyRun:
 
 
 def build_model(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Transformer:
-  """The run's model: `load_hf(hf_dir)` when set, else the `model` preset with random weights from
-  `model_seed`."""
+  """The run's model: `load_hf(hf_dir)` when set, else the shipped model named `model` (e.g. "tiny-code"),
+  else the `model` preset with random weights from `model_seed`."""
   config = config_lib.as_config(config)
   if config.hf_dir:
     return pdopt.load_hf(config.hf_dir, dtype=config.dtype)
+  if config.model in pretrained.REGISTRY:
+    return pretrained.load_pretrained(config.model, dtype=config.dtype)
   return pdopt.init_model(pdopt.preset(config.model, dtype=config.dtype), seed=config.model_seed)
 
 

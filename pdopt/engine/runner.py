@@ -76,6 +76,12 @@ class ModelRunner:
     self.cache = empty_cache(model.config, num_pages, page_size, kv_quant=kv_quant)
     self._batch_sharding = None
     self._fn = _step
+    if mesh is None:
+      # One plain placement for state and cache: parameters restored by orbax carry a mesh sharding, and a
+      # step whose input shardings change between calls would compile again after warm-up.
+      device = jax.devices()[0]
+      self.state = jax.device_put(self.state, device)
+      self.cache = jax.device_put(self.cache, device)
     if mesh is not None:
       replicated = NamedSharding(mesh, PartitionSpec())
       cache_shardings = [tuple(sharding.cache_sharding(mesh, a.ndim) for a in layer) for layer in self.cache]
