@@ -22,3 +22,19 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords:
       item.add_marker(skip)
+
+
+@pytest.fixture
+def run_child():
+  """Runs Python `code` in a fresh interpreter (which sets its own XLA_FLAGS, e.g. a virtual device count,
+  before JAX starts) and returns its stdout; fails the test with the child's output if it fails."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  def run(code: str, timeout: float) -> str:
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+  return run

@@ -24,7 +24,6 @@ import dataclasses
 import datetime
 import functools
 import json
-import math
 import os
 import sys
 from typing import Any, Callable

@@ -24,7 +24,6 @@ import functools
 import json
 import os
 import pathlib
-import traceback
 from typing import Any, Callable
 
 import numpy as np

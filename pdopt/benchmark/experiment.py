@@ -36,7 +36,6 @@ from pdopt.benchmark import deployments as deployments_lib
 from pdopt.benchmark.replay import ReplayResult, replay
 from pdopt.engine.engine import Engine, EngineConfig
 from pdopt.models import pretrained
-from pdopt.models import pretrained
 from pdopt.models.transformer import Transformer
 
 # Engine and run facts stored next to the metrics of every policy entry in metrics.json.

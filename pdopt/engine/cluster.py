@@ -33,7 +33,6 @@ from pdopt.engine.request import Request, RequestStatus, SamplingParams
 from pdopt.metrics import RequestRecord
 from pdopt.models.transformer import Transformer
 from pdopt.sharding import MeshConfig, make_mesh
-from pdopt.sharding.mesh import MODEL
 
 
 class ClusterMode(enum.Enum):

@@ -23,7 +23,6 @@ import math
 import time
 from typing import Callable, Sequence
 
-import jax
 import numpy as np
 from jax.sharding import Mesh
 

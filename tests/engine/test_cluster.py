@@ -3,10 +3,6 @@
 The device count must be set before JAX starts, so the checks run in a child process of their own.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -70,12 +66,8 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def test_disaggregated_and_colocated_match_one_engine():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env=env, timeout=900)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  assert proc.stdout.count("ok") == 5
+def test_disaggregated_and_colocated_match_one_engine(run_child):
+  assert run_child(_CHILD, timeout=900).count("ok") == 5
 
 
 @pytest.mark.parametrize("spec,match", [("split:1:1", "unknown mode"), ("disaggregated:1", "should be"),

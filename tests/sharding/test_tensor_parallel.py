@@ -3,9 +3,6 @@
 The device count must be set before JAX starts, so the checks run in a child process of their own.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -47,12 +44,8 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def test_tensor_parallel_matches_unsharded():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env=env, timeout=600)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  assert proc.stdout.count("ok") == 4
+def test_tensor_parallel_matches_unsharded(run_child):
+  assert run_child(_CHILD, timeout=600).count("ok") == 4
 
 
 def test_mesh_that_does_not_divide_heads_is_named():
