@@ -65,12 +65,18 @@ def _decode_kernel() -> Callable:
   return paged_decode
 
 
+def _mixed_kernel() -> Callable:
+  from pallas_kernels.mixed_batch import mixed_batch_attention  # pylint: disable=import-outside-toplevel
+  return mixed_batch_attention
+
+
 def ragged_paged_attention(*args, backend: "str | Backend" = "auto", **kwargs) -> jax.Array:
   """Attention for a mixed ragged batch (prompt chunks and decode tokens); see the reference.
 
-  Until a mixed-batch GPU kernel exists this is the `jnp` reference on every platform.
+  On GPU the decode tokens go to the split-K decode kernel and the prompt chunks to the flash prefill
+  kernel, in one call (`pallas_kernels.mixed_batch`); the model's attention layers call this.
   """
-  return _dispatch(None, reference.ragged_paged_attention, backend, *args, **kwargs)
+  return _dispatch(_mixed_kernel, reference.ragged_paged_attention, backend, *args, **kwargs)
 
 
 def prefill_attention(*args, backend: "str | Backend" = "auto", **kwargs) -> jax.Array:
