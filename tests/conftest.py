@@ -3,6 +3,8 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu" if os.environ.get("PDOPT_TEST_GPU") is None else "")
+# On a GPU, leave memory to the child interpreters some tests start (`run_child`).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

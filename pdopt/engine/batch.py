@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import itertools
 from typing import Sequence
 
 import numpy as np
@@ -80,22 +81,31 @@ def pack(chunks: Sequence[ChunkSpec], page_size: int, shape: tuple[int, int, int
   top_p = np.ones(s_pad, np.float32)
   seeds = np.zeros(s_pad, np.uint32)
   token_index = np.zeros(s_pad, np.int32)
-  t = 0
-  for s, c in enumerate(chunks):
-    n = len(c.token_ids)
-    pos = np.arange(c.start, c.start + n, dtype=np.int32)
-    pages = np.asarray(c.page_table, np.int32)
-    token_ids[t:t + n] = c.token_ids
-    positions[t:t + n] = pos
-    slots[t:t + n] = pages[pos // page_size] * page_size + pos % page_size
-    page_table[s, :len(pages)] = pages
-    kv_lens[s] = c.start + n
-    t += n
-    cu_q_lens[s + 1] = t
-    logits_indices[s] = t - 1
-    temperature[s], top_k[s], top_p[s] = c.temperature, c.top_k, c.top_p
-    seeds[s], token_index[s] = c.seed, c.token_index
-  cu_q_lens[len(chunks) + 1:] = t
+  s = len(chunks)
+  if s:
+    q_lens = np.fromiter((len(c.token_ids) for c in chunks), np.int32, count=s)
+    t = int(q_lens.sum())
+    seq = np.repeat(np.arange(s), q_lens)  # [t] sequence of each token
+    ends = np.cumsum(q_lens)
+    starts = np.fromiter((c.start for c in chunks), np.int32, count=s)
+    token_ids[:t] = np.fromiter(itertools.chain.from_iterable(c.token_ids for c in chunks), np.int32, count=t)
+    positions[:t] = starts[seq] + np.arange(t) - (ends - q_lens)[seq]
+    # Ragged page tables into the padded [S, P] table in one scatter.
+    n_pages = np.fromiter((len(c.page_table) for c in chunks), np.int64, count=s)
+    rows = np.repeat(np.arange(s), n_pages)
+    cols = np.arange(rows.size) - np.repeat(np.cumsum(n_pages) - n_pages, n_pages)
+    page_table[rows, cols] = np.fromiter(itertools.chain.from_iterable(c.page_table for c in chunks), np.int32,
+                                         count=rows.size)
+    slots[:t] = page_table[seq, positions[:t] // page_size] * page_size + positions[:t] % page_size
+    kv_lens[:s] = starts + q_lens
+    cu_q_lens[1:s + 1] = ends
+    cu_q_lens[s + 1:] = t
+    logits_indices[:s] = ends - 1
+    temperature[:s] = [c.temperature for c in chunks]
+    top_k[:s] = [c.top_k for c in chunks]
+    top_p[:s] = [c.top_p for c in chunks]
+    seeds[:s] = [c.seed for c in chunks]
+    token_index[:s] = [c.token_index for c in chunks]
   return dict(token_ids=token_ids, positions=positions, slot_mapping=slots, cu_q_lens=cu_q_lens, kv_lens=kv_lens,
-              page_table=page_table, num_seqs=np.asarray([len(chunks)], np.int32), logits_indices=logits_indices,
+              page_table=page_table, num_seqs=np.asarray([s], np.int32), logits_indices=logits_indices,
               temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds, token_index=token_index)

@@ -270,6 +270,8 @@ class Engine:
     before = self.runner.num_compilations + (self.speculator.num_compilations if self.speculator else 0)
     for shape in self.buckets.all_shapes():
       self.runner.run(pack([], self.config.page_size, shape))
+    for num_seqs in self.buckets.seqs:
+      self.runner.compile_sampler(num_seqs)
     if self.speculator is not None:
       self.speculator.warmup(self.runner, self.model_config.vocab_size)
       return self.runner.num_compilations + self.speculator.num_compilations - before

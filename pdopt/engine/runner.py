@@ -6,7 +6,9 @@ function serves all shape buckets; `num_compilations` counts the shapes compiled
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -17,20 +19,60 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from pdopt import sharding
 
 from pdopt.engine import sampler
+from pdopt.engine.batch import pack
 from pdopt.models.layers import AttentionMetadata
 from pdopt.models.transformer import Transformer, empty_cache
 
 
-def _step_impl(graphdef, attention_backend, state, cache, batch):
-  model = nnx.merge(graphdef, state)
+class StepStatic:
+  """The static half of the runner's split model: the nnx graphdef and the treedef of its state.
+
+  jit hashes its static arguments at every call, and hashing a graphdef walks the whole module graph; this
+  holder hashes once. Equal holders (same model structure) share compilations across engines.
+  """
+
+  __slots__ = ("graphdef", "treedef", "_hash")
+
+  def __init__(self, graphdef, treedef):
+    self.graphdef, self.treedef = graphdef, treedef
+    self._hash = hash((graphdef, treedef))
+
+  def __hash__(self) -> int:
+    return self._hash
+
+  def __eq__(self, other) -> bool:
+    return self is other or (isinstance(other, StepStatic) and self._hash == other._hash
+                             and self.graphdef == other.graphdef and self.treedef == other.treedef)
+
+
+def merge(static: StepStatic, leaves) -> Transformer:
+  """The model from the runner's split form: `leaves` are the state's arrays in a flat list (flattening a
+  flat list per call costs the host next to nothing, an nnx State of nested dicts a sort of its keys at
+  every level)."""
+  return nnx.merge(static.graphdef, jax.tree_util.tree_unflatten(static.treedef, leaves))
+
+
+def _step_impl(static, attention_backend, state, cache, batch):
+  model = merge(static, state)
   meta = AttentionMetadata(positions=batch["positions"], slot_mapping=batch["slot_mapping"],
                            cu_q_lens=batch["cu_q_lens"], kv_lens=batch["kv_lens"], page_table=batch["page_table"],
                            num_seqs=batch["num_seqs"])
   logits, cache = model(batch["token_ids"], meta, cache, logits_indices=batch["logits_indices"],
                         attention_backend=attention_backend)
-  tokens = sampler.sample(logits, batch["temperature"], batch["top_k"], batch["top_p"], batch["seeds"],
-                          batch["token_index"])
-  return tokens, cache
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return (greedy, logits), cache
+
+
+_SAMPLING_KEYS = ("seeds", "temperature", "token_index", "top_k", "top_p")
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _sample(logits, buffer, layout):
+  """Sampled tokens for a step with requests that sample: a second, small program, so that greedy steps
+  (the common case) never sort the vocabulary and need no data-dependent branch, whose predicate the GPU
+  runtime would read on the host in the middle of the step."""
+  b = unpack_arrays(buffer, layout)
+  return sampler.sample(logits, b["temperature"], b["top_k"], b["top_p"], b["seeds"], b["token_index"])
 
 
 @jax.jit
@@ -51,8 +93,61 @@ def _padded(pages, fill: int) -> np.ndarray:
   return out
 
 
-# Unsharded engines of the same model and shapes share compilations.
-_step = jax.jit(_step_impl, static_argnums=(0, 1), donate_argnums=(3,))
+@dataclasses.dataclass(frozen=True)
+class PackedBatch:
+  """A step's host arrays in one int32 device buffer (`put`): one host-to-device copy per step instead of
+  one per array, which cost the host about a millisecond per step. `layout` (static) unpacks it."""
+  buffer: jax.Array
+  layout: tuple[tuple[str, tuple[int, ...], str, int, int], ...]  # (key, shape, dtype, offset, size)
+  sampled: tuple[jax.Array, tuple] | None  # the sampling arrays, packed, if some row has temperature > 0
+
+
+def pack_arrays(batch: Mapping[str, np.ndarray]) -> tuple[np.ndarray, tuple]:
+  """Concatenates the (4-byte) arrays of `batch` as int32 bits; returns the buffer and its layout."""
+  parts, layout, offset = [], [], 0
+  for key in sorted(batch):
+    a = np.ascontiguousarray(batch[key])
+    if a.dtype.itemsize != 4:
+      raise TypeError(f"batch[{key!r}] has dtype {a.dtype}; only 4-byte dtypes are packed")
+    flat = a.view(np.int32).reshape(-1)
+    parts.append(flat)
+    layout.append((key, a.shape, a.dtype.name, offset, flat.size))
+    offset += flat.size
+  return np.concatenate(parts), tuple(layout)
+
+
+def unpack_arrays(buffer: jax.Array, layout) -> dict[str, jax.Array]:
+  """Inverse of `pack_arrays`, on the device (slices and bitcasts: free inside the step)."""
+  out = {}
+  for key, shape, dtype, offset, size in layout:
+    piece = jax.lax.slice(buffer, (offset,), (offset + size,))
+    if dtype != "int32":
+      piece = jax.lax.bitcast_convert_type(piece, jnp.dtype(dtype))
+    out[key] = piece.reshape(shape)
+  return out
+
+
+def _on_packed(impl):
+  """`impl(static, backend, state, cache, batch_dict)` as a function of the packed buffer and its layout."""
+  def fn(static, attention_backend, layout, state, cache, buffer):
+    return impl(static, attention_backend, state, cache, unpack_arrays(buffer, layout))
+  fn.__name__ = impl.__name__
+  return fn
+
+
+# Unsharded runners of the same model and shapes share compilations: one jitted function per step variant.
+_SHARED: dict = {}
+
+
+def _shared_jit(impl):
+  if impl not in _SHARED:
+    _SHARED[impl] = jax.jit(_on_packed(impl), static_argnums=(0, 1, 2), donate_argnums=(4,))
+  return _SHARED[impl]
+
+
+def num_compilations_of(impl) -> int:
+  """Shapes compiled so far of the unsharded step variant `impl` (shared by all runners)."""
+  return _SHARED[impl]._cache_size() if impl in _SHARED else 0  # pylint: disable=protected-access
 
 
 class ModelRunner:
@@ -71,11 +166,14 @@ class ModelRunner:
     self.config = model.config
     self.page_size = page_size
     self.num_pages = num_pages
-    self.graphdef, self.state = nnx.split(model)
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    self.graphdef = StepStatic(graphdef, treedef)
+    self.state = leaves
     self.attention_backend = attention_backend
     self.cache = empty_cache(model.config, num_pages, page_size, kv_quant=kv_quant)
     self._batch_sharding = None
-    self._fn = _step
+    self._fn = _shared_jit(_step_impl)
     if mesh is None:
       # One plain placement for state and cache: parameters restored by orbax carry a mesh sharding, and a
       # step whose input shardings change between calls would compile again after warm-up.
@@ -86,9 +184,9 @@ class ModelRunner:
       replicated = NamedSharding(mesh, PartitionSpec())
       cache_shardings = [tuple(sharding.cache_sharding(mesh, a.ndim) for a in layer) for layer in self.cache]
       self.cache = jax.device_put(self.cache, cache_shardings)
-      state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.state)
+      state_shardings = [x.sharding for x in self.state]
       self._batch_sharding = replicated
-      self._fn = jax.jit(_step_impl, static_argnums=(0, 1), donate_argnums=(3,),
+      self._fn = jax.jit(_on_packed(_step_impl), static_argnums=(0, 1, 2), donate_argnums=(4,),
                          in_shardings=(state_shardings, cache_shardings, replicated),
                          out_shardings=(replicated, cache_shardings))
 
@@ -108,19 +206,46 @@ class ModelRunner:
 
   def run(self, batch: dict[str, np.ndarray]) -> np.ndarray:
     """Runs one step; returns the sampled token of every (padded) sequence as int32 [S]."""
-    arrays = {k: jnp.asarray(v) for k, v in batch.items()}
-    if self._batch_sharding is not None:
-      arrays = jax.device_put(arrays, self._batch_sharding)
-    tokens, self.cache = self._fn(self.graphdef, self.attention_backend, self.state, self.cache, arrays)
-    return np.asarray(tokens)
+    return np.asarray(self.dispatch(batch))
 
-  def call(self, fn, batch: dict[str, np.ndarray]):
+  def put(self, batch: Mapping[str, np.ndarray]) -> PackedBatch:
+    """Copies a packed batch's host arrays to this runner's devices in one transfer."""
+    buffer, layout = pack_arrays(batch)
+    sampled = None
+    if np.any(batch["temperature"] > 0):
+      sampling, sampling_layout = pack_arrays({k: batch[k] for k in _SAMPLING_KEYS})
+      sampled = (jax.device_put(sampling, self._batch_sharding), sampling_layout)
+    return PackedBatch(jax.device_put(buffer, self._batch_sharding), layout, sampled)
+
+  def dispatch(self, batch: Mapping[str, np.ndarray] | PackedBatch) -> jax.Array:
+    """Enqueues one step without waiting for it; returns the sampled tokens [S] as a device array.
+
+    Steps dispatched back to back run back to back on the device (each takes the cache the previous one
+    returns), which is how the engine benchmark measures a step's device time apart from the host's.
+    """
+    packed = batch if isinstance(batch, PackedBatch) else self.put(batch)
+    (tokens, logits), self.cache = self._fn(self.graphdef, self.attention_backend, packed.layout, self.state,
+                                            self.cache, packed.buffer)
+    if packed.sampled is None:
+      return tokens
+    buffer, layout = packed.sampled
+    return _sample(logits, buffer, layout)
+
+  def compile_sampler(self, num_seqs: int) -> None:
+    """Compiles the sampling program for `num_seqs` sequence slots (part of the engine's warm-up)."""
+    batch = pack([], self.page_size, (1, num_seqs, 1))
+    logits = jnp.zeros((num_seqs, self.config.vocab_size), jnp.float32)
+    buffer, layout = pack_arrays({k: batch[k] for k in _SAMPLING_KEYS})
+    jax.block_until_ready(_sample(logits, jax.device_put(buffer, self._batch_sharding), layout))
+
+  def call(self, impl, batch: Mapping[str, np.ndarray]):
     """Runs a variant of the step on this runner's model and KV cache (speculative decoding's verification
     and draft steps, `pdopt.engine.speculative`).
 
     Args:
-      fn: jitted `fn(graphdef, attention_backend, state, cache, batch) -> (outputs, cache)`, static in its
-        first two arguments and donating the cache.
+      impl: `impl(static, attention_backend, state, cache, batch) -> (outputs, cache)` where
+        `merge(static, state)` is the model and `batch` the dict of device arrays; jitted here (once per
+        variant, shared by every unsharded runner), donating the cache.
       batch: host arrays.
 
     Returns:
@@ -128,6 +253,7 @@ class ModelRunner:
     """
     if self._batch_sharding is not None:
       raise NotImplementedError("step variants (speculative decoding) do not run on a mesh yet")
-    arrays = {k: jnp.asarray(v) for k, v in batch.items()}
-    outputs, self.cache = fn(self.graphdef, self.attention_backend, self.state, self.cache, arrays)
+    packed = self.put(batch)
+    outputs, self.cache = _shared_jit(impl)(self.graphdef, self.attention_backend, packed.layout, self.state,
+                                            self.cache, packed.buffer)
     return jax.tree_util.tree_map(np.asarray, outputs)

@@ -52,9 +52,9 @@ from typing import Protocol, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from pdopt.cache.block_manager import BlockManager
+from pdopt.engine import runner as runner_lib
 from pdopt.engine import sampler
 from pdopt.engine.batch import Buckets, ChunkSpec, pack
 from pdopt.engine.request import Request
@@ -208,7 +208,7 @@ def rejection_sample(logits: jax.Array, draft_tokens: jax.Array, num_drafts: jax
 
 def _verify_impl(graphdef, attention_backend, state, cache, batch):
   """The target step with logits at the last 1 + num_drafts positions of every sequence."""
-  model = nnx.merge(graphdef, state)
+  model = runner_lib.merge(graphdef, state)
   draft_tokens = batch["draft_tokens"]  # [S, K]
   s, k = draft_tokens.shape
   last = batch["cu_q_lens"][1:] - 1  # [S] row of each sequence's last token
@@ -224,7 +224,7 @@ def _verify_impl(graphdef, attention_backend, state, cache, batch):
 
 def _draft_impl(graphdef, attention_backend, state, cache, batch):
   """A draft step: forward, then one guess per sequence with the (filtered) distribution it came from."""
-  model = nnx.merge(graphdef, state)
+  model = runner_lib.merge(graphdef, state)
   logits, cache = model(batch["token_ids"], _metadata(batch), cache, logits_indices=batch["logits_indices"],
                         attention_backend=attention_backend)
   temperature = batch["temperature"]
@@ -239,8 +239,6 @@ def _draft_impl(graphdef, attention_backend, state, cache, batch):
   return (tokens, probs), cache
 
 
-_verify = jax.jit(_verify_impl, static_argnums=(0, 1), donate_argnums=(3,))
-_draft_step = jax.jit(_draft_impl, static_argnums=(0, 1), donate_argnums=(3,))
 
 
 # --------------------------------------------------------------------------------------------- proposers
@@ -362,7 +360,7 @@ class DraftModelProposer:
       if chunks:
         shape = self.buckets.pick(sum(len(c.token_ids) for c in chunks), len(chunks),
                                   max(len(c.page_table) for c in chunks))
-        tokens, dist = self.runner.call(_draft_step, pack(chunks, self.page_size, shape))
+        tokens, dist = self.runner.call(_draft_impl, pack(chunks, self.page_size, shape))
         for s, i in enumerate(owners):
           req, c = requests[i], chunks[s]
           self.computed[req.request_id] = c.start + len(c.token_ids)
@@ -393,7 +391,7 @@ class DraftModelProposer:
 
   def warmup(self, shapes: Sequence[tuple[int, int, int]]) -> None:
     for shape in shapes:
-      self.runner.call(_draft_step, pack([], self.page_size, shape))
+      self.runner.call(_draft_impl, pack([], self.page_size, shape))
 
 
 # ------------------------------------------------------------------------------------------------ decoder
@@ -488,7 +486,7 @@ class SpeculativeDecoder:
     s_pad = shape[1]
     if any(num_drafts):
       batch.update(self._draft_arrays(proposals, s_pad, runner.config.vocab_size))
-      accepted, final = runner.call(_verify, batch)
+      accepted, final = runner.call(_verify_impl, batch)
     else:
       accepted, final = np.zeros(s_pad, np.int32), runner.run(batch)
     results = []
@@ -536,10 +534,10 @@ class SpeculativeDecoder:
     for shape in shapes:
       batch = pack([], self.page_size, shape)
       batch.update(self._draft_arrays([], shape[1], vocab))
-      runner.call(_verify, batch)
+      runner.call(_verify_impl, batch)
     self.proposer.warmup(shapes)
 
   @property
   def num_compilations(self) -> int:
     """Verification and draft programs compiled so far (shared by engines of the same models and shapes)."""
-    return _verify._cache_size() + _draft_step._cache_size()  # pylint: disable=protected-access
+    return runner_lib.num_compilations_of(_verify_impl) + runner_lib.num_compilations_of(_draft_impl)
