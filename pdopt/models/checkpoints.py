@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from pdopt.models.config import Family, ModelConfig, RopeScaling, RopeType
@@ -94,8 +95,7 @@ def restore(directory: str | os.PathLike, dtype: str | None = None) -> Transform
   model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   abstract = nnx.state(model, nnx.Param)
   try:
-    with ocp.PyTreeCheckpointer() as ckptr:
-      loaded = ckptr.restore(params_path)
+    loaded = _restore_tree(params_path)
   except Exception as e:  # orbax raises many types for truncated or garbled files.
     raise CheckpointError(f"cannot read parameters in {params_path!r}: {type(e).__name__}: {e}") from e
   expected = abstract.to_pure_dict()
@@ -104,6 +104,17 @@ def restore(directory: str | os.PathLike, dtype: str | None = None) -> Transform
   nnx.update(model, abstract)
   _materialize_buffers(model, config)
   return model
+
+
+def _restore_tree(path: str) -> Any:
+  """The saved tree as it is (whatever its structure, so that `_match` can name a mismatch), every array on
+  the default device: newer orbax versions refuse to restore an array without a target sharding."""
+  metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))
+  tree = getattr(metadata, "tree", metadata)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  restore_args = jax.tree_util.tree_map(lambda _: ocp.ArrayRestoreArgs(sharding=device), tree)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
 def _match(loaded: Any, like: Any, directory: str, name: str) -> Any:
