@@ -1,0 +1,45 @@
+"""The engine end to end on one accelerator: `python -m experiments.bench_engine --out=FILE.json`.
+
+Decode steps against their roofline floor and the host overhead, prefill MFU, a serving run of the Azure
+conversation trace, and output tokens/s against Hugging Face `transformers` `generate` on the same weights
+and prompts (see `experiments/benchmarks/engine.py`). `--quick` is a smoke run with small shapes (any
+machine, CPU included; without a CUDA torch the `transformers` peer is skipped).
+"""
+
+from __future__ import annotations
+
+import os
+
+# The transformers peer shares the card with JAX: let JAX allocate what it uses rather than 75% up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+from absl import app, flags  # noqa: E402
+
+from experiments.benchmarks import engine as bench  # noqa: E402
+
+_OUT = flags.DEFINE_string("out", None, "JSON file for the results.")
+_QUICK = flags.DEFINE_bool("quick", False, "Small shapes and few steps (smoke run).")
+_MODELS = flags.DEFINE_list("models", ["llama-3.2-1b"], "pdopt presets to measure (random bf16 weights).")
+_PARTS = flags.DEFINE_list("parts", ["decode", "prefill", "serving", "hf"], "Which parts to run.")
+_BATCHES = flags.DEFINE_list("decode_batches", ["1", "16", "64", "256"], "Decode batch sizes.")
+_CONTEXT = flags.DEFINE_integer("context", 2048, "Tokens of history of every decoding sequence.")
+_HF_BATCHES = flags.DEFINE_list("hf_batches", ["1", "64"], "Batch sizes of the generate comparison.")
+_RATE = flags.DEFINE_float("serving_rate", 40.0, "Arrival rate (req/s) of the serving run.")
+_REQUESTS = flags.DEFINE_integer("serving_requests", 600, "Requests of the serving run.")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  settings = bench.Settings(
+      models=tuple(_MODELS.value), parts=tuple(_PARTS.value),
+      decode_batches=tuple(int(b) for b in _BATCHES.value), context=_CONTEXT.value,
+      hf_batches=tuple(int(b) for b in _HF_BATCHES.value), serving_rate=_RATE.value,
+      serving_requests=_REQUESTS.value, quick=_QUICK.value)
+  if settings.quick:
+    settings = bench.quick(settings)
+  bench.run(_OUT.value, settings)
+
+
+if __name__ == "__main__":
+  app.run(main)

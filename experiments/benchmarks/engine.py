@@ -1,0 +1,361 @@
+"""The engine on one accelerator against its roofline and against Hugging Face `transformers`.
+
+Parts (all in one run, on one card, for each model shape; random weights in bfloat16):
+
+  decode    engine steps of B running sequences with `context`-token histories: the device time of one
+            step (steps dispatched back to back), the engine's wall time per step (`Engine.step`, scheduling
+            and packing included) and their difference, the host overhead (the device idles meanwhile);
+            the floor is (weight bytes + KV bytes read) / the copy bandwidth measured in the same run.
+  prefill   one step over one 8k prompt and over 16 prompts of 512: tokens/s and MFU against the bf16
+            matmul rate measured in the same run; the peer is one `transformers` forward pass over the
+            same prompts (logits of the last token only, as ours).
+  serving   the Azure conversation trace, time-scaled, through `chunked` and `prefill_first`.
+  hf        output tokens/s of the engine and of `transformers` `generate` (greedy, bf16, same weights
+            and prompts; batch 1 with the dynamic cache, larger batches with the static cache).
+
+Everything printed is also written to `--out` as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import statistics
+import tempfile
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import pdopt
+from experiments.benchmarks import decode as decode_bench
+from experiments.benchmarks import timing
+from pdopt.benchmark import config as config_lib
+from pdopt.benchmark import experiment
+from pdopt.engine.batch import ChunkSpec, pack
+from pdopt.metrics import report
+from pdopt.models.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What one run measures (see the module docstring)."""
+  models: tuple[str, ...] = ("llama-3.2-1b",)
+  parts: tuple[str, ...] = ("decode", "prefill", "serving", "hf")
+  decode_batches: tuple[int, ...] = (1, 16, 64, 256)
+  context: int = 2048
+  decode_steps: int = 20
+  hf_batches: tuple[int, ...] = (1, 64)
+  hf_prompt_len: int = 512
+  hf_new_tokens: int = 256
+  serving_requests: int = 600
+  serving_rate: float = 40.0
+  quick: bool = False  # smoke run (`quick()`): the tiny preset, small shapes
+
+
+def quick(s: Settings) -> Settings:
+  """A smoke-run version of `s`: the `tiny` preset, short contexts and generations, few requests."""
+  return dataclasses.replace(s, models=("tiny",), decode_batches=tuple(min(b, 4) for b in s.decode_batches), context=128,
+                             decode_steps=4, hf_batches=(1, 2), hf_prompt_len=32, hf_new_tokens=8,
+                             serving_requests=12, serving_rate=4.0, quick=True)
+
+
+# ----------------------------------------------------------------------------------------- card numbers
+
+
+def matmul_tflops(quick: bool) -> float:
+  """bf16 n x n x n matmul rate in TFLOP/s (n = 8192, 2048 when quick)."""
+  n = 2048 if quick else 8192
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+  f = jax.jit(lambda x, y: x @ y)
+  return 2 * n ** 3 / timing.time_jax(lambda: f(a, b), iters=5 if quick else 20) / 1e12
+
+
+def weight_bytes(model: pdopt.Transformer) -> int:
+  """Bytes of the parameters (each array once, so tied embeddings count once)."""
+  leaves = jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
+  return int(sum(x.size * x.dtype.itemsize for x in leaves))
+
+
+def kv_bytes_per_token(c: ModelConfig) -> int:
+  return 2 * c.num_layers * c.num_kv_heads * c.head_dim * jnp.dtype(c.dtype).itemsize
+
+
+def forward_flops(c: ModelConfig, prompt_lens: Sequence[int]) -> float:
+  """Matmul FLOPs of one prefill pass: projections and MLP of every token, causal attention, and the
+  logits of each prompt's last token."""
+  per_token = 2 * c.num_layers * (c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+                                  + c.num_heads * c.head_dim * c.hidden_size
+                                  + 3 * c.hidden_size * c.intermediate_size)
+  attention = sum(4 * n * n / 2 * c.head_dim * c.num_heads * c.num_layers for n in prompt_lens)
+  logits = 2 * len(prompt_lens) * c.hidden_size * c.vocab_size
+  return per_token * sum(prompt_lens) + attention + logits
+
+
+# -------------------------------------------------------------------------------------------- the parts
+
+
+def _engine(model: pdopt.Transformer, max_seqs: int, max_len: int, budget: int, policy: str) -> pdopt.Engine:
+  c = model.config
+  pages_per_seq = -(-max_len // 16)
+  return pdopt.Engine(model, pdopt.EngineConfig(
+      policy=policy, page_size=16, num_pages=max_seqs * pages_per_seq + 64, max_num_batched_tokens=budget,
+      max_num_seqs=max_seqs, max_model_len=min(max_len, c.max_position_embeddings),
+      enable_prefix_caching=False))
+
+
+def _random_prompts(rng: np.random.Generator, n: int, length: int, vocab: int) -> list[list[int]]:
+  return rng.integers(100, vocab - 100, (n, length)).tolist()
+
+
+def _decode_batch(engine: pdopt.Engine) -> dict[str, np.ndarray]:
+  """The packed batch of the engine's next step if every running request decodes one token."""
+  chunks = []
+  for rid in engine.running:
+    req = engine.requests[rid]
+    chunks.append(ChunkSpec(token_ids=req.all_token_ids[-1:], start=req.num_tokens - 1,
+                            page_table=engine.block_manager.page_table(rid), temperature=0.0, top_k=0,
+                            top_p=1.0, seed=req.seed, token_index=req.num_generated))
+  shape = engine.buckets.pick(len(chunks), len(chunks), max(len(c.page_table) for c in chunks))
+  return pack(chunks, engine.config.page_size, shape)
+
+
+def device_step_seconds(runner, batch: dict[str, np.ndarray], iters: int) -> float:
+  """Device time of one step: `iters` steps dispatched back to back, divided by `iters`."""
+  arrays = runner.put(batch)
+  jax.block_until_ready(runner.dispatch(arrays))
+  times = []
+  for _ in range(3):
+    start = time.perf_counter()
+    out = [runner.dispatch(arrays) for _ in range(iters)]
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) / iters)
+  return min(times)
+
+
+def host_costs(runner, batch: dict[str, np.ndarray], iters: int = 20) -> tuple[float, float]:
+  """Two parts of the host's share of a step: copying the packed batch to the device (until it is there),
+  and the time `dispatch` takes to return with the batch already on the device (launch of the compiled
+  step). Medians in seconds."""
+  puts, launches = [], []
+  for _ in range(iters):
+    start = time.perf_counter()
+    arrays = runner.put(batch)
+    jax.block_until_ready(arrays.buffer)
+    puts.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    tokens = runner.dispatch(arrays)
+    launches.append(time.perf_counter() - start)
+    jax.block_until_ready(tokens)
+  return statistics.median(puts), statistics.median(launches)
+
+
+def bench_decode(model, s: Settings, copy_tbps: float) -> list[dict[str, Any]]:
+  c = model.config
+  wbytes = weight_bytes(model)
+  rng = np.random.default_rng(0)
+  extra = s.decode_steps * 4 + 8
+  engine = _engine(model, max(s.decode_batches), s.context + extra, budget=8192, policy="prefill_first")
+  rows = []
+  for batch in s.decode_batches:
+    prompts = _random_prompts(rng, batch, s.context - 1, c.vocab_size)
+    params = pdopt.SamplingParams(max_tokens=extra, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts]
+    while any(engine.requests[i].num_generated == 0 for i in ids):  # prefill (and first tokens)
+      engine.step()
+    for _ in range(3):  # compile the decode shape
+      engine.step()
+    walls = []
+    for _ in range(s.decode_steps):
+      start = time.perf_counter()
+      engine.step()
+      walls.append(time.perf_counter() - start)
+    wall = statistics.median(walls)
+    host_batch = _decode_batch(engine)
+    device = device_step_seconds(engine.runner, host_batch, iters=s.decode_steps)
+    put, launch = host_costs(engine.runner, host_batch)
+    context = statistics.mean(engine.requests[i].num_tokens for i in ids)
+    kv = batch * context * kv_bytes_per_token(c)
+    floor = (wbytes + kv) / (copy_tbps * 1e12)
+    rows.append(dict(batch=batch, context=round(context),
+                     weight_gb=wbytes / 1e9, kv_gb=kv / 1e9, floor_ms=floor * 1e3, device_ms=device * 1e3,
+                     engine_step_ms=wall * 1e3, over_floor=device / floor,
+                     host_overhead_ms=(wall - device) * 1e3, host_overhead_pct=100 * (wall - device) / wall,
+                     put_ms=put * 1e3, launch_ms=launch * 1e3,
+                     tokens_per_s=batch / wall))
+    for i in ids:
+      engine.abort(i)
+    engine.check_no_leaks()
+  return rows
+
+
+def _prefill_batch(engine: pdopt.Engine, prompts: list[list[int]]) -> dict[str, np.ndarray]:
+  """A packed step over whole `prompts` on free pages of the engine (which must be idle)."""
+  page_size = engine.config.page_size
+  chunks, next_page = [], 0
+  for p in prompts:
+    n_pages = -(-len(p) // page_size)
+    chunks.append(ChunkSpec(token_ids=p, start=0, page_table=list(range(next_page, next_page + n_pages)),
+                            temperature=0.0, top_k=0, top_p=1.0, seed=0, token_index=0))
+    next_page += n_pages
+  assert next_page <= engine.config.num_pages
+  shape = (sum(len(p) for p in prompts), len(prompts), max(len(c.page_table) for c in chunks))
+  return pack(chunks, page_size, shape)
+
+
+def _torch_model(model: pdopt.Transformer, directory: str):
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  pdopt.save_hf(model, directory)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16,
+                                                         attn_implementation="sdpa")
+  return hf.to("cuda").eval()
+
+
+def bench_prefill(model, s: Settings, mm_tflops: float, hf_model) -> list[dict[str, Any]]:
+  c = model.config
+  rng = np.random.default_rng(1)
+  shapes = [(1, 8192), (16, 512)] if not s.quick else [(1, 1024), (4, 256)]
+  rows = []
+  for num, length in shapes:
+    prompts = _random_prompts(rng, num, length, c.vocab_size)
+    engine = _engine(model, num, length, budget=num * length, policy="chunked")
+    seconds = device_step_seconds(engine.runner, _prefill_batch(engine, prompts), iters=5)
+    flops = forward_flops(c, [length] * num)
+    row = dict(prompts=num, prompt_len=length, ms=seconds * 1e3, tokens_per_s=num * length / seconds,
+               tflops=flops / seconds / 1e12, mfu=flops / seconds / 1e12 / mm_tflops)
+    if hf_model is not None:
+      import torch  # pylint: disable=import-outside-toplevel
+      ids = torch.tensor(prompts, device="cuda")
+      with torch.inference_mode():
+        t = timing.time_torch(lambda: hf_model(input_ids=ids, logits_to_keep=1), warmup=2, iters=5)
+      row.update(hf_ms=t * 1e3, hf_tokens_per_s=num * length / t, hf_mfu=flops / t / 1e12 / mm_tflops,
+                 ratio_to_hf=t / seconds)
+    rows.append(row)
+    del engine
+  return rows
+
+
+def bench_generate(model, s: Settings, hf_model) -> list[dict[str, Any]]:
+  """Output tokens/s of the engine and of `transformers` `generate` on the same prompts (prefill included)."""
+  c = model.config
+  rng = np.random.default_rng(2)
+  rows = []
+  for batch in s.hf_batches:
+    prompts = _random_prompts(rng, batch, s.hf_prompt_len, c.vocab_size)
+    engine = _engine(model, batch, s.hf_prompt_len + s.hf_new_tokens, budget=max(2048, s.hf_prompt_len),
+                     policy="chunked")
+    params = pdopt.SamplingParams(max_tokens=s.hf_new_tokens, ignore_eos=True)
+    engine.generate(prompts, params)  # compiles every shape this run reaches
+    start = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    ours = time.perf_counter() - start
+    assert all(len(o.token_ids) == s.hf_new_tokens for o in outs)
+    row = dict(batch=batch, prompt_len=s.hf_prompt_len, new_tokens=s.hf_new_tokens, seconds=ours,
+               tokens_per_s=batch * s.hf_new_tokens / ours)
+    del engine
+    if hf_model is not None:
+      import torch  # pylint: disable=import-outside-toplevel
+      ids = torch.tensor(prompts, device="cuda")
+      kwargs = dict(max_new_tokens=s.hf_new_tokens, min_new_tokens=s.hf_new_tokens, do_sample=False,
+                    pad_token_id=0)
+      if batch > 1:
+        kwargs["cache_implementation"] = "static"
+      cache = kwargs.get("cache_implementation", "dynamic")
+      with torch.inference_mode():
+        hf_model.generate(ids, **{**kwargs, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        hf_out = hf_model.generate(ids, **kwargs)
+        torch.cuda.synchronize()
+        theirs = time.perf_counter() - start
+      assert hf_out.shape[1] == s.hf_prompt_len + s.hf_new_tokens
+      row.update(hf_cache=cache, hf_seconds=theirs, hf_tokens_per_s=batch * s.hf_new_tokens / theirs,
+                 ratio_to_hf=theirs / ours)
+    rows.append(row)
+  return rows
+
+
+def bench_serving(model, s: Settings) -> dict[str, Any]:
+  """The Azure conversation trace, time-scaled, under `chunked` and `prefill_first`."""
+  max_len = min(4096, model.config.max_position_embeddings)
+  config = config_lib.as_config(dict(
+      dtype="bfloat16", rate=s.serving_rate, slo="ttft:2000 tpot:100",
+      workload=dict(kind="azure", name="azure_conv", num_requests=s.serving_requests, seed=0),
+      engine=dict(page_size=16, num_pages=8192, max_model_len=max_len, max_num_batched_tokens=2048,
+                  chunk_size=512, max_num_seqs=128, token_buckets=(64, 256, 2048), seq_buckets=(16, 64, 128),
+                  page_buckets=(64, 256), enable_prefix_caching=True)))
+  workload = experiment.make_workload(config, model)
+  out = {}
+  for policy in ("chunked", "prefill_first"):
+    engine_config = config_lib.engine_config(config, policy)
+    run = experiment.run_policy(model, workload, engine_config, slo=config.slo, progress=False,
+                                max_duration=240.0)
+    out[policy] = run.entry()
+    print(report.format_benchmark_result(run.metrics, policy=policy))
+  return out
+
+
+def run(out: str | None, settings: Settings) -> dict[str, Any]:
+  device = jax.devices()[0]
+  copy = decode_bench.copy_bandwidth(settings.quick)
+  copy_tbps = max(copy.values())
+  mm = matmul_tflops(settings.quick)
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    import transformers  # pylint: disable=import-outside-toplevel
+    versions = dict(torch=torch.__version__, transformers=transformers.__version__)
+    with_hf = torch.cuda.is_available()
+  except ImportError:
+    versions, with_hf = {}, False
+  meta = dict(date=datetime.date.today().isoformat(), device=device.device_kind, jax=jax.__version__,
+              copy_tbps=copy, matmul_tflops=mm, settings=dataclasses.asdict(settings), **versions)
+  print(f"{device.device_kind}, jax {jax.__version__}, {versions}; copy {copy_tbps:.2f} TB/s, "
+        f"bf16 matmul {mm:.0f} TFLOP/s")
+  results: dict[str, Any] = dict(meta=meta)
+
+  def save():  # after every part, so that a run cut short keeps what it measured
+    if out:
+      with open(out, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, default=str)
+
+  for name in settings.models:
+    cfg = pdopt.preset(name, dtype="bfloat16")
+    model = pdopt.init_model(cfg, seed=0)
+    res: dict[str, Any] = dict(params=cfg.num_params(), weight_gb=weight_bytes(model) / 1e9)
+    hf_model = None
+    tmp = tempfile.TemporaryDirectory()
+    if with_hf and ({"prefill", "hf"} & set(settings.parts)):
+      hf_model = _torch_model(model, tmp.name)
+    results[name] = res
+    if "decode" in settings.parts:
+      res["decode"] = bench_decode(model, settings, copy_tbps)
+      _print_rows(f"{name} decode", res["decode"])
+      save()
+    if "prefill" in settings.parts:
+      res["prefill"] = bench_prefill(model, settings, mm, hf_model)
+      _print_rows(f"{name} prefill", res["prefill"])
+      save()
+    if "hf" in settings.parts:
+      res["generate"] = bench_generate(model, settings, hf_model)
+      _print_rows(f"{name} generate", res["generate"])
+      save()
+    del hf_model
+    tmp.cleanup()
+    if "serving" in settings.parts:
+      res["serving"] = bench_serving(model, settings)
+      save()
+  return results
+
+
+def _print_rows(title: str, rows: list[dict[str, Any]]) -> None:
+  print(f"\n{title}")
+  keys = list(rows[0])
+  print(" | ".join(keys))
+  for r in rows:
+    print(" | ".join(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys))
