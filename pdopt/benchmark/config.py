@@ -27,6 +27,9 @@ milliseconds, sizes in tokens unless said otherwise):
                       "disaggregated:P:D[:policy]" and "colocated:N[:policy]", comma-separated (see
                       `pdopt.benchmark.deployments`); "" runs none.
   devices             the devices the deployments share (0 = all), split evenly over each one's instances.
+  tensor_parallel     the policies' engine shards the model over a mesh of all devices with this many along
+                      `model` (tensor parallelism; 0 = all devices, 1 = one device, no mesh). Required to span
+                      the processes of a multi-process run (`pdopt.sharding.distributed`).
   host_devices        CPU only: `experiments/run.py` splits the host into this many virtual devices (0: no).
   speculative_method  speculative decoding for every policy: "" (off), "draft" or "ngram"
                       (`pdopt.engine.speculative`); not with `deployments`.
@@ -78,6 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.compilation_cache_dir = ""
   c.deployments = ""
   c.devices = 0
+  c.tensor_parallel = 1
   c.host_devices = 0
   c.speculative_method = ""
   c.speculative_k = 4

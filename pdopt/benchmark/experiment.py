@@ -26,9 +26,11 @@ import pathlib
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import ml_collections
 
 import pdopt
+from pdopt import sharding
 from pdopt import metrics as metrics_lib
 from pdopt import workloads
 from pdopt.benchmark import config as config_lib
@@ -115,7 +117,8 @@ def make_workload(config: ml_collections.ConfigDict | Mapping[str, Any], model: 
 def run_policy(model: Transformer, workload: workloads.Workload, engine_config: EngineConfig, *,
                slo: str | metrics_lib.Slo | None = None, warmup: bool = True, progress: bool = True,
                max_duration: float | None = None, clock: Callable[[], float] = time.perf_counter,
-               rate: float | None = None, draft_model: Transformer | None = None) -> PolicyRun:
+               rate: float | None = None, draft_model: Transformer | None = None,
+               mesh: Any = None) -> PolicyRun:
   """Replays `workload` against a fresh engine with `engine_config` on `model`.
 
   Args:
@@ -129,11 +132,12 @@ def run_policy(model: Transformer, workload: workloads.Workload, engine_config: 
     clock: the engine clock (a `VirtualClock` for deterministic tests).
     rate: the offered rate to record in the stats (default: the workload's measured mean rate).
     draft_model: the draft of `engine_config.speculative` (method "draft").
+    mesh: a device mesh for tensor parallelism (`pdopt.sharding.make_mesh`); None runs on one device.
 
   Returns:
     The `PolicyRun`. The engine is checked for leaked pages after the replay.
   """
-  engine = Engine(model, engine_config, clock=clock, draft_model=draft_model)
+  engine = Engine(model, engine_config, clock=clock, draft_model=draft_model, mesh=mesh)
   t0 = time.perf_counter()
   warmup_compilations = engine.warmup() if warmup else 0
   warmup_s = time.perf_counter() - t0
@@ -174,7 +178,6 @@ def enable_compilation_cache(path: str) -> None:
   Each engine jits its own step function, so without it every policy would compile the same shapes again.
   This changes process-wide JAX settings; `run_experiment` calls it only when `compilation_cache_dir` is set.
   """
-  import jax  # pylint: disable=import-outside-toplevel
   pathlib.Path(path).mkdir(parents=True, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -200,7 +203,6 @@ def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
       before anything runs.
   """
   config = config_lib.as_config(config)
-  say = print_fn or (lambda _: None)
   # Validate everything before spending time on a model.
   policies = config_lib.parse_policies(config.policies)
   rates = config_lib.parse_rates(config.rates)
@@ -212,12 +214,18 @@ def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
   if deployments and config.speculative_method:
     raise ValueError("config.speculative_method is not supported with config.deployments")
   devices = _devices(config, deployments)
+  mesh, clock = _policy_mesh(config, deployments)
+  if jax.process_index() != 0:
+    print_fn = None  # Every process runs the same replay; process 0 reports and writes.
   if config.compilation_cache_dir:
     enable_compilation_cache(config.compilation_cache_dir)
 
+  say = print_fn or (lambda _: None)
+  writing = jax.process_index() == 0
   run_dir = pathlib.Path(config.results_dir) / config.run_name
-  run_dir.mkdir(parents=True, exist_ok=True)
-  (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str) + "\n")
+  if writing:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str) + "\n")
 
   model = build_model(config)
   draft = build_draft(config)
@@ -231,8 +239,9 @@ def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
     by_policy = {}
     for policy in policies:
       run = run_policy(model, workload, engine_configs[policy], slo=slo, warmup=config.warmup,
-                       progress=config.progress, max_duration=config.max_duration,
-                       rate=rate if rate is not None else _offered_rate(config, workload), draft_model=draft)
+                       progress=config.progress and writing, max_duration=config.max_duration, clock=clock,
+                       rate=rate if rate is not None else _offered_rate(config, workload), draft_model=draft,
+                       mesh=mesh)
       by_policy[policy] = run
       label = policy if rate is None else f"{policy} @ {rate_key(rate)} req/s"
       say(metrics_lib.format_benchmark_result(run.metrics, policy=label))
@@ -259,16 +268,18 @@ def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
     metrics_json = {p: {k: r.entry() for k, r in by_rate.items()} for p, by_rate in runs.items()}
     records = {f"{p}@{k}": r.records for p, by_rate in runs.items() for k, r in by_rate.items()}
     last = {p: by_rate[rate_key(max(rates))].records for p, by_rate in runs.items()}
-    metrics_lib.plot_goodput_vs_rate(
-        {p: [(float(k), r.metrics.request_goodput) for k, r in by_rate.items()] for p, by_rate in runs.items()},
-        run_dir / "goodput_vs_rate.png", title=f"goodput vs rate ({str(slo) or 'no SLO'})")
+    if writing:
+      metrics_lib.plot_goodput_vs_rate(
+          {p: [(float(k), r.metrics.request_goodput) for k, r in by_rate.items()] for p, by_rate in runs.items()},
+          run_dir / "goodput_vs_rate.png", title=f"goodput vs rate ({str(slo) or 'no SLO'})")
   else:
     metrics_json = {p: r.entry() for p, r in runs.items()}
     records = last = {p: r.records for p, r in runs.items()}
-  (run_dir / "metrics.json").write_text(json.dumps(metrics_json, indent=2) + "\n")
-  metrics_lib.write_requests_csv(records, run_dir / "requests.csv")
-  metrics_lib.plot_latency_cdf(last, run_dir / "ttft_cdf.png", metric="ttft")
-  metrics_lib.plot_latency_cdf(last, run_dir / "tpot_cdf.png", metric="tpot")
+  if writing:
+    (run_dir / "metrics.json").write_text(json.dumps(metrics_json, indent=2) + "\n")
+    metrics_lib.write_requests_csv(records, run_dir / "requests.csv")
+    metrics_lib.plot_latency_cdf(last, run_dir / "ttft_cdf.png", metric="ttft")
+    metrics_lib.plot_latency_cdf(last, run_dir / "tpot_cdf.png", metric="tpot")
   say(f"wrote {run_dir}/")
   return {"run_dir": run_dir, "metrics": metrics_json, "runs": runs, "table": "\n\n".join(tables)}
 
@@ -277,7 +288,6 @@ def _devices(config: ml_collections.ConfigDict, deployments) -> list:
   """The device budget shared by the deployments (`config.devices`, 0 = all), checked against them."""
   if not deployments:
     return []
-  import jax  # pylint: disable=import-outside-toplevel
   available = jax.devices()
   n = config.devices or len(available)
   if n > len(available):
@@ -287,6 +297,24 @@ def _devices(config: ml_collections.ConfigDict, deployments) -> list:
       raise ValueError(f"config.deployments: {d.label} has {d.num_instances} instances, which do not split "
                        f"config.devices={n} evenly")
   return available[:n]
+
+
+def _policy_mesh(config: ml_collections.ConfigDict, deployments) -> tuple[Any, Callable[[], float]]:
+  """The policies' engine mesh (None: one device) and clock; a multi-process run needs a mesh over every
+  device and the clock that all processes read alike."""
+  tp = config.tensor_parallel
+  if tp < 0:
+    raise ValueError(f"config.tensor_parallel={tp} must be >= 0")
+  multi = jax.process_count() > 1
+  if multi and tp == 1:
+    raise ValueError(f"a run of {jax.process_count()} processes needs config.tensor_parallel=0 (or the "
+                     "model-axis size of a mesh over all devices)")
+  if multi and (deployments or config.speculative_method):
+    raise ValueError("config.deployments and config.speculative_method run in one process only")
+  if tp == 1:
+    return None, time.perf_counter
+  mesh = sharding.make_mesh(sharding.MeshConfig(model=tp or jax.device_count()))
+  return mesh, sharding.SharedClock() if multi else time.perf_counter
 
 
 def _offered_rate(config: ml_collections.ConfigDict, workload: workloads.Workload) -> float:

@@ -177,13 +177,13 @@ class ModelRunner:
     if mesh is None:
       # One plain placement for state and cache: parameters restored by orbax carry a mesh sharding, and a
       # step whose input shardings change between calls would compile again after warm-up.
-      device = jax.devices()[0]
+      device = jax.local_devices()[0]
       self.state = jax.device_put(self.state, device)
       self.cache = jax.device_put(self.cache, device)
     if mesh is not None:
       replicated = NamedSharding(mesh, PartitionSpec())
       cache_shardings = [tuple(sharding.cache_sharding(mesh, a.ndim) for a in layer) for layer in self.cache]
-      self.cache = jax.device_put(self.cache, cache_shardings)
+      self.cache = sharding.put_global(self.cache, cache_shardings)
       state_shardings = [x.sharding for x in self.state]
       self._batch_sharding = replicated
       self._fn = jax.jit(_on_packed(_step_impl), static_argnums=(0, 1, 2), donate_argnums=(4,),

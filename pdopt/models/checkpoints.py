@@ -111,7 +111,7 @@ def _restore_tree(path: str) -> Any:
   the default device: newer orbax versions refuse to restore an array without a target sharding."""
   metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))
   tree = getattr(metadata, "tree", metadata)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   restore_args = jax.tree_util.tree_map(lambda _: ocp.ArrayRestoreArgs(sharding=device), tree)
   with ocp.PyTreeCheckpointer() as ckptr:
     return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))

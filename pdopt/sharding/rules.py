@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -85,6 +86,21 @@ def cache_sharding(mesh: Mesh, ndim: int = 4) -> NamedSharding:
   return NamedSharding(mesh, _spec(CACHE_AXES[:ndim]))
 
 
+def put_global(tree: Any, shardings: Any) -> Any:
+  """`jax.device_put(tree, shardings)`, also where the shardings span devices of other processes: then
+  each process builds its own shards from its copy of the values (which every process must hold alike)."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+  if not isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree_util.tree_map(lambda x, s: put_global(x, s), tree, shardings)
+  sharding_ = shardings
+
+  def put(x):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding_, lambda index: host[index])
+  return jax.tree_util.tree_map(put, tree)
+
+
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
   """Moves every parameter into its shards on `mesh` (in place) and returns the model.
 
@@ -93,11 +109,11 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
   """
   validate_tensor_parallel(model.config, mesh.shape[MODEL])
   params = nnx.state(model, nnx.Param)
-  values = jax.device_put(params.to_pure_dict(), param_shardings(model, mesh))
+  values = put_global(params.to_pure_dict(), param_shardings(model, mesh))
   params.replace_by_pure_dict(values)
   nnx.update(model, params)
   # Non-parameter state (RoPE frequencies) is small: replicate it on the mesh.
   others = nnx.state(model, nnx.Not(nnx.Param))
-  others.replace_by_pure_dict(jax.device_put(others.to_pure_dict(), NamedSharding(mesh, PartitionSpec())))
+  others.replace_by_pure_dict(put_global(others.to_pure_dict(), NamedSharding(mesh, PartitionSpec())))
   nnx.update(model, others)
   return model
