@@ -195,10 +195,11 @@ def test_config_validation():
     benchmark.run_experiment({"policies": "nope", "results_dir": "/nonexistent/never"}, print_fn=None)
   with pytest.raises(ValueError, match="unknown SLO metric"):
     benchmark.run_experiment({"slo": "latency:3", "results_dir": "/nonexistent/never"}, print_fn=None)
+  valid = {"rate": 1.0, "workload": {"num_requests": 2}, "results_dir": "/nonexistent/never"}
   with pytest.raises(ValueError, match="tensor_parallel=-1 must be >= 0"):
-    benchmark.run_experiment({"tensor_parallel": -1, "results_dir": "/nonexistent/never"}, print_fn=None)
+    benchmark.run_experiment({**valid, "tensor_parallel": -1}, print_fn=None)
   with pytest.raises(ValueError, match="MeshConfig.model=3 does not divide the 1 devices"):
-    benchmark.run_experiment({"tensor_parallel": 3, "results_dir": "/nonexistent/never"}, print_fn=None)
+    benchmark.run_experiment({**valid, "tensor_parallel": 3}, print_fn=None)
 
 
 @pytest.mark.parametrize("name", ["quickstart", "azure_conv", "arxiv_long", "disagg_cpu", "disagg_gpu"])
