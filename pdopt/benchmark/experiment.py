@@ -215,13 +215,11 @@ def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
     raise ValueError("config.speculative_method is not supported with config.deployments")
   devices = _devices(config, deployments)
   mesh, clock = _policy_mesh(config, deployments)
-  if jax.process_index() != 0:
-    print_fn = None  # Every process runs the same replay; process 0 reports and writes.
   if config.compilation_cache_dir:
     enable_compilation_cache(config.compilation_cache_dir)
 
-  say = print_fn or (lambda _: None)
-  writing = jax.process_index() == 0
+  writing = jax.process_index() == 0  # Every process runs the same replay; process 0 reports and writes.
+  say = print_fn if print_fn is not None and writing else (lambda _: None)
   run_dir = pathlib.Path(config.results_dir) / config.run_name
   if writing:
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -60,18 +60,18 @@ def _step_impl(static, attention_backend, state, cache, batch):
   logits, cache = model(batch["token_ids"], meta, cache, logits_indices=batch["logits_indices"],
                         attention_backend=attention_backend)
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return (greedy, logits), cache
+  # The sampling inputs ride along (already on the device) for `_sample`, which only sampled steps run.
+  return (greedy, logits, {k: batch[k] for k in _SAMPLING_KEYS}), cache
 
 
 _SAMPLING_KEYS = ("seeds", "temperature", "token_index", "top_k", "top_p")
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
-def _sample(logits, buffer, layout):
+@jax.jit
+def _sample(logits, b):
   """Sampled tokens for a step with requests that sample: a second, small program, so that greedy steps
   (the common case) never sort the vocabulary and need no data-dependent branch, whose predicate the GPU
   runtime would read on the host in the middle of the step."""
-  b = unpack_arrays(buffer, layout)
   return sampler.sample(logits, b["temperature"], b["top_k"], b["top_p"], b["seeds"], b["token_index"])
 
 
@@ -99,7 +99,7 @@ class PackedBatch:
   one per array, which cost the host about a millisecond per step. `layout` (static) unpacks it."""
   buffer: jax.Array
   layout: tuple[tuple[str, tuple[int, ...], str, int, int], ...]  # (key, shape, dtype, offset, size)
-  sampled: tuple[jax.Array, tuple] | None  # the sampling arrays, packed, if some row has temperature > 0
+  sampled: bool  # some row has temperature > 0
 
 
 def pack_arrays(batch: Mapping[str, np.ndarray]) -> tuple[np.ndarray, tuple]:
@@ -211,11 +211,8 @@ class ModelRunner:
   def put(self, batch: Mapping[str, np.ndarray]) -> PackedBatch:
     """Copies a packed batch's host arrays to this runner's devices in one transfer."""
     buffer, layout = pack_arrays(batch)
-    sampled = None
-    if np.any(batch["temperature"] > 0):
-      sampling, sampling_layout = pack_arrays({k: batch[k] for k in _SAMPLING_KEYS})
-      sampled = (jax.device_put(sampling, self._batch_sharding), sampling_layout)
-    return PackedBatch(jax.device_put(buffer, self._batch_sharding), layout, sampled)
+    return PackedBatch(jax.device_put(buffer, self._batch_sharding), layout,
+                       sampled=bool(np.any(batch["temperature"] > 0)))
 
   def dispatch(self, batch: Mapping[str, np.ndarray] | PackedBatch) -> jax.Array:
     """Enqueues one step without waiting for it; returns the sampled tokens [S] as a device array.
@@ -224,19 +221,16 @@ class ModelRunner:
     returns), which is how the engine benchmark measures a step's device time apart from the host's.
     """
     packed = batch if isinstance(batch, PackedBatch) else self.put(batch)
-    (tokens, logits), self.cache = self._fn(self.graphdef, self.attention_backend, packed.layout, self.state,
-                                            self.cache, packed.buffer)
-    if packed.sampled is None:
-      return tokens
-    buffer, layout = packed.sampled
-    return _sample(logits, buffer, layout)
+    (tokens, logits, sampling), self.cache = self._fn(self.graphdef, self.attention_backend, packed.layout,
+                                                      self.state, self.cache, packed.buffer)
+    return _sample(logits, sampling) if packed.sampled else tokens
 
   def compile_sampler(self, num_seqs: int) -> None:
     """Compiles the sampling program for `num_seqs` sequence slots (part of the engine's warm-up)."""
     batch = pack([], self.page_size, (1, num_seqs, 1))
-    logits = jnp.zeros((num_seqs, self.config.vocab_size), jnp.float32)
-    buffer, layout = pack_arrays({k: batch[k] for k in _SAMPLING_KEYS})
-    jax.block_until_ready(_sample(logits, jax.device_put(buffer, self._batch_sharding), layout))
+    sampling = jax.device_put({k: batch[k] for k in _SAMPLING_KEYS}, self._batch_sharding)
+    logits = jax.device_put(np.zeros((num_seqs, self.config.vocab_size), np.float32), self._batch_sharding)
+    jax.block_until_ready(_sample(logits, sampling))
 
   def call(self, impl, batch: Mapping[str, np.ndarray]):
     """Runs a variant of the step on this runner's model and KV cache (speculative decoding's verification

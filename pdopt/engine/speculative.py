@@ -206,9 +206,9 @@ def rejection_sample(logits: jax.Array, draft_tokens: jax.Array, num_drafts: jax
   return accepted.astype(jnp.int32), final
 
 
-def _verify_impl(graphdef, attention_backend, state, cache, batch):
+def _verify_impl(static, attention_backend, state, cache, batch):
   """The target step with logits at the last 1 + num_drafts positions of every sequence."""
-  model = runner_lib.merge(graphdef, state)
+  model = runner_lib.merge(static, state)
   draft_tokens = batch["draft_tokens"]  # [S, K]
   s, k = draft_tokens.shape
   last = batch["cu_q_lens"][1:] - 1  # [S] row of each sequence's last token
@@ -222,9 +222,9 @@ def _verify_impl(graphdef, attention_backend, state, cache, batch):
   return out, cache
 
 
-def _draft_impl(graphdef, attention_backend, state, cache, batch):
+def _draft_impl(static, attention_backend, state, cache, batch):
   """A draft step: forward, then one guess per sequence with the (filtered) distribution it came from."""
-  model = runner_lib.merge(graphdef, state)
+  model = runner_lib.merge(static, state)
   logits, cache = model(batch["token_ids"], _metadata(batch), cache, logits_indices=batch["logits_indices"],
                         attention_backend=attention_backend)
   temperature = batch["temperature"]
@@ -237,8 +237,6 @@ def _draft_impl(graphdef, attention_backend, state, cache, batch):
   probs = jnp.where(sampled[:, None], jax.nn.softmax(masked, axis=-1),
                     jax.nn.one_hot(greedy, logits.shape[-1], dtype=jnp.float32))
   return (tokens, probs), cache
-
-
 
 
 # --------------------------------------------------------------------------------------------- proposers
