@@ -368,13 +368,22 @@ def run(out: str | None, quick: bool) -> list[dict[str, Any]]:
   return results
 
 
-def tune(out: str | None = None, seq_len: int = 8192, configs: list[tuple[int, int, int, int]] | None = None):
+def tune(out: str | None = None, seq_len: int = 8192, configs: list[tuple[int, int, int, int]] | None = None,
+         dtype: str = "bfloat16", num_heads: int = _HEADS, head_dim: int = _HEAD_DIM,
+         kv_heads: tuple[int, ...] = (8, 32)):
   """Times flash_prefill block configurations (block_q tokens per program is rows / G).
+
+  The float32 default of the tuning table (NOTES.md) is re-measured by
+  `tune(seq_len=2048, dtype="float32", num_heads=32, head_dim=64, kv_heads=(8, 16),
+  configs=[(r, b, w, 2) for r in (16, 32, 64) for b in (16, 32, 64) for w in (2, 4, 8)])`.
 
   Args:
     out: JSON file for the timings, or None.
     seq_len: prompt length S of the dense causal case.
     configs: (rows, block_k, num_warps, num_stages) tuples; a default sweep when None.
+    dtype: q, K and V dtype.
+    num_heads, head_dim: query heads and head dimension.
+    kv_heads: KV head counts to sweep (one group size G = num_heads / K each).
 
   Returns:
     {group: [(config, ms or error)]}.
@@ -389,10 +398,10 @@ def tune(out: str | None = None, seq_len: int = 8192, configs: list[tuple[int, i
                         (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 2)]
   rng = np.random.default_rng(0)
   report: dict[str, Any] = {}
-  for num_kv_heads in (8, 32):
-    group = _HEADS // num_kv_heads
-    q = jax.random.normal(jax.random.key(0), (seq_len, _HEADS, _HEAD_DIM), jnp.bfloat16)
-    k = jax.random.normal(jax.random.key(1), (seq_len, num_kv_heads, _HEAD_DIM), jnp.bfloat16)
+  for num_kv_heads in kv_heads:
+    group = num_heads // num_kv_heads
+    q = jax.random.normal(jax.random.key(0), (seq_len, num_heads, head_dim), dtype)
+    k = jax.random.normal(jax.random.key(1), (seq_len, num_kv_heads, head_dim), dtype)
     perm = rng.permutation(-(-seq_len // _PAGE_SIZE)).astype(np.int32)
     k_pages = v_pages = _to_pages(k, perm)
     args = (q, k_pages, v_pages, jnp.asarray([seq_len], jnp.int32), jnp.asarray(perm[None]),
@@ -400,10 +409,10 @@ def tune(out: str | None = None, seq_len: int = 8192, configs: list[tuple[int, i
     rows_out = []
     for rows, bk, w, st in configs:
       bq = max(rows // group, 1)
-      fn = jax.jit(functools.partial(flash_prefill, sm_scale=_HEAD_DIM ** -0.5, block_q=bq, block_k=bk,
+      fn = jax.jit(functools.partial(flash_prefill, sm_scale=head_dim ** -0.5, block_q=bq, block_k=bk,
                                      num_warps=w, num_stages=st))
       t, err = _try(lambda: timing.time_jax(lambda: fn(*args), warmup=1, iters=5))
-      tf = None if err else _causal_flops(seq_len) / t / 1e12
+      tf = None if err else _causal_flops(seq_len, num_heads, head_dim) / t / 1e12
       rows_out.append({"block_q": bq, "block_k": bk, "num_warps": w, "num_stages": st,
                        "ms": None if err else t * 1e3, "tflops": tf, "error": err})
       print(f"tune S={seq_len} G={group} bq={bq:<4} bk={bk:<4} w={w} st={st}: "

@@ -91,15 +91,16 @@ def _entries() -> list[tuple[TuningKey, BlockConfig]]:
     for dtype in ("bfloat16", "float16"):
       # D=128: 128 matmul rows per program (block_q * G). Measured on H200 2026-11-27 (causal, 16-token
       # pages, NOTES.md): G=1 best at block_k=128, 8 warps, page ids prefetched (+7% at S=16384);
-      # G=4 at block_k=64, 4 warps, page ids loaded in-step (prefetching cost 38%). G=8 and D=64 are
-      # not measured yet: by analogy.
+      # G=4 at block_k=64, 4 warps, page ids loaded in-step (prefetching cost 38%). D=64, G=4 (the
+      # Llama-3.2-1B shape) measured the same day: 64 rows x 128 keys, 4 warps, 2 stages (193 TFLOP/s at
+      # S=8192 against 120 for the 128 x 64 entry it replaced). G=8, and D=64 with G=1 or 8: by analogy.
       out += [
           (TuningKey(128, 1, dtype, card),
            BlockConfig(128, 128, num_warps=8, num_stages=3, prefetch_pages=True)),
           (TuningKey(128, 4, dtype, card), BlockConfig(32, 64, num_warps=4, num_stages=3)),
           (TuningKey(128, 8, dtype, card), BlockConfig(16, 64, num_warps=4, num_stages=3)),
           (TuningKey(64, 1, dtype, card), BlockConfig(128, 64, num_warps=4, num_stages=3)),
-          (TuningKey(64, 4, dtype, card), BlockConfig(32, 64, num_warps=4, num_stages=3)),
+          (TuningKey(64, 4, dtype, card), BlockConfig(16, 128, num_warps=4, num_stages=2)),
           (TuningKey(64, 8, dtype, card), BlockConfig(16, 64, num_warps=4, num_stages=3)),
       ]
   return out
@@ -109,8 +110,15 @@ ENTRIES: tuple[tuple[TuningKey, BlockConfig], ...] = tuple(_entries())
 TABLE: Mapping[TuningKey, BlockConfig] = build_table(ENTRIES)
 
 
-def default_config(head_dim: int, group: int) -> BlockConfig:
-  """Heuristic for keys not in the table: about 128 matmul rows per program, 64 keys per step."""
+def default_config(head_dim: int, group: int, dtype: jnp.dtype | str = "bfloat16") -> BlockConfig:
+  """Heuristic for keys not in the table: about 128 matmul rows per program, 64 keys per step; for float32
+  (no tensor-core path at HIGHEST precision) 16 rows, whose tiles fit in registers: with 128 rows the
+  float32 kernel spills and runs 15-30x slower (H200 sweep of 2026-11-27, NOTES.md)."""
+  if jnp.dtype(dtype) == jnp.float32:
+    block_q = 1
+    while block_q * group < 16:
+      block_q *= 2
+    return BlockConfig(block_q=block_q, block_k=64, num_warps=4, num_stages=2)
   rows = 128 if head_dim <= 128 else 64
   block_q = max(16, rows // group)
   return BlockConfig(block_q=block_q, block_k=64, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
@@ -119,4 +127,4 @@ def default_config(head_dim: int, group: int) -> BlockConfig:
 def lookup(head_dim: int, group: int, dtype: jnp.dtype | str, card: Card) -> BlockConfig:
   """The table's entry for the key, or `default_config` when there is none."""
   key = TuningKey(head_dim, group, jnp.dtype(dtype).name, card)
-  return TABLE.get(key) or default_config(head_dim, group)
+  return TABLE.get(key) or default_config(head_dim, group, dtype)

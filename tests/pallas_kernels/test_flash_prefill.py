@@ -110,6 +110,14 @@ def test_tuning_table_has_no_duplicate_keys():
     tuning.build_table([(key, config), (key, config)])
 
 
+@pytest.mark.parametrize("group", [1, 2, 4, 8, 32])
+def test_float32_default_blocks_have_16_rows(group):
+  # float32 runs without tensor cores; 128-row tiles spill and were 15-30x slower on an H200.
+  config = tuning.lookup(64, group, "float32", tuning.Card.H200)
+  assert config.block_q * group == max(16, group)
+  assert tuning.lookup(64, group, "bfloat16", tuning.Card.OTHER).block_q * group >= 64
+
+
 def test_card_from_device_kind():
   assert tuning.Card.from_device_kind("NVIDIA H100 80GB HBM3") is tuning.Card.H100
   assert tuning.Card.from_device_kind("NVIDIA H200") is tuning.Card.H200
