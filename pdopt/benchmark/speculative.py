@@ -41,6 +41,8 @@ class SpecBenchRow:
     acceptance_rate, mean_accepted_length, tokens_per_forward: `SpecStats` (0 without speculation; the
       forward count includes each request's prefill pass).
     identical_to_k0: greedy outputs equal those of k = 0.
+    propose_ms, target_ms: host wall time per target pass spent proposing (the draft's device program
+      included) and in the target pass itself (0 without speculation).
   """
   method: str
   k: int
@@ -53,6 +55,8 @@ class SpecBenchRow:
   mean_accepted_length: float
   tokens_per_forward: float
   identical_to_k0: bool
+  propose_ms: float = 0.0
+  target_ms: float = 0.0
 
 
 def heldout_prompts(num_prompts: int, prompt_len: int, model: str = "tiny-code") -> list[list[int]]:
@@ -135,7 +139,8 @@ def run(target: Transformer, prompts: Sequence[Sequence[int]], ks: Sequence[int]
           method=method if k else "none", k=k, num_prompts=len(prompts), decode_tokens=tokens, decode_s=seconds,
           decode_tokens_per_s=rate, speedup=rate / baseline, acceptance_rate=stats.get("acceptance_rate", 0.0),
           mean_accepted_length=stats.get("mean_accepted_length", 0.0),
-          tokens_per_forward=stats.get("tokens_per_forward", 0.0), identical_to_k0=outputs == reference))
+          tokens_per_forward=stats.get("tokens_per_forward", 0.0), identical_to_k0=outputs == reference,
+          propose_ms=stats.get("propose_ms", 0.0), target_ms=stats.get("target_ms", 0.0)))
   return rows
 
 
@@ -145,16 +150,18 @@ def _since(now, before) -> dict[str, float]:
     return {}
   delta = dataclasses.replace(now, **{f.name: getattr(now, f.name) - getattr(before, f.name)
                                       for f in dataclasses.fields(now)})
+  per_pass = 1e3 / max(delta.num_forwards, 1)
   return dict(acceptance_rate=delta.acceptance_rate, mean_accepted_length=delta.mean_accepted_length,
-              tokens_per_forward=delta.tokens_per_forward)
+              tokens_per_forward=delta.tokens_per_forward, propose_ms=delta.propose_seconds * per_pass,
+              target_ms=delta.target_seconds * per_pass)
 
 
 def format_table(rows: Sequence[SpecBenchRow]) -> str:
   """A Markdown table of the rows."""
   lines = ["| method | k | decode tok/s | speed-up | mean accepted length | acceptance rate | tokens/forward "
-           "| greedy = k0 |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+           "| propose ms/pass | target ms/pass | greedy = k0 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
   for r in rows:
     lines.append(f"| {r.method} | {r.k} | {r.decode_tokens_per_s:.1f} | {r.speedup:.2f}x | "
                  f"{r.mean_accepted_length:.2f} | {r.acceptance_rate:.2f} | {r.tokens_per_forward:.2f} | "
-                 f"{'yes' if r.identical_to_k0 else 'NO'} |")
+                 f"{r.propose_ms:.2f} | {r.target_ms:.2f} | {'yes' if r.identical_to_k0 else 'NO'} |")
   return "\n".join(lines)

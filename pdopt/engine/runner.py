@@ -128,9 +128,10 @@ def unpack_arrays(buffer: jax.Array, layout) -> dict[str, jax.Array]:
 
 
 def _on_packed(impl):
-  """`impl(static, backend, state, cache, batch_dict)` as a function of the packed buffer and its layout."""
-  def fn(static, attention_backend, layout, state, cache, buffer):
-    return impl(static, attention_backend, state, cache, unpack_arrays(buffer, layout))
+  """`impl(static, backend, state, cache, batch_dict)` as a function of the packed buffer and its layout;
+  `extra` (a dict of device arrays, e.g. another program's outputs) joins the batch dict."""
+  def fn(static, attention_backend, layout, state, cache, buffer, extra=None):
+    return impl(static, attention_backend, state, cache, {**unpack_arrays(buffer, layout), **(extra or {})})
   fn.__name__ = impl.__name__
   return fn
 
@@ -232,7 +233,8 @@ class ModelRunner:
     logits = jax.device_put(np.zeros((num_seqs, self.config.vocab_size), np.float32), self._batch_sharding)
     jax.block_until_ready(_sample(logits, sampling))
 
-  def call(self, impl, batch: Mapping[str, np.ndarray]):
+  def call(self, impl, batch: Mapping[str, np.ndarray], extra: Mapping[str, jax.Array] | None = None,
+           fetch: bool = True):
     """Runs a variant of the step on this runner's model and KV cache (speculative decoding's verification
     and draft steps, `pdopt.engine.speculative`).
 
@@ -241,13 +243,17 @@ class ModelRunner:
         `merge(static, state)` is the model and `batch` the dict of device arrays; jitted here (once per
         variant, shared by every unsharded runner), donating the cache.
       batch: host arrays.
+      extra: device arrays added to `batch` as they are (e.g. outputs of an earlier call, which then
+        never visit the host).
+      fetch: wait for the outputs and return them as numpy arrays; False returns the device arrays at
+        once (the program may still be running).
 
     Returns:
-      `outputs` as numpy arrays (same tree).
+      `outputs` (same tree), numpy arrays when `fetch`.
     """
     if self._batch_sharding is not None:
       raise NotImplementedError("step variants (speculative decoding) do not run on a mesh yet")
     packed = self.put(batch)
     outputs, self.cache = _shared_jit(impl)(self.graphdef, self.attention_backend, packed.layout, self.state,
-                                            self.cache, packed.buffer)
-    return jax.tree_util.tree_map(np.asarray, outputs)
+                                            self.cache, packed.buffer, dict(extra or {}))
+    return jax.tree_util.tree_map(np.asarray, outputs) if fetch else outputs

@@ -22,10 +22,12 @@ exactly as the non-speculative sampler draws it, from `fold_in(PRNGKey(s), i)`.
 
 Proposers (`SpeculativeMethod`):
   draft   a small model with the target's vocabulary and its own paged KV cache (own `BlockManager` and
-          `ModelRunner`). Per step it first catches up on the tokens it has not seen (the whole prompt on a
-          request's first decode, afterwards the last accepted guess and the corrected token), then runs
-          k-1 more one-token steps, all batched over the speculating sequences. After verification its KV
-          is rolled back to the accepted prefix (`BlockManager.truncate`).
+          `ModelRunner`). Per step one device program (`draft_impl`) catches up on the tokens the draft
+          has not seen (the whole prompt on a request's first decode, afterwards the last accepted guess
+          and the corrected token) and runs the k-1 further one-token steps, batched over the speculating
+          sequences; its guesses (and q rows) stay on the device and go straight into the verification, so
+          a speculative step costs the host two dispatches and one wait. After verification the draft's
+          KV is rolled back to the accepted prefix (`BlockManager.truncate`).
   ngram   prompt lookup (no model): the longest suffix n-gram (prompt_lookup_max down to
           prompt_lookup_min tokens) that occurred earlier in the sequence proposes what followed its most
           recent earlier occurrence; it may propose fewer than k tokens, or none.
@@ -35,18 +37,20 @@ unchanged. The engine then widens each decode chunk to 1 + d tokens (d <= k) whe
 (`max_num_batched_tokens`), the free pages and the request's remaining `max_tokens` allow, verifies, and
 gives back the pages of rejected positions (`BlockManager.truncate`; their K/V in the target cache are
 simply overwritten later). A step without any guesses runs the ordinary compiled step, so the
-non-speculative shapes are unchanged; verification is a second jitted function (one compile per shape
-bucket, with k fixed per engine).
+non-speculative shapes are unchanged. Verification and the draft pass are further jitted functions, each
+in a greedy variant (argmax only: no sort, softmax or random draw) and a sampled one, used when some
+request of the step samples; one compile per shape bucket and variant, with k fixed per engine.
 
-Limitations: no mesh (tensor-parallel) support yet; the draft's q rows travel through the host (fine for
-small vocabularies, a cost for 100k-token ones); the draft prefix is computed lazily at a request's first
-decode rather than alongside the target's prefill.
+Limitations: no mesh (tensor-parallel) support yet; the draft prefix is computed lazily at a request's
+first decode rather than alongside the target's prefill.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import time
 from typing import Protocol, Sequence
 
 import jax
@@ -114,6 +118,8 @@ class SpecStats:
     num_drafts: sequence-steps that verified at least one guess.
     num_draft_tokens: guesses verified.
     num_accepted_tokens: guesses accepted.
+    propose_seconds: host wall time spent proposing (the draft's passes included, waiting for them too).
+    target_seconds: host wall time of the target passes (packing, the pass, reading its tokens back).
   """
   num_forwards: int = 0
   num_verify_forwards: int = 0
@@ -121,6 +127,8 @@ class SpecStats:
   num_drafts: int = 0
   num_draft_tokens: int = 0
   num_accepted_tokens: int = 0
+  propose_seconds: float = 0.0
+  target_seconds: float = 0.0
 
   @property
   def acceptance_rate(self) -> float:
@@ -206,55 +214,159 @@ def rejection_sample(logits: jax.Array, draft_tokens: jax.Array, num_drafts: jax
   return accepted.astype(jnp.int32), final
 
 
-def _verify_impl(static, attention_backend, state, cache, batch):
-  """The target step with logits at the last 1 + num_drafts positions of every sequence."""
+def greedy_accept(logits: jax.Array, draft_tokens: jax.Array, num_drafts: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The acceptance rule when no sequence samples: guesses are accepted while they equal the target's
+  argmax, and the argmax after the last accepted one is emitted. Same arguments and results as
+  `rejection_sample` restricted to temperature 0 (no sort, softmax or random draw)."""
+  k = draft_tokens.shape[1]
+  target = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [S, K+1]
+  ok = (draft_tokens == target[:, :k]) & (jnp.arange(k)[None, :] < num_drafts[:, None])
+  accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)  # [S]
+  return accepted, jnp.take_along_axis(target, accepted[:, None], axis=1)[:, 0]
+
+
+def _device_guesses(batch) -> tuple[jax.Array, jax.Array | None]:
+  """The draft's guesses for the target's sequence slots, from the draft pass's outputs (`guess_tokens`
+  [S', K], `guess_probs` [S', K, V] when sampling) through `draft_rows` [S] (-1: no guesses)."""
+  rows = batch["draft_rows"]
+  k = batch["guess_tokens"].shape[1]
+  valid = (rows[:, None] >= 0) & (jnp.arange(k)[None, :] < batch["num_drafts"][:, None])
+  tokens = jnp.where(valid, batch["guess_tokens"][jnp.maximum(rows, 0)], 0)
+  probs = batch["guess_probs"][jnp.maximum(rows, 0)] if "guess_probs" in batch else None
+  return tokens, probs
+
+
+def verify_impl(sampled: bool):
+  """The target's verification step: logits at the last 1 + num_drafts positions of every sequence, then
+  the acceptance rule (`rejection_sample`, or `greedy_accept` when no sequence samples). The guesses come
+  either from the host (`draft_tokens`, `draft_probs`) or, from the draft model, on the device
+  (`_device_guesses`), written here into their token rows (the host packed placeholders there).
+  Returns ((accepted [S], final [S], draft_tokens [S, K]), cache)."""
+  return _VERIFY[sampled]
+
+
+def _verify(static, attention_backend, state, cache, batch, *, sampled: bool):
   model = runner_lib.merge(static, state)
-  draft_tokens = batch["draft_tokens"]  # [S, K]
+  token_ids, num_drafts = batch["token_ids"], batch["num_drafts"]
+  if "guess_tokens" in batch:
+    draft_tokens, draft_probs = _device_guesses(batch)
+  else:
+    draft_tokens, draft_probs = batch["draft_tokens"], batch.get("draft_probs")
   s, k = draft_tokens.shape
   last = batch["cu_q_lens"][1:] - 1  # [S] row of each sequence's last token
-  rows = (last - batch["num_drafts"])[:, None] + jnp.arange(k + 1)[None, :]  # [S, K+1]
-  rows = jnp.clip(rows, 0, jnp.maximum(last, 0)[:, None])
-  logits, cache = model(batch["token_ids"], _metadata(batch), cache, logits_indices=rows.reshape(-1),
+  j = jnp.arange(k + 1)[None, :]
+  if "guess_tokens" in batch:
+    # Guess j of sequence s sits at row last - num_drafts + 1 + j; rows past the guesses are dropped.
+    at = jnp.where(j[:, :k] < num_drafts[:, None], (last - num_drafts + 1)[:, None] + j[:, :k], token_ids.shape[0])
+    token_ids = token_ids.at[at.reshape(-1)].set(draft_tokens.reshape(-1), mode="drop")
+  rows = jnp.clip((last - num_drafts)[:, None] + j, 0, jnp.maximum(last, 0)[:, None])  # [S, K+1]
+  logits, cache = model(token_ids, _metadata(batch), cache, logits_indices=rows.reshape(-1),
                         attention_backend=attention_backend)
-  out = rejection_sample(logits.reshape(s, k + 1, -1), draft_tokens, batch["num_drafts"],
-                         batch.get("draft_probs"), batch["temperature"], batch["top_k"], batch["top_p"],
-                         batch["seeds"], batch["token_index"])
-  return out, cache
+  logits = logits.reshape(s, k + 1, -1)
+  if sampled:
+    accepted, final = rejection_sample(logits, draft_tokens, num_drafts, draft_probs, batch["temperature"],
+                                       batch["top_k"], batch["top_p"], batch["seeds"], batch["token_index"])
+  else:
+    accepted, final = greedy_accept(logits, draft_tokens, num_drafts)
+  return (accepted, final, draft_tokens), cache
 
 
-def _draft_impl(static, attention_backend, state, cache, batch):
-  """A draft step: forward, then one guess per sequence with the (filtered) distribution it came from."""
-  model = runner_lib.merge(static, state)
-  logits, cache = model(batch["token_ids"], _metadata(batch), cache, logits_indices=batch["logits_indices"],
-                        attention_backend=attention_backend)
+def _verify_sampled(static, attention_backend, state, cache, batch):
+  return _verify(static, attention_backend, state, cache, batch, sampled=True)
+
+
+def _verify_greedy(static, attention_backend, state, cache, batch):
+  return _verify(static, attention_backend, state, cache, batch, sampled=False)
+
+
+_VERIFY = {True: _verify_sampled, False: _verify_greedy}
+
+
+def _guesses(logits, batch, offset: int, sampled: bool):
+  """One guess per sequence from draft logits [S, V] (token `token_index + offset` of each request) and,
+  when some sequence samples, the (filtered) distribution it was drawn from (one-hot for greedy rows)."""
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  if not sampled:
+    return greedy, None
   temperature = batch["temperature"]
   masked = sampler.filter_logits(logits, temperature, batch["top_k"], batch["top_p"])
-  keys = sampler.request_keys(batch["seeds"], batch["token_index"], DRAFT_STREAM)
+  keys = sampler.request_keys(batch["seeds"], batch["token_index"] + offset, DRAFT_STREAM)
   drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
-  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  sampled = temperature > 0
-  tokens = jnp.where(sampled, drawn, greedy)
-  probs = jnp.where(sampled[:, None], jax.nn.softmax(masked, axis=-1),
+  rows = temperature > 0
+  tokens = jnp.where(rows, drawn, greedy)
+  probs = jnp.where(rows[:, None], jax.nn.softmax(masked, axis=-1),
                     jax.nn.one_hot(greedy, logits.shape[-1], dtype=jnp.float32))
-  return (tokens, probs), cache
+  return tokens, probs
+
+
+@functools.cache
+def draft_impl(num_steps: int, sampled: bool):
+  """The draft's pass for k = `num_steps` guesses per sequence, as one device program.
+
+  The returned step function runs the packed chunks (each sequence's tokens the draft has not seen),
+  guesses one token after every chunk, then feeds each sequence its latest guess for `draft_steps[s] - 1`
+  more one-token forwards (no host round trip between them); sequence s keeps its first `draft_steps[s]`
+  guesses (0: it only catches up this pass). Rows past their count write nothing to the cache. Returns
+  ({"guess_tokens": [S, k], and with `sampled` "guess_probs": [S, k, V]}, cache).
+  """
+  def impl(static, attention_backend, state, cache, batch):
+    model = runner_lib.merge(static, state)
+    logits, cache = model(batch["token_ids"], _metadata(batch), cache, logits_indices=batch["logits_indices"],
+                          attention_backend=attention_backend)
+    tokens, probs = _guesses(logits, batch, 0, sampled)
+    out_tokens, out_probs = [tokens], [probs]
+    page_table, steps = batch["page_table"], batch["draft_steps"]
+    page_size = cache[0][0].shape[2]
+    s = steps.shape[0]
+    rows = jnp.arange(s)
+    num_seqs = batch["num_seqs"]
+    cu_q_lens = jnp.minimum(jnp.arange(s + 1), num_seqs[0]).astype(jnp.int32)  # One token per real sequence.
+    end = batch["kv_lens"]  # Tokens in the cache after the chunks.
+    for j in range(1, num_steps):
+      live = j < steps
+      pos = jnp.maximum(end + j - 1, 0)
+      page = page_table[rows, jnp.minimum(pos // page_size, page_table.shape[1] - 1)]
+      meta = AttentionMetadata(positions=pos, slot_mapping=jnp.where(live, page * page_size + pos % page_size, -1),
+                               cu_q_lens=cu_q_lens, kv_lens=jnp.where(live, end + j, end), page_table=page_table,
+                               num_seqs=num_seqs)
+      logits, cache = model(tokens, meta, cache, logits_indices=rows, attention_backend=attention_backend)
+      tokens, probs = _guesses(logits, batch, j, sampled)
+      out_tokens.append(tokens)
+      out_probs.append(probs)
+    out = {"guess_tokens": jnp.stack(out_tokens, axis=1)}
+    if sampled:
+      out["guess_probs"] = jnp.stack(out_probs, axis=1)
+    return out, cache
+
+  impl.__name__ = impl.__qualname__ = f"_draft_impl_k{num_steps}_{'sampled' if sampled else 'greedy'}"
+  return impl
 
 
 # --------------------------------------------------------------------------------------------- proposers
 
 
 @dataclasses.dataclass(frozen=True)
-class Proposal:
-  """Guesses for one sequence: `token_ids` [d] and, for a sampling proposer, their distributions
-  `probs` [d, V] (None: deterministic guesses, q is one-hot)."""
-  token_ids: tuple[int, ...] = ()
-  probs: np.ndarray | None = None
+class Proposals:
+  """Guesses for the sequences of a step.
+
+  Attributes:
+    counts: guesses per sequence (known on the host before the guesses themselves).
+    token_ids: the guesses per sequence on the host (n-gram lookup), or None when they stay on the device.
+    device: the draft pass's outputs on the device (`draft_impl`), or None; sequence i's guesses are row
+      `rows[i]` of them.
+    rows: per sequence, its row in `device` (-1: none).
+  """
+  counts: tuple[int, ...]
+  token_ids: tuple[tuple[int, ...], ...] | None = None
+  device: dict[str, jax.Array] | None = None
+  rows: tuple[int, ...] = ()
 
 
 class Proposer(Protocol):
-  """Guesses continuations of running sequences. `propose` gets the requests (prompt plus generated
+  """Guesses continuations of running sequences. `propose` gets the step's requests (prompt plus generated
   tokens in `all_token_ids`) and the most guesses each may get (0: none)."""
 
-  def propose(self, requests: Sequence[Request], max_drafts: Sequence[int]) -> list[Proposal]:
+  def propose(self, requests: Sequence[Request], max_drafts: Sequence[int]) -> Proposals:
     ...
 
   def rollback(self, request_id: str, num_tokens: int) -> None:
@@ -277,9 +389,9 @@ class NgramProposer:
   def __init__(self, min_n: int, max_n: int):
     self.min_n, self.max_n = min_n, max_n
 
-  def propose(self, requests: Sequence[Request], max_drafts: Sequence[int]) -> list[Proposal]:
-    return [Proposal(tuple(self.lookup(r.all_token_ids, d))) if d > 0 else Proposal()
-            for r, d in zip(requests, max_drafts)]
+  def propose(self, requests: Sequence[Request], max_drafts: Sequence[int]) -> Proposals:
+    guesses = tuple(tuple(self.lookup(r.all_token_ids, d)) if d > 0 else () for r, d in zip(requests, max_drafts))
+    return Proposals(counts=tuple(len(g) for g in guesses), token_ids=guesses)
 
   def lookup(self, token_ids: Sequence[int], k: int) -> list[int]:
     """Up to k tokens that followed the latest earlier occurrence of the longest suffix n-gram."""
@@ -309,17 +421,20 @@ class DraftModelProposer:
   """A small draft model with its own paged KV cache.
 
   `self.computed[request_id]` tokens of each sequence (real tokens, then the guesses of the current step)
-  have K/V in the draft's pages; a pass runs every sequence's missing tokens (chunked by the token budget)
-  and samples one guess for each sequence whose chunk reaches its end.
+  have K/V in the draft's pages. One pass (`draft_impl`, one device program) runs every speculating
+  sequence's missing tokens and all of its guesses; its outputs stay on the device and feed the target's
+  verification directly, so the host never waits for the draft. Only when the missing tokens exceed one
+  pass (a request's first decode after a long prompt) do catch-up passes run first (their outputs unused).
   """
 
   def __init__(self, model: Transformer, num_pages: int, page_size: int, buckets: Buckets, max_tokens: int,
-               attention_backend: str = "auto"):
+               num_speculative_tokens: int, attention_backend: str = "auto"):
     """Args:
       model: the draft model (same vocabulary as the target).
       num_pages, page_size: its KV pool.
-      buckets: shape buckets of its passes.
+      buckets: shape buckets of its passes (the engine's).
       max_tokens: tokens per pass.
+      num_speculative_tokens: k, the most guesses per sequence (one pass computes them all).
       attention_backend: see `pallas_kernels.api`.
     """
     self.block_manager = BlockManager(num_pages, page_size, enable_prefix_caching=False)
@@ -328,45 +443,69 @@ class DraftModelProposer:
     self.page_size = page_size
     self.max_tokens = max_tokens
     self.max_seqs = buckets.seqs[-1]
+    self.k = num_speculative_tokens
     self.computed: dict[str, int] = {}
 
-  def propose(self, requests: Sequence[Request], max_drafts: Sequence[int]) -> list[Proposal]:
-    guesses: list[list[int]] = [[] for _ in requests]
-    probs: list[list[np.ndarray]] = [[] for _ in requests]
-    limit = list(max_drafts)
-    active = [i for i, d in enumerate(limit) if d > 0]
-    while active:
-      chunks, owners, budget = [], [], self.max_tokens
-      for i in active:
-        req = requests[i]
-        rid = req.request_id
-        start = self.computed.get(rid, 0)
-        n = min(req.num_tokens + len(guesses[i]) - start, budget)
-        if n < 1 or len(chunks) == self.max_seqs:
-          continue  # The next pass runs it.
-        if not self.block_manager.allocate(rid, start + n):
-          limit[i] = len(guesses[i])  # The draft pool is full: propose what it has.
-          continue
-        known = req.all_token_ids[start:start + n]
-        ids = known + guesses[i][max(0, start - req.num_tokens):][:n - len(known)]
-        chunks.append(ChunkSpec(token_ids=ids, start=start, page_table=self.block_manager.page_table(rid),
-                                temperature=float(req.sampling.temperature), top_k=req.sampling.top_k,
-                                top_p=float(req.sampling.top_p), seed=req.seed,
-                                token_index=req.num_generated + len(guesses[i])))
-        owners.append(i)
-        budget -= n
-      if chunks:
-        shape = self.buckets.pick(sum(len(c.token_ids) for c in chunks), len(chunks),
-                                  max(len(c.page_table) for c in chunks))
-        tokens, dist = self.runner.call(_draft_impl, pack(chunks, self.page_size, shape))
-        for s, i in enumerate(owners):
-          req, c = requests[i], chunks[s]
-          self.computed[req.request_id] = c.start + len(c.token_ids)
-          if self.computed[req.request_id] == req.num_tokens + len(guesses[i]):
-            guesses[i].append(int(tokens[s]))
-            probs[i].append(dist[s])
-      active = [i for i in active if len(guesses[i]) < limit[i]]
-    return [Proposal(tuple(g), np.stack(p)) if g else Proposal() for g, p in zip(guesses, probs)]
+  def _pass(self, requests, parts, num_slots: int, sampled: bool):
+    """Dispatches one draft pass over `parts` = (request index, start, num tokens, guesses)."""
+    chunks, steps = [], []
+    for i, start, n, want in parts:
+      req = requests[i]
+      chunks.append(ChunkSpec(token_ids=req.all_token_ids[start:start + n], start=start,
+                              page_table=self.block_manager.page_table(req.request_id),
+                              temperature=float(req.sampling.temperature), top_k=req.sampling.top_k,
+                              top_p=float(req.sampling.top_p), seed=req.seed, token_index=req.num_generated))
+      steps.append(want)
+      self.computed[req.request_id] = start + n + max(want - 1, 0)
+    num_tokens = sum(len(c.token_ids) for c in chunks)
+    # The pass takes the target step's sequence bucket, so its outputs index like the verification's.
+    shape = self.buckets.pick(max(num_tokens, num_slots), max(len(chunks), num_slots),
+                              max(len(c.page_table) for c in chunks))
+    batch = pack(chunks, self.page_size, shape)
+    batch["draft_steps"] = np.zeros(shape[1], np.int32)
+    batch["draft_steps"][:len(steps)] = steps
+    return self.runner.call(draft_impl(self.k, sampled), batch, fetch=False)
+
+  def propose(self, requests: Sequence[Request], max_drafts: Sequence[int]) -> Proposals:
+    counts = [0] * len(requests)
+    todo = []  # (request index, tokens the draft has, guesses)
+    for i, d in enumerate(max_drafts):
+      if d <= 0:
+        continue
+      req = requests[i]
+      want, end = d, req.num_tokens
+      # Guess j > 0 writes guess j - 1's K/V: pages for end + want - 1 tokens.
+      while want > 1 and not self.block_manager.allocate(req.request_id, end + want - 1):
+        want -= 1
+      if want == 1 and not self.block_manager.allocate(req.request_id, end):
+        continue  # The draft pool is full: no guesses for this sequence this step.
+      todo.append((i, self.computed.get(req.request_id, 0), want))
+      counts[i] = want
+    if not todo:
+      return Proposals(counts=tuple(counts))
+    sampled = _samples(requests)  # As the verification: its sampled program needs the draft's q.
+    num_slots = len(requests)
+    if sum(requests[i].num_tokens - start for i, start, _ in todo) > self.max_tokens:
+      # Catch up on all but each sequence's last token first, in as many passes as the budget needs.
+      parts, budget = [], self.max_tokens
+      for i, start, _ in todo:
+        left = requests[i].num_tokens - 1 - start
+        while left > 0:
+          if budget == 0 or len(parts) == self.max_seqs:
+            self._pass(requests, parts, 1, sampled)
+            parts, budget = [], self.max_tokens
+          n = min(left, budget)
+          parts.append((i, start, n, 0))
+          start, left, budget = start + n, left - n, budget - n
+      if parts:
+        self._pass(requests, parts, 1, sampled)
+      todo = [(i, requests[i].num_tokens - 1, want) for i, _, want in todo]
+    out = self._pass(requests, [(i, start, requests[i].num_tokens - start, want) for i, start, want in todo],
+                     num_slots, sampled)
+    rows = [-1] * len(requests)
+    for r, (i, _, _) in enumerate(todo):
+      rows[i] = r
+    return Proposals(counts=tuple(counts), device=out, rows=tuple(rows))
 
   def rollback(self, request_id: str, num_tokens: int) -> None:
     if request_id in self.computed and self.computed[request_id] > num_tokens:
@@ -389,7 +528,10 @@ class DraftModelProposer:
 
   def warmup(self, shapes: Sequence[tuple[int, int, int]]) -> None:
     for shape in shapes:
-      self.runner.call(_draft_impl, pack([], self.page_size, shape))
+      batch = pack([], self.page_size, shape)
+      batch["draft_steps"] = np.zeros(shape[1], np.int32)
+      for sampled in (False, True):
+        jax.block_until_ready(self.runner.call(draft_impl(self.k, sampled), batch, fetch=False))
 
 
 # ------------------------------------------------------------------------------------------------ decoder
@@ -435,14 +577,14 @@ class SpeculativeDecoder:
           raise ValueError(f"draft_model context {draft.config.max_position_embeddings} is shorter than "
                            f"max_model_len {max_model_len}")
         self.proposer: Proposer = DraftModelProposer(draft, num_pages, page_size, buckets,
-                                                     max_num_batched_tokens, attention_backend)
+                                                     max_num_batched_tokens, self.k, attention_backend)
       case SpeculativeMethod.NGRAM:
         if draft is not None:
           raise ValueError("draft_model is only used by EngineConfig.speculative.method='draft', got "
                            f"method={config.method.value!r}")
         self.proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
 
-  def _count(self, **increments: int) -> None:
+  def _count(self, **increments: float) -> None:
     self.stats = dataclasses.replace(self.stats, **{k: getattr(self.stats, k) + v for k, v in increments.items()})
 
   def execute(self, runner: ModelRunner, block_manager: BlockManager,
@@ -471,53 +613,56 @@ class SpeculativeDecoder:
           d -= 1
         token_budget -= d
       max_drafts.append(d)
-    proposals = (self.proposer.propose([r for r, _, _ in scheduled], max_drafts) if any(max_drafts)
-                 else [Proposal()] * len(scheduled))
-    num_drafts = [len(p.token_ids) for p in proposals]
+    requests = [r for r, _, _ in scheduled]
+    t0 = time.perf_counter()
+    proposals = (self.proposer.propose(requests, max_drafts) if any(max_drafts)
+                 else Proposals(counts=(0,) * len(scheduled)))
+    t1 = time.perf_counter()
+    num_drafts = proposals.counts
     if any(num_drafts):
-      chunks = [dataclasses.replace(c, token_ids=list(c.token_ids) + list(p.token_ids),
-                                    page_table=block_manager.page_table(r.request_id)) if p.token_ids else c
-                for c, p, (r, _, _) in zip(chunks, proposals, scheduled)]
+      # Guesses that stay on the device get placeholder rows here; the verification writes them in.
+      guesses = proposals.token_ids or tuple((0,) * d for d in num_drafts)
+      chunks = [dataclasses.replace(c, token_ids=list(c.token_ids) + list(g),
+                                    page_table=block_manager.page_table(r.request_id)) if g else c
+                for c, g, r in zip(chunks, guesses, requests)]
     shape = self.buckets.pick(sum(len(c.token_ids) for c in chunks), len(chunks),
                               max(len(c.page_table) for c in chunks))
     batch = pack(chunks, self.page_size, shape)
-    s_pad = shape[1]
     if any(num_drafts):
-      batch.update(self._draft_arrays(proposals, s_pad, runner.config.vocab_size))
-      accepted, final = runner.call(_verify_impl, batch)
+      batch.update(self._draft_arrays(proposals, shape[1]))
+      accepted, final, draft_tokens = runner.call(verify_impl(_samples(requests)), batch, extra=proposals.device)
     else:
-      accepted, final = np.zeros(s_pad, np.int32), runner.run(batch)
+      accepted, final, draft_tokens = np.zeros(shape[1], np.int32), runner.run(batch), None
+    t2 = time.perf_counter()
     results = []
-    for s, ((req, start, n), p) in enumerate(zip(scheduled, proposals)):
+    for s, (req, start, n) in enumerate(scheduled):
       if max_drafts[s]:
         a = int(accepted[s])
         computed = start + 1 + a
         block_manager.truncate(req.request_id, computed)
         self.proposer.rollback(req.request_id, computed)
-        results.append((computed, list(p.token_ids[:a]) + [int(final[s])]))
+        results.append((computed, (draft_tokens[s, :a].tolist() if a else []) + [int(final[s])]))
       else:
         done = start + n >= req.num_tokens
         results.append((start + n, [int(final[s])] if done else []))
     self._count(num_forwards=1, num_verify_forwards=int(any(num_drafts)),
                 num_generated_tokens=sum(len(t) for _, t in results), num_drafts=sum(d > 0 for d in num_drafts),
                 num_draft_tokens=sum(num_drafts),
-                num_accepted_tokens=sum(int(accepted[s]) for s, d in enumerate(num_drafts) if d))
+                num_accepted_tokens=sum(int(accepted[s]) for s, d in enumerate(num_drafts) if d),
+                propose_seconds=t1 - t0, target_seconds=t2 - t1)
     return results
 
-  def _draft_arrays(self, proposals: Sequence[Proposal], s_pad: int, vocab: int) -> dict[str, np.ndarray]:
-    tokens = np.zeros((s_pad, self.k), np.int32)
+  def _draft_arrays(self, proposals: Proposals, s_pad: int) -> dict[str, np.ndarray]:
     counts = np.zeros(s_pad, np.int32)
-    for s, p in enumerate(proposals):
-      tokens[s, :len(p.token_ids)] = p.token_ids
-      counts[s] = len(p.token_ids)
-    out = dict(draft_tokens=tokens, num_drafts=counts)
-    if self.config.method is SpeculativeMethod.DRAFT:
-      probs = np.zeros((s_pad, self.k, vocab), np.float32)
-      for s, p in enumerate(proposals):
-        if p.probs is not None:
-          probs[s, :len(p.probs)] = p.probs
-      out["draft_probs"] = probs
-    return out
+    counts[:len(proposals.counts)] = proposals.counts
+    if proposals.token_ids is None:  # On the device: where each sequence's guesses are.
+      rows = np.full(s_pad, -1, np.int32)
+      rows[:len(proposals.rows)] = proposals.rows
+      return dict(num_drafts=counts, draft_rows=rows)
+    tokens = np.zeros((s_pad, self.k), np.int32)
+    for s, g in enumerate(proposals.token_ids):
+      tokens[s, :len(g)] = g
+    return dict(num_drafts=counts, draft_tokens=tokens)
 
   def free(self, request_id: str) -> None:
     """The request ended or was preempted: drop the proposer's state for it."""
@@ -527,15 +672,29 @@ class SpeculativeDecoder:
     self.proposer.check_no_leaks(idle)
 
   def warmup(self, runner: ModelRunner, vocab: int) -> None:
-    """Compiles verification (and the draft's passes) for every shape bucket."""
+    """Compiles verification (greedy and sampled) and the draft's passes for every shape bucket."""
     shapes = self.buckets.all_shapes()
     for shape in shapes:
       batch = pack([], self.page_size, shape)
-      batch.update(self._draft_arrays([], shape[1], vocab))
-      runner.call(_verify_impl, batch)
+      s_pad = shape[1]
+      for sampled in (False, True):
+        if self.config.method is SpeculativeMethod.DRAFT:
+          extra = {"guess_tokens": jnp.zeros((s_pad, self.k), jnp.int32)}
+          if sampled:
+            extra["guess_probs"] = jnp.zeros((s_pad, self.k, vocab), jnp.float32)
+          proposals = Proposals(counts=(), device=extra, rows=())
+        else:
+          extra, proposals = None, Proposals(counts=(), token_ids=())
+        runner.call(verify_impl(sampled), {**batch, **self._draft_arrays(proposals, s_pad)}, extra=extra)
     self.proposer.warmup(shapes)
 
   @property
   def num_compilations(self) -> int:
     """Verification and draft programs compiled so far (shared by engines of the same models and shapes)."""
-    return runner_lib.num_compilations_of(_verify_impl) + runner_lib.num_compilations_of(_draft_impl)
+    return sum(runner_lib.num_compilations_of(verify_impl(sampled)) +
+               runner_lib.num_compilations_of(draft_impl(self.k, sampled)) for sampled in (False, True))
+
+
+def _samples(requests: Sequence[Request]) -> bool:
+  """Whether some request of the step samples (temperature > 0): the step then needs the sampled programs."""
+  return any(r.sampling.temperature > 0 for r in requests)
