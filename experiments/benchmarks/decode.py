@@ -357,12 +357,14 @@ def run(out: str | None, quick: bool) -> dict[str, Any]:
   return result
 
 
-def tune(out: str | None = None, quick: bool = False) -> list[dict[str, Any]]:
+def tune(out: str | None = None, quick: bool = False, sweeps: list | None = None) -> list[dict[str, Any]]:
   """Sweeps the kernel's launch parameters at the issue's target shapes (bf16 and int8, page 16).
 
   Args:
     out: JSON path for every timing (None: print only).
     quick: fewer configurations.
+    sweeps: (batch, kv_len, kind, [(pages_per_block, num_warps, num_stages, num_splits, int8_upcast), ...])
+      tuples to run instead of the default sweep.
 
   Returns:
     One dict per (shape, configuration) with its time in seconds (None where it failed).
@@ -376,6 +378,7 @@ def tune(out: str | None = None, quick: bool = False) -> list[dict[str, Any]]:
   def grid(ppbs, warps, stages, splits):
     return [(*c, "bits") for c in itertools.product(ppbs, warps, stages, splits)]
 
+  given = sweeps
   sweeps = [
       # (batch, kv_len, kind, [(pages_per_block, num_warps, num_stages, num_splits, int8_upcast), ...])
       (64, 4096, "bf16", grid((4, 8), (4,), (2, 3), (None,))),
@@ -387,6 +390,7 @@ def tune(out: str | None = None, quick: bool = False) -> list[dict[str, Any]]:
   ]
   if quick:
     sweeps = [(64, 4096, "bf16", grid((8,), (4, 8), (2, 3), (None,)))]
+  sweeps = given or sweeps
   for batch, kv_len, kind, configs in sweeps:
     key = jax.random.key(batch + kv_len)
     q = jax.random.normal(key, (batch, 1, _NUM_HEADS, _HEAD_DIM), jnp.bfloat16)
