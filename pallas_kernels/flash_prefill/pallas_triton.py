@@ -279,7 +279,7 @@ def flash_prefill(
   Raises:
     NotImplementedError: for inputs this kernel does not serve (quantized pages, other dtypes, K/V
       dtype different from q's, a head dim that is not a power of two in [16, 256], H not a multiple
-      of K).
+      of K, a group size H / K that is not a power of two).
   """
   if k_scales is not None or v_scales is not None:
     raise NotImplementedError("flash_prefill does not serve quantized pages")
@@ -293,6 +293,9 @@ def flash_prefill(
   if num_heads % num_kv_heads:
     raise NotImplementedError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
   group = num_heads // num_kv_heads
+  if not _is_power_of_two(group):
+    raise NotImplementedError(f"flash_prefill needs a power-of-two group size (query heads per KV head), "
+                              f"got {num_heads} / {num_kv_heads} = {group}")
   card = tuning.Card.OTHER if interpret else tuning.current_card()
   config = tuning.lookup(head_dim, group, q.dtype, card)
   block_q = block_q or config.block_q

@@ -116,7 +116,7 @@ def replay(engine: Engine, workload: Workload, *, progress: bool = True, desc: s
   if sleep is None:
     sleep = getattr(clock, "sleep", time.sleep)
   steps0, preemptions0 = engine.num_steps, engine.num_preemptions
-  compilations0 = engine.runner.num_compilations
+  compilations0 = engine.num_compilations
   # Each entry is an engine request id (str) or a record made here (submission refused, deadline).
   slots: list[str | RequestRecord] = []
   in_engine: set[str] = set()
@@ -178,7 +178,7 @@ def replay(engine: Engine, workload: Workload, *, progress: bool = True, desc: s
       records=records, outputs=outputs, start=start,
       duration=end - start, num_steps=engine.num_steps - steps0,
       num_preemptions=engine.num_preemptions - preemptions0,
-      num_compilations=engine.runner.num_compilations - compilations0, num_rejected_at_submit=num_refused,
+      num_compilations=engine.num_compilations - compilations0, num_rejected_at_submit=num_refused,
       num_aborted_at_deadline=num_deadline)
 
 

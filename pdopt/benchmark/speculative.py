@@ -41,8 +41,9 @@ class SpecBenchRow:
     acceptance_rate, mean_accepted_length, tokens_per_forward: `SpecStats` (0 without speculation; the
       forward count includes each request's prefill pass).
     identical_to_k0: greedy outputs equal those of k = 0.
-    propose_ms, target_ms: host wall time per target pass spent proposing (the draft's device program
-      included) and in the target pass itself (0 without speculation).
+    propose_ms, target_ms: host wall time per target pass spent proposing (for the draft model only
+      dispatching its program) and in the target pass, whose wait includes the draft's device time (0
+      without speculation).
   """
   method: str
   k: int

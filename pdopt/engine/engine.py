@@ -267,15 +267,20 @@ class Engine:
 
   def warmup(self) -> int:
     """Compiles the step for every shape bucket; returns how many shapes were compiled."""
-    before = self.runner.num_compilations + (self.speculator.num_compilations if self.speculator else 0)
+    before = self.num_compilations
     for shape in self.buckets.all_shapes():
       self.runner.run(pack([], self.config.page_size, shape))
     for num_seqs in self.buckets.seqs:
       self.runner.compile_sampler(num_seqs)
     if self.speculator is not None:
       self.speculator.warmup(self.runner, self.model_config.vocab_size)
-      return self.runner.num_compilations + self.speculator.num_compilations - before
-    return self.runner.num_compilations - before
+    return self.num_compilations - before
+
+  @property
+  def num_compilations(self) -> int:
+    """Step programs compiled so far: the step, and with speculation its verification and draft programs
+    (unsharded engines of the same models and shapes share them)."""
+    return self.runner.num_compilations + (self.speculator.num_compilations if self.speculator else 0)
 
   def records(self) -> list[RequestRecord]:
     """Metrics records of every ended request, in submission order."""

@@ -118,8 +118,10 @@ class SpecStats:
     num_drafts: sequence-steps that verified at least one guess.
     num_draft_tokens: guesses verified.
     num_accepted_tokens: guesses accepted.
-    propose_seconds: host wall time spent proposing (the draft's passes included, waiting for them too).
-    target_seconds: host wall time of the target passes (packing, the pass, reading its tokens back).
+    propose_seconds: host wall time spent proposing (for the draft model: preparing and dispatching its
+      program, which the host does not wait for; its device time shows in `target_seconds`).
+    target_seconds: host wall time of the target passes (packing, dispatching, waiting for the results,
+      the draft's program included, and reading them back).
   """
   num_forwards: int = 0
   num_verify_forwards: int = 0
@@ -679,9 +681,12 @@ class SpeculativeDecoder:
       s_pad = shape[1]
       for sampled in (False, True):
         if self.config.method is SpeculativeMethod.DRAFT:
-          extra = {"guess_tokens": jnp.zeros((s_pad, self.k), jnp.int32)}
+          # Placed like the draft pass's outputs (committed to the runner's device): jit compiles
+          # uncommitted arrays separately, and serving would compile every bucket again.
+          extra = {"guess_tokens": np.zeros((s_pad, self.k), np.int32)}
           if sampled:
-            extra["guess_probs"] = jnp.zeros((s_pad, self.k, vocab), jnp.float32)
+            extra["guess_probs"] = np.zeros((s_pad, self.k, vocab), np.float32)
+          extra = jax.device_put(extra, runner.cache[0][0].sharding)
           proposals = Proposals(counts=(), device=extra, rows=())
         else:
           extra, proposals = None, Proposals(counts=(), token_ids=())

@@ -235,6 +235,30 @@ def test_config_errors_name_the_field(target, drafts):
     pdopt.Engine(target, pdopt.EngineConfig(**SMALL), draft_model=drafts["draft"])
 
 
+def test_draft_serving_compiles_nothing_after_warmup():
+  # A model shape no other test uses, so the shared compilation caches start empty for it: a program that
+  # warm-up compiled with differently placed inputs than serving passes would show up as a new entry.
+  config = pdopt.preset("tiny", hidden_size=48, intermediate_size=96, num_layers=1, num_heads=2, num_kv_heads=1,
+                        head_dim=24)
+  target = pdopt.init_model(config, seed=3)
+  draft = _perturbed(target, 0.1, seed=4)
+  engine = pdopt.Engine(target, pdopt.EngineConfig(
+      num_pages=32, speculative=SpeculativeConfig(method="draft", num_speculative_tokens=3), **SMALL),
+      draft_model=draft)
+  assert engine.warmup() > 0
+  compiled = engine.num_compilations
+  rng = np.random.default_rng(5)
+  prompts = [list(rng.integers(2, VOCAB, size=n)) for n in (5, 40, 70)]
+  params = [pdopt.SamplingParams(max_tokens=12, ignore_eos=True),
+            pdopt.SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.8, seed=1),
+            pdopt.SamplingParams(max_tokens=12, ignore_eos=True)]
+  engine.generate(prompts[:1], params[:1])  # Greedy only.
+  engine.generate(prompts, params)  # Mixed: the sampled variants.
+  assert engine.spec_stats().num_draft_tokens > 0
+  assert engine.num_compilations == compiled
+  engine.check_no_leaks()
+
+
 def test_experiment_runner_reports_speculation(tmp_path):
   from pdopt import benchmark  # pylint: disable=import-outside-toplevel
   config = {"run_name": "spec", "results_dir": str(tmp_path), "policies": "chunked", "progress": False,

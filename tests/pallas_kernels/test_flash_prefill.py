@@ -102,6 +102,14 @@ def test_quantized_pages_not_served():
     flash_prefill(*args, sm_scale=0.25, k_scales=scales, v_scales=scales, interpret=True)
 
 
+def test_group_size_not_a_power_of_two_not_served():
+  # 6 query heads over 2 KV heads: groups of 3 cannot form the kernel's power-of-two tiles; the API falls
+  # back to the reference on NotImplementedError.
+  args = make_inputs(Case(q_lens=(3,), prefixes=(0,), num_kv_heads=2, group=3), jnp.float32, seed=1)
+  with pytest.raises(NotImplementedError, match="group size"):
+    flash_prefill(*args, sm_scale=0.25, interpret=True)
+
+
 def test_tuning_table_has_no_duplicate_keys():
   assert len(tuning.TABLE) == len(tuning.ENTRIES)
   key = tuning.TuningKey(128, 1, "bfloat16", tuning.Card.H100)
