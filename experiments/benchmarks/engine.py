@@ -55,6 +55,7 @@ class Settings:
   serving_requests: int = 600
   serving_rate: float = 40.0
   quick: bool = False  # smoke run (`quick()`): the tiny preset, small shapes
+  async_decode: bool = False  # EngineConfig.async_decode for every engine of the run
 
 
 def quick(s: Settings) -> Settings:
@@ -100,13 +101,14 @@ def forward_flops(c: ModelConfig, prompt_lens: Sequence[int]) -> float:
 # -------------------------------------------------------------------------------------------- the parts
 
 
-def _engine(model: pdopt.Transformer, max_seqs: int, max_len: int, budget: int, policy: str) -> pdopt.Engine:
+def _engine(model: pdopt.Transformer, max_seqs: int, max_len: int, budget: int, policy: str,
+            async_decode: bool = False) -> pdopt.Engine:
   c = model.config
   pages_per_seq = -(-max_len // 16)
   return pdopt.Engine(model, pdopt.EngineConfig(
       policy=policy, page_size=16, num_pages=max_seqs * pages_per_seq + 64, max_num_batched_tokens=budget,
       max_num_seqs=max_seqs, max_model_len=min(max_len, c.max_position_embeddings),
-      enable_prefix_caching=False))
+      enable_prefix_caching=False, async_decode=async_decode))
 
 
 def _random_prompts(rng: np.random.Generator, n: int, length: int, vocab: int) -> list[list[int]]:
@@ -160,7 +162,8 @@ def bench_decode(model, s: Settings, copy_tbps: float) -> list[dict[str, Any]]:
   wbytes = weight_bytes(model)
   rng = np.random.default_rng(0)
   extra = s.decode_steps * 4 + 8
-  engine = _engine(model, max(s.decode_batches), s.context + extra, budget=8192, policy="prefill_first")
+  engine = _engine(model, max(s.decode_batches), s.context + extra, budget=8192, policy="prefill_first",
+                   async_decode=s.async_decode)
   rows = []
   for batch in s.decode_batches:
     prompts = _random_prompts(rng, batch, s.context - 1, c.vocab_size)
@@ -249,7 +252,7 @@ def bench_generate(model, s: Settings, hf_model) -> list[dict[str, Any]]:
   for batch in s.hf_batches:
     prompts = _random_prompts(rng, batch, s.hf_prompt_len, c.vocab_size)
     engine = _engine(model, batch, s.hf_prompt_len + s.hf_new_tokens, budget=max(2048, s.hf_prompt_len),
-                     policy="chunked")
+                     policy="chunked", async_decode=s.async_decode)
     params = pdopt.SamplingParams(max_tokens=s.hf_new_tokens, ignore_eos=True)
     engine.generate(prompts, params)  # compiles every shape this run reaches
     start = time.perf_counter()
@@ -289,7 +292,7 @@ def bench_serving(model, s: Settings) -> dict[str, Any]:
       workload=dict(kind="azure", name="azure_conv", num_requests=s.serving_requests, seed=0),
       engine=dict(page_size=16, num_pages=8192, max_model_len=max_len, max_num_batched_tokens=2048,
                   chunk_size=512, max_num_seqs=128, token_buckets=(64, 256, 2048), seq_buckets=(16, 64, 128),
-                  page_buckets=(64, 256), enable_prefix_caching=True)))
+                  page_buckets=(64, 256), enable_prefix_caching=True, async_decode=s.async_decode)))
   workload = experiment.make_workload(config, model)
   out = {}
   for policy in ("chunked", "prefill_first"):

@@ -122,6 +122,7 @@ def default_config() -> ml_collections.ConfigDict:
   e.tpot_slo_ms = config_dict.placeholder(float)
   e.attention_backend = "auto"
   e.seed = 0
+  e.async_decode = False
   e.token_buckets = config_dict.placeholder(tuple)
   e.seq_buckets = config_dict.placeholder(tuple)
   e.page_buckets = config_dict.placeholder(tuple)

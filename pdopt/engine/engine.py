@@ -23,6 +23,7 @@ import math
 import time
 from typing import Callable, Sequence
 
+import jax
 import numpy as np
 from jax.sharding import Mesh
 
@@ -62,6 +63,14 @@ class EngineConfig:
     token_buckets, seq_buckets, page_buckets: padded sizes; None derives geometric buckets.
     speculative: speculative decoding (`pdopt.engine.speculative`), or None; method "draft" needs
       `Engine(..., draft_model=...)`. Guesses only use token budget and pages the policy left free.
+    async_decode: overlap the host with the device while decoding steadily. A step made only of decodes is
+      dispatched without waiting for its tokens; the next `step()` asks the policy about the state after
+      it and, if the answer is the same sequences decoding one more token each (nothing waiting, no
+      preemption, no length limit reached), dispatches that step at once with its input tokens taken from
+      the previous step's output on the device, and only then reads the previous step's tokens and does
+      its bookkeeping while the new step runs. Outputs are identical to the synchronous engine; a request
+      that stops on a stop token has one more token computed and dropped. Not with `speculative`,
+      `handoff_after_prefill` or a mesh.
   """
   policy: str = "chunked"
   page_size: int = 16
@@ -81,6 +90,7 @@ class EngineConfig:
   seq_buckets: tuple[int, ...] | None = None
   page_buckets: tuple[int, ...] | None = None
   speculative: SpeculativeConfig | None = None
+  async_decode: bool = False
 
   def scheduling(self) -> SchedulingConfig:
     return SchedulingConfig(policy=self.policy, max_num_batched_tokens=self.max_num_batched_tokens,
@@ -144,6 +154,9 @@ class Engine:
           config.max_num_batched_tokens, self.max_model_len, config.attention_backend)
     elif draft_model is not None:
       raise ValueError("draft_model given but EngineConfig.speculative is None")
+    if config.async_decode and (config.speculative is not None or config.handoff_after_prefill or mesh is not None):
+      raise ValueError("EngineConfig.async_decode does not combine with speculative, handoff_after_prefill "
+                       "or a mesh")
     self._eos = frozenset(model.config.eos_token_id)
     self._seed_rng = np.random.default_rng(config.seed)
     self._ids = itertools.count()
@@ -153,6 +166,8 @@ class Engine:
     self.num_steps = 0
     self.num_preemptions = 0
     self._handoffs: list[Request] = []
+    # async_decode: a dispatched decode step whose tokens are not read yet: (scheduled, tokens on device).
+    self._inflight: tuple[list[tuple[Request, int, int]], jax.Array] | None = None
 
   # ------------------------------------------------------------------ API
 
@@ -204,17 +219,27 @@ class Engine:
     return True
 
   def has_unfinished(self) -> bool:
-    return bool(self.waiting or self.running)
+    return bool(self.waiting or self.running or self._inflight)
 
   def step(self) -> list[RequestOutput]:
     """Runs one scheduling decision and at most one forward pass.
+
+    With `async_decode`, a call may instead read the tokens of the step dispatched by the previous call
+    (after dispatching the next one, or before scheduling synchronously again).
 
     Returns:
       Outputs of the requests that got a token or ended during this step.
     """
     now = self.clock()
-    plan = self.policy.schedule(self._view(now))
     touched: dict[str, Request] = {}
+    if self._inflight is not None:
+      previous, self._inflight = self._inflight, self._chain(now)
+      self._finish(previous, touched)
+      if self._inflight is not None:
+        self.num_steps += 1
+        return [RequestOutput.of(r) for r in touched.values()]
+      now = self.clock()
+    plan = self.policy.schedule(self._view(now))
     for rid, reason in plan.reject:
       req = self.requests[rid]
       if req.status is RequestStatus.WAITING:
@@ -272,6 +297,12 @@ class Engine:
       self.runner.run(pack([], self.config.page_size, shape))
     for num_seqs in self.buckets.seqs:
       self.runner.compile_sampler(num_seqs)
+    if self.config.async_decode:  # The chained step variant, its previous tokens placed as serving has them.
+      device = self.runner.cache[0][0].sharding
+      for shape in self.buckets.all_shapes():
+        batch = pack([], self.config.page_size, shape)
+        batch["prev_rows"] = np.full(shape[0], -1, np.int32)
+        jax.block_until_ready(self.runner.dispatch(batch, jax.device_put(np.zeros(shape[1], np.int32), device)))
     if self.speculator is not None:
       self.speculator.warmup(self.runner, self.model_config.vocab_size)
     return self.num_compilations - before
@@ -347,13 +378,16 @@ class Engine:
 
   # ------------------------------------------------------------------ internals
 
-  def _view(self, now: float) -> SchedulerView:
+  def _view(self, now: float, ahead: int = 0) -> SchedulerView:
+    """What the policy sees; `ahead` = 1 shows running requests as they will be after one more decode
+    token (the in-flight step of `async_decode`)."""
     def view(req: Request, running: bool) -> RequestView:
+      extra = ahead if running else 0
       return RequestView(
           request_id=req.request_id, arrival_time=req.arrival_time, prompt_len=req.prompt_len,
-          num_tokens=req.num_tokens, num_computed_tokens=req.num_computed_tokens if running else 0,
+          num_tokens=req.num_tokens + extra, num_computed_tokens=req.num_computed_tokens + extra if running else 0,
           num_pages_held=len(self.block_manager.page_table(req.request_id)) if running else 0,
-          num_generated=req.num_generated, max_tokens=req.sampling.max_tokens, is_running=running,
+          num_generated=req.num_generated + extra, max_tokens=req.sampling.max_tokens, is_running=running,
           first_token_time=req.first_token_time)
     return SchedulerView(
         now=now,
@@ -402,10 +436,57 @@ class Engine:
       num_tokens = sum(n for _, _, n in scheduled)
       max_pages = max(len(c.page_table) for c in chunks)
       shape = self.buckets.pick(num_tokens, len(chunks), max_pages)
-      sampled = self.runner.run(pack(chunks, self.config.page_size, shape))
+      batch = pack(chunks, self.config.page_size, shape)
+      if self.config.async_decode and all(_is_decode(req, start, n) for req, start, n in scheduled):
+        self._inflight = (scheduled, self.runner.dispatch(batch))  # Read by the next step().
+        return
+      sampled = self.runner.run(batch)
       # A prompt chunk that does not reach the end of its prompt samples nothing yet.
       results = [(start + n, [int(sampled[s])] if start + n >= req.num_tokens else [])
                  for s, (req, start, n) in enumerate(scheduled)]
+    self._apply(scheduled, results, touched)
+
+  def _chain(self, now: float) -> tuple[list[tuple[Request, int, int]], jax.Array] | None:
+    """`async_decode`: dispatches the step after the in-flight one if the policy, shown the state after
+    it, decodes the same sequences one token each; returns the new in-flight step, or None."""
+    scheduled, tokens = self._inflight
+    running = [self.requests[rid] for rid in self.running]
+    if self.waiting or [req.request_id for req in running] != [req.request_id for req, _, _ in scheduled]:
+      return None
+    for req in running:  # After the in-flight token, no request may be at a length limit.
+      if req.num_generated + 1 >= req.sampling.max_tokens or req.num_tokens + 1 >= self.max_model_len:
+        return None
+    plan = self.policy.schedule(self._view(now, ahead=1))
+    if (plan.reject or plan.preempt or len(plan.chunks) != len(running)
+        or {c.request_id for c in plan.chunks} != set(self.running) or min(c.num_tokens for c in plan.chunks) < 1):
+      return None
+    bm = self.block_manager
+    if not all(bm.allocate(req.request_id, req.num_tokens + 1) for req in running):
+      return None  # Pages taken so far stay with their requests, which need them next step anyway.
+    # Row s decodes the token the in-flight step samples for row s (placeholder 0 here).
+    chunks = [ChunkSpec(token_ids=[0], start=req.num_tokens, page_table=bm.page_table(req.request_id),
+                        temperature=float(req.sampling.temperature), top_k=req.sampling.top_k,
+                        top_p=float(req.sampling.top_p), seed=req.seed, token_index=req.num_generated + 1)
+              for req in running]
+    shape = self.buckets.pick(len(chunks), len(chunks), max(len(c.page_table) for c in chunks))
+    batch = pack(chunks, self.config.page_size, shape)
+    batch["prev_rows"] = np.full(shape[0], -1, np.int32)
+    batch["prev_rows"][:len(chunks)] = np.arange(len(chunks))
+    return [(req, req.num_tokens, 1) for req in running], self.runner.dispatch(batch, prev_tokens=tokens)
+
+  def _finish(self, inflight, touched: dict[str, Request]) -> None:
+    """Reads an in-flight step's tokens and applies them to the requests still running (a request that
+    stopped or was aborted meanwhile drops its token)."""
+    scheduled, tokens = inflight
+    sampled = np.asarray(tokens)
+    live = [(s, item) for s, item in enumerate(scheduled) if not item[0].status.done]
+    self._apply([item for _, item in live], [(start + n, [int(sampled[s])]) for s, (_, start, n) in live],
+                touched)
+
+  def _apply(self, scheduled: list[tuple[Request, int, int]], results: list[tuple[int, list[int]]],
+             touched: dict[str, Request]) -> None:
+    """Per scheduled chunk (request, start, tokens): its tokens now in the KV cache and the tokens it emits."""
+    bm = self.block_manager
     now = self.clock()
     for (req, start, n), (num_computed, tokens) in zip(scheduled, results):
       if start < req.num_tokens - 1:  # Any part of the chunk that is not a plain decode token.
@@ -436,3 +517,8 @@ class Engine:
     if req.num_generated >= req.sampling.max_tokens or req.num_tokens >= self.max_model_len:
       return "length"
     return None
+
+
+def _is_decode(req: Request, start: int, n: int) -> bool:
+  """The chunk is one decode token (the sequence's last, after a generated one)."""
+  return n == 1 and start == req.num_tokens - 1 and req.num_generated > 0

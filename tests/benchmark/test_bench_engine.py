@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 import pdopt
 from experiments.benchmarks import engine as bench
 
@@ -17,9 +19,11 @@ def test_forward_flops_counts_projections_attention_and_last_logits():
   assert bench.forward_flops(c, [10, 6]) == want
 
 
-def test_decode_part_reports_floor_device_and_host_time():
+@pytest.mark.parametrize("async_decode", [False, True])
+def test_decode_part_reports_floor_device_and_host_time(async_decode):
   model = pdopt.init_model(pdopt.preset("tiny", dtype="bfloat16"), seed=0)
-  settings = dataclasses.replace(bench.quick(bench.Settings()), decode_batches=(2,), context=40, decode_steps=2)
+  settings = dataclasses.replace(bench.quick(bench.Settings()), decode_batches=(2,), context=40, decode_steps=2,
+                                 async_decode=async_decode)
   rows = bench.bench_decode(model, settings, copy_tbps=0.05)
   (row,) = rows
   assert row["batch"] == 2 and row["context"] >= 40
