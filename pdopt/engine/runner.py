@@ -247,9 +247,11 @@ class ModelRunner:
 
   def compile_sampler(self, num_seqs: int) -> None:
     """Compiles the sampling program for `num_seqs` sequence slots (part of the engine's warm-up)."""
+    # Placed (committed) as the step's outputs are: jit compiles uncommitted inputs separately.
+    placement = self._batch_sharding or self.cache[0][0].sharding
     batch = pack([], self.page_size, (1, num_seqs, 1))
-    sampling = jax.device_put({k: batch[k] for k in _SAMPLING_KEYS}, self._batch_sharding)
-    logits = jax.device_put(np.zeros((num_seqs, self.config.vocab_size), np.float32), self._batch_sharding)
+    sampling = jax.device_put({k: batch[k] for k in _SAMPLING_KEYS}, placement)
+    logits = jax.device_put(np.zeros((num_seqs, self.config.vocab_size), np.float32), placement)
     jax.block_until_ready(_sample(logits, sampling))
 
   def call(self, impl, batch: Mapping[str, np.ndarray], extra: Mapping[str, jax.Array] | None = None,

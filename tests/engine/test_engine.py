@@ -118,6 +118,21 @@ def test_no_compilation_after_warmup(model):
   engine.check_no_leaks()
 
 
+def test_sampler_compiles_nothing_after_warmup():
+  # A vocabulary no other test uses, so the shared sampling program has no entries for these shapes yet.
+  from pdopt.engine import runner as runner_lib  # pylint: disable=import-outside-toplevel
+  model = pdopt.init_model(pdopt.preset("tiny", vocab_size=517, num_layers=1), seed=0)
+  engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=64, max_num_batched_tokens=64, max_num_seqs=8,
+                                                  max_model_len=64, page_buckets=(4,), seq_buckets=(4, 8)))
+  engine.warmup()
+  compiled = runner_lib._sample._cache_size()  # pylint: disable=protected-access
+  rng = np.random.default_rng(2)
+  engine.generate([list(rng.integers(2, 517, size=n)) for n in (3, 20, 40, 7, 9, 30)],
+                  [pdopt.SamplingParams(max_tokens=5, temperature=0.8, seed=i, ignore_eos=True) for i in range(6)])
+  assert runner_lib._sample._cache_size() == compiled  # pylint: disable=protected-access
+  engine.check_no_leaks()
+
+
 def test_seeded_sampling_is_reproducible_and_seed_dependent(model):
   prompt = [5, 6, 7, 8]
   def sample(seed, others):
