@@ -298,11 +298,11 @@ class Engine:
     for num_seqs in self.buckets.seqs:
       self.runner.compile_sampler(num_seqs)
     if self.config.async_decode:  # The chained step variant, its previous tokens placed as serving has them.
-      device = self.runner.cache[0][0].sharding
       for shape in self.buckets.all_shapes():
         batch = pack([], self.config.page_size, shape)
         batch["prev_rows"] = np.full(shape[0], -1, np.int32)
-        jax.block_until_ready(self.runner.dispatch(batch, jax.device_put(np.zeros(shape[1], np.int32), device)))
+        prev = jax.device_put(np.zeros(shape[1], np.int32), self.runner.output_placement)
+        jax.block_until_ready(self.runner.dispatch(batch, prev))
     if self.speculator is not None:
       self.speculator.warmup(self.runner, self.model_config.vocab_size)
     return self.num_compilations - before

@@ -234,24 +234,26 @@ class ModelRunner:
         `batch["token_ids"]`). Unsharded runners only.
     """
     packed = batch if isinstance(batch, PackedBatch) else self.put(batch)
+    extra = ()
     if prev_tokens is not None:
       if self._batch_sharding is not None:
         raise NotImplementedError("chained steps do not run on a mesh yet")
-      (tokens, logits, sampling), self.cache = self._fn(self.graphdef, self.attention_backend, packed.layout,
-                                                        self.state, self.cache, packed.buffer,
-                                                        {"prev_tokens": prev_tokens})
-      return _sample(logits, sampling) if packed.sampled else tokens
+      extra = ({"prev_tokens": prev_tokens},)
     (tokens, logits, sampling), self.cache = self._fn(self.graphdef, self.attention_backend, packed.layout,
-                                                      self.state, self.cache, packed.buffer)
+                                                      self.state, self.cache, packed.buffer, *extra)
     return _sample(logits, sampling) if packed.sampled else tokens
+
+  @property
+  def output_placement(self):
+    """Where the step's outputs live (committed): warm-up inputs that stand in for them must be placed
+    here, since jit compiles committed and uncommitted inputs separately."""
+    return self._batch_sharding or self.cache[0][0].sharding
 
   def compile_sampler(self, num_seqs: int) -> None:
     """Compiles the sampling program for `num_seqs` sequence slots (part of the engine's warm-up)."""
-    # Placed (committed) as the step's outputs are: jit compiles uncommitted inputs separately.
-    placement = self._batch_sharding or self.cache[0][0].sharding
     batch = pack([], self.page_size, (1, num_seqs, 1))
-    sampling = jax.device_put({k: batch[k] for k in _SAMPLING_KEYS}, placement)
-    logits = jax.device_put(np.zeros((num_seqs, self.config.vocab_size), np.float32), placement)
+    sampling = jax.device_put({k: batch[k] for k in _SAMPLING_KEYS}, self.output_placement)
+    logits = jax.device_put(np.zeros((num_seqs, self.config.vocab_size), np.float32), self.output_placement)
     jax.block_until_ready(_sample(logits, sampling))
 
   def call(self, impl, batch: Mapping[str, np.ndarray], extra: Mapping[str, jax.Array] | None = None,

@@ -238,29 +238,34 @@ def _device_guesses(batch) -> tuple[jax.Array, jax.Array | None]:
   return tokens, probs
 
 
+@functools.cache
 def verify_impl(sampled: bool):
   """The target's verification step: logits at the last 1 + num_drafts positions of every sequence, then
   the acceptance rule (`rejection_sample`, or `greedy_accept` when no sequence samples). The guesses come
   either from the host (`draft_tokens`, `draft_probs`) or, from the draft model, on the device
   (`_device_guesses`), written here into their token rows (the host packed placeholders there).
   Returns ((accepted [S], final [S], draft_tokens [S, K]), cache)."""
-  return _VERIFY[sampled]
+  def impl(static, attention_backend, state, cache, batch):
+    return _verify(static, attention_backend, state, cache, batch, sampled=sampled)
+
+  impl.__name__ = impl.__qualname__ = f"_verify_{'sampled' if sampled else 'greedy'}"
+  return impl
 
 
 def _verify(static, attention_backend, state, cache, batch, *, sampled: bool):
   model = runner_lib.merge(static, state)
   token_ids, num_drafts = batch["token_ids"], batch["num_drafts"]
+  last = batch["cu_q_lens"][1:] - 1  # [S] row of each sequence's last token
   if "guess_tokens" in batch:
     draft_tokens, draft_probs = _device_guesses(batch)
+    # Guess j of sequence s sits at row last - num_drafts + 1 + j; rows past the guesses are dropped.
+    g = jnp.arange(draft_tokens.shape[1])[None, :]
+    at = jnp.where(g < num_drafts[:, None], (last - num_drafts + 1)[:, None] + g, token_ids.shape[0])
+    token_ids = token_ids.at[at.reshape(-1)].set(draft_tokens.reshape(-1), mode="drop")
   else:
     draft_tokens, draft_probs = batch["draft_tokens"], batch.get("draft_probs")
   s, k = draft_tokens.shape
-  last = batch["cu_q_lens"][1:] - 1  # [S] row of each sequence's last token
   j = jnp.arange(k + 1)[None, :]
-  if "guess_tokens" in batch:
-    # Guess j of sequence s sits at row last - num_drafts + 1 + j; rows past the guesses are dropped.
-    at = jnp.where(j[:, :k] < num_drafts[:, None], (last - num_drafts + 1)[:, None] + j[:, :k], token_ids.shape[0])
-    token_ids = token_ids.at[at.reshape(-1)].set(draft_tokens.reshape(-1), mode="drop")
   rows = jnp.clip((last - num_drafts)[:, None] + j, 0, jnp.maximum(last, 0)[:, None])  # [S, K+1]
   logits, cache = model(token_ids, _metadata(batch), cache, logits_indices=rows.reshape(-1),
                         attention_backend=attention_backend)
@@ -271,17 +276,6 @@ def _verify(static, attention_backend, state, cache, batch, *, sampled: bool):
   else:
     accepted, final = greedy_accept(logits, draft_tokens, num_drafts)
   return (accepted, final, draft_tokens), cache
-
-
-def _verify_sampled(static, attention_backend, state, cache, batch):
-  return _verify(static, attention_backend, state, cache, batch, sampled=True)
-
-
-def _verify_greedy(static, attention_backend, state, cache, batch):
-  return _verify(static, attention_backend, state, cache, batch, sampled=False)
-
-
-_VERIFY = {True: _verify_sampled, False: _verify_greedy}
 
 
 def _guesses(logits, batch, offset: int, sampled: bool):
@@ -681,12 +675,10 @@ class SpeculativeDecoder:
       s_pad = shape[1]
       for sampled in (False, True):
         if self.config.method is SpeculativeMethod.DRAFT:
-          # Placed like the draft pass's outputs (committed to the runner's device): jit compiles
-          # uncommitted arrays separately, and serving would compile every bucket again.
           extra = {"guess_tokens": np.zeros((s_pad, self.k), np.int32)}
           if sampled:
             extra["guess_probs"] = np.zeros((s_pad, self.k, vocab), np.float32)
-          extra = jax.device_put(extra, runner.cache[0][0].sharding)
+          extra = jax.device_put(extra, runner.output_placement)  # As the draft pass's outputs are.
           proposals = Proposals(counts=(), device=extra, rows=())
         else:
           extra, proposals = None, Proposals(counts=(), token_ids=())
