@@ -12,7 +12,10 @@ batch, each with the other kind's sequences masked out through `kv_lens`:
 - `flash_prefill` sees the batch with kv_len 0 for the decodes: their one query row sees no key, their
   work item costs nothing and sorts last.
 
-The decode rows of the result come from the first, the rest from the second. Both read the cache in place
+The decode rows of the result come from the first, the rest from the second. A caller that knows, when it
+traces, that every sequence decodes one token (`decode_only`: the engine's steady decoding steps) skips the
+prefill kernel and the row selection: `ragged_decode` reads sequence s's query from row s and writes its
+output there. Both read the cache in place
 through the page table (the layout of `pallas_kernels.reference`). A kernel that cannot serve the inputs
 (`NotImplementedError`: a sliding window for the decode kernel, quantized pages for the prefill kernel)
 hands its part to the other or, for prompt chunks, to the `jnp` reference.
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import reference
 from pallas_kernels.flash_prefill import flash_prefill
-from pallas_kernels.paged_decode import paged_decode
+from pallas_kernels.paged_decode import paged_decode, ragged_decode
 
 
 def decode_mask(cu_q_lens: jax.Array, num_seqs: jax.Array) -> jax.Array:
@@ -48,13 +51,14 @@ def mixed_batch_attention(
     sliding_window: int | None = None,
     k_scales: jax.Array | None = None,
     v_scales: jax.Array | None = None,
+    decode_only: bool = False,
     interpret: bool = False,
 ) -> jax.Array:
   """`reference.ragged_paged_attention`, served by the decode and prefill kernels.
 
   Args:
     q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, sm_scale, sliding_window, k_scales,
-      v_scales: as in `pallas_kernels.reference.ragged_paged_attention`.
+      v_scales, decode_only: as in `pallas_kernels.reference.ragged_paged_attention`.
     interpret: run both kernels in the Pallas interpreter (CPU tests).
 
   Returns:
@@ -68,6 +72,10 @@ def mixed_batch_attention(
   cu_q_lens = cu_q_lens.astype(jnp.int32)
   is_decode = decode_mask(cu_q_lens, num_seqs)  # [S]
   common = dict(sm_scale=sm_scale, sliding_window=sliding_window, k_scales=k_scales, v_scales=v_scales)
+  if decode_only:  # Sequence s's one query is row s; slots past num_seqs are padding.
+    real = jnp.arange(kv_lens.shape[0]) < jnp.reshape(num_seqs, ()).astype(jnp.int32)
+    return ragged_decode(q, k_pages, v_pages, jnp.where(real, kv_lens, 0), page_table, interpret=interpret,
+                         **common)
   try:
     first_rows = jnp.minimum(cu_q_lens[:-1], num_tokens - 1)  # [S] each sequence's first query row
     decoded = paged_decode(q[first_rows][:, None], k_pages, v_pages, jnp.where(is_decode, kv_lens, 0),

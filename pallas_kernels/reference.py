@@ -77,6 +77,7 @@ def ragged_paged_attention(
     sliding_window: int | None = None,
     k_scales: jax.Array | None = None,  # [K, P, page_size] or [K] float32
     v_scales: jax.Array | None = None,  # [K, P, page_size] or [K] float32
+    decode_only: bool = False,
 ) -> jax.Array:
   """Causal attention of a ragged batch of query tokens against paged K/V.
 
@@ -90,10 +91,14 @@ def ragged_paged_attention(
     sm_scale: softmax scale, usually `D ** -0.5`.
     sliding_window: if set, a query at position p sees keys in (p - sliding_window, p].
     k_scales, v_scales: dequantization scales of quantized pages, or None.
+    decode_only: a promise made at trace time that every real sequence has exactly one query row, so
+      sequence s's query is row s (`cu_q_lens[s] == s`); kernels then run their decode path alone. The
+      result is the same either way (the reference does not use it).
 
   Returns:
     [T, H, D] in q's dtype; rows of padding tokens are zero. Softmax runs in float32.
   """
+  del decode_only  # The general computation below covers it.
   num_tokens, num_heads, head_dim = q.shape
   num_kv_heads, _, page_size, _ = k_pages.shape
   group = num_heads // num_kv_heads

@@ -5,7 +5,9 @@ Parts (all in one run, on one card, for each model shape; random weights in bflo
   decode    engine steps of B running sequences with `context`-token histories: the device time of one
             step (steps dispatched back to back), the engine's wall time per step (`Engine.step`, scheduling
             and packing included) and their difference, the host overhead (the device idles meanwhile);
-            the floor is (weight bytes + KV bytes read) / the copy bandwidth measured in the same run.
+            the floor is (weight bytes + KV bytes read) / the copy bandwidth measured in the same run;
+            on a GPU, a profiler trace of back-to-back steps adds the time the device is busy per step,
+            its kernel launches per step and the kernels that take the most time (`profile` in the JSON).
   prefill   one step over one 8k prompt and over 16 prompts of 512: tokens/s and MFU against the bf16
             matmul rate measured in the same run; the peer is one `transformers` forward pass over the
             same prompts (logits of the last token only, as ours).
@@ -161,7 +163,7 @@ def bench_decode(model, s: Settings, copy_tbps: float) -> list[dict[str, Any]]:
   c = model.config
   wbytes = weight_bytes(model)
   rng = np.random.default_rng(0)
-  extra = s.decode_steps * 4 + 8
+  extra = s.decode_steps * 4 + 24  # timed steps, 3 to compile, 11 profiled, and margin
   engine = _engine(model, max(s.decode_batches), s.context + extra, budget=8192, policy="prefill_first",
                    async_decode=s.async_decode)
   rows = []
@@ -179,9 +181,13 @@ def bench_decode(model, s: Settings, copy_tbps: float) -> list[dict[str, Any]]:
       engine.step()
       walls.append(time.perf_counter() - start)
     wall = statistics.median(walls)
+    # Where an engine step's host time goes (Python frames and runtime events; GPU only).
+    step_profile = timing.device_profile(engine.step, calls=10, top=40) or {}
     host_batch = _decode_batch(engine)
     device = device_step_seconds(engine.runner, host_batch, iters=s.decode_steps)
     put, launch = host_costs(engine.runner, host_batch)
+    arrays = engine.runner.put(host_batch)
+    profile = timing.device_profile(lambda: engine.runner.dispatch(arrays), calls=10, top=40) or {}
     context = statistics.mean(engine.requests[i].num_tokens for i in ids)
     kv = batch * context * kv_bytes_per_token(c)
     floor = (wbytes + kv) / (copy_tbps * 1e12)
@@ -190,7 +196,10 @@ def bench_decode(model, s: Settings, copy_tbps: float) -> list[dict[str, Any]]:
                      engine_step_ms=wall * 1e3, over_floor=device / floor,
                      host_overhead_ms=(wall - device) * 1e3, host_overhead_pct=100 * (wall - device) / wall,
                      put_ms=put * 1e3, launch_ms=launch * 1e3,
-                     tokens_per_s=batch / wall))
+                     gpu_busy_ms=profile.get("busy_us", float("nan")) / 1e3,
+                     kernels_per_step=profile.get("kernels", float("nan")),
+                     tokens_per_s=batch / wall, profile=profile,
+                     step_host_profile=step_profile.get("top_host", [])))
     for i in ids:
       engine.abort(i)
     engine.check_no_leaks()
@@ -358,7 +367,7 @@ def run(out: str | None, settings: Settings) -> dict[str, Any]:
 
 def _print_rows(title: str, rows: list[dict[str, Any]]) -> None:
   print(f"\n{title}")
-  keys = list(rows[0])
+  keys = [k for k, v in rows[0].items() if not isinstance(v, (dict, list))]
   print(" | ".join(keys))
   for r in rows:
     print(" | ".join(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys))

@@ -237,10 +237,11 @@ def _flat_scales(scales: jax.Array | None, num_kv_heads: int, num_pages: int, pa
       f"scales of shape {scales.shape}; expected [K]={num_kv_heads} or [K, P, page_size]")
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("sm_scale", "sliding_window", "num_splits", "pages_per_block", "num_warps",
-                     "num_stages", "int8_upcast", "interpret"))
+_STATIC = ("sm_scale", "sliding_window", "num_splits", "pages_per_block", "num_warps", "num_stages",
+           "int8_upcast", "interpret")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def paged_decode(
     q: jax.Array,  # [S, Q, H, D]
     k_pages: jax.Array,  # [K, P, page_size, D]
@@ -286,16 +287,78 @@ def paged_decode(
       a power of two, Q * G > 128, mismatched shapes).
   """
   num_seqs, q_len, num_heads, head_dim = q.shape
+  if q.shape[0] != kv_lens.shape[0]:
+    raise NotImplementedError(f"q has {q.shape[0]} sequences, kv_lens {kv_lens.shape[0]}")
+  # [S, Q, H, D] -> [S, Q * H, D] is free; the kernel gathers its rows.
+  out = _decode(q.reshape(num_seqs, q_len * num_heads, head_dim), k_pages, v_pages, kv_lens, page_table,
+                q_len=q_len, sm_scale=sm_scale, sliding_window=sliding_window, k_scales=k_scales,
+                v_scales=v_scales, num_splits=num_splits, pages_per_block=pages_per_block, num_warps=num_warps,
+                num_stages=num_stages, int8_upcast=int8_upcast, interpret=interpret)  # [S, Q, H, D]
+  return out.astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def ragged_decode(
+    q: jax.Array,  # [T, H, D]
+    k_pages: jax.Array,  # [K, P, page_size, D]
+    v_pages: jax.Array,  # [K, P, page_size, D]
+    kv_lens: jax.Array,  # [S] int32
+    page_table: jax.Array,  # [S, Pmax] int32
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    k_scales: jax.Array | None = None,
+    v_scales: jax.Array | None = None,
+    num_splits: int | None = None,
+    pages_per_block: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    int8_upcast: Literal["bits", "convert"] = "bits",
+    interpret: bool = False,
+) -> jax.Array:
+  """Decode attention in the layout of a ragged batch where every sequence has one query token.
+
+  Sequence s's query is row s of `q` (a ragged batch whose `cu_q_lens[s] == s`), so the rows go to the
+  kernel and come back in place with no gather or scatter: one kernel and one combine, against the
+  extra kernels of the mixed path. T may exceed S (padding rows); rows of no sequence return zeros.
+
+  Args:
+    q: [T, H, D] query rows.
+    k_pages, v_pages, kv_lens, page_table, and the keywords: as in `paged_decode` (Q = 1).
+
+  Returns:
+    [T, H, D] in q's dtype.
+  """
+  num_tokens, num_heads, head_dim = q.shape
+  num_seqs = kv_lens.shape[0]
+  if num_tokens < num_seqs:  # Every program reads its sequence's row.
+    q = jnp.pad(q, ((0, num_seqs - num_tokens), (0, 0), (0, 0)))
+  out = _decode(q, k_pages, v_pages, kv_lens, page_table, q_len=1, sm_scale=sm_scale,
+                sliding_window=sliding_window, k_scales=k_scales, v_scales=v_scales, num_splits=num_splits,
+                pages_per_block=pages_per_block, num_warps=num_warps, num_stages=num_stages,
+                int8_upcast=int8_upcast, interpret=interpret)[:, 0]  # [S, H, D]
+  if num_tokens > num_seqs:
+    out = jnp.pad(out, ((0, num_tokens - num_seqs), (0, 0), (0, 0)))
+  return out[:num_tokens].astype(q.dtype)
+
+
+def _decode(q_flat, k_pages, v_pages, kv_lens, page_table, *, q_len, sm_scale, sliding_window, k_scales,
+            v_scales, num_splits, pages_per_block, num_warps, num_stages, int8_upcast, interpret):
+  """The kernel and the combine: q_flat [S' >= S, Q * H, D] (sequence s's queries in row s) ->
+  float32 [S, Q, H, D]."""
   num_kv_heads, num_pages, page_size, head_dim_k = k_pages.shape
+  num_heads = q_flat.shape[1] // q_len
+  head_dim = q_flat.shape[2]
+  num_seqs = kv_lens.shape[0]
   max_pages = page_table.shape[1]
   if sliding_window is not None:
     raise NotImplementedError("paged_decode does not implement sliding_window")
   if int8_upcast not in ("bits", "convert"):
     raise ValueError(f"unknown int8_upcast {int8_upcast!r}; valid: bits, convert")
   if (v_pages.shape != k_pages.shape or head_dim_k != head_dim or num_heads % num_kv_heads
-      or page_table.shape[0] != num_seqs or kv_lens.shape != (num_seqs,)):
-    raise NotImplementedError(f"unsupported shapes q={q.shape} k_pages={k_pages.shape} "
-                              f"v_pages={v_pages.shape}")
+      or page_table.shape[0] != num_seqs or q_flat.shape[0] < num_seqs):
+    raise NotImplementedError(f"unsupported shapes q={q_flat.shape} (Q={q_len}) k_pages={k_pages.shape} "
+                              f"v_pages={v_pages.shape} kv_lens={kv_lens.shape} page_table={page_table.shape}")
   if head_dim < 16 or head_dim != _next_pow2(head_dim) or page_size != _next_pow2(page_size):
     raise NotImplementedError(f"head_dim={head_dim} and page_size={page_size} must be powers of 2, "
                               "head_dim >= 16")
@@ -303,8 +366,8 @@ def paged_decode(
   rows = max(_MIN_ROWS, _next_pow2(q_len * group))
   if rows > _MAX_ROWS:
     raise NotImplementedError(f"Q * G = {q_len * group} query rows per KV head exceed {_MAX_ROWS}")
-  if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-    raise NotImplementedError(f"q dtype {q.dtype}")
+  if q_flat.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    raise NotImplementedError(f"q dtype {q_flat.dtype}")
   if k_pages.dtype not in _PAGE_DTYPES or v_pages.dtype not in _PAGE_DTYPES:
     raise NotImplementedError(f"page dtypes {k_pages.dtype}, {v_pages.dtype}")
 
@@ -320,9 +383,7 @@ def paged_decode(
   if num_splits is None:
     num_splits = choose_num_splits(num_seqs, num_kv_heads, max_blocks, num_sms=_num_sms())
 
-  q_flat = q.reshape(num_seqs, q_len * num_heads, head_dim)  # free; the kernel gathers its rows
-
-  precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+  precision = lax.Precision.HIGHEST if q_flat.dtype == jnp.float32 else None
   kernel = functools.partial(
       _decode_kernel, q_len=q_len, group=group, page_size=page_size, pages_per_block=pages_per_block,
       num_splits=num_splits, sm_scale=sm_scale, precision=precision,
@@ -370,4 +431,4 @@ def paged_decode(
 
   out = _combine(acc, m, l)[:, :, :q_len * group]  # [S, K, Q*G, D]
   out = out.reshape(num_seqs, num_kv_heads, q_len, group, head_dim).transpose(0, 2, 1, 3, 4)
-  return out.reshape(num_seqs, q_len, num_heads, head_dim).astype(q.dtype)
+  return out.reshape(num_seqs, q_len, num_heads, head_dim)

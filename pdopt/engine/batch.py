@@ -48,6 +48,12 @@ class Buckets:
     lower = dict(zip(self.seqs, (0,) + self.seqs[:-1]))
     return [(t, s, p) for t in self.tokens for s in self.seqs for p in self.pages if lower[s] + 1 <= t]
 
+  def decode_shapes(self, max_seqs: int) -> list[tuple[int, int, int]]:
+    """Every (T, S, P) `pick` returns for a batch of n one-token sequences, n = 1 ... max_seqs."""
+    pairs = {(self._pick(self.tokens, n, "tokens"), self._pick(self.seqs, n, "sequences"))
+             for n in range(1, min(max_seqs, self.tokens[-1], self.seqs[-1]) + 1)}
+    return [(t, s, p) for t, s in sorted(pairs) for p in self.pages]
+
 
 @dataclasses.dataclass(frozen=True)
 class ChunkSpec:

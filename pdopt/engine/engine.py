@@ -294,15 +294,20 @@ class Engine:
     """Compiles the step for every shape bucket; returns how many shapes were compiled."""
     before = self.num_compilations
     for shape in self.buckets.all_shapes():
-      self.runner.run(pack([], self.config.page_size, shape))
+      self.runner.run(pack([], self.config.page_size, shape), decode_only=False)
+    decode_shapes = self.buckets.decode_shapes(self.config.max_num_seqs)
+    if self.runner.decode_variant:
+      for shape in decode_shapes:
+        self.runner.run(pack([], self.config.page_size, shape), decode_only=True)
     for num_seqs in self.buckets.seqs:
       self.runner.compile_sampler(num_seqs)
-    if self.config.async_decode:  # The chained step variant, its previous tokens placed as serving has them.
-      for shape in self.buckets.all_shapes():
+    if self.config.async_decode:
+      # The chained step variant (steady decoding only), its previous tokens placed as serving has them.
+      for shape in decode_shapes:
         batch = pack([], self.config.page_size, shape)
         batch["prev_rows"] = np.full(shape[0], -1, np.int32)
         prev = jax.device_put(np.zeros(shape[1], np.int32), self.runner.output_placement)
-        jax.block_until_ready(self.runner.dispatch(batch, prev))
+        jax.block_until_ready(self.runner.dispatch(self.runner.put(batch, decode_only=True), prev))
     if self.speculator is not None:
       self.speculator.warmup(self.runner, self.model_config.vocab_size)
     return self.num_compilations - before

@@ -52,6 +52,13 @@ def merge(static: StepStatic, leaves) -> Transformer:
   return nnx.merge(static.graphdef, jax.tree_util.tree_unflatten(static.treedef, leaves))
 
 
+def metadata(batch) -> AttentionMetadata:
+  """The attention metadata of an unpacked batch (`_on_packed`), with its static `decode_only` flag."""
+  return AttentionMetadata(positions=batch["positions"], slot_mapping=batch["slot_mapping"],
+                           cu_q_lens=batch["cu_q_lens"], kv_lens=batch["kv_lens"], page_table=batch["page_table"],
+                           num_seqs=batch["num_seqs"], decode_only=batch.get("decode_only", False))
+
+
 def _step_impl(static, attention_backend, state, cache, batch):
   model = merge(static, state)
   token_ids = batch["token_ids"]
@@ -59,10 +66,7 @@ def _step_impl(static, attention_backend, state, cache, batch):
     # A chained step: rows with prev_rows >= 0 take the token the previous step sampled for that row.
     rows = batch["prev_rows"]
     token_ids = jnp.where(rows >= 0, batch["prev_tokens"][jnp.maximum(rows, 0)], token_ids)
-  meta = AttentionMetadata(positions=batch["positions"], slot_mapping=batch["slot_mapping"],
-                           cu_q_lens=batch["cu_q_lens"], kv_lens=batch["kv_lens"], page_table=batch["page_table"],
-                           num_seqs=batch["num_seqs"])
-  logits, cache = model(token_ids, meta, cache, logits_indices=batch["logits_indices"],
+  logits, cache = model(token_ids, metadata(batch), cache, logits_indices=batch["logits_indices"],
                         attention_backend=attention_backend)
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   # The sampling inputs ride along (already on the device) for `_sample`, which only sampled steps run.
@@ -99,12 +103,31 @@ def _padded(pages, fill: int) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
+class BatchLayout:
+  """The static half of a packed batch (a jit static argument).
+
+  Attributes:
+    entries: (key, shape, dtype, offset, size) of each array in the int32 buffer (`pack_arrays`).
+    decode_only: every real sequence decodes exactly one token, so sequence s's token is row s: the
+      attention runs its decode kernel alone (`AttentionMetadata.decode_only`). A separate compilation.
+  """
+  entries: tuple[tuple[str, tuple[int, ...], str, int, int], ...]
+  decode_only: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class PackedBatch:
   """A step's host arrays in one int32 device buffer (`put`): one host-to-device copy per step instead of
   one per array, which cost the host about a millisecond per step. `layout` (static) unpacks it."""
   buffer: jax.Array
-  layout: tuple[tuple[str, tuple[int, ...], str, int, int], ...]  # (key, shape, dtype, offset, size)
+  layout: BatchLayout
   sampled: bool  # some row has temperature > 0
+
+
+def is_decode_only(batch: Mapping[str, np.ndarray]) -> bool:
+  """Whether a packed batch (`pack`) has at least one sequence and every real one has one query token."""
+  n = int(batch["num_seqs"][0])
+  return n > 0 and bool(np.all(np.diff(batch["cu_q_lens"][:n + 1]) == 1))
 
 
 def pack_arrays(batch: Mapping[str, np.ndarray]) -> tuple[np.ndarray, tuple]:
@@ -134,9 +157,11 @@ def unpack_arrays(buffer: jax.Array, layout) -> dict[str, jax.Array]:
 
 def _on_packed(impl):
   """`impl(static, backend, state, cache, batch_dict)` as a function of the packed buffer and its layout;
-  `extra` (a dict of device arrays, e.g. another program's outputs) joins the batch dict."""
+  `extra` (a dict of device arrays, e.g. another program's outputs) joins the batch dict, and so does the
+  layout's static `decode_only` (a Python bool)."""
   def fn(static, attention_backend, layout, state, cache, buffer, extra=None):
-    return impl(static, attention_backend, state, cache, {**unpack_arrays(buffer, layout), **(extra or {})})
+    batch = {**unpack_arrays(buffer, layout.entries), **(extra or {}), "decode_only": layout.decode_only}
+    return impl(static, attention_backend, state, cache, batch)
   fn.__name__ = impl.__name__
   return fn
 
@@ -160,7 +185,7 @@ class ModelRunner:
   """Holds the model state and the KV pages on the device and runs compiled steps."""
 
   def __init__(self, model: Transformer, num_pages: int, page_size: int, attention_backend: str = "auto",
-               mesh: Mesh | None = None, kv_quant: str | None = None):
+               mesh: Mesh | None = None, kv_quant: str | None = None, decode_variant: bool | None = None):
     """Args:
       model: the model; with a mesh, its parameters must already be sharded (`pdopt.sharding.shard_model`).
       num_pages, page_size: the KV pool.
@@ -168,7 +193,13 @@ class ModelRunner:
       mesh: shard the KV cache by KV head over its `model` axis and compile the step with explicit input
         and output shardings; None runs on the default device.
       kv_quant: None, "int8" or "fp8" (see `pdopt.cache.kv_cache`).
+      decode_variant: compile decode-only steps separately (`BatchLayout.decode_only`); None: where the
+        attention has a kernel that uses it (a GPU and a backend other than "reference"), since elsewhere
+        the variant would only add compilations.
     """
+    if decode_variant is None:
+      decode_variant = jax.default_backend() == "gpu" and attention_backend != "reference"
+    self.decode_variant = decode_variant
     self.config = model.config
     self.page_size = page_size
     self.num_pages = num_pages
@@ -210,13 +241,23 @@ class ModelRunner:
     """Writes `data` from `gather_pages` (on this runner's devices) into `pages`; padding is dropped."""
     self.cache = _scatter_pages(self.cache, jnp.asarray(_padded(pages, self.num_pages)), data)
 
-  def run(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+  def run(self, batch: dict[str, np.ndarray], decode_only: bool | None = None) -> np.ndarray:
     """Runs one step; returns the sampled token of every (padded) sequence as int32 [S]."""
-    return np.asarray(self.dispatch(batch))
+    return np.asarray(self.dispatch(self.put(batch, decode_only)))
 
-  def put(self, batch: Mapping[str, np.ndarray]) -> PackedBatch:
-    """Copies a packed batch's host arrays to this runner's devices in one transfer."""
-    buffer, layout = pack_arrays(batch)
+  def put(self, batch: Mapping[str, np.ndarray], decode_only: bool | None = None) -> PackedBatch:
+    """Copies a packed batch's host arrays to this runner's devices in one transfer.
+
+    Args:
+      batch: from `pdopt.engine.batch.pack`.
+      decode_only: which step variant runs it; None: the decode-only one when the batch is decode-only
+        (`is_decode_only`) and this runner compiles that variant. Warm-up passes True to compile it on an
+        empty batch. Always False without `decode_variant`.
+    """
+    buffer, entries = pack_arrays(batch)
+    if decode_only is None:
+      decode_only = is_decode_only(batch)
+    layout = BatchLayout(entries, decode_only=bool(decode_only) and self.decode_variant)
     return PackedBatch(jax.device_put(buffer, self._batch_sharding), layout,
                        sampled=bool(np.any(batch["temperature"] > 0)))
 
@@ -276,7 +317,7 @@ class ModelRunner:
     """
     if self._batch_sharding is not None:
       raise NotImplementedError("step variants (speculative decoding) do not run on a mesh yet")
-    packed = self.put(batch)
+    packed = self.put(batch, decode_only=False)  # One variant per program: warm-up compiles no other.
     outputs, self.cache = _shared_jit(impl)(self.graphdef, self.attention_backend, packed.layout, self.state,
                                             self.cache, packed.buffer, dict(extra or {}))
     return jax.tree_util.tree_map(np.asarray, outputs) if fetch else outputs

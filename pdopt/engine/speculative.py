@@ -160,12 +160,6 @@ class SpecStats:
 # --------------------------------------------------------------------------------------- device functions
 
 
-def _metadata(batch) -> AttentionMetadata:
-  return AttentionMetadata(positions=batch["positions"], slot_mapping=batch["slot_mapping"],
-                           cu_q_lens=batch["cu_q_lens"], kv_lens=batch["kv_lens"], page_table=batch["page_table"],
-                           num_seqs=batch["num_seqs"])
-
-
 def rejection_sample(logits: jax.Array, draft_tokens: jax.Array, num_drafts: jax.Array,
                      draft_probs: jax.Array | None, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
                      seeds: jax.Array, token_index: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -267,7 +261,7 @@ def _verify(static, attention_backend, state, cache, batch, *, sampled: bool):
   s, k = draft_tokens.shape
   j = jnp.arange(k + 1)[None, :]
   rows = jnp.clip((last - num_drafts)[:, None] + j, 0, jnp.maximum(last, 0)[:, None])  # [S, K+1]
-  logits, cache = model(token_ids, _metadata(batch), cache, logits_indices=rows.reshape(-1),
+  logits, cache = model(token_ids, runner_lib.metadata(batch), cache, logits_indices=rows.reshape(-1),
                         attention_backend=attention_backend)
   logits = logits.reshape(s, k + 1, -1)
   if sampled:
@@ -307,7 +301,7 @@ def draft_impl(num_steps: int, sampled: bool):
   """
   def impl(static, attention_backend, state, cache, batch):
     model = runner_lib.merge(static, state)
-    logits, cache = model(batch["token_ids"], _metadata(batch), cache, logits_indices=batch["logits_indices"],
+    logits, cache = model(batch["token_ids"], runner_lib.metadata(batch), cache, logits_indices=batch["logits_indices"],
                           attention_backend=attention_backend)
     tokens, probs = _guesses(logits, batch, 0, sampled)
     out_tokens, out_probs = [tokens], [probs]
@@ -324,7 +318,7 @@ def draft_impl(num_steps: int, sampled: bool):
       page = page_table[rows, jnp.minimum(pos // page_size, page_table.shape[1] - 1)]
       meta = AttentionMetadata(positions=pos, slot_mapping=jnp.where(live, page * page_size + pos % page_size, -1),
                                cu_q_lens=cu_q_lens, kv_lens=jnp.where(live, end + j, end), page_table=page_table,
-                               num_seqs=num_seqs)
+                               num_seqs=num_seqs, decode_only=True)
       logits, cache = model(tokens, meta, cache, logits_indices=rows, attention_backend=attention_backend)
       tokens, probs = _guesses(logits, batch, j, sampled)
       out_tokens.append(tokens)

@@ -32,6 +32,8 @@ class AttentionMetadata:
     kv_lens: [S] int32 KV length of each sequence after this step.
     page_table: [S, Pmax] int32 page ids of each sequence.
     num_seqs: [1] int32 number of real sequences.
+    decode_only: static (a Python bool, not a leaf): every real sequence has exactly one token, sequence s
+      at row s; the attention then runs its decode kernel alone (see `pallas_kernels.reference`).
   """
   positions: jax.Array
   slot_mapping: jax.Array
@@ -39,6 +41,7 @@ class AttentionMetadata:
   kv_lens: jax.Array
   page_table: jax.Array
   num_seqs: jax.Array
+  decode_only: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 def einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
@@ -130,7 +133,7 @@ class Attention(nnx.Module):
     out = attention_api.ragged_paged_attention(
         q, k_pages, v_pages, meta.kv_lens, meta.page_table, meta.cu_q_lens, meta.num_seqs,
         sm_scale=self.sm_scale, sliding_window=self.sliding_window, k_scales=scales[0] if scales else None,
-        v_scales=scales[1] if scales else None, backend=attention_backend)
+        v_scales=scales[1] if scales else None, decode_only=meta.decode_only, backend=attention_backend)
     return einsum("THD,HDE->TE", out, self.o_proj[...]), cache
 
 

@@ -78,9 +78,11 @@ def test_outputs_equal_the_synchronous_engine(model, workload, policy):
     assert (b.output_token_ids, b.finish_reason, b.status) == (a.output_token_ids, a.finish_reason, a.status)
 
 
-def test_no_compilation_after_warmup(model, workload):
+@pytest.mark.parametrize("decode_variant", [False, True], ids=["one_variant", "decode_variant"])
+def test_no_compilation_after_warmup(model, workload, decode_variant):
   prompts, params, add_at = workload
   engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=40, async_decode=True, **SMALL))
+  engine.runner.decode_variant = decode_variant  # As on GPU (the reference ignores the flag).
   engine.warmup()
   compiled = engine.num_compilations
   _serve(engine, prompts, params, add_at)

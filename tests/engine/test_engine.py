@@ -100,9 +100,12 @@ def test_prefix_cache_prefills_only_the_uncached_suffix(model):
   assert engine.block_manager.stats().cached > 0
 
 
-def test_no_compilation_after_warmup(model):
+@pytest.mark.parametrize("decode_variant", [False, True], ids=["one_variant", "decode_variant"])
+def test_no_compilation_after_warmup(model, decode_variant):
   engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=96, max_num_batched_tokens=64, max_num_seqs=16,
                                                   max_model_len=128, page_buckets=(8,)))
+  # On GPU the runner compiles decode-only steps apart; force it here (the reference ignores the flag).
+  engine.runner.decode_variant = decode_variant
   engine.warmup()
   compiled = engine.runner.num_compilations
   rng = np.random.default_rng(5)
@@ -257,6 +260,8 @@ def test_warmup_covers_every_shape_pick_can_return():
   for tokens in range(1, 65):
     for seqs in range(1, min(tokens, 32) + 1):
       assert b.pick(tokens, seqs, 3) in shapes
+  decode_shapes = b.decode_shapes(max_seqs=32)
+  assert set(decode_shapes) == {b.pick(n, n, 3) for n in range(1, 33)} == {(16, 8, 4), (16, 32, 4), (64, 32, 4)}
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])

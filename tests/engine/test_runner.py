@@ -93,3 +93,19 @@ def test_sampling_runs_only_for_batches_that_sample():
   assert greedy == step(0.0, 1)
   draws = {step(5.0, seed) for seed in range(12)}  # a flat distribution: seeds must draw different tokens
   assert len(draws) > 3
+
+
+def test_decode_only_batches_and_their_variant():
+  def spec(n, start):
+    return ChunkSpec(token_ids=list(range(3, 3 + n)), start=start, page_table=[1, 2], temperature=0.0, top_k=0,
+                     top_p=1.0, seed=0, token_index=0)
+  decodes = pack([spec(1, 5), spec(1, 0)], 4, (4, 4, 2))  # A one-token prompt decodes as well.
+  mixed = pack([spec(1, 5), spec(2, 0)], 4, (4, 4, 2))
+  assert runner_lib.is_decode_only(decodes) and not runner_lib.is_decode_only(mixed)
+  assert not runner_lib.is_decode_only(pack([], 4, (4, 4, 2)))  # Nothing to decode: the general step.
+  runner = runner_lib.ModelRunner(pdopt.init_model(pdopt.preset("tiny"), seed=0), num_pages=8, page_size=4)
+  assert runner.decode_variant is False  # CPU: the reference ignores the flag, so no variant is compiled.
+  assert not runner.put(decodes).layout.decode_only
+  runner.decode_variant = True
+  assert runner.put(decodes).layout.decode_only and not runner.put(mixed).layout.decode_only
+  assert not runner.put(decodes, decode_only=False).layout.decode_only

@@ -51,6 +51,22 @@ def test_matches_reference_bf16():
   _compare(got, _reference(*args, sm_scale=0.25), jnp.bfloat16, sum(_MIXED.q_lens))
 
 
+@pytest.mark.parametrize("case,dtype", [
+    (Case(q_lens=(1, 1, 1, 1), prefixes=(30, 7, 0, 13), group=4), jnp.float32),  # T > S: padding rows
+    (Case(q_lens=(1, 1, 1), prefixes=(5, 20, 0), group=1, pad_seqs=3, pad_tokens=0), jnp.float32),  # T < S
+    (Case(q_lens=(1, 1), prefixes=(44, 3), group=8, num_kv_heads=1, page_size=8), jnp.bfloat16),
+], ids=["more_rows_g4", "more_slots_g1", "bf16_g8"])
+def test_decode_only_runs_the_decode_kernel_alone(case, dtype):
+  # Padding slots carry junk kv_lens: only num_seqs says they are not real.
+  args = make_inputs(case, dtype, seed=len(case.q_lens))
+  got = mixed_batch_attention(*args, sm_scale=0.25, decode_only=True, interpret=True)
+  assert got.shape == args[0].shape and got.dtype == dtype
+  _compare(got, _reference(*args, sm_scale=0.25), dtype, len(case.q_lens))
+  jaxpr = str(jax.make_jaxpr(lambda *a: mixed_batch_attention(*a, sm_scale=0.25, decode_only=True,
+                                                              interpret=True))(*args))
+  assert jaxpr.count("pallas_call") == 1 and "name=paged_decode_q1" in jaxpr
+
+
 def test_quantized_pages_decodes_in_kernel_chunks_in_reference():
   q, k, v, *rest = make_inputs(_MIXED, jnp.float32, seed=5)
   k8, ks = quantize_kv(k, "int8", head_axis=0)
