@@ -61,7 +61,7 @@ def _num_sms() -> int:
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, *, num_sms: int,
-                      programs_per_sm: int = 2) -> int:
+                      programs_per_sm: int = 4) -> int:
   """Number of splits per (sequence, KV head) so that the grid fills the chip.
 
   Args:
@@ -69,14 +69,23 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, *, num_
     num_kv_heads: KV heads (K).
     max_blocks: compute blocks in the longest possible sequence (page-table width / pages_per_block).
     num_sms: streaming multiprocessors of the card.
-    programs_per_sm: resident programs wanted per SM.
+    programs_per_sm: programs wanted per SM.
 
   Returns:
-    The smallest split count giving at least `num_sms * programs_per_sm` programs, capped so every
-    split of a full-length sequence gets at least one block.
+    The largest split count giving at most `num_sms * programs_per_sm` programs (at least 1), capped so
+    every split of a full-length sequence gets at least one block. Rounding down matters: one split too
+    many starts a last partial wave of programs (H200, B=8, L=32k: 5 splits 357 us, 4 splits 283 us).
   """
   want = num_sms * programs_per_sm
-  return max(1, min(pl.cdiv(want, num_seqs * num_kv_heads), max_blocks))
+  return max(1, min(want // (num_seqs * num_kv_heads), max_blocks))
+
+
+def default_block_tokens(page_dtype, head_dim: int) -> int:
+  """Tokens per loop step: 16 KB of K per block (and as much V), between 32 and 128 tokens. Measured on an
+  H200 (NOTES.md, ## paged_decode): bf16 at D=128 is best at 64 tokens for small batches (B=8, L=4k:
+  64 us against 70 at 128 tokens); int8 pages at 64 tokens (8 KB) lose 25% at B=64, L=4k; and bf16 at
+  D=64 (the Llama-3.2-1B decode step) is 2-9% slower at 64 tokens than at 128."""
+  return max(32, min(128, 16384 // (head_dim * jnp.dtype(page_dtype).itemsize)))
 
 
 def _dot(a: jax.Array, b: jax.Array, contract: tuple[tuple[int], tuple[int]],
@@ -273,7 +282,7 @@ def paged_decode(
     k_scales, v_scales: float32 dequantization scales, per (head, token) `[K, P, page_size]` or per head
       `[K]`; None for unquantized pages.
     num_splits: programs per (sequence, KV head); default from the SM count (`choose_num_splits`).
-    pages_per_block: pages gathered per loop step; default so that a block holds 128 tokens.
+    pages_per_block: pages gathered per loop step; default `default_block_tokens` tokens' worth.
     num_warps, num_stages: Triton launch parameters (default 4 warps, 3 stages).
     int8_upcast: how int8 pages become float16: "bits" (integer arithmetic, `_upcast`) or "convert"
       (`astype`, the conversion unit); kept to measure one against the other.
@@ -372,7 +381,7 @@ def _decode(q_flat, k_pages, v_pages, kv_lens, page_table, *, q_len, sm_scale, s
     raise NotImplementedError(f"page dtypes {k_pages.dtype}, {v_pages.dtype}")
 
   if pages_per_block is None:
-    pages_per_block = max(1, 128 // page_size)
+    pages_per_block = max(1, default_block_tokens(k_pages.dtype, head_dim) // page_size)
   # A power of two (Triton block sizes), at most the table width, and at least 16 tokens (dot size).
   pages_per_block = min(1 << (max(1, pages_per_block).bit_length() - 1), _next_pow2(max_pages))
   pages_per_block = max(pages_per_block, pl.cdiv(16, page_size))

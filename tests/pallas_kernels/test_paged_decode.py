@@ -174,7 +174,8 @@ def test_unsupported_inputs_raise_not_implemented():
 
 
 def test_num_splits_fills_the_chip():
-  assert choose_num_splits(1, 8, max_blocks=256, num_sms=132) == 33  # 264 programs for one sequence
+  assert choose_num_splits(1, 8, max_blocks=256, num_sms=132) == 66  # 528 programs for one sequence
+  assert choose_num_splits(8, 8, max_blocks=256, num_sms=132) == 8  # rounded down: no partial last wave
   assert choose_num_splits(64, 8, max_blocks=32, num_sms=132) == 1
   assert choose_num_splits(1, 8, max_blocks=4, num_sms=132) == 4  # every split gets a block
 
