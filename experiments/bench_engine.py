@@ -27,6 +27,8 @@ _HF_BATCHES = flags.DEFINE_list("hf_batches", ["1", "64"], "Batch sizes of the g
 _RATE = flags.DEFINE_float("serving_rate", 40.0, "Arrival rate (req/s) of the serving run.")
 _REQUESTS = flags.DEFINE_integer("serving_requests", 600, "Requests of the serving run.")
 _ASYNC = flags.DEFINE_bool("async_decode", False, "EngineConfig.async_decode for every engine of the run.")
+_STEPS = flags.DEFINE_integer("num_scheduler_steps", 1,
+                              "EngineConfig.num_scheduler_steps (needs --async_decode) for every engine of the run.")
 
 
 def main(argv: list[str]) -> None:
@@ -36,7 +38,8 @@ def main(argv: list[str]) -> None:
       models=tuple(_MODELS.value), parts=tuple(_PARTS.value),
       decode_batches=tuple(int(b) for b in _BATCHES.value), context=_CONTEXT.value,
       hf_batches=tuple(int(b) for b in _HF_BATCHES.value), serving_rate=_RATE.value,
-      serving_requests=_REQUESTS.value, quick=_QUICK.value, async_decode=_ASYNC.value)
+      serving_requests=_REQUESTS.value, quick=_QUICK.value, async_decode=_ASYNC.value,
+      scheduler_steps=_STEPS.value)
   if settings.quick:
     settings = bench.quick(settings)
   bench.run(_OUT.value, settings)

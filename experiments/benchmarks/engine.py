@@ -3,11 +3,13 @@
 Parts (all in one run, on one card, for each model shape; random weights in bfloat16):
 
   decode    engine steps of B running sequences with `context`-token histories: the device time of one
-            step (steps dispatched back to back), the engine's wall time per step (`Engine.step`, scheduling
-            and packing included) and their difference, the host overhead (the device idles meanwhile);
-            the floor is (weight bytes + KV bytes read) / the copy bandwidth measured in the same run;
-            on a GPU, a profiler trace of back-to-back steps adds the time the device is busy per step,
-            its kernel launches per step and the kernels that take the most time (`profile` in the JSON).
+            step (steps dispatched back to back), the engine's wall time per decode step (`Engine.step`
+            calls, scheduling and packing included, divided by the tokens each request gained: with
+            `num_scheduler_steps` a call advances several) and their difference, the host overhead (the
+            device idles meanwhile); the floor is (weight bytes + KV bytes read) / the copy bandwidth
+            measured in the same run; on a GPU, a profiler trace of back-to-back steps adds the time the
+            device is busy per step, its kernel launches per step and the kernels that take the most time,
+            and a trace of engine steps the host's events (`profile`, `step_host_profile` in the JSON).
   prefill   one step over one 8k prompt and over 16 prompts of 512: tokens/s and MFU against the bf16
             matmul rate measured in the same run; the peer is one `transformers` forward pass over the
             same prompts (logits of the last token only, as ours).
@@ -58,6 +60,7 @@ class Settings:
   serving_rate: float = 40.0
   quick: bool = False  # smoke run (`quick()`): the tiny preset, small shapes
   async_decode: bool = False  # EngineConfig.async_decode for every engine of the run
+  scheduler_steps: int = 1  # EngineConfig.num_scheduler_steps (with async_decode) for every engine
 
 
 def quick(s: Settings) -> Settings:
@@ -104,13 +107,13 @@ def forward_flops(c: ModelConfig, prompt_lens: Sequence[int]) -> float:
 
 
 def _engine(model: pdopt.Transformer, max_seqs: int, max_len: int, budget: int, policy: str,
-            async_decode: bool = False) -> pdopt.Engine:
+            async_decode: bool = False, scheduler_steps: int = 1) -> pdopt.Engine:
   c = model.config
   pages_per_seq = -(-max_len // 16)
   return pdopt.Engine(model, pdopt.EngineConfig(
       policy=policy, page_size=16, num_pages=max_seqs * pages_per_seq + 64, max_num_batched_tokens=budget,
       max_num_seqs=max_seqs, max_model_len=min(max_len, c.max_position_embeddings),
-      enable_prefix_caching=False, async_decode=async_decode))
+      enable_prefix_caching=False, async_decode=async_decode, num_scheduler_steps=scheduler_steps))
 
 
 def _random_prompts(rng: np.random.Generator, n: int, length: int, vocab: int) -> list[list[int]]:
@@ -163,9 +166,9 @@ def bench_decode(model, s: Settings, copy_tbps: float) -> list[dict[str, Any]]:
   c = model.config
   wbytes = weight_bytes(model)
   rng = np.random.default_rng(0)
-  extra = s.decode_steps * 4 + 24  # timed steps, 3 to compile, 11 profiled, and margin
+  extra = (s.decode_steps + 16) * s.scheduler_steps + 16  # timed, 3 to compile, 11 profiled; margin
   engine = _engine(model, max(s.decode_batches), s.context + extra, budget=8192, policy="prefill_first",
-                   async_decode=s.async_decode)
+                   async_decode=s.async_decode, scheduler_steps=s.scheduler_steps)
   rows = []
   for batch in s.decode_batches:
     prompts = _random_prompts(rng, batch, s.context - 1, c.vocab_size)
@@ -175,12 +178,12 @@ def bench_decode(model, s: Settings, copy_tbps: float) -> list[dict[str, Any]]:
       engine.step()
     for _ in range(3):  # compile the decode shape
       engine.step()
-    walls = []
+    # Engine time per decode token: a step() may advance several tokens (num_scheduler_steps).
+    before = engine.requests[ids[0]].num_generated
+    start = time.perf_counter()
     for _ in range(s.decode_steps):
-      start = time.perf_counter()
       engine.step()
-      walls.append(time.perf_counter() - start)
-    wall = statistics.median(walls)
+    wall = (time.perf_counter() - start) / (engine.requests[ids[0]].num_generated - before)
     # Where an engine step's host time goes (Python frames and runtime events; GPU only).
     step_profile = timing.device_profile(engine.step, calls=10, top=40) or {}
     host_batch = _decode_batch(engine)
@@ -261,7 +264,7 @@ def bench_generate(model, s: Settings, hf_model) -> list[dict[str, Any]]:
   for batch in s.hf_batches:
     prompts = _random_prompts(rng, batch, s.hf_prompt_len, c.vocab_size)
     engine = _engine(model, batch, s.hf_prompt_len + s.hf_new_tokens, budget=max(2048, s.hf_prompt_len),
-                     policy="chunked", async_decode=s.async_decode)
+                     policy="chunked", async_decode=s.async_decode, scheduler_steps=s.scheduler_steps)
     params = pdopt.SamplingParams(max_tokens=s.hf_new_tokens, ignore_eos=True)
     engine.generate(prompts, params)  # compiles every shape this run reaches
     start = time.perf_counter()
@@ -301,7 +304,8 @@ def bench_serving(model, s: Settings) -> dict[str, Any]:
       workload=dict(kind="azure", name="azure_conv", num_requests=s.serving_requests, seed=0),
       engine=dict(page_size=16, num_pages=8192, max_model_len=max_len, max_num_batched_tokens=2048,
                   chunk_size=512, max_num_seqs=128, token_buckets=(64, 256, 2048), seq_buckets=(16, 64, 128),
-                  page_buckets=(64, 256), enable_prefix_caching=True, async_decode=s.async_decode)))
+                  page_buckets=(64, 256), enable_prefix_caching=True, async_decode=s.async_decode,
+                  num_scheduler_steps=s.scheduler_steps)))
   workload = experiment.make_workload(config, model)
   out = {}
   for policy in ("chunked", "prefill_first"):

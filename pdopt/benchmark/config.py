@@ -123,6 +123,7 @@ def default_config() -> ml_collections.ConfigDict:
   e.attention_backend = "auto"
   e.seed = 0
   e.async_decode = False
+  e.num_scheduler_steps = 1
   e.token_buckets = config_dict.placeholder(tuple)
   e.seq_buckets = config_dict.placeholder(tuple)
   e.page_buckets = config_dict.placeholder(tuple)

@@ -31,7 +31,9 @@ from pdopt import sharding
 
 from pdopt.cache.block_manager import BlockManager
 from pdopt.cache.kv_cache import KV_QUANT_KINDS
+from pdopt.engine import runner as runner_lib
 from pdopt.engine.batch import Buckets, ChunkSpec, geometric_buckets, pack
+from pdopt.engine.multi_step import multi_step_impl
 from pdopt.engine.request import Request, RequestOutput, RequestStatus, SamplingParams, validate_prompt
 from pdopt.engine.runner import ModelRunner
 from pdopt.engine.speculative import SpecStats, SpeculativeConfig, SpeculativeDecoder
@@ -71,6 +73,13 @@ class EngineConfig:
       its bookkeeping while the new step runs. Outputs are identical to the synchronous engine; a request
       that stops on a stop token has one more token computed and dropped. Not with `speculative`,
       `handoff_after_prefill` or a mesh.
+    num_scheduler_steps: with `async_decode`, the chained steps of steady decoding run this many decode
+      steps in one device program (`pdopt.engine.multi_step`), so the host's work per step is paid once
+      per that many tokens; each program is dispatched while the previous one runs. A block runs only
+      when every request has room for all its tokens (max_tokens, max_model_len); otherwise single steps
+      are chained. Outputs stay identical to the synchronous engine; a request that stops on a stop token
+      mid-block has the rest of the block computed and dropped, a request that arrives waits for the
+      block in flight, and the tokens of a block reach the outputs together (their ITLs are bursts).
   """
   policy: str = "chunked"
   page_size: int = 16
@@ -91,6 +100,7 @@ class EngineConfig:
   page_buckets: tuple[int, ...] | None = None
   speculative: SpeculativeConfig | None = None
   async_decode: bool = False
+  num_scheduler_steps: int = 1
 
   def scheduling(self) -> SchedulingConfig:
     return SchedulingConfig(policy=self.policy, max_num_batched_tokens=self.max_num_batched_tokens,
@@ -157,6 +167,9 @@ class Engine:
     if config.async_decode and (config.speculative is not None or config.handoff_after_prefill or mesh is not None):
       raise ValueError("EngineConfig.async_decode does not combine with speculative, handoff_after_prefill "
                        "or a mesh")
+    if config.num_scheduler_steps < 1 or (config.num_scheduler_steps > 1 and not config.async_decode):
+      raise ValueError(f"EngineConfig.num_scheduler_steps={config.num_scheduler_steps}: must be >= 1, and > 1 "
+                       "needs async_decode=True")
     self._eos = frozenset(model.config.eos_token_id)
     self._seed_rng = np.random.default_rng(config.seed)
     self._ids = itertools.count()
@@ -166,8 +179,8 @@ class Engine:
     self.num_steps = 0
     self.num_preemptions = 0
     self._handoffs: list[Request] = []
-    # async_decode: a dispatched decode step whose tokens are not read yet: (scheduled, tokens on device).
-    self._inflight: tuple[list[tuple[Request, int, int]], jax.Array] | None = None
+    # async_decode: dispatched decode steps whose tokens are not read yet.
+    self._inflight: _InFlight | None = None
 
   # ------------------------------------------------------------------ API
 
@@ -308,6 +321,10 @@ class Engine:
         batch["prev_rows"] = np.full(shape[0], -1, np.int32)
         prev = jax.device_put(np.zeros(shape[1], np.int32), self.runner.output_placement)
         jax.block_until_ready(self.runner.dispatch(self.runner.put(batch, decode_only=True), prev))
+        if self.config.num_scheduler_steps > 1:
+          for sampled in (False, True):
+            self.runner.call(multi_step_impl(self.config.num_scheduler_steps, sampled), batch,
+                             extra={"prev_tokens": prev})
     if self.speculator is not None:
       self.speculator.warmup(self.runner, self.model_config.vocab_size)
     return self.num_compilations - before
@@ -316,7 +333,9 @@ class Engine:
   def num_compilations(self) -> int:
     """Step programs compiled so far: the step, and with speculation its verification and draft programs
     (unsharded engines of the same models and shapes share them)."""
-    return self.runner.num_compilations + (self.speculator.num_compilations if self.speculator else 0)
+    multi = sum(runner_lib.num_compilations_of(multi_step_impl(self.config.num_scheduler_steps, sampled))
+                for sampled in (False, True)) if self.config.num_scheduler_steps > 1 else 0
+    return self.runner.num_compilations + multi + (self.speculator.num_compilations if self.speculator else 0)
 
   def records(self) -> list[RequestRecord]:
     """Metrics records of every ended request, in submission order."""
@@ -443,7 +462,8 @@ class Engine:
       shape = self.buckets.pick(num_tokens, len(chunks), max_pages)
       batch = pack(chunks, self.config.page_size, shape)
       if self.config.async_decode and all(_is_decode(req, start, n) for req, start, n in scheduled):
-        self._inflight = (scheduled, self.runner.dispatch(batch))  # Read by the next step().
+        tokens = self.runner.dispatch(batch)
+        self._inflight = _InFlight(scheduled, tokens, tokens, 1)  # Read by the next step().
         return
       sampled = self.runner.run(batch)
       # A prompt chunk that does not reach the end of its prompt samples nothing yet.
@@ -451,41 +471,52 @@ class Engine:
                  for s, (req, start, n) in enumerate(scheduled)]
     self._apply(scheduled, results, touched)
 
-  def _chain(self, now: float) -> tuple[list[tuple[Request, int, int]], jax.Array] | None:
-    """`async_decode`: dispatches the step after the in-flight one if the policy, shown the state after
-    it, decodes the same sequences one token each; returns the new in-flight step, or None."""
-    scheduled, tokens = self._inflight
+  def _chain(self, now: float) -> _InFlight | None:
+    """`async_decode`: dispatches the decode steps after the in-flight ones if the policy, shown the state
+    after them, decodes the same sequences one token each; returns what is now in flight, or None."""
+    inflight = self._inflight
+    ahead = inflight.steps
     running = [self.requests[rid] for rid in self.running]
-    if self.waiting or [req.request_id for req in running] != [req.request_id for req, _, _ in scheduled]:
+    if self.waiting or [req.request_id for req in running] != [req.request_id for req, _, _ in inflight.scheduled]:
       return None
-    for req in running:  # After the in-flight token, no request may be at a length limit.
-      if req.num_generated + 1 >= req.sampling.max_tokens or req.num_tokens + 1 >= self.max_model_len:
-        return None
-    plan = self.policy.schedule(self._view(now, ahead=1))
+    # Tokens each request may still generate after the in-flight ones: a block must not pass a length limit.
+    room = min(min(req.sampling.max_tokens - req.num_generated, self.max_model_len - req.num_tokens)
+               for req in running) - ahead
+    if room < 1:
+      return None
+    steps = self.config.num_scheduler_steps if room >= self.config.num_scheduler_steps else 1
+    plan = self.policy.schedule(self._view(now, ahead=ahead))
     if (plan.reject or plan.preempt or len(plan.chunks) != len(running)
         or {c.request_id for c in plan.chunks} != set(self.running) or min(c.num_tokens for c in plan.chunks) < 1):
       return None
     bm = self.block_manager
-    if not all(bm.allocate(req.request_id, req.num_tokens + 1) for req in running):
+    # The block decodes positions num_tokens + ahead - 1 onwards, `steps` of them.
+    if not all(bm.allocate(req.request_id, req.num_tokens + ahead + steps - 1) for req in running):
       return None  # Pages taken so far stay with their requests, which need them next step anyway.
-    # Row s decodes the token the in-flight step samples for row s (placeholder 0 here).
-    chunks = [ChunkSpec(token_ids=[0], start=req.num_tokens, page_table=bm.page_table(req.request_id),
+    # Row s starts from the last token the in-flight steps sample for row s (placeholder 0 here).
+    chunks = [ChunkSpec(token_ids=[0], start=req.num_tokens + ahead - 1, page_table=bm.page_table(req.request_id),
                         temperature=float(req.sampling.temperature), top_k=req.sampling.top_k,
-                        top_p=float(req.sampling.top_p), seed=req.seed, token_index=req.num_generated + 1)
+                        top_p=float(req.sampling.top_p), seed=req.seed, token_index=req.num_generated + ahead)
               for req in running]
     shape = self.buckets.pick(len(chunks), len(chunks), max(len(c.page_table) for c in chunks))
     batch = pack(chunks, self.config.page_size, shape)
     batch["prev_rows"] = np.full(shape[0], -1, np.int32)
     batch["prev_rows"][:len(chunks)] = np.arange(len(chunks))
-    return [(req, req.num_tokens, 1) for req in running], self.runner.dispatch(batch, prev_tokens=tokens)
+    scheduled = [(req, c.start, steps) for req, c in zip(running, chunks)]
+    if steps == 1:
+      tokens = self.runner.dispatch(batch, prev_tokens=inflight.last)
+      return _InFlight(scheduled, tokens, tokens, 1)
+    sampled = any(c.temperature > 0 for c in chunks)
+    out = self.runner.call(multi_step_impl(steps, sampled), batch, extra={"prev_tokens": inflight.last},
+                           fetch=False)
+    return _InFlight(scheduled, out["tokens"], out["last"], steps)
 
-  def _finish(self, inflight, touched: dict[str, Request]) -> None:
-    """Reads an in-flight step's tokens and applies them to the requests still running (a request that
-    stopped or was aborted meanwhile drops its token)."""
-    scheduled, tokens = inflight
-    sampled = np.asarray(tokens)
-    live = [(s, item) for s, item in enumerate(scheduled) if not item[0].status.done]
-    self._apply([item for _, item in live], [(start + n, [int(sampled[s])]) for s, (_, start, n) in live],
+  def _finish(self, inflight: _InFlight, touched: dict[str, Request]) -> None:
+    """Reads in-flight tokens and applies them to the requests still running (a request that stopped or
+    was aborted meanwhile drops its tokens)."""
+    sampled = np.asarray(inflight.tokens).reshape(inflight.steps, -1)  # [steps, S]
+    live = [(s, item) for s, item in enumerate(inflight.scheduled) if not item[0].status.done]
+    self._apply([item for _, item in live], [(start + n, sampled[:, s].tolist()) for s, (_, start, n) in live],
                 touched)
 
   def _apply(self, scheduled: list[tuple[Request, int, int]], results: list[tuple[int, list[int]]],
@@ -522,6 +553,16 @@ class Engine:
     if req.num_generated >= req.sampling.max_tokens or req.num_tokens >= self.max_model_len:
       return "length"
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _InFlight:
+  """Decode steps dispatched and not read yet (`async_decode`): per request (request, first position,
+  steps); the tokens on the device ([S] for one step, [steps, S] for a block) and the last step's [S]."""
+  scheduled: list[tuple[Request, int, int]]
+  tokens: jax.Array
+  last: jax.Array
+  steps: int
 
 
 def _is_decode(req: Request, start: int, n: int) -> bool:

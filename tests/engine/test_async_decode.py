@@ -59,29 +59,42 @@ def _serve(engine, prompts, params, add_at, abort=(9, 30)):
 def test_outputs_equal_the_synchronous_engine(model, workload, policy):
   prompts, params, add_at = workload
   runs = {}
-  for async_decode in (False, True):
+  for async_decode, steps in ((False, 1), (True, 1), (True, 3)):
     engine = pdopt.Engine(model, pdopt.EngineConfig(policy=policy, num_pages=40, async_decode=async_decode,
-                                                    **SMALL))
+                                                    num_scheduler_steps=steps, **SMALL))
     chained = []
     chain = engine._chain  # pylint: disable=protected-access
     engine._chain = lambda now, chain=chain: chained.append(chain(now)) or chained[-1]  # pylint: disable=protected-access
-    runs[async_decode] = (_serve(engine, prompts, params, add_at), sum(c is not None for c in chained))
-  (sync, _), (overlapped, num_chained) = runs[False], runs[True]
-  assert num_chained > 20  # Steady decoding was overlapped, not just served synchronously.
-  assert sum(r.finish_reason == "stop" for r in sync) >= 2
+    runs[async_decode, steps] = (_serve(engine, prompts, params, add_at),
+                                 [c.steps for c in chained if c is not None])
+  sync, _ = runs[False, 1]
+  for steps in (1, 3):
+    overlapped, chained_steps = runs[True, steps]
+    assert len(chained_steps) > (20 if steps == 1 else 8)  # Steady decoding was overlapped.
+    assert chained_steps.count(steps) > 5  # ... in blocks of `steps` where the limits allowed.
+    _check_same_outputs(sync, overlapped, steps)
+
+
+def _check_same_outputs(sync, overlapped, steps):
   for i, (a, b) in enumerate(zip(sync, overlapped)):
     if i == 9:  # Aborted mid-decode: the overlapped engine may not have read the in-flight token yet.
       assert a.finish_reason == b.finish_reason == "abort"
-      assert a.num_generated - 1 <= b.num_generated <= a.num_generated > 1
-      assert b.output_token_ids == a.output_token_ids[:b.num_generated]
+      if steps == 1:
+        assert a.num_generated - 1 <= b.num_generated <= a.num_generated > 1
+      else:  # Blocks advance several tokens per step(), so the abort lands at another token.
+        assert min(a.num_generated, b.num_generated) > 1
+      n = min(a.num_generated, b.num_generated)
+      assert b.output_token_ids[:n] == a.output_token_ids[:n]
       continue
     assert (b.output_token_ids, b.finish_reason, b.status) == (a.output_token_ids, a.finish_reason, a.status)
 
 
-@pytest.mark.parametrize("decode_variant", [False, True], ids=["one_variant", "decode_variant"])
-def test_no_compilation_after_warmup(model, workload, decode_variant):
+@pytest.mark.parametrize("decode_variant,steps", [(False, 1), (True, 1), (False, 3)],
+                         ids=["one_variant", "decode_variant", "multi_step"])
+def test_no_compilation_after_warmup(model, workload, decode_variant, steps):
   prompts, params, add_at = workload
-  engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=40, async_decode=True, **SMALL))
+  engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=40, async_decode=True, num_scheduler_steps=steps,
+                                                  **SMALL))
   engine.runner.decode_variant = decode_variant  # As on GPU (the reference ignores the flag).
   engine.warmup()
   compiled = engine.num_compilations
@@ -89,15 +102,24 @@ def test_no_compilation_after_warmup(model, workload, decode_variant):
   assert engine.num_compilations == compiled
 
 
-def test_generate_and_tight_pool(model, workload):
+@pytest.mark.parametrize("steps", [1, 4])
+def test_generate_and_tight_pool(model, workload, steps):
   # 12 pages cannot hold every request: preemptions interleave with overlapped steps.
   prompts, params, _ = workload
   expected = pdopt.Engine(model, pdopt.EngineConfig(num_pages=12, **SMALL)).generate(prompts, params)
-  engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=12, async_decode=True, **SMALL))
+  engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=12, async_decode=True, num_scheduler_steps=steps,
+                                                  **SMALL))
   got = engine.generate(prompts, params)
   assert [o.token_ids for o in got] == [o.token_ids for o in expected]
   assert engine.num_preemptions > 0
   engine.check_no_leaks()
+
+
+def test_scheduler_steps_need_async_decode(model):
+  with pytest.raises(ValueError, match="num_scheduler_steps=4"):
+    pdopt.Engine(model, pdopt.EngineConfig(num_scheduler_steps=4))
+  with pytest.raises(ValueError, match="num_scheduler_steps=0"):
+    pdopt.Engine(model, pdopt.EngineConfig(num_scheduler_steps=0, async_decode=True))
 
 
 def test_refused_with_speculation_or_handoff(model):

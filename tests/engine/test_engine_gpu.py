@@ -23,7 +23,7 @@ text = pathlib.Path("pdopt/engine/engine.py").read_bytes()
 lengths = [1, 7, 16, 17, 40, 64, 99, 128, 200, 300, 33, 250]
 prompts = [tok.encode(text[997 * i:997 * i + n]) for i, n in enumerate(lengths)]
 config = pdopt.EngineConfig(policy="chunked", page_size=16, num_pages=256, max_num_batched_tokens=96,
-                            chunk_size=48, max_num_seqs=8, attention_backend="{backend}")
+                            chunk_size=48, max_num_seqs=8, attention_backend="{backend}", {extra})
 engine = pdopt.Engine(model, config)
 outs = engine.generate(prompts, pdopt.SamplingParams(max_tokens=48, ignore_eos=True))
 engine.check_no_leaks()
@@ -33,8 +33,13 @@ print(json.dumps([list(o.token_ids) for o in outs]))
 
 @pytest.mark.gpu
 def test_gpu_greedy_matches_cpu_reference(run_child):
-  gpu = json.loads(run_child(_GENERATE.format(platform="cuda", backend="pallas"), timeout=900).splitlines()[-1])
-  cpu = json.loads(run_child(_GENERATE.format(platform="cpu", backend="reference"), timeout=900).splitlines()[-1])
-  assert len(gpu) == len(cpu) == 12
-  for i, (g, c) in enumerate(zip(gpu, cpu)):
-    assert g == c, f"prompt {i}: GPU {g} != CPU {c}"
+  def generate(platform, backend, extra=""):
+    out = run_child(_GENERATE.format(platform=platform, backend=backend, extra=extra), timeout=900)
+    return json.loads(out.splitlines()[-1])
+  cpu = generate("cpu", "reference")
+  # Synchronous steps, then overlapped blocks of 4 decode steps (decode-only programs on the GPU kernels).
+  for extra in ("", "async_decode=True, num_scheduler_steps=4"):
+    gpu = generate("cuda", "pallas", extra)
+    assert len(gpu) == len(cpu) == 12
+    for i, (g, c) in enumerate(zip(gpu, cpu)):
+      assert g == c, f"{extra or 'sync'}: prompt {i}: GPU {g} != CPU {c}"
