@@ -364,7 +364,8 @@ def tune(out: str | None = None, quick: bool = False, sweeps: list | None = None
     out: JSON path for every timing (None: print only).
     quick: fewer configurations.
     sweeps: (batch, kv_len, kind, [(pages_per_block, num_warps, num_stages, num_splits, int8_upcast), ...])
-      tuples to run instead of the default sweep.
+      tuples to run instead of the default sweep; kind "bf16", "int8", "fp8" (per-(token, head) scales) or
+      "int8/head", "fp8/head" (per-head scales).
 
   Returns:
     One dict per (shape, configuration) with its time in seconds (None where it failed).
@@ -397,8 +398,10 @@ def tune(out: str | None = None, quick: bool = False, sweeps: list | None = None
     k_pages, v_pages, table = _make_pages(key, batch, kv_len, 16)
     kv_lens = jnp.full((batch,), kv_len, jnp.int32)
     kw: dict[str, Any] = {}
-    if kind != "bf16":
-      quant = jax.jit(functools.partial(quantize_kv, kind=kind, granularity="token", head_axis=0))
+    if kind != "bf16":  # "int8" / "fp8" with per-(token, head) scales; "int8/head" / "fp8/head" per head
+      dtype_kind, _, granularity = kind.partition("/")
+      quant = jax.jit(functools.partial(quantize_kv, kind=dtype_kind, granularity=granularity or "token",
+                                        head_axis=0))
       k_pages, kw["k_scales"] = quant(k_pages)
       v_pages, kw["v_scales"] = quant(v_pages)
     nbytes = sum(x.nbytes for x in (k_pages, v_pages, *kw.values()))
