@@ -16,6 +16,7 @@ os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
 import json, pathlib
 import jax
 import pdopt
+import pdopt.engine.speculative
 assert jax.default_backend() == "{platform}".replace("cuda", "gpu"), jax.default_backend()
 model = pdopt.load_pretrained("tiny-code", dtype="float32")
 tok = pdopt.models.pretrained.tokenizer("tiny-code")
@@ -24,7 +25,8 @@ lengths = [1, 7, 16, 17, 40, 64, 99, 128, 200, 300, 33, 250]
 prompts = [tok.encode(text[997 * i:997 * i + n]) for i, n in enumerate(lengths)]
 config = pdopt.EngineConfig(policy="chunked", page_size=16, num_pages=256, max_num_batched_tokens=96,
                             chunk_size=48, max_num_seqs=8, attention_backend="{backend}", {extra})
-engine = pdopt.Engine(model, config)
+draft = pdopt.load_pretrained("tiny-code-draft", dtype="float32") if config.speculative else None
+engine = pdopt.Engine(model, config, draft_model=draft)
 outs = engine.generate(prompts, pdopt.SamplingParams(max_tokens=48, ignore_eos=True))
 engine.check_no_leaks()
 print(json.dumps([list(o.token_ids) for o in outs]))
@@ -37,8 +39,10 @@ def test_gpu_greedy_matches_cpu_reference(run_child):
     out = run_child(_GENERATE.format(platform=platform, backend=backend, extra=extra), timeout=900)
     return json.loads(out.splitlines()[-1])
   cpu = generate("cpu", "reference")
-  # Synchronous steps, then overlapped blocks of 4 decode steps (decode-only programs on the GPU kernels).
-  for extra in ("", "async_decode=True, num_scheduler_steps=4"):
+  # Synchronous steps; overlapped blocks of 4 decode steps (decode-only programs on the GPU kernels); and a
+  # draft model guessing 4 tokens (its one-token forwards are decode-only too), verified by the target.
+  for extra in ("", "async_decode=True, num_scheduler_steps=4",
+                "speculative=pdopt.engine.speculative.SpeculativeConfig(method='draft', num_speculative_tokens=4)"):
     gpu = generate("cuda", "pallas", extra)
     assert len(gpu) == len(cpu) == 12
     for i, (g, c) in enumerate(zip(gpu, cpu)):
