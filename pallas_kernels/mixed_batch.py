@@ -74,8 +74,11 @@ def mixed_batch_attention(
   common = dict(sm_scale=sm_scale, sliding_window=sliding_window, k_scales=k_scales, v_scales=v_scales)
   if decode_only:  # Sequence s's one query is row s; slots past num_seqs are padding.
     real = jnp.arange(kv_lens.shape[0]) < jnp.reshape(num_seqs, ()).astype(jnp.int32)
-    return ragged_decode(q, k_pages, v_pages, jnp.where(real, kv_lens, 0), page_table, interpret=interpret,
-                         **common)
+    try:
+      return ragged_decode(q, k_pages, v_pages, jnp.where(real, kv_lens, 0), page_table, interpret=interpret,
+                           **common)
+    except NotImplementedError:
+      pass  # e.g. a sliding window: the general path below hands the decodes to the prefill kernel.
   try:
     first_rows = jnp.minimum(cu_q_lens[:-1], num_tokens - 1)  # [S] each sequence's first query row
     decoded = paged_decode(q[first_rows][:, None], k_pages, v_pages, jnp.where(is_decode, kv_lens, 0),

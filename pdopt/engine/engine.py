@@ -76,8 +76,8 @@ class EngineConfig:
     num_scheduler_steps: with `async_decode`, the chained steps of steady decoding run this many decode
       steps in one device program (`pdopt.engine.multi_step`), so the host's work per step is paid once
       per that many tokens; each program is dispatched while the previous one runs. A block runs only
-      when every request has room for all its tokens (max_tokens, max_model_len); otherwise single steps
-      are chained. Outputs stay identical to the synchronous engine; a request that stops on a stop token
+      when every request has room for all its tokens (max_tokens, max_model_len) and the pool has their
+      pages; otherwise single steps are chained. Outputs stay identical to the synchronous engine; a request that stops on a stop token
       mid-block has the rest of the block computed and dropped, a request that arrives waits for the
       block in flight, and the tokens of a block reach the outputs together (their ITLs are bursts).
   """
@@ -490,9 +490,12 @@ class Engine:
         or {c.request_id for c in plan.chunks} != set(self.running) or min(c.num_tokens for c in plan.chunks) < 1):
       return None
     bm = self.block_manager
-    # The block decodes positions num_tokens + ahead - 1 onwards, `steps` of them.
+    # The block decodes positions num_tokens + ahead - 1 onwards, `steps` of them; a pool too full for a
+    # block may still hold one more step. Pages taken so far stay with their requests, which need them soon.
     if not all(bm.allocate(req.request_id, req.num_tokens + ahead + steps - 1) for req in running):
-      return None  # Pages taken so far stay with their requests, which need them next step anyway.
+      steps = 1
+      if not all(bm.allocate(req.request_id, req.num_tokens + ahead) for req in running):
+        return None
     # Row s starts from the last token the in-flight steps sample for row s (placeholder 0 here).
     chunks = [ChunkSpec(token_ids=[0], start=req.num_tokens + ahead - 1, page_table=bm.page_table(req.request_id),
                         temperature=float(req.sampling.temperature), top_k=req.sampling.top_k,
@@ -527,30 +530,39 @@ class Engine:
     for (req, start, n), (num_computed, tokens) in zip(scheduled, results):
       if start < req.num_tokens - 1:  # Any part of the chunk that is not a plain decode token.
         req.num_prefill_tokens_computed += n
+      # Tokens after a stop (later accepted guesses, the rest of a block of decode steps) are dropped, and so
+      # is their K/V: the prefix cache only learns what the request keeps.
+      generated, reason = req.num_generated, None
+      for i, token in enumerate(tokens):
+        reason = self._stop_reason(req, token, generated + i + 1, req.num_tokens + i + 1)
+        if reason is not None:
+          num_computed -= len(tokens) - i - 1
+          tokens = tokens[:i + 1]
+          break
       req.num_computed_tokens = num_computed
       bm.commit(req.request_id, req.all_token_ids + tokens[:-1] if len(tokens) > 1 else req.all_token_ids,
                 num_computed)
-      for token in tokens:  # Stops at a stop token or the length limit; later accepted guesses are dropped.
-        req.all_token_ids.append(token)
-        req.token_times.append(now)
+      if tokens:
+        req.all_token_ids.extend(tokens)
+        req.token_times.extend([now] * len(tokens))
         if req.first_token_time is None:
           req.first_token_time = now
         touched[req.request_id] = req
-        reason = self._stop_reason(req, token)
-        if reason is not None:
-          self._end(req, RequestStatus.FINISHED, now, reason)
-          break
+      if reason is not None:
+        self._end(req, RequestStatus.FINISHED, now, reason)
+        continue
       if tokens and not req.status.done and self.config.handoff_after_prefill:
         self.running.remove(req.request_id)
         req.status = RequestStatus.HANDED_OFF
         self._handoffs.append(req)
 
-  def _stop_reason(self, req: Request, token: int) -> str | None:
+  def _stop_reason(self, req: Request, token: int, num_generated: int, num_tokens: int) -> str | None:
+    """Why `req` ends with `token`, its `num_generated`-th output token (`num_tokens` in all), or None."""
     if token in req.sampling.stop_token_ids:
       return "stop"
     if not req.sampling.ignore_eos and token in self._eos:
       return "eos"
-    if req.num_generated >= req.sampling.max_tokens or req.num_tokens >= self.max_model_len:
+    if num_generated >= req.sampling.max_tokens or num_tokens >= self.max_model_len:
       return "length"
     return None
 

@@ -127,3 +127,44 @@ def test_refused_with_speculation_or_handoff(model):
     pdopt.Engine(model, pdopt.EngineConfig(async_decode=True, handoff_after_prefill=True))
   with pytest.raises(ValueError, match="async_decode"):
     pdopt.Engine(model, pdopt.EngineConfig(async_decode=True, speculative=SpeculativeConfig(method="ngram")))
+
+
+def test_tokens_after_a_stop_mid_block_do_not_enter_the_prefix_cache(model):
+  # A block of 8 decode steps computes past a stop token; those tokens and their K/V are dropped, so a later
+  # request continuing past the stop finds in the prefix cache exactly what the synchronous engine cached.
+  cfg = dict(page_size=4, num_pages=40, max_num_batched_tokens=64, max_num_seqs=8, max_model_len=160,
+             token_buckets=(16, 64), seq_buckets=(4, 8), page_buckets=(40,))
+  prompt = list(range(7, 17))
+  full = pdopt.Engine(model, pdopt.EngineConfig(**cfg)).generate(
+      [prompt], pdopt.SamplingParams(max_tokens=30, ignore_eos=True))[0].token_ids
+  stop = next(i for i in range(2, 6) if full[i] not in full[:i])  # Inside the first block of 8.
+  params = pdopt.SamplingParams(max_tokens=30, ignore_eos=True, stop_token_ids=(full[stop],))
+  cached = {}
+  for async_decode, steps in ((False, 1), (True, 8)):
+    engine = pdopt.Engine(model, pdopt.EngineConfig(async_decode=async_decode, num_scheduler_steps=steps, **cfg))
+    out = engine.generate([prompt], params)[0]
+    assert out.token_ids == full[:stop + 1] and out.finish_reason == "stop"
+    follow = engine.add_request(prompt + full[:20], pdopt.SamplingParams(max_tokens=1))
+    while engine.has_unfinished():
+      engine.step()
+    engine.check_no_leaks()
+    cached[steps] = engine.requests[follow].num_cached_tokens
+  assert cached[8] == cached[1]
+
+
+def test_a_pool_too_full_for_a_block_still_chains_single_steps(model):
+  # Pages for one more token each fit, pages for a block of 4 do not: steps stay overlapped, one at a time.
+  cfg = dict(page_size=4, max_num_batched_tokens=64, max_num_seqs=8, max_model_len=160, token_buckets=(16, 64),
+             seq_buckets=(4, 8), page_buckets=(40,), enable_prefix_caching=False)
+  prompts = [list(range(3 + i, 13 + i)) for i in range(4)]  # 10 tokens: 3 pages each, room for 2 more tokens.
+  params = pdopt.SamplingParams(max_tokens=8, ignore_eos=True)
+  expected = pdopt.Engine(model, pdopt.EngineConfig(num_pages=64, **cfg)).generate(prompts, params)
+  engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=12, async_decode=True, num_scheduler_steps=4, **cfg))
+  chained = []
+  chain = engine._chain  # pylint: disable=protected-access
+  engine._chain = lambda now: chained.append(chain(now)) or chained[-1]  # pylint: disable=protected-access
+  got = engine.generate(prompts, params)
+  assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+  # The first chain: a block of 4 needs a 4th page per request (none free), one more step does not.
+  assert chained[0] is not None and chained[0].steps == 1
+  engine.check_no_leaks()

@@ -77,10 +77,14 @@ def test_quantized_pages_decodes_in_kernel_chunks_in_reference():
   _compare(got, want, jnp.float32, sum(_MIXED.q_lens))
 
 
-def test_sliding_window_runs_everything_in_the_prefill_kernel():
-  args = make_inputs(_MIXED, jnp.float32, seed=9)
-  got = mixed_batch_attention(*args, sm_scale=0.25, sliding_window=5, interpret=True)
-  _compare(got, _reference(*args, sm_scale=0.25, sliding_window=5), jnp.float32, sum(_MIXED.q_lens))
+@pytest.mark.parametrize("case", [_MIXED, Case(q_lens=(1, 1, 1), prefixes=(30, 7, 12), group=2)],
+                         ids=["mixed", "decode_only"])
+def test_sliding_window_runs_everything_in_the_prefill_kernel(case):
+  # The decode kernel has no sliding window, decode-only batches included: they take the general path.
+  args = make_inputs(case, jnp.float32, seed=9)
+  decode_only = max(case.q_lens) == 1
+  got = mixed_batch_attention(*args, sm_scale=0.25, sliding_window=5, decode_only=decode_only, interpret=True)
+  _compare(got, _reference(*args, sm_scale=0.25, sliding_window=5), jnp.float32, sum(case.q_lens))
 
 
 def test_decode_mask_ignores_padding_slots():
