@@ -168,3 +168,18 @@ def test_a_pool_too_full_for_a_block_still_chains_single_steps(model):
   # The first chain: a block of 4 needs a 4th page per request (none free), one more step does not.
   assert chained[0] is not None and chained[0].steps == 1
   engine.check_no_leaks()
+
+
+def test_blocks_of_steps_on_a_quantized_cache(model, workload):
+  # Each step of a block writes its K/V quantized, as the synchronous engine does.
+  prompts, params, _ = workload
+  config = dict(num_pages=40, kv_cache_dtype="int8", **SMALL)
+  expected = pdopt.Engine(model, pdopt.EngineConfig(**config)).generate(prompts[:6], params[:6])
+  engine = pdopt.Engine(model, pdopt.EngineConfig(async_decode=True, num_scheduler_steps=3, **config))
+  chained = []
+  chain = engine._chain  # pylint: disable=protected-access
+  engine._chain = lambda now: chained.append(chain(now)) or chained[-1]  # pylint: disable=protected-access
+  got = engine.generate(prompts[:6], params[:6])
+  assert [(o.token_ids, o.finish_reason) for o in got] == [(o.token_ids, o.finish_reason) for o in expected]
+  assert sum(c is not None and c.steps == 3 for c in chained) > 3
+  engine.check_no_leaks()
