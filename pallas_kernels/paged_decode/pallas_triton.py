@@ -246,11 +246,10 @@ def _flat_scales(scales: jax.Array | None, num_kv_heads: int, num_pages: int, pa
       f"scales of shape {scales.shape}; expected [K]={num_kv_heads} or [K, P, page_size]")
 
 
-_STATIC = ("sm_scale", "sliding_window", "num_splits", "pages_per_block", "num_warps", "num_stages",
-           "int8_upcast", "interpret")
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(
+    jax.jit,
+    static_argnames=("sm_scale", "sliding_window", "num_splits", "pages_per_block", "num_warps",
+                     "num_stages", "int8_upcast", "interpret"))
 def paged_decode(
     q: jax.Array,  # [S, Q, H, D]
     k_pages: jax.Array,  # [K, P, page_size, D]
@@ -306,24 +305,13 @@ def paged_decode(
   return out.astype(q.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
 def ragged_decode(
     q: jax.Array,  # [T, H, D]
     k_pages: jax.Array,  # [K, P, page_size, D]
     v_pages: jax.Array,  # [K, P, page_size, D]
     kv_lens: jax.Array,  # [S] int32
     page_table: jax.Array,  # [S, Pmax] int32
-    *,
-    sm_scale: float,
-    sliding_window: int | None = None,
-    k_scales: jax.Array | None = None,
-    v_scales: jax.Array | None = None,
-    num_splits: int | None = None,
-    pages_per_block: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-    int8_upcast: Literal["bits", "convert"] = "bits",
-    interpret: bool = False,
+    **options,
 ) -> jax.Array:
   """Decode attention in the layout of a ragged batch where every sequence has one query token.
 
@@ -333,26 +321,25 @@ def ragged_decode(
 
   Args:
     q: [T, H, D] query rows.
-    k_pages, v_pages, kv_lens, page_table, and the keywords: as in `paged_decode` (Q = 1).
+    k_pages, v_pages, kv_lens, page_table: as in `paged_decode`.
+    **options: `paged_decode`'s keyword arguments (`sm_scale` required).
 
   Returns:
     [T, H, D] in q's dtype.
   """
-  num_tokens, num_heads, head_dim = q.shape
+  num_tokens = q.shape[0]
   num_seqs = kv_lens.shape[0]
   if num_tokens < num_seqs:  # Every program reads its sequence's row.
     q = jnp.pad(q, ((0, num_seqs - num_tokens), (0, 0), (0, 0)))
-  out = _decode(q, k_pages, v_pages, kv_lens, page_table, q_len=1, sm_scale=sm_scale,
-                sliding_window=sliding_window, k_scales=k_scales, v_scales=v_scales, num_splits=num_splits,
-                pages_per_block=pages_per_block, num_warps=num_warps, num_stages=num_stages,
-                int8_upcast=int8_upcast, interpret=interpret)[:, 0]  # [S, H, D]
+  out = _decode(q, k_pages, v_pages, kv_lens, page_table, q_len=1, **options)[:, 0]  # [S, H, D]
   if num_tokens > num_seqs:
     out = jnp.pad(out, ((0, num_tokens - num_seqs), (0, 0), (0, 0)))
   return out[:num_tokens].astype(q.dtype)
 
 
-def _decode(q_flat, k_pages, v_pages, kv_lens, page_table, *, q_len, sm_scale, sliding_window, k_scales,
-            v_scales, num_splits, pages_per_block, num_warps, num_stages, int8_upcast, interpret):
+def _decode(q_flat, k_pages, v_pages, kv_lens, page_table, *, q_len, sm_scale, sliding_window=None, k_scales=None,
+            v_scales=None, num_splits=None, pages_per_block=None, num_warps=None, num_stages=None,
+            int8_upcast="bits", interpret=False):
   """The kernel and the combine: q_flat [S' >= S, Q * H, D] (sequence s's queries in row s) ->
   float32 [S, Q, H, D]."""
   num_kv_heads, num_pages, page_size, head_dim_k = k_pages.shape

@@ -77,9 +77,10 @@ class EngineConfig:
       steps in one device program (`pdopt.engine.multi_step`), so the host's work per step is paid once
       per that many tokens; each program is dispatched while the previous one runs. A block runs only
       when every request has room for all its tokens (max_tokens, max_model_len) and the pool has their
-      pages; otherwise single steps are chained. Outputs stay identical to the synchronous engine; a request that stops on a stop token
-      mid-block has the rest of the block computed and dropped, a request that arrives waits for the
-      block in flight, and the tokens of a block reach the outputs together (their ITLs are bursts).
+      pages; otherwise single steps are chained. Outputs stay identical to the synchronous engine; a
+      request that stops on a stop token mid-block has the rest of the block computed and dropped, a
+      request that arrives waits for the block in flight, and the tokens of a block reach the outputs
+      together (their ITLs are bursts).
   """
   policy: str = "chunked"
   page_size: int = 16
@@ -314,17 +315,13 @@ class Engine:
         self.runner.run(pack([], self.config.page_size, shape), decode_only=True)
     for num_seqs in self.buckets.seqs:
       self.runner.compile_sampler(num_seqs)
-    if self.config.async_decode:
-      # The chained step variant (steady decoding only), its previous tokens placed as serving has them.
+    for impl in self._chained_impls():
+      # The chained steps (steady decoding only), their previous tokens placed as serving has them.
       for shape in decode_shapes:
         batch = pack([], self.config.page_size, shape)
         batch["prev_rows"] = np.full(shape[0], -1, np.int32)
         prev = jax.device_put(np.zeros(shape[1], np.int32), self.runner.output_placement)
-        jax.block_until_ready(self.runner.dispatch(self.runner.put(batch, decode_only=True), prev))
-        if self.config.num_scheduler_steps > 1:
-          for sampled in (False, True):
-            self.runner.call(multi_step_impl(self.config.num_scheduler_steps, sampled), batch,
-                             extra={"prev_tokens": prev})
+        self.runner.call(impl, batch, extra={"prev_tokens": prev})
     if self.speculator is not None:
       self.speculator.warmup(self.runner, self.model_config.vocab_size)
     return self.num_compilations - before
@@ -333,9 +330,16 @@ class Engine:
   def num_compilations(self) -> int:
     """Step programs compiled so far: the step, and with speculation its verification and draft programs
     (unsharded engines of the same models and shapes share them)."""
-    multi = sum(runner_lib.num_compilations_of(multi_step_impl(self.config.num_scheduler_steps, sampled))
-                for sampled in (False, True)) if self.config.num_scheduler_steps > 1 else 0
-    return self.runner.num_compilations + multi + (self.speculator.num_compilations if self.speculator else 0)
+    chained = sum(runner_lib.num_compilations_of(impl) for impl in self._chained_impls())
+    return self.runner.num_compilations + chained + (self.speculator.num_compilations if self.speculator else 0)
+
+  def _chained_impls(self) -> list:
+    """The programs `async_decode` chains: one step and, with `num_scheduler_steps`, blocks; greedy and
+    sampled variants."""
+    if not self.config.async_decode:
+      return []
+    return [multi_step_impl(steps, sampled) for steps in sorted({1, self.config.num_scheduler_steps})
+            for sampled in (False, True)]
 
   def records(self) -> list[RequestRecord]:
     """Metrics records of every ended request, in submission order."""
@@ -506,9 +510,6 @@ class Engine:
     batch["prev_rows"] = np.full(shape[0], -1, np.int32)
     batch["prev_rows"][:len(chunks)] = np.arange(len(chunks))
     scheduled = [(req, c.start, steps) for req, c in zip(running, chunks)]
-    if steps == 1:
-      tokens = self.runner.dispatch(batch, prev_tokens=inflight.last)
-      return _InFlight(scheduled, tokens, tokens, 1)
     sampled = any(c.temperature > 0 for c in chunks)
     out = self.runner.call(multi_step_impl(steps, sampled), batch, extra={"prev_tokens": inflight.last},
                            fetch=False)

@@ -1,13 +1,15 @@
-"""Several decode steps in one device program (`EngineConfig.num_scheduler_steps`).
+"""Decode steps chained on the device (`EngineConfig.async_decode`), several per program with
+`EngineConfig.num_scheduler_steps`.
 
 In steady decoding the host's work per step (asking the policy, packing, the transfer, launching a couple
 hundred kernels, reading the tokens and the bookkeeping) can take longer than the step itself, and then
-the device waits for the host however well the two overlap. This program runs `num_steps` decode steps
-per dispatch, so that work is paid once per `num_steps` tokens (vLLM's multi-step scheduling):
+the device waits for the host however well the two overlap. This program takes its first input tokens
+from the previous program's output on the device, so it can be dispatched before those tokens are read,
+and runs `num_steps` decode steps per dispatch, so that work is paid once per `num_steps` tokens (vLLM's
+multi-step scheduling):
 
-- the packed batch is a decode-only step (sequence s's token in row s) whose first input tokens may come
-  from an earlier program's output on the device (`prev_tokens` / `prev_rows`, as the chained step of
-  `async_decode`);
+- the packed batch is a decode-only step (sequence s's token in row s); row r with `prev_rows[r] >= 0`
+  takes `prev_tokens[prev_rows[r]]`, the token an earlier program sampled for it;
 - step i feeds each sequence the token step i - 1 sampled, at position + i, writing its K/V into the slot
   the page table gives for that position (the engine allocates the pages of all steps before dispatching)
   and attending over kv_len + i keys;

@@ -61,12 +61,7 @@ def metadata(batch) -> AttentionMetadata:
 
 def _step_impl(static, attention_backend, state, cache, batch):
   model = merge(static, state)
-  token_ids = batch["token_ids"]
-  if "prev_tokens" in batch:
-    # A chained step: rows with prev_rows >= 0 take the token the previous step sampled for that row.
-    rows = batch["prev_rows"]
-    token_ids = jnp.where(rows >= 0, batch["prev_tokens"][jnp.maximum(rows, 0)], token_ids)
-  logits, cache = model(token_ids, metadata(batch), cache, logits_indices=batch["logits_indices"],
+  logits, cache = model(batch["token_ids"], metadata(batch), cache, logits_indices=batch["logits_indices"],
                         attention_backend=attention_backend)
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   # The sampling inputs ride along (already on the device) for `_sample`, which only sampled steps run.
@@ -261,27 +256,15 @@ class ModelRunner:
     return PackedBatch(jax.device_put(buffer, self._batch_sharding), layout,
                        sampled=bool(np.any(batch["temperature"] > 0)))
 
-  def dispatch(self, batch: Mapping[str, np.ndarray] | PackedBatch,
-               prev_tokens: jax.Array | None = None) -> jax.Array:
+  def dispatch(self, batch: Mapping[str, np.ndarray] | PackedBatch) -> jax.Array:
     """Enqueues one step without waiting for it; returns the sampled tokens [S] as a device array.
 
     Steps dispatched back to back run back to back on the device (each takes the cache the previous one
     returns), which is how the engine benchmark measures a step's device time apart from the host's.
-
-    Args:
-      batch: the packed step.
-      prev_tokens: a chained step (`Engine` with `async_decode`): the tokens [S'] an earlier `dispatch`
-        returned, still on the device; `batch["prev_rows"]` [T] names the row each token takes (-1: keep
-        `batch["token_ids"]`). Unsharded runners only.
     """
     packed = batch if isinstance(batch, PackedBatch) else self.put(batch)
-    extra = ()
-    if prev_tokens is not None:
-      if self._batch_sharding is not None:
-        raise NotImplementedError("chained steps do not run on a mesh yet")
-      extra = ({"prev_tokens": prev_tokens},)
     (tokens, logits, sampling), self.cache = self._fn(self.graphdef, self.attention_backend, packed.layout,
-                                                      self.state, self.cache, packed.buffer, *extra)
+                                                      self.state, self.cache, packed.buffer)
     return _sample(logits, sampling) if packed.sampled else tokens
 
   @property
