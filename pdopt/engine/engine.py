@@ -518,10 +518,9 @@ class Engine:
   def _finish(self, inflight: _InFlight, touched: dict[str, Request]) -> None:
     """Reads in-flight tokens and applies them to the requests still running (a request that stopped or
     was aborted meanwhile drops its tokens)."""
-    sampled = np.asarray(inflight.tokens).reshape(inflight.steps, -1)  # [steps, S]
+    per_seq = np.asarray(inflight.tokens).reshape(inflight.steps, -1).T.tolist()  # [S][steps]
     live = [(s, item) for s, item in enumerate(inflight.scheduled) if not item[0].status.done]
-    self._apply([item for _, item in live], [(start + n, sampled[:, s].tolist()) for s, (_, start, n) in live],
-                touched)
+    self._apply([item for _, item in live], [(start + n, per_seq[s]) for s, (_, start, n) in live], touched)
 
   def _apply(self, scheduled: list[tuple[Request, int, int]], results: list[tuple[int, list[int]]],
              touched: dict[str, Request]) -> None:
