@@ -197,7 +197,7 @@ def work_items(cu_q_lens: jax.Array, kv_lens: jax.Array, num_seqs: jax.Array, *,
   ends = jnp.cumsum(blocks)
   num_items = pl.cdiv(num_tokens, block_q) + num_slots
   item = jnp.arange(num_items, dtype=jnp.int32)
-  seq = jnp.minimum(jnp.searchsorted(ends, item, side="right"), num_slots - 1).astype(jnp.int32)
+  seq = jnp.minimum(jnp.searchsorted(ends, item, side="right", method="compare_all"), num_slots - 1).astype(jnp.int32)
   valid = item < ends[-1]
   block = item - (ends[seq] - blocks[seq])
   # Cost of an item: keys it visits, up to its last query position; spare items cost -1.

@@ -1,0 +1,378 @@
+"""Flash prefill attention over paged K/V: Pallas kernel lowered through Mosaic GPU (Hopper, sm_90a).
+
+Same semantics as `pallas_kernels.reference.ragged_paged_attention` restricted to prompt chunks (causal,
+no sliding window, unquantized pages), and the same work decomposition as the Triton kernel
+(`pallas_triton.work_items`): a work item is (sequence, block of 128 query tokens), heaviest first.
+
+One CUDA block per (query head, work item), three warpgroups:
+
+- two consumer warpgroups, each owning 64 query rows of the item (wgmma needs M = 64 per warpgroup). Q
+  comes by TMA straight from the flat `[T, H, D]` array; S = Q K^T and O += P V run on wgmma with float32
+  accumulators; online softmax in base 2. The two warpgroups take turns on the tensor cores through a
+  shared "schedule" barrier, so one's softmax overlaps the other's matmuls.
+- one producer warpgroup that walks the item's key blocks (`block_kv` tokens) and fills a ring of
+  `num_stages` K and V buffers in shared memory by TMA, one copy per page (`min(page_size, block_kv)`
+  tokens each, page ids read from the page table in global memory), as soon as both consumers have
+  released a slot.
+
+Keys past kv_len (the tail of the last page, or pages past the sequence's end) are loaded like the rest:
+their scores are masked, and the consumer zeroes those V rows in shared memory before P V so that NaN
+garbage in unused slots cannot reach the output through 0 * NaN. Output rows are written by TMA in a
+ladder of power-of-two row counts so that a block never writes past its sequence's last query row; rows
+of padding tokens (past cu_q_lens[num_seqs]) form a pseudo-sequence with no keys, whose items write zeros.
+
+Requires bfloat16 or float16 q/k/v of one dtype, head_dim 64 or 128, page_size a multiple of 8 that
+divides block_kv or is a multiple of it; anything else raises NotImplementedError (the Triton kernel
+serves it). The kernel only compiles for sm_90a; `lower_for_cuda` lowers it on any host (tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+from pallas_kernels.flash_prefill import pallas_triton
+
+_ROWS_PER_WG = 64  # wgmma's M per warpgroup
+_CONSUMERS = 2
+_BLOCK_Q = _ROWS_PER_WG * _CONSUMERS  # query tokens per work item
+_LOG2E = math.log2(math.e)
+_SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+_ORDERS = ("heads", "group")
+_ITEM_FIELDS = 5  # columns of `item_table`
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+  """Launch parameters of the Mosaic GPU kernel.
+
+  Attributes:
+    block_kv: key tokens per pipeline step (a multiple of 64).
+    num_stages: K/V buffers in the shared-memory ring (>= 2).
+    order: how programs map to (query head, work item): "heads" runs all heads of an item next to each
+      other; "group" runs the G query heads of one KV head next to each other, then the items, then the
+      KV heads (neighbours share K/V in L2 either way when G > 1; with G = 1 only "group" does). None:
+      `default_order`.
+  """
+
+  block_kv: int = 128
+  num_stages: int = 2
+  order: str | None = None
+
+  def __post_init__(self):
+    if self.block_kv % 64 or self.block_kv <= 0:
+      raise ValueError(f"block_kv must be a positive multiple of 64, got {self.block_kv}")
+    if self.num_stages < 2:
+      raise ValueError(f"num_stages must be at least 2, got {self.num_stages}")
+    if self.order is not None and self.order not in _ORDERS:
+      raise ValueError(f"unknown program order {self.order!r}; valid: {_ORDERS}")
+
+
+def default_order(group: int, num_tokens: int) -> str:
+  """"heads" (heaviest items of every head first: the best balance) unless G = 1 and the batch is long,
+  where one KV stream per head no longer fits L2 and "group" keeps each head's items together. H200,
+  2026-11-27, device time (NOTES.md): S=2048 heads 10% faster for G = 1 and 4; S=16384 G=1 group 6%
+  faster; S=8192 within 1%."""
+  return "group" if group == 1 and num_tokens >= 8192 else "heads"
+
+
+def check_supported(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, *, sliding_window, k_scales,
+                    v_scales, block_kv: int) -> None:
+  """Raises NotImplementedError, naming the input, for what this kernel does not serve."""
+  if k_scales is not None or v_scales is not None:
+    raise NotImplementedError("the Mosaic GPU prefill kernel does not serve quantized pages")
+  if sliding_window is not None:
+    raise NotImplementedError(f"the Mosaic GPU prefill kernel has no sliding window (got {sliding_window})")
+  if q.dtype not in _SUPPORTED_DTYPES or k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
+    raise NotImplementedError(f"the Mosaic GPU prefill kernel needs q, k, v all bfloat16 or all float16; "
+                              f"got {q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
+  head_dim = q.shape[-1]
+  if head_dim not in (64, 128):
+    raise NotImplementedError(f"the Mosaic GPU prefill kernel needs head_dim 64 or 128, got {head_dim}")
+  page_size = k_pages.shape[2]
+  if page_size % 8 or (block_kv % page_size and page_size % block_kv):
+    raise NotImplementedError(f"the Mosaic GPU prefill kernel needs a page_size that is a multiple of 8 and "
+                              f"divides or is a multiple of block_kv={block_kv}; got {page_size}")
+  if q.shape[1] % k_pages.shape[0]:
+    raise NotImplementedError(f"{q.shape[1]} query heads are not a multiple of {k_pages.shape[0]} KV heads")
+
+
+def item_table(cu_q_lens: jax.Array, kv_lens: jax.Array, num_seqs: jax.Array, *, num_tokens: int) -> jax.Array:
+  """[W, 5] int32 per work item: sequence, first query row in q, rows (0 for spare items), absolute position
+  of the first row, kv_len. Items come from `pallas_triton.work_items` (heaviest first) over the real
+  sequences plus one pseudo-sequence holding the padding rows with no keys, whose items write zeros."""
+  n = jnp.reshape(num_seqs, ()).astype(jnp.int32)
+  cu = jnp.concatenate([cu_q_lens, jnp.full((1,), num_tokens, jnp.int32)])
+  cu = jnp.where(jnp.arange(cu.shape[0]) <= n, cu, num_tokens)  # slot n: rows [cu_q_lens[n], T)
+  kv = jnp.concatenate([kv_lens, jnp.zeros((1,), jnp.int32)])
+  kv = jnp.where(jnp.arange(kv.shape[0]) < n, kv, 0)
+  work_seq, work_block = pallas_triton.work_items(cu, kv, n + 1, num_tokens=num_tokens, block_q=_BLOCK_Q)
+  seq = jnp.maximum(work_seq, 0)
+  q_start = cu[seq]
+  q_len = cu[seq + 1] - q_start
+  first = work_block * _BLOCK_Q
+  rows = jnp.where(work_seq >= 0, jnp.clip(q_len - first, 0, _BLOCK_Q), 0)
+  return jnp.stack([seq, q_start + first, rows, kv[seq] - q_len + first, kv[seq]], axis=1).astype(jnp.int32)
+
+
+def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, block_kv: int, num_stages: int,
+            group: int, order: str, num_items: int, num_slots: int, max_pages: int):
+  """One (query head, work item); see the module docstring. `meta_ref` is the item table ([W, 5], row-major)
+  followed by the page table ([S, Pmax], row-major), flat."""
+  (q_smem2, o_smem2, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free), schedule = scratch
+  num_heads = q_ref.shape[1]
+  program = lax.axis_index("programs")
+  if order == "heads":
+    head, item = lax.rem(program, num_heads), lax.div(program, num_heads)
+  else:
+    per_kv_head = group * num_items
+    rest = lax.rem(program, per_kv_head)
+    head, item = lax.div(program, per_kv_head) * group + lax.rem(rest, group), lax.div(rest, group)
+  wg = lax.axis_index("wg")
+  dtype = q_ref.dtype
+  head_dim = q_ref.shape[-1]
+  page_size = k_ref.shape[2]
+  num_pages = k_ref.shape[1]
+  tokens_per_copy = min(page_size, block_kv)
+  copies = block_kv // tokens_per_copy
+
+  field = lambda f: meta_ref[item * _ITEM_FIELDS + f]
+  seq = jnp.minimum(field(0), num_slots - 1)  # the padding pseudo-sequence loads no pages
+  row_start, num_rows, pos_start, kv_len = field(1), field(2), field(3), field(4)
+  kv_head = head // group
+  scale = sm_scale * _LOG2E
+
+  def steps_of(w):
+    """Key blocks that consumer w visits: up to its last real row's position (0 without real rows)."""
+    last = jnp.minimum(pos_start + (w + 1) * _ROWS_PER_WG, kv_len)
+    return jnp.where(num_rows > w * _ROWS_PER_WG, (last + block_kv - 1) // block_kv, 0)
+
+  total_steps = jnp.maximum(steps_of(0), steps_of(1))
+
+  def schedule_sync():
+    plgpu.barrier_arrive(schedule)
+    plgpu.barrier_wait(schedule)
+
+  @pl.when(wg < _CONSUMERS)
+  def _consumer():
+    plgpu.set_max_registers(232, action="increase")
+    q_smem, o_smem = q_smem2.at[wg], o_smem2.at[wg]
+    row0 = wg * _ROWS_PER_WG
+    valid = num_rows - row0  # real rows of this warpgroup (may be <= 0)
+    pos0 = pos_start + row0
+    steps = steps_of(wg)
+    full = jnp.clip((pos0 + 1) // block_kv, 0, steps)  # blocks wholly at or before the first row
+
+    @pl.when(valid > 0)
+    def _():
+      # Q rows start anywhere, so TMA brings them untiled into o_smem (free until the output) and the
+      # warpgroup rewrites them swizzled for wgmma.
+      plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row_start + row0, _ROWS_PER_WG), head], o_smem, q_ready.at[wg])
+
+    pl.when(wg == 1)(schedule_sync)
+
+    def kv_step(step, carry, *, masked: bool):
+      acc, m_i, l_i = carry
+      slot = lax.rem(step, num_stages)
+
+      def qk_scope(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+        schedule_sync()
+        return acc_ref[...]
+
+      s = pl.run_scoped(qk_scope, plgpu.ACC((_ROWS_PER_WG, block_kv), jnp.float32))
+      plgpu.barrier_arrive(k_free.at[slot])
+      if masked:
+        rows = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
+        cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+        s = jnp.where(cols + step * block_kv <= rows + pos0, s, -jnp.inf)
+      # The running max is kept in scaled (base-2) units, so p = exp2(s * scale - m) is one FMA per score.
+      m_new = jnp.maximum(m_i, s.max(axis=1) * scale)
+      alpha = jnp.exp2(m_i - m_new)
+      p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+      acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+      l_i = l_i * alpha + p.sum(axis=1)
+      p = p.astype(dtype)
+      acc, l_i, m_new, p = lax.optimization_barrier((acc, l_i, m_new, p))
+      plgpu.barrier_arrive(schedule)
+      plgpu.barrier_wait(v_ready.at[slot])
+      plgpu.barrier_wait(schedule)
+      if masked:
+        # Keys past kv_len (page tails, pages past the end) may hold NaN; P is 0 there, but 0 * NaN is not.
+        past_end = (step + 1) * block_kv > kv_len
+
+        @pl.when(past_end)
+        def _():
+          for c in range(block_kv // _ROWS_PER_WG):
+            chunk = v_smem.at[slot, pl.ds(c * _ROWS_PER_WG, _ROWS_PER_WG)]
+            v = plgpu.load(chunk, (), layout=plgpu.Layout.WGMMA)
+            key = plgpu.broadcasted_iota(jnp.int32, v.shape, 0, layout=plgpu.Layout.WGMMA)
+            chunk[...] = jnp.where(key + step * block_kv + c * _ROWS_PER_WG < kv_len, v, jnp.zeros_like(v))
+          plgpu.commit_smem()
+
+      def pv_scope(acc_ref):
+        plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+        nxt = step + 1
+
+        @pl.when(nxt < steps)
+        def _():
+          plgpu.barrier_wait(k_ready.at[lax.rem(nxt, num_stages)])
+
+      acc = pl.run_state(pv_scope)(plgpu.ACC.init(acc))
+      plgpu.barrier_arrive(v_free.at[slot])
+      return acc, m_new, l_i
+
+    def release(step, _):
+      # Steps the producer loads for the other warpgroup: free the slots and keep the turn-taking in step.
+      slot = lax.rem(step, num_stages)
+      plgpu.barrier_arrive(k_free.at[slot])
+      plgpu.barrier_arrive(v_free.at[slot])
+      schedule_sync()
+      schedule_sync()
+
+    @pl.when(valid > 0)
+    def _compute():
+      plgpu.barrier_wait(q_ready.at[wg])
+      q_smem[...] = plgpu.load(o_smem, (), layout=plgpu.Layout.WGMMA, optimized=False)
+      plgpu.commit_smem()
+      m_i = plgpu.layout_cast(jnp.full((_ROWS_PER_WG,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+      l_i = plgpu.layout_cast(jnp.full((_ROWS_PER_WG,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+      acc = plgpu.layout_cast(jnp.full((_ROWS_PER_WG, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
+      pl.when(steps > 0)(lambda: plgpu.barrier_wait(k_ready.at[0]))
+      carry = lax.fori_loop(0, full, functools.partial(kv_step, masked=False), (acc, m_i, l_i))
+      acc, m_i, l_i = lax.fori_loop(full, steps, functools.partial(kv_step, masked=True), carry)
+      lax.fori_loop(steps, total_steps, release, None)
+      pl.when(wg == 0)(schedule_sync)
+      # Rows with no key (kv_len 0: padding, or decodes the mixed-batch path serves elsewhere) give 0.
+      acc /= lax.broadcast_in_dim(jnp.where(l_i > 0, l_i, 1.0), acc.shape, [0])
+      o_smem[...] = acc.astype(dtype)
+      plgpu.commit_smem()
+      # Store exactly `valid` rows (<= 64) as a ladder of power-of-two TMA copies.
+      n = jnp.minimum(valid, _ROWS_PER_WG)
+      done = 0
+      size = _ROWS_PER_WG
+      while size:
+        @pl.when(n & size != 0)
+        def _():
+          plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(done, size)],
+                                  o_ref.at[pl.ds(row_start + row0 + done, size), head])
+
+        done += n & size
+        size //= 2
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(valid <= 0)
+    def _idle():
+      lax.fori_loop(0, total_steps, release, None)
+      pl.when(wg == 0)(schedule_sync)
+
+  @pl.when(wg == _CONSUMERS)
+  def _producer():
+    plgpu.set_max_registers(40, action="decrease")
+
+    def pages_of(step):
+      """(page id, first slot in the page) of each copy of key block `step`."""
+      out = []
+      for c in range(copies):
+        key = step * block_kv + c * tokens_per_copy
+        index = jnp.minimum(key // page_size, max_pages - 1)
+        page = meta_ref[num_items * _ITEM_FIELDS + seq * max_pages + index]
+        out.append((jnp.clip(page, 0, num_pages - 1), 0 if page_size <= block_kv else key % page_size))
+      return out
+
+    def load(pages, slot, src, dst, ready):
+      for c, (page, offset) in enumerate(pages):
+        plgpu.copy_gmem_to_smem(src.at[kv_head, page, pl.ds(offset, tokens_per_copy)],
+                                dst.at[slot, pl.ds(c * tokens_per_copy, tokens_per_copy)], ready.at[slot])
+
+    for i in range(num_stages):
+      @pl.when(i < total_steps)
+      def _():
+        pages = pages_of(i)
+        load(pages, i, k_ref, k_smem, k_ready)
+        load(pages, i, v_ref, v_smem, v_ready)
+
+    @pl.loop(0, jnp.maximum(total_steps - num_stages, 0))
+    def _(step):
+      slot = lax.rem(step, num_stages)
+      pages = pages_of(step + num_stages)  # page-table reads before the waits, not after
+      plgpu.barrier_wait(k_free.at[slot])
+      load(pages, slot, k_ref, k_smem, k_ready)
+      plgpu.barrier_wait(v_free.at[slot])
+      load(pages, slot, v_ref, v_smem, v_ready)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "block_kv", "num_stages", "order"))
+def _flash_prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale, block_kv,
+                   num_stages, order):
+  num_tokens, num_heads, head_dim = q.shape
+  num_kv_heads, _, page_size, _ = k_pages.shape
+  items = item_table(cu_q_lens.astype(jnp.int32), kv_lens.astype(jnp.int32), num_seqs, num_tokens=num_tokens)
+  copies = block_kv // min(page_size, block_kv)
+  dtype = q.dtype
+  transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+  # One fresh int32 buffer for the scalars: Mosaic GPU needs 256-byte aligned inputs, and a page table
+  # sliced out of a larger array (the engine packs its step metadata) may not be.
+  meta = jnp.concatenate([items.reshape(-1), page_table.astype(jnp.int32).reshape(-1)])
+
+  def entry(meta_ref, q_ref, k_ref, v_ref, o_ref):
+    pl.run_scoped(
+        lambda *scratch: _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, sm_scale=sm_scale,
+                                 block_kv=block_kv, num_stages=num_stages, group=num_heads // num_kv_heads,
+                                 order=order, num_items=items.shape[0], num_slots=page_table.shape[0],
+                                 max_pages=page_table.shape[1]),
+        (
+            plgpu.SMEM((_CONSUMERS, _ROWS_PER_WG, head_dim), dtype, transforms=transforms),
+            plgpu.SMEM((_CONSUMERS, _ROWS_PER_WG, head_dim), dtype),
+            plgpu.SMEM((num_stages, block_kv, head_dim), dtype, transforms=transforms),
+            plgpu.SMEM((num_stages, block_kv, head_dim), dtype, transforms=transforms),
+        ),
+        (
+            plgpu.Barrier(num_arrivals=copies, num_barriers=num_stages),
+            plgpu.Barrier(num_arrivals=copies, num_barriers=num_stages),
+            plgpu.Barrier(num_barriers=_CONSUMERS),
+        ),
+        (plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=num_stages),) * 2,
+        plgpu.Barrier(num_arrivals=_CONSUMERS),
+        collective_axes="wg",
+    )
+
+  return plgpu.kernel(
+      entry,
+      out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+      grid=(num_heads * items.shape[0],),
+      grid_names=("programs",),
+      num_threads=_CONSUMERS + 1,
+      thread_name="wg",
+      # Lane semantics explicitly: the default became Warpgroup in JAX 0.11.
+      compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
+  )(meta, q, k_pages, v_pages)
+
+
+def flash_prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale: float,
+                  sliding_window: int | None = None, k_scales=None, v_scales=None,
+                  config: MosaicConfig | None = None) -> jax.Array:
+  """Causal attention of ragged prompt chunks against paged K/V (Pallas, Mosaic GPU, sm_90a).
+
+  Args: as `pallas_triton.flash_prefill` (see the reference for the inputs); `config` the launch parameters.
+
+  Returns:
+    [T, H, D] in q's dtype; rows of padding tokens are zero.
+
+  Raises:
+    NotImplementedError: for inputs this kernel does not serve (see the module docstring).
+  """
+  config = config or MosaicConfig()
+  check_supported(q, k_pages, v_pages, sliding_window=sliding_window, k_scales=k_scales, v_scales=v_scales,
+                  block_kv=config.block_kv)
+  return _flash_prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, sm_scale=float(sm_scale),
+                        block_kv=config.block_kv, num_stages=config.num_stages,
+                        order=config.order or default_order(q.shape[1] // k_pages.shape[0], q.shape[0]))

@@ -1,0 +1,158 @@
+"""Tests of the Mosaic GPU flash prefill kernel (`pallas_kernels.flash_prefill.pallas_mgpu`).
+
+The kernel has no interpreter: on CPU the tests check its work decomposition (`item_table`), the choice of
+implementation, its input checks, and that it lowers to a Mosaic GPU custom call for CUDA; the
+`@pytest.mark.gpu` cases run it on an sm_90 GPU against the `jnp` reference, with every KV slot no sequence
+owns and every padding query row NaN-poisoned (see `ragged_inputs`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import reference
+from pallas_kernels.flash_prefill import flash_prefill
+from pallas_kernels.flash_prefill import on_hopper
+from pallas_kernels.flash_prefill import pallas_mgpu
+from ragged_inputs import Case, make_inputs
+
+_reference = jax.jit(reference.ragged_paged_attention, static_argnames=("sm_scale", "sliding_window"))
+
+
+@pytest.mark.parametrize("q_lens,prefixes,pad_tokens", [
+    ((1, 130, 77, 300), (0, 64, 200, 17), 5),
+    ((128, 256), (0, 3), 0),
+    ((), (), 7),
+])
+def test_item_table_covers_every_row_once(q_lens, prefixes, pad_tokens):
+  num_slots = len(q_lens) + 2
+  num_tokens = sum(q_lens) + pad_tokens
+  cu = np.zeros(num_slots + 1, np.int32)
+  cu[1:len(q_lens) + 1] = np.cumsum(q_lens)
+  cu[len(q_lens) + 1:] = sum(q_lens)
+  kv_lens = np.zeros(num_slots, np.int32)
+  kv_lens[:len(q_lens)] = np.asarray(q_lens, int) + np.asarray(prefixes, int)
+  kv_lens[len(q_lens):] = 99  # junk in padding slots
+  items = np.asarray(pallas_mgpu.item_table(jnp.asarray(cu), jnp.asarray(kv_lens), jnp.asarray([len(q_lens)]),
+                                            num_tokens=num_tokens))
+  covered = np.zeros(num_tokens, int)
+  for seq, first_row, rows, pos, kv_len in items:
+    assert 0 <= rows <= 128
+    covered[first_row:first_row + rows] += 1
+    if rows and seq < len(q_lens):  # a real sequence: positions continue its prefix
+      assert kv_len == kv_lens[seq]
+      assert pos == prefixes[seq] + first_row - cu[seq]
+    elif rows:  # the padding pseudo-sequence: no keys
+      assert kv_len == 0 and first_row >= sum(q_lens)
+  np.testing.assert_array_equal(covered, 1)
+  costs = [(pos + rows) if kv_len else 0 for _, _, rows, pos, kv_len in items if rows]
+  assert costs == sorted(costs, reverse=True)  # heaviest first
+
+
+def test_rejects_what_it_does_not_serve():
+  case = Case(q_lens=(5,), prefixes=(0,), group=2, head_dim=64, page_size=16)
+  q, k, v, *_ = make_inputs(case, jnp.bfloat16, seed=0)
+  check = lambda **kw: pallas_mgpu.check_supported(
+      kw.pop("q", q), kw.pop("k", k), kw.pop("v", v), sliding_window=kw.pop("sliding_window", None),
+      k_scales=None, v_scales=None, block_kv=128)
+  check()
+  with pytest.raises(NotImplementedError, match="float32"):
+    check(q=q.astype(jnp.float32), k=k.astype(jnp.float32), v=v.astype(jnp.float32))
+  with pytest.raises(NotImplementedError, match="head_dim 64 or 128, got 32"):
+    check(q=q[..., :32], k=k[..., :32], v=v[..., :32])
+  with pytest.raises(NotImplementedError, match="sliding window"):
+    check(sliding_window=8)
+  with pytest.raises(NotImplementedError, match="page_size .* got 4"):
+    check(k=k.reshape(k.shape[0], -1, 4, 64), v=v.reshape(v.shape[0], -1, 4, 64))
+  with pytest.raises(ValueError, match="block_kv"):
+    pallas_mgpu.MosaicConfig(block_kv=96)
+  with pytest.raises(ValueError, match="num_stages"):
+    pallas_mgpu.MosaicConfig(num_stages=1)
+  with pytest.raises(ValueError, match="order 'rows'"):
+    pallas_mgpu.MosaicConfig(order="rows")
+
+
+def test_implementation_choice():
+  case = Case(q_lens=(5, 2), prefixes=(3, 0), group=2, page_size=8)
+  args = make_inputs(case, jnp.float32, seed=1)
+  with pytest.raises(ValueError, match="unknown flash_prefill implementation 'cudnn'"):
+    flash_prefill(*args, sm_scale=0.25, implementation="cudnn")
+  with pytest.raises(ValueError, match="interpret"):
+    flash_prefill(*args, sm_scale=0.25, implementation="mosaic", interpret=True)
+  # Off an sm_90 GPU the automatic choice is the Triton kernel (here in the interpreter).
+  got = flash_prefill(*args, sm_scale=0.25, interpret=True)
+  want = flash_prefill(*args, sm_scale=0.25, implementation="triton", interpret=True)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("head_dim,group,page_size,dtype,order", [
+    (128, 4, 16, jnp.bfloat16, None),
+    (64, 1, 256, jnp.float16, "group"),
+])
+def test_lowers_for_cuda(head_dim, group, page_size, dtype, order):
+  """Lowers the kernel to its Mosaic GPU custom call for CUDA, on any machine (layouts, TMA shapes and
+  barrier use are checked at this point; PTX is only generated on a GPU)."""
+  num_kv_heads, num_slots = 2, 3
+  sds = jax.ShapeDtypeStruct
+  kv = sds((num_kv_heads, 40, page_size, head_dim), dtype)
+  args = (sds((301, num_kv_heads * group, head_dim), dtype), kv, kv, sds((num_slots,), jnp.int32),
+          sds((num_slots, 9), jnp.int32), sds((num_slots + 1,), jnp.int32), sds((1,), jnp.int32))
+  fn = lambda *a: pallas_mgpu.flash_prefill(*a, sm_scale=head_dim ** -0.5,
+                                            config=pallas_mgpu.MosaicConfig(order=order))
+  try:
+    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+  except (ImportError, RuntimeError) as e:  # pragma: no cover - depends on the installed jaxlib
+    pytest.skip(f"this jax cannot lower Mosaic GPU kernels for cuda here: {e}")
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+_GPU_CASES = {
+    "g4_d128_page16": (Case(q_lens=(1, 130, 77, 300), prefixes=(0, 64, 200, 17), group=4, head_dim=128,
+                            page_size=16, pad_tokens=5), jnp.bfloat16, None),
+    "g1_d128_f16": (Case(q_lens=(1, 130, 77, 300), prefixes=(0, 64, 200, 17), group=1, head_dim=128,
+                         page_size=16, pad_tokens=5), jnp.float16, None),
+    "g8_d64_page64": (Case(q_lens=(129, 3, 64), prefixes=(0, 500, 63), group=8, head_dim=64, page_size=64,
+                           pad_tokens=2), jnp.bfloat16, None),
+    "g4_page_larger_than_block": (Case(q_lens=(260, 5, 64), prefixes=(300, 0, 128), group=4, head_dim=128,
+                                       page_size=256, pad_tokens=3), jnp.bfloat16, None),
+    "g4_d64_bkv64_3stages_group_order": (Case(q_lens=(1, 130, 77, 300), prefixes=(0, 64, 200, 17), group=4,
+                                              head_dim=64, page_size=16, pad_tokens=5), jnp.bfloat16,
+                                         pallas_mgpu.MosaicConfig(64, 3, "group")),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not on_hopper(), reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("name", sorted(_GPU_CASES))
+def test_gpu_matches_reference(name):
+  case, dtype, config = _GPU_CASES[name]
+  args = make_inputs(case, dtype, seed=len(name))
+  sm_scale = case.head_dim ** -0.5
+  got = flash_prefill(*args, sm_scale=sm_scale, implementation="mosaic", mosaic_config=config)
+  want = _reference(*[a.astype(jnp.float32) if a.dtype == dtype else a for a in args], sm_scale=sm_scale)
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  real = sum(case.q_lens)
+  assert np.isfinite(got).all(), "NaN or inf leaked into the output"
+  np.testing.assert_allclose(got[:real], want[:real], rtol=2e-2, atol=2e-2)
+  assert not got[real:].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not on_hopper(), reason="needs an sm_90 GPU")
+def test_gpu_sequences_without_keys_give_zeros():
+  """kv_len 0 (how the mixed-batch path hides decode rows from this kernel) writes zeros, not NaN."""
+  case = Case(q_lens=(1, 130, 1, 40), prefixes=(0, 64, 9, 17), group=4, head_dim=128, page_size=16)
+  q, k, v, kv_lens, page_table, cu, num = make_inputs(case, jnp.bfloat16, seed=5)
+  want = np.asarray(_reference(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), kv_lens,
+                               page_table, cu, num, sm_scale=0.1), np.float32)
+  hidden = kv_lens.at[jnp.asarray([0, 2])].set(0)
+  got = np.asarray(flash_prefill(q, k, v, hidden, page_table, cu, num, sm_scale=0.1, implementation="mosaic"),
+                   np.float32)
+  rows = np.asarray(cu)
+  assert not got[rows[0]].any() and not got[rows[2]].any()
+  keep = np.ones(sum(case.q_lens), bool)
+  keep[[rows[0], rows[2]]] = False
+  np.testing.assert_allclose(got[:len(keep)][keep], want[:len(keep)][keep], rtol=2e-2, atol=2e-2)
