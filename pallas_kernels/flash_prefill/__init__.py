@@ -41,7 +41,8 @@ def flash_prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
     implementation: "mosaic", "triton" or None (automatic).
     interpret: run the Triton kernel in the Pallas interpreter (implies "triton").
     mosaic_config: launch parameters of the Mosaic kernel.
-    **triton_tuning: block_q, block_k, num_warps, num_stages, prefetch_pages of the Triton kernel.
+    **triton_tuning: block_q, block_k, num_warps, num_stages, prefetch_pages of the Triton kernel (None
+      values count as not given).
 
   Returns:
     [T, H, D] in q's dtype; rows of padding tokens are zero.
@@ -52,6 +53,7 @@ def flash_prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
   """
   if implementation not in (None, *_IMPLEMENTATIONS):
     raise ValueError(f"unknown flash_prefill implementation {implementation!r}; valid: {_IMPLEMENTATIONS}")
+  triton_tuning = {name: value for name, value in triton_tuning.items() if value is not None}
   common = dict(sm_scale=sm_scale, sliding_window=sliding_window, k_scales=k_scales, v_scales=v_scales)
   args = (q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs)
   if implementation is None:
@@ -59,8 +61,7 @@ def flash_prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
     if not interpret and not triton_tuning and on_hopper():
       try:
         pallas_mgpu.check_supported(q, k_pages, v_pages, sliding_window=sliding_window, k_scales=k_scales,
-                                    v_scales=v_scales,
-                                    block_kv=(mosaic_config or pallas_mgpu.MosaicConfig()).block_kv)
+                                    v_scales=v_scales, config=mosaic_config or pallas_mgpu.MosaicConfig())
         implementation = "mosaic"
       except NotImplementedError:
         pass

@@ -47,6 +47,7 @@ _LOG2E = math.log2(math.e)
 _SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 _ORDERS = ("heads", "group")
 _ITEM_FIELDS = 5  # columns of `item_table`
+_SHARED_MEMORY_BYTES = 227 * 1024 - 1024  # sm_90's per-CTA maximum, less room for the barriers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +84,16 @@ def default_order(group: int, num_tokens: int) -> str:
   return "group" if group == 1 and num_tokens >= 8192 else "heads"
 
 
+def shared_memory_bytes(head_dim: int, itemsize: int, config: MosaicConfig) -> int:
+  """Shared memory of one CTA: Q (swizzled) and its untiled staging/output buffer per consumer, and the K and
+  V rings."""
+  return (2 * _CONSUMERS * _ROWS_PER_WG + 2 * config.num_stages * config.block_kv) * head_dim * itemsize
+
+
 def check_supported(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, *, sliding_window, k_scales,
-                    v_scales, block_kv: int) -> None:
+                    v_scales, config: MosaicConfig) -> None:
   """Raises NotImplementedError, naming the input, for what this kernel does not serve."""
+  block_kv = config.block_kv
   if k_scales is not None or v_scales is not None:
     raise NotImplementedError("the Mosaic GPU prefill kernel does not serve quantized pages")
   if sliding_window is not None:
@@ -102,6 +110,10 @@ def check_supported(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, *, sli
                               f"divides or is a multiple of block_kv={block_kv}; got {page_size}")
   if q.shape[1] % k_pages.shape[0]:
     raise NotImplementedError(f"{q.shape[1]} query heads are not a multiple of {k_pages.shape[0]} KV heads")
+  smem = shared_memory_bytes(head_dim, q.dtype.itemsize, config)
+  if smem > _SHARED_MEMORY_BYTES:
+    raise NotImplementedError(f"{config} needs {smem} bytes of shared memory at head_dim {head_dim}; an sm_90 "
+                              f"CTA has {_SHARED_MEMORY_BYTES}")
 
 
 def item_table(cu_q_lens: jax.Array, kv_lens: jax.Array, num_seqs: jax.Array, *, num_tokens: int) -> jax.Array:
@@ -120,6 +132,14 @@ def item_table(cu_q_lens: jax.Array, kv_lens: jax.Array, num_seqs: jax.Array, *,
   first = work_block * _BLOCK_Q
   rows = jnp.where(work_seq >= 0, jnp.clip(q_len - first, 0, _BLOCK_Q), 0)
   return jnp.stack([seq, q_start + first, rows, kv[seq] - q_len + first, kv[seq]], axis=1).astype(jnp.int32)
+
+
+def consumer_steps(num_rows, pos_start, kv_len, w: int, block_kv: int):
+  """Key blocks that consumer warpgroup w of an item visits: those holding a key at or before its last row's
+  position, capped at kv_len; 0 when it has no real rows or no keys (kv_len 0: its positions are negative,
+  and a negative count would unbalance the barriers). Works on scalars and arrays alike."""
+  last = jnp.minimum(pos_start + (w + 1) * _ROWS_PER_WG, kv_len)
+  return jnp.where(num_rows > w * _ROWS_PER_WG, jnp.maximum((last + block_kv - 1) // block_kv, 0), 0)
 
 
 def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, block_kv: int, num_stages: int,
@@ -149,11 +169,7 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, b
   kv_head = head // group
   scale = sm_scale * _LOG2E
 
-  def steps_of(w):
-    """Key blocks that consumer w visits: up to its last real row's position (0 without real rows)."""
-    last = jnp.minimum(pos_start + (w + 1) * _ROWS_PER_WG, kv_len)
-    return jnp.where(num_rows > w * _ROWS_PER_WG, (last + block_kv - 1) // block_kv, 0)
-
+  steps_of = lambda w: consumer_steps(num_rows, pos_start, kv_len, w, block_kv)
   total_steps = jnp.maximum(steps_of(0), steps_of(1))
 
   def schedule_sync():
@@ -372,7 +388,7 @@ def flash_prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
   """
   config = config or MosaicConfig()
   check_supported(q, k_pages, v_pages, sliding_window=sliding_window, k_scales=k_scales, v_scales=v_scales,
-                  block_kv=config.block_kv)
+                  config=config)
   return _flash_prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, sm_scale=float(sm_scale),
                         block_kv=config.block_kv, num_stages=config.num_stages,
                         order=config.order or default_order(q.shape[1] // k_pages.shape[0], q.shape[0]))

@@ -52,13 +52,42 @@ def test_item_table_covers_every_row_once(q_lens, prefixes, pad_tokens):
   assert costs == sorted(costs, reverse=True)  # heaviest first
 
 
+@pytest.mark.parametrize("block_kv", [64, 128, 256])
+def test_consumer_steps_cover_the_visible_keys_and_never_go_negative(block_kv):
+  """Each consumer warpgroup visits exactly the key blocks its real rows can see; with no real rows or no
+  keys (the padding pseudo-sequence, whose positions are negative) it visits none. A negative count would
+  make the two warpgroups disagree on the barrier sequence and hang the kernel."""
+  rng = np.random.default_rng(block_kv)
+  for _ in range(40):
+    num_seqs = int(rng.integers(0, 4))
+    q_lens = rng.integers(1, 300, num_seqs)
+    prefixes = rng.integers(0, 400, num_seqs) * rng.integers(0, 2, num_seqs)
+    pad = int(rng.integers(0, 400))
+    num_tokens = int(q_lens.sum()) + pad
+    cu = np.concatenate([[0], np.cumsum(q_lens), [q_lens.sum()]]).astype(np.int32)
+    kv_lens = np.concatenate([q_lens + prefixes, [7]]).astype(np.int32)
+    items = np.asarray(pallas_mgpu.item_table(jnp.asarray(cu), jnp.asarray(kv_lens), jnp.asarray([num_seqs]),
+                                              num_tokens=max(num_tokens, 1)))
+    for w in range(2):
+      steps = np.asarray(pallas_mgpu.consumer_steps(items[:, 2], items[:, 3], items[:, 4], w, block_kv))
+      assert (steps >= 0).all()
+      for (_, _, rows, pos, kv_len), got in zip(items, steps):
+        real = np.arange(w * 64, min(rows, (w + 1) * 64))  # this warpgroup's real rows
+        visible = min(pos + real.max() + 1, kv_len) if real.size else 0  # keys 0 .. visible - 1
+        assert got == -(-max(visible, 0) // block_kv), (rows, pos, kv_len, w)
+
+
 def test_rejects_what_it_does_not_serve():
   case = Case(q_lens=(5,), prefixes=(0,), group=2, head_dim=64, page_size=16)
   q, k, v, *_ = make_inputs(case, jnp.bfloat16, seed=0)
   check = lambda **kw: pallas_mgpu.check_supported(
       kw.pop("q", q), kw.pop("k", k), kw.pop("v", v), sliding_window=kw.pop("sliding_window", None),
-      k_scales=None, v_scales=None, block_kv=128)
+      k_scales=None, v_scales=None, config=kw.pop("config", pallas_mgpu.MosaicConfig()))
   check()
+  check(config=pallas_mgpu.MosaicConfig(128, 3))  # 128 KB at head_dim 64
+  with pytest.raises(NotImplementedError, match="shared memory at head_dim 128"):
+    wide = jnp.concatenate([q, q], axis=-1), jnp.concatenate([k, k], axis=-1)
+    check(q=wide[0], k=wide[1], v=wide[1], config=pallas_mgpu.MosaicConfig(128, 3))
   with pytest.raises(NotImplementedError, match="float32"):
     check(q=q.astype(jnp.float32), k=k.astype(jnp.float32), v=v.astype(jnp.float32))
   with pytest.raises(NotImplementedError, match="head_dim 64 or 128, got 32"):
@@ -85,6 +114,9 @@ def test_implementation_choice():
   # Off an sm_90 GPU the automatic choice is the Triton kernel (here in the interpreter).
   got = flash_prefill(*args, sm_scale=0.25, interpret=True)
   want = flash_prefill(*args, sm_scale=0.25, implementation="triton", interpret=True)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # Tuning arguments passed as None count as not given.
+  got = flash_prefill(*args, sm_scale=0.25, interpret=True, block_q=None, num_warps=None)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
@@ -118,6 +150,11 @@ _GPU_CASES = {
                            pad_tokens=2), jnp.bfloat16, None),
     "g4_page_larger_than_block": (Case(q_lens=(260, 5, 64), prefixes=(300, 0, 128), group=4, head_dim=128,
                                        page_size=256, pad_tokens=3), jnp.bfloat16, None),
+    # Many padding rows: the padding pseudo-sequence's positions reach -200 (and -130 with 64-key blocks).
+    "g4_200_padding_rows": (Case(q_lens=(57, 9), prefixes=(1, 30), group=4, head_dim=128, page_size=16,
+                                 pad_tokens=200), jnp.bfloat16, None),
+    "g4_130_padding_rows_bkv64": (Case(q_lens=(57,), prefixes=(1,), group=4, head_dim=64, page_size=16,
+                                       pad_tokens=130), jnp.bfloat16, pallas_mgpu.MosaicConfig(64, 3)),
     "g4_d64_bkv64_3stages_group_order": (Case(q_lens=(1, 130, 77, 300), prefixes=(0, 64, 200, 17), group=4,
                                               head_dim=64, page_size=16, pad_tokens=5), jnp.bfloat16,
                                          pallas_mgpu.MosaicConfig(64, 3, "group")),
