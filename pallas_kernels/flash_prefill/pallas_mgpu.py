@@ -7,13 +7,13 @@ no sliding window, unquantized pages), and the same work decomposition as the Tr
 One CUDA block per (query head, work item), three warpgroups:
 
 - two consumer warpgroups, each owning 64 query rows of the item (wgmma needs M = 64 per warpgroup). Q
-  comes by TMA straight from the flat `[T, H, D]` array; S = Q K^T and O += P V run on wgmma with float32
-  accumulators; online softmax in base 2. The two warpgroups take turns on the tensor cores through a
+  rows start anywhere in the flat `[T, H, D]` array, so TMA brings them untiled and the warpgroup rewrites
+  them swizzled for wgmma; S = Q K^T and O += P V run on wgmma with float32 accumulators; online softmax in base 2. The two warpgroups take turns on the tensor cores through a
   shared "schedule" barrier, so one's softmax overlaps the other's matmuls.
 - one producer warpgroup that walks the item's key blocks (`block_kv` tokens) and fills a ring of
   `num_stages` K and V buffers in shared memory by TMA, one copy per page (`min(page_size, block_kv)`
-  tokens each, page ids read from the page table in global memory), as soon as both consumers have
-  released a slot.
+  tokens each, page ids read from a copy of the page table in global memory), as soon as both consumers
+  have released a slot.
 
 Keys past kv_len (the tail of the last page, or pages past the sequence's end) are loaded like the rest:
 their scores are masked, and the consumer zeroes those V rows in shared memory before P V so that NaN
@@ -23,7 +23,8 @@ of padding tokens (past cu_q_lens[num_seqs]) form a pseudo-sequence with no keys
 
 Requires bfloat16 or float16 q/k/v of one dtype, head_dim 64 or 128, page_size a multiple of 8 that
 divides block_kv or is a multiple of it; anything else raises NotImplementedError (the Triton kernel
-serves it). The kernel only compiles for sm_90a; `lower_for_cuda` lowers it on any host (tests).
+serves it). The kernel only compiles for sm_90a, but `jax.jit(...).lower(lowering_platforms=("cuda",))`
+runs its whole Mosaic GPU lowering (layouts, TMA shapes, barriers) on any host; the tests do.
 """
 
 from __future__ import annotations
