@@ -63,6 +63,12 @@ def _to_pages(kv, perm: np.ndarray):
   return logical[:, np.argsort(perm)]  # physical[:, perm[j]] == logical[:, j]
 
 
+def _time_jax(fn: Callable[[], Any], **kwargs) -> float:
+  """Seconds per call of `fn`, over runs of `_REPS` calls dispatched back to back (`timing.time_jax`)."""
+  from experiments.benchmarks import timing  # pylint: disable=import-outside-toplevel
+  return timing.time_jax(lambda: [fn() for _ in range(_REPS)], **kwargs) / _REPS
+
+
 def _try(fn: Callable[[], Any]) -> tuple[Any, str | None]:
   try:
     return fn(), None
@@ -166,7 +172,6 @@ def _bench_dense(seq_len: int, num_kv_heads: int, *, iters: int, with_torch: boo
   from pallas_kernels.flash_prefill import flash_prefill  # pylint: disable=import-outside-toplevel
 
   rng = np.random.default_rng(seq_len + num_kv_heads)
-  timer = lambda fn, **kw: timing.time_jax(lambda: [fn() for _ in range(_REPS)], **kw) / _REPS
   kq, kk, kv_ = jax.random.split(jax.random.key(seq_len * 100 + num_kv_heads), 3)
   dtype = jnp.bfloat16
   q = jax.random.normal(kq, (1, seq_len, _HEADS, _HEAD_DIM), dtype)
@@ -184,7 +189,7 @@ def _bench_dense(seq_len: int, num_kv_heads: int, *, iters: int, with_torch: boo
   result: dict[str, Any] = {"case": f"S={seq_len} K={num_kv_heads}", "seq_len": seq_len,
                             "num_kv_heads": num_kv_heads, "flops": flops, "impls": {}}
 
-  def record(name, fn, timer=timer):
+  def record(name, fn, timer=_time_jax):
     t, err = _try(lambda: timer(fn, warmup=2, iters=iters))
     result["impls"][name] = ({"ms": t * 1e3, "tflops": flops / t / 1e12} if err is None else {"error": err})
     print(f"  {result['case']:<14} {name:<20} " + (f"{t * 1e3:9.3f} ms {flops / t / 1e12:7.1f} TFLOP/s"
@@ -240,7 +245,6 @@ def _ragged_lengths(rng: np.random.Generator, num_prompts: int = 8) -> tuple[lis
 def _bench_ragged(*, iters: int) -> dict[str, Any]:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from experiments.benchmarks import timing  # pylint: disable=import-outside-toplevel
   from pallas_kernels.flash_prefill import flash_prefill  # pylint: disable=import-outside-toplevel
 
   rng = np.random.default_rng(0)
@@ -272,7 +276,7 @@ def _bench_ragged(*, iters: int) -> dict[str, Any]:
     return q, cu
 
   def record(name, fn, flops):
-    t, err = _try(lambda: timing.time_jax(lambda: [fn() for _ in range(_REPS)], warmup=2, iters=iters) / _REPS)
+    t, err = _try(lambda: _time_jax(fn, warmup=2, iters=iters))
     result["impls"][name] = ({"ms": t * 1e3, "tflops": flops / t / 1e12} if err is None else {"error": err})
     print(f"  {'ragged':<14} {name:<26} " + (f"{t * 1e3:9.3f} ms {flops / t / 1e12:7.1f} TFLOP/s"
                                                if err is None else f"FAILED {err}"), flush=True)

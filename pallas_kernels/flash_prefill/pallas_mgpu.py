@@ -8,8 +8,9 @@ One CUDA block per (query head, work item), three warpgroups:
 
 - two consumer warpgroups, each owning 64 query rows of the item (wgmma needs M = 64 per warpgroup). Q
   rows start anywhere in the flat `[T, H, D]` array, so TMA brings them untiled and the warpgroup rewrites
-  them swizzled for wgmma; S = Q K^T and O += P V run on wgmma with float32 accumulators; online softmax in base 2. The two warpgroups take turns on the tensor cores through a
-  shared "schedule" barrier, so one's softmax overlaps the other's matmuls.
+  them swizzled for wgmma; S = Q K^T and O += P V run on wgmma with float32 accumulators; online softmax
+  in base 2. The two warpgroups take turns on the tensor cores through a shared "schedule" barrier, so
+  one's softmax overlaps the other's matmuls.
 - one producer warpgroup that walks the item's key blocks (`block_kv` tokens) and fills a ring of
   `num_stages` K and V buffers in shared memory by TMA, one copy per page (`min(page_size, block_kv)`
   tokens each, page ids read from a copy of the page table in global memory), as soon as both consumers
