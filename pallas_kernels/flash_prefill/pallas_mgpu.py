@@ -9,12 +9,18 @@ One CUDA block per (query head, work item), three warpgroups:
 - two consumer warpgroups, each owning 64 query rows of the item (wgmma needs M = 64 per warpgroup). Q
   rows start anywhere in the flat `[T, H, D]` array, so TMA brings them untiled and the warpgroup rewrites
   them swizzled for wgmma; S = Q K^T and O += P V run on wgmma with float32 accumulators; online softmax
-  in base 2. The two warpgroups take turns on the tensor cores through a shared "schedule" barrier, so
-  one's softmax overlaps the other's matmuls.
-- one producer warpgroup that walks the item's key blocks (`block_kv` tokens) and fills a ring of
-  `num_stages` K and V buffers in shared memory by TMA, one copy per page (`min(page_size, block_kv)`
-  tokens each, page ids read from a copy of the page table in global memory), as soon as both consumers
-  have released a slot.
+  in base 2. The two warpgroups take turns on the tensor cores (FlashAttention-3's ping-pong), so one's
+  softmax overlaps the other's matmuls.
+- one producer warpgroup, of which one warp walks the item's key blocks (`block_kv` tokens) and fills a
+  ring of `num_stages` K and V buffers in shared memory by TMA, one copy per page (`min(page_size,
+  block_kv)` tokens each, page ids read from a copy of the page table in global memory), as soon as both
+  consumers have released a slot.
+
+Data arrival (K, V, Q ready) is signalled by mbarriers, which TMA completes. Everything between threads
+(a slot released, the turn on the tensor cores) uses hardware named barriers (`bar.arrive` / `bar.sync`),
+which are cheaper but have no phases, so the protocol never lets a warpgroup arrive twice on one barrier
+before the waiter has taken the first round: a warpgroup that has no more key blocks of its own still
+takes every turn ("release" steps) and releases each slot only after the other has started on it.
 
 Keys past kv_len (the tail of the last page, or pages past the sequence's end) are loaded like the rest:
 their scores are masked, and the consumer zeroes those V rows in shared memory before P V so that NaN
@@ -39,6 +45,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import llvm
 
 from pallas_kernels.flash_prefill import pallas_triton
 
@@ -50,6 +58,14 @@ _SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 _ORDERS = ("heads", "group")
 _ITEM_FIELDS = 5  # columns of `item_table`
 _SHARED_MEMORY_BYTES = 227 * 1024 - 1024  # sm_90's per-CTA maximum, less room for the barriers
+_WG_THREADS = 128
+# Hardware named barriers (bar.sync / bar.arrive), 16 per CTA. Mosaic GPU uses id 0 (the whole CTA) and
+# 1 + warpgroup index; ours start above them: two for the consumers' turn-taking, then one per ring slot
+# for "K consumed" and one per slot for "V consumed".
+_SCHEDULE_BARRIER = 5
+_FREE_BARRIERS = _SCHEDULE_BARRIER + _CONSUMERS
+_NUM_NAMED_BARRIERS = 16
+_FREE_THREADS = _CONSUMERS * _WG_THREADS + 32  # both consumers arrive, the producer's TMA warp waits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +88,9 @@ class MosaicConfig:
   def __post_init__(self):
     if self.block_kv % 64 or self.block_kv <= 0:
       raise ValueError(f"block_kv must be a positive multiple of 64, got {self.block_kv}")
-    if self.num_stages < 2:
-      raise ValueError(f"num_stages must be at least 2, got {self.num_stages}")
+    max_stages = (_NUM_NAMED_BARRIERS - _FREE_BARRIERS) // 2
+    if not 2 <= self.num_stages <= max_stages:
+      raise ValueError(f"num_stages must be in [2, {max_stages}], got {self.num_stages}")
     if self.order is not None and self.order not in _ORDERS:
       raise ValueError(f"unknown program order {self.order!r}; valid: {_ORDERS}")
 
@@ -144,11 +161,25 @@ def consumer_steps(num_rows, pos_start, kv_len, w: int, block_kv: int):
   return jnp.where(num_rows > w * _ROWS_PER_WG, jnp.maximum((last + block_kv - 1) // block_kv, 0), 0)
 
 
+def _named_barrier(op: str, barrier_id, num_threads: int) -> None:
+  """`bar.sync` (wait until `num_threads` threads have arrived, counting the caller's) or `bar.arrive`
+  (count the caller's threads, do not wait) on hardware barrier `barrier_id` (static or a traced scalar)."""
+  def asm(operands, name, constraints):
+    llvm.inline_asm(ir.Type.parse("!llvm.void"), operands, f"bar.{op} {name}, {num_threads};", constraints,
+                    has_side_effects=True)
+
+  if isinstance(barrier_id, int):
+    plgpu.inline_mgpu()(lambda _: asm([], barrier_id, ""))()
+  else:
+    plgpu.inline_mgpu(arg_types=(plgpu.Layout.WG_SPLAT,))(
+        lambda _, i: asm([i.registers.item()], "$0", "r"))(barrier_id.astype(jnp.int32))
+
+
 def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, block_kv: int, num_stages: int,
             group: int, order: str, num_items: int, num_slots: int, max_pages: int):
   """One (query head, work item); see the module docstring. `meta_ref` is the item table ([W, 5], row-major)
   followed by the page table ([S, Pmax], row-major), flat."""
-  (q_smem2, o_smem2, k_smem, v_smem), (k_ready, v_ready, q_ready), (k_free, v_free), schedule = scratch
+  (q_smem2, o_smem2, k_smem, v_smem), (k_ready, v_ready, q_ready) = scratch
   num_heads = q_ref.shape[1]
   program = lax.axis_index("programs")
   if order == "heads":
@@ -174,9 +205,18 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, b
   steps_of = lambda w: consumer_steps(num_rows, pos_start, kv_len, w, block_kv)
   total_steps = jnp.maximum(steps_of(0), steps_of(1))
 
-  def schedule_sync():
-    plgpu.barrier_arrive(schedule)
-    plgpu.barrier_wait(schedule)
+  k_free = lambda slot: _FREE_BARRIERS + slot
+  v_free = lambda slot: _FREE_BARRIERS + num_stages + slot
+
+  # Turn-taking on the tensor cores (FlashAttention-3's ping-pong): a consumer hands the turn to the other
+  # right after issuing its S = Q K^T, and waits for the turn back before issuing P V. Each consumer waits
+  # on its own barrier, where the other arrives; consumer 1 starts by waiting and consumer 0 ends with one
+  # extra hand-over, so both barriers see as many arrivals as waits.
+  def pass_turn():
+    _named_barrier("arrive", _SCHEDULE_BARRIER + 1 - wg, _CONSUMERS * _WG_THREADS)
+
+  def take_turn():
+    _named_barrier("sync", _SCHEDULE_BARRIER + wg, _CONSUMERS * _WG_THREADS)
 
   @pl.when(wg < _CONSUMERS)
   def _consumer():
@@ -194,7 +234,7 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, b
       # warpgroup rewrites them swizzled for wgmma.
       plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row_start + row0, _ROWS_PER_WG), head], o_smem, q_ready.at[wg])
 
-    pl.when(wg == 1)(schedule_sync)
+    pl.when(wg == 1)(take_turn)
 
     def kv_step(step, carry, *, masked: bool):
       acc, m_i, l_i = carry
@@ -202,11 +242,11 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, b
 
       def qk_scope(acc_ref):
         plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-        schedule_sync()
+        pass_turn()
         return acc_ref[...]
 
       s = pl.run_scoped(qk_scope, plgpu.ACC((_ROWS_PER_WG, block_kv), jnp.float32))
-      plgpu.barrier_arrive(k_free.at[slot])
+      _named_barrier("arrive", k_free(slot), _FREE_THREADS)
       if masked:
         rows = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
         cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
@@ -219,9 +259,8 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, b
       l_i = l_i * alpha + p.sum(axis=1)
       p = p.astype(dtype)
       acc, l_i, m_new, p = lax.optimization_barrier((acc, l_i, m_new, p))
-      plgpu.barrier_arrive(schedule)
       plgpu.barrier_wait(v_ready.at[slot])
-      plgpu.barrier_wait(schedule)
+      take_turn()
       if masked:
         # Keys past kv_len (page tails, pages past the end) may hold NaN; P is 0 there, but 0 * NaN is not.
         past_end = (step + 1) * block_kv > kv_len
@@ -244,16 +283,18 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, b
           plgpu.barrier_wait(k_ready.at[lax.rem(nxt, num_stages)])
 
       acc = pl.run_state(pv_scope)(plgpu.ACC.init(acc))
-      plgpu.barrier_arrive(v_free.at[slot])
+      _named_barrier("arrive", v_free(slot), _FREE_THREADS)
       return acc, m_new, l_i
 
     def release(step, _):
-      # Steps the producer loads for the other warpgroup: free the slots and keep the turn-taking in step.
+      # Steps the producer loads for the other warpgroup only: keep the turn-taking in step, then free the
+      # slot. Arriving after taking the turn keeps this warpgroup from running ahead: the other has issued
+      # its S = Q K^T of this step, so the producer has loaded it and these arrivals count for this round.
+      pass_turn()
+      take_turn()
       slot = lax.rem(step, num_stages)
-      plgpu.barrier_arrive(k_free.at[slot])
-      plgpu.barrier_arrive(v_free.at[slot])
-      schedule_sync()
-      schedule_sync()
+      _named_barrier("arrive", k_free(slot), _FREE_THREADS)
+      _named_barrier("arrive", v_free(slot), _FREE_THREADS)
 
     @pl.when(valid > 0)
     def _compute():
@@ -267,7 +308,7 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, b
       carry = lax.fori_loop(0, full, functools.partial(kv_step, masked=False), (acc, m_i, l_i))
       acc, m_i, l_i = lax.fori_loop(full, steps, functools.partial(kv_step, masked=True), carry)
       lax.fori_loop(steps, total_steps, release, None)
-      pl.when(wg == 0)(schedule_sync)
+      pl.when(wg == 0)(pass_turn)
       # Rows with no key (kv_len 0: padding, or decodes the mixed-batch path serves elsewhere) give 0.
       acc /= lax.broadcast_in_dim(jnp.where(l_i > 0, l_i, 1.0), acc.shape, [0])
       o_smem[...] = acc.astype(dtype)
@@ -289,20 +330,21 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, b
     @pl.when(valid <= 0)
     def _idle():
       lax.fori_loop(0, total_steps, release, None)
-      pl.when(wg == 0)(schedule_sync)
+      pl.when(wg == 0)(pass_turn)
 
-  @pl.when(wg == _CONSUMERS)
-  def _producer():
-    plgpu.set_max_registers(40, action="decrease")
+  page_row = num_items * _ITEM_FIELDS + seq * max_pages  # this sequence's page ids in meta_ref
+
+  def _tma_warp():
+    """One warp of the producer warpgroup issues every copy (no warpgroup-wide sync per copy)."""
 
     def pages_of(step):
       """(page id, first slot in the page) of each copy of key block `step`."""
       out = []
       for c in range(copies):
         key = step * block_kv + c * tokens_per_copy
-        index = jnp.minimum(key // page_size, max_pages - 1)
-        page = meta_ref[num_items * _ITEM_FIELDS + seq * max_pages + index]
-        out.append((jnp.clip(page, 0, num_pages - 1), 0 if page_size <= block_kv else key % page_size))
+        index = jnp.minimum(lax.div(key, page_size), max_pages - 1)  # lax: warp code has no floor division
+        page = meta_ref[page_row + index]
+        out.append((jnp.clip(page, 0, num_pages - 1), 0 if page_size <= block_kv else lax.rem(key, page_size)))
       return out
 
     def load(pages, slot, src, dst, ready):
@@ -321,10 +363,15 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, b
     def _(step):
       slot = lax.rem(step, num_stages)
       pages = pages_of(step + num_stages)  # page-table reads before the waits, not after
-      plgpu.barrier_wait(k_free.at[slot])
+      _named_barrier("sync", k_free(slot), _FREE_THREADS)
       load(pages, slot, k_ref, k_smem, k_ready)
-      plgpu.barrier_wait(v_free.at[slot])
+      _named_barrier("sync", v_free(slot), _FREE_THREADS)
       load(pages, slot, v_ref, v_smem, v_ready)
+
+  @pl.when(wg == _CONSUMERS)
+  def _producer():
+    plgpu.set_max_registers(40, action="decrease")
+    plgpu.warp_map(lambda warp: pl.when(warp == 0)(_tma_warp))
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_kv", "num_stages", "order"))
@@ -358,8 +405,6 @@ def _flash_prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs
             plgpu.Barrier(num_arrivals=copies, num_barriers=num_stages),
             plgpu.Barrier(num_barriers=_CONSUMERS),
         ),
-        (plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=num_stages),) * 2,
-        plgpu.Barrier(num_arrivals=_CONSUMERS),
         collective_axes="wg",
     )
 
