@@ -9,18 +9,22 @@ One CUDA block per (query head, work item), three warpgroups:
 - two consumer warpgroups, each owning 64 query rows of the item (wgmma needs M = 64 per warpgroup). Q
   rows start anywhere in the flat `[T, H, D]` array, so TMA brings them untiled and the warpgroup rewrites
   them swizzled for wgmma; S = Q K^T and O += P V run on wgmma with float32 accumulators; online softmax
-  in base 2. The two warpgroups take turns on the tensor cores (FlashAttention-3's ping-pong), so one's
-  softmax overlaps the other's matmuls.
+  in base 2. FlashAttention-3's two overlaps: within a warpgroup, S of key block j and P V of block j - 1
+  go to the tensor cores together and the softmax of block j runs while P V is in flight; between the
+  two warpgroups, turns on the tensor cores alternate (ping-pong), so one's softmax also overlaps the
+  other's matmuls. Both walk the same key blocks, as many as the later rows need (the earlier rows mask
+  the extra block, at most one and only for items that do not start on a block boundary), which keeps
+  the two in lockstep; a warpgroup with no rows sits out, and the other then runs alone.
 - one producer warpgroup, of which one warp walks the item's key blocks (`block_kv` tokens) and fills a
   ring of `num_stages` K and V buffers in shared memory by TMA, one copy per page (`min(page_size,
-  block_kv)` tokens each, page ids read from a copy of the page table in global memory), as soon as both
+  block_kv)` tokens each, page ids read from a copy of the page table in global memory), as soon as the
   consumers have released a slot.
 
 Data arrival (K, V, Q ready) is signalled by mbarriers, which TMA completes. Everything between threads
 (a slot released, the turn on the tensor cores) uses hardware named barriers (`bar.arrive` / `bar.sync`),
-which are cheaper but have no phases, so the protocol never lets a warpgroup arrive twice on one barrier
-before the waiter has taken the first round: a warpgroup that has no more key blocks of its own still
-takes every turn ("release" steps) and releases each slot only after the other has started on it.
+which are cheaper but have no phases: the protocol never lets a warpgroup arrive twice on one barrier
+before the waiter has taken the first round (a consumer releases a slot only after it has waited for the
+slot's data, which the producer loads only after taking the previous round; turns strictly alternate).
 
 Keys past kv_len (the tail of the last page, or pages past the sequence's end) are loaded like the rest:
 their scores are masked, and the consumer zeroes those V rows in shared memory before P V so that NaN
@@ -65,7 +69,6 @@ _WG_THREADS = 128
 _SCHEDULE_BARRIER = 5
 _FREE_BARRIERS = _SCHEDULE_BARRIER + _CONSUMERS
 _NUM_NAMED_BARRIERS = 16
-_FREE_THREADS = _CONSUMERS * _WG_THREADS + 32  # both consumers arrive, the producer's TMA warp waits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,25 +157,29 @@ def item_table(cu_q_lens: jax.Array, kv_lens: jax.Array, num_seqs: jax.Array, *,
 
 
 def consumer_steps(num_rows, pos_start, kv_len, w: int, block_kv: int):
-  """Key blocks that consumer warpgroup w of an item visits: those holding a key at or before its last row's
-  position, capped at kv_len; 0 when it has no real rows or no keys (kv_len 0: its positions are negative,
-  and a negative count would unbalance the barriers). Works on scalars and arrays alike."""
+  """Key blocks that the rows of consumer warpgroup w of an item need: those holding a key at or before its
+  last row's position, capped at kv_len; 0 when it has no real rows or no keys (kv_len 0: its positions are
+  negative, and a negative count would unbalance the barriers). The kernel walks the larger of the two
+  counts in both warpgroups. Works on scalars and arrays alike."""
   last = jnp.minimum(pos_start + (w + 1) * _ROWS_PER_WG, kv_len)
   return jnp.where(num_rows > w * _ROWS_PER_WG, jnp.maximum((last + block_kv - 1) // block_kv, 0), 0)
 
 
-def _named_barrier(op: str, barrier_id, num_threads: int) -> None:
+def _named_barrier(op: str, barrier_id, num_threads) -> None:
   """`bar.sync` (wait until `num_threads` threads have arrived, counting the caller's) or `bar.arrive`
-  (count the caller's threads, do not wait) on hardware barrier `barrier_id` (static or a traced scalar)."""
-  def asm(operands, name, constraints):
-    llvm.inline_asm(ir.Type.parse("!llvm.void"), operands, f"bar.{op} {name}, {num_threads};", constraints,
-                    has_side_effects=True)
+  (count the caller's threads, do not wait) on hardware barrier `barrier_id`; both static ints or traced
+  scalars."""
+  operands = [x for x in (barrier_id, num_threads) if not isinstance(x, int)]
+  names = iter(f"${i}" for i in range(len(operands)))
+  text = " ".join(f"{x}" if isinstance(x, int) else next(names) for x in (barrier_id, num_threads))
 
-  if isinstance(barrier_id, int):
-    plgpu.inline_mgpu()(lambda _: asm([], barrier_id, ""))()
-  else:
-    plgpu.inline_mgpu(arg_types=(plgpu.Layout.WG_SPLAT,))(
-        lambda _, i: asm([i.registers.item()], "$0", "r"))(barrier_id.astype(jnp.int32))
+  def asm(_, *regs):
+    a, b = text.split(" ")
+    llvm.inline_asm(ir.Type.parse("!llvm.void"), [r.registers.item() for r in regs], f"bar.{op} {a}, {b};",
+                    ",".join("r" * len(regs)), has_side_effects=True)
+
+  plgpu.inline_mgpu(arg_types=(plgpu.Layout.WG_SPLAT,) * len(operands))(asm)(
+      *(jnp.asarray(x, jnp.int32) for x in operands))
 
 
 def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, block_kv: int, num_stages: int,
@@ -202,21 +209,30 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, b
   kv_head = head // group
   scale = sm_scale * _LOG2E
 
-  steps_of = lambda w: consumer_steps(num_rows, pos_start, kv_len, w, block_kv)
-  total_steps = jnp.maximum(steps_of(0), steps_of(1))
+  # Both warpgroups walk the same key blocks, as many as the later rows need (the earlier rows mask the
+  # extra block, at most one, and only when the item does not start on a block boundary): equal counts keep
+  # the turn-taking and slot releases in lockstep. A warpgroup with no rows sits out, and the other then
+  # neither takes turns nor waits for it.
+  total_steps = jnp.maximum(consumer_steps(num_rows, pos_start, kv_len, 0, block_kv),
+                            consumer_steps(num_rows, pos_start, kv_len, 1, block_kv))
+  pingpong = num_rows > _ROWS_PER_WG  # both warpgroups have rows
+  free_threads = jnp.where(pingpong, _CONSUMERS * _WG_THREADS, _WG_THREADS) + 32  # + the TMA warp
 
   k_free = lambda slot: _FREE_BARRIERS + slot
   v_free = lambda slot: _FREE_BARRIERS + num_stages + slot
 
-  # Turn-taking on the tensor cores (FlashAttention-3's ping-pong): a consumer hands the turn to the other
-  # right after issuing its S = Q K^T, and waits for the turn back before issuing P V. Each consumer waits
-  # on its own barrier, where the other arrives; consumer 1 starts by waiting and consumer 0 ends with one
-  # extra hand-over, so both barriers see as many arrivals as waits.
+  def release_slot(barrier):
+    _named_barrier("arrive", barrier, free_threads)
+
+  # Turn-taking on the tensor cores (FlashAttention-3's ping-pong): each phase of a warpgroup issues its
+  # matmuls, hands the turn to the other, and waits for the turn back before its next phase. A warpgroup
+  # waits on its own barrier, where the other arrives. Warpgroup 0 starts without waiting and warpgroup 1
+  # does not hand over after its last phase, so both barriers see as many arrivals as waits.
   def pass_turn():
-    _named_barrier("arrive", _SCHEDULE_BARRIER + 1 - wg, _CONSUMERS * _WG_THREADS)
+    pl.when(pingpong)(lambda: _named_barrier("arrive", _SCHEDULE_BARRIER + 1 - wg, _CONSUMERS * _WG_THREADS))
 
   def take_turn():
-    _named_barrier("sync", _SCHEDULE_BARRIER + wg, _CONSUMERS * _WG_THREADS)
+    pl.when(pingpong)(lambda: _named_barrier("sync", _SCHEDULE_BARRIER + wg, _CONSUMERS * _WG_THREADS))
 
   @pl.when(wg < _CONSUMERS)
   def _consumer():
@@ -225,8 +241,8 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, b
     row0 = wg * _ROWS_PER_WG
     valid = num_rows - row0  # real rows of this warpgroup (may be <= 0)
     pos0 = pos_start + row0
-    steps = steps_of(wg)
-    full = jnp.clip((pos0 + 1) // block_kv, 0, steps)  # blocks wholly at or before the first row
+    full = jnp.clip((pos0 + 1) // block_kv, 0, total_steps)  # blocks wholly at or before the first row
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
 
     @pl.when(valid > 0)
     def _():
@@ -234,19 +250,8 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, b
       # warpgroup rewrites them swizzled for wgmma.
       plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row_start + row0, _ROWS_PER_WG), head], o_smem, q_ready.at[wg])
 
-    pl.when(wg == 1)(take_turn)
-
-    def kv_step(step, carry, *, masked: bool):
-      acc, m_i, l_i = carry
-      slot = lax.rem(step, num_stages)
-
-      def qk_scope(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-        pass_turn()
-        return acc_ref[...]
-
-      s = pl.run_scoped(qk_scope, plgpu.ACC((_ROWS_PER_WG, block_kv), jnp.float32))
-      _named_barrier("arrive", k_free(slot), _FREE_THREADS)
+    def softmax(s, step, m_i, l_i, *, masked: bool):
+      """P of key block `step` from its scores, with the running max and sum; alpha rescales the output."""
       if masked:
         rows = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
         cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
@@ -255,60 +260,108 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, b
       m_new = jnp.maximum(m_i, s.max(axis=1) * scale)
       alpha = jnp.exp2(m_i - m_new)
       p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
-      acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
-      l_i = l_i * alpha + p.sum(axis=1)
-      p = p.astype(dtype)
-      acc, l_i, m_new, p = lax.optimization_barrier((acc, l_i, m_new, p))
-      plgpu.barrier_wait(v_ready.at[slot])
+      l_new = l_i * alpha + p.sum(axis=1)
+      return p.astype(dtype), m_new, l_new, alpha
+
+    def zero_v_past_end(step):
+      # Keys past kv_len (page tails, pages past the end) may hold NaN; P is 0 there, but 0 * NaN is not.
+      slot = lax.rem(step, num_stages)
+
+      @pl.when((step + 1) * block_kv > kv_len)
+      def _():
+        for c in range(block_kv // _ROWS_PER_WG):
+          chunk = v_smem.at[slot, pl.ds(c * _ROWS_PER_WG, _ROWS_PER_WG)]
+          v = plgpu.load(chunk, (), layout=plgpu.Layout.WGMMA)
+          key = plgpu.broadcasted_iota(jnp.int32, v.shape, 0, layout=plgpu.Layout.WGMMA)
+          chunk[...] = jnp.where(key + step * block_kv + c * _ROWS_PER_WG < kv_len, v, jnp.zeros_like(v))
+        plgpu.commit_smem()
+
+    def s_tile():
+      return plgpu.ACC((_ROWS_PER_WG, block_kv), jnp.float32)
+
+    def k_tile(slot):
+      return plgpu.transpose_ref(k_smem.at[slot], (1, 0))
+
+    def phase(step, carry, *, masked: bool):
+      """Phase `step` (1 <= step < total_steps): S of block `step` and O += P V of block step - 1 go to the
+      tensor cores together; the softmax of block `step` runs while P V is still in flight (FA3's overlap
+      within a warpgroup). The output is rescaled once P V is done."""
+      acc, m_i, l_i, p = carry
+      k_slot, v_slot = lax.rem(step, num_stages), lax.rem(step - 1, num_stages)
+      plgpu.barrier_wait(k_ready.at[k_slot])
+      plgpu.barrier_wait(v_ready.at[v_slot])
       take_turn()
       if masked:
-        # Keys past kv_len (page tails, pages past the end) may hold NaN; P is 0 there, but 0 * NaN is not.
-        past_end = (step + 1) * block_kv > kv_len
+        zero_v_past_end(step - 1)
 
-        @pl.when(past_end)
-        def _():
-          for c in range(block_kv // _ROWS_PER_WG):
-            chunk = v_smem.at[slot, pl.ds(c * _ROWS_PER_WG, _ROWS_PER_WG)]
-            v = plgpu.load(chunk, (), layout=plgpu.Layout.WGMMA)
-            key = plgpu.broadcasted_iota(jnp.int32, v.shape, 0, layout=plgpu.Layout.WGMMA)
-            chunk[...] = jnp.where(key + step * block_kv + c * _ROWS_PER_WG < kv_len, v, jnp.zeros_like(v))
-          plgpu.commit_smem()
+      def body(refs):
+        acc_ref, p_ref, m_ref, l_ref, alpha_ref = refs
 
-      def pv_scope(acc_ref):
-        plgpu.wgmma(acc_ref, p, v_smem.at[slot])
-        nxt = step + 1
+        def qk(s_ref):
+          plgpu.wgmma(s_ref, q_smem, k_tile(k_slot))
+          plgpu.wgmma(acc_ref, p_ref[...], v_smem.at[v_slot])
+          pass_turn()
+          return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S done, P V may still run
 
-        @pl.when(nxt < steps)
-        def _():
-          plgpu.barrier_wait(k_ready.at[lax.rem(nxt, num_stages)])
+        s = pl.run_scoped(qk, s_tile())
+        release_slot(k_free(k_slot))
+        p_ref[...], m_ref[...], l_ref[...], alpha_ref[...] = softmax(s, step, m_ref[...], l_ref[...],
+                                                                     masked=masked)
 
-      acc = pl.run_state(pv_scope)(plgpu.ACC.init(acc))
-      _named_barrier("arrive", v_free(slot), _FREE_THREADS)
-      return acc, m_new, l_i
+      acc, p_new, m_i, l_i, alpha = pl.run_state(body)((plgpu.ACC.init(acc), p, m_i, l_i, m_i))
+      # The old P was the register operand of the P V in flight until here. A use of it after the wait keeps
+      # the compiler from writing the new P into the same registers while P V still reads them (ptxas would
+      # then serialize the matmuls, C7513).
+      acc, _ = lax.optimization_barrier((acc, p))
+      release_slot(v_free(v_slot))
+      acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+      return acc, m_i, l_i, p_new
 
-    def release(step, _):
-      # Steps the producer loads for the other warpgroup only: keep the turn-taking in step, then free the
-      # slot. Arriving after taking the turn keeps this warpgroup from running ahead: the other has issued
-      # its S = Q K^T of this step, so the producer has loaded it and these arrivals count for this round.
-      pass_turn()
+    def attend():
+      """Output rows (unnormalized) and their softmax sums over total_steps >= 1 key blocks."""
+      m_i = plgpu.layout_cast(jnp.full((_ROWS_PER_WG,), -jnp.inf, jnp.float32), row_layout)
+      l_i = plgpu.layout_cast(jnp.full((_ROWS_PER_WG,), 0, jnp.float32), row_layout)
+      acc = plgpu.layout_cast(jnp.full((_ROWS_PER_WG, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
+      # Phase 0: S of block 0 alone.
+      plgpu.barrier_wait(k_ready.at[0])
+      pl.when(wg == 1)(take_turn)
+
+      def qk0(s_ref):
+        plgpu.wgmma(s_ref, q_smem, k_tile(0))
+        pass_turn()
+        return s_ref[...]
+
+      s = pl.run_scoped(qk0, s_tile())
+      release_slot(k_free(0))
+      p, m_i, l_i, _ = lax.cond(full > 0, functools.partial(softmax, masked=False),
+                                functools.partial(softmax, masked=True), s, 0, m_i, l_i)
+      carry = (acc, m_i, l_i, p)
+      split = jnp.maximum(full, 1)
+      carry = lax.fori_loop(1, split, functools.partial(phase, masked=False), carry)
+      acc, m_i, l_i, p = lax.fori_loop(split, total_steps, functools.partial(phase, masked=True), carry)
+      # Last phase: P V of the last block alone.
+      last = total_steps - 1
+      slot = lax.rem(last, num_stages)
+      plgpu.barrier_wait(v_ready.at[slot])
       take_turn()
-      slot = lax.rem(step, num_stages)
-      _named_barrier("arrive", k_free(slot), _FREE_THREADS)
-      _named_barrier("arrive", v_free(slot), _FREE_THREADS)
+      zero_v_past_end(last)
+
+      def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+        pl.when(wg == 0)(pass_turn)
+
+      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+      release_slot(v_free(slot))
+      return acc, l_i
 
     @pl.when(valid > 0)
     def _compute():
       plgpu.barrier_wait(q_ready.at[wg])
       q_smem[...] = plgpu.load(o_smem, (), layout=plgpu.Layout.WGMMA, optimized=False)
       plgpu.commit_smem()
-      m_i = plgpu.layout_cast(jnp.full((_ROWS_PER_WG,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-      l_i = plgpu.layout_cast(jnp.full((_ROWS_PER_WG,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-      acc = plgpu.layout_cast(jnp.full((_ROWS_PER_WG, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
-      pl.when(steps > 0)(lambda: plgpu.barrier_wait(k_ready.at[0]))
-      carry = lax.fori_loop(0, full, functools.partial(kv_step, masked=False), (acc, m_i, l_i))
-      acc, m_i, l_i = lax.fori_loop(full, steps, functools.partial(kv_step, masked=True), carry)
-      lax.fori_loop(steps, total_steps, release, None)
-      pl.when(wg == 0)(pass_turn)
+      zeros = (plgpu.layout_cast(jnp.full((_ROWS_PER_WG, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA),
+               plgpu.layout_cast(jnp.full((_ROWS_PER_WG,), 0, jnp.float32), row_layout))
+      acc, l_i = lax.cond(total_steps > 0, attend, lambda: zeros)
       # Rows with no key (kv_len 0: padding, or decodes the mixed-batch path serves elsewhere) give 0.
       acc /= lax.broadcast_in_dim(jnp.where(l_i > 0, l_i, 1.0), acc.shape, [0])
       o_smem[...] = acc.astype(dtype)
@@ -326,11 +379,6 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, b
         done += n & size
         size //= 2
       plgpu.wait_smem_to_gmem(0)
-
-    @pl.when(valid <= 0)
-    def _idle():
-      lax.fori_loop(0, total_steps, release, None)
-      pl.when(wg == 0)(pass_turn)
 
   page_row = num_items * _ITEM_FIELDS + seq * max_pages  # this sequence's page ids in meta_ref
 
@@ -363,9 +411,9 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, b
     def _(step):
       slot = lax.rem(step, num_stages)
       pages = pages_of(step + num_stages)  # page-table reads before the waits, not after
-      _named_barrier("sync", k_free(slot), _FREE_THREADS)
+      _named_barrier("sync", k_free(slot), free_threads)
       load(pages, slot, k_ref, k_smem, k_ready)
-      _named_barrier("sync", v_free(slot), _FREE_THREADS)
+      _named_barrier("sync", v_free(slot), free_threads)
       load(pages, slot, v_ref, v_smem, v_ready)
 
   @pl.when(wg == _CONSUMERS)
