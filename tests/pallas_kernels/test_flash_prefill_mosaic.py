@@ -98,8 +98,10 @@ def test_rejects_what_it_does_not_serve():
     check(k=k.reshape(k.shape[0], -1, 4, 64), v=v.reshape(v.shape[0], -1, 4, 64))
   with pytest.raises(ValueError, match="block_kv"):
     pallas_mgpu.MosaicConfig(block_kv=96)
-  with pytest.raises(ValueError, match="num_stages"):
+  with pytest.raises(ValueError, match=r"num_stages must be in \[2, 4\], got 1"):
     pallas_mgpu.MosaicConfig(num_stages=1)
+  with pytest.raises(ValueError, match=r"got 5"):  # two named barriers per ring slot, 16 per CTA
+    pallas_mgpu.MosaicConfig(num_stages=5)
   with pytest.raises(ValueError, match="order 'rows'"):
     pallas_mgpu.MosaicConfig(order="rows")
 
