@@ -169,14 +169,15 @@ def _named_barrier(op: str, barrier_id, num_threads) -> None:
   """`bar.sync` (wait until `num_threads` threads have arrived, counting the caller's) or `bar.arrive`
   (count the caller's threads, do not wait) on hardware barrier `barrier_id`; both static ints or traced
   scalars."""
-  operands = [x for x in (barrier_id, num_threads) if not isinstance(x, int)]
-  names = iter(f"${i}" for i in range(len(operands)))
-  text = " ".join(f"{x}" if isinstance(x, int) else next(names) for x in (barrier_id, num_threads))
+  operands, names = [], []  # traced values become register operands $0, $1
+  for x in (barrier_id, num_threads):
+    names.append(str(x) if isinstance(x, int) else f"${len(operands)}")
+    if not isinstance(x, int):
+      operands.append(x)
 
   def asm(_, *regs):
-    a, b = text.split(" ")
-    llvm.inline_asm(ir.Type.parse("!llvm.void"), [r.registers.item() for r in regs], f"bar.{op} {a}, {b};",
-                    ",".join("r" * len(regs)), has_side_effects=True)
+    llvm.inline_asm(ir.Type.parse("!llvm.void"), [r.registers.item() for r in regs],
+                    f"bar.{op} {names[0]}, {names[1]};", ",".join("r" * len(regs)), has_side_effects=True)
 
   plgpu.inline_mgpu(arg_types=(plgpu.Layout.WG_SPLAT,) * len(operands))(asm)(
       *(jnp.asarray(x, jnp.int32) for x in operands))
