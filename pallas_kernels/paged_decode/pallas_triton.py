@@ -1,7 +1,10 @@
 """Split-K paged decode attention for GPU: Pallas with the Triton lowering.
 
 Decode reads every K/V value of a sequence once per step and does 2 * Q * G FLOPs per value, so it is
-memory-bound; the kernel's only job is to keep HBM busy. Design:
+memory-bound; the kernel's only job is to keep HBM busy. `paged_decode` and `ragged_decode` (the entry
+points) run the Mosaic GPU kernel of `pallas_mgpu` instead on an sm_90 GPU for bf16/f16 pages at head_dim
+128 (it also serves head_dim 64 and int8 pages when asked, `implementation="mosaic"`); both kernels write
+the same split partials. Design of this one:
 
 - One program per (sequence, KV head, split). It holds all G = H / K query heads of the group and all
   Q query tokens (speculative verification, Q <= 5) as M = Q * G rows padded to a power of two >= 16
@@ -18,7 +21,7 @@ memory-bound; the kernel's only job is to keep HBM busy. Design:
   actual length), so short sequences in a long page table do not leave splits idle while others work;
   a split past the end does nothing and reports (m = -inf, l = 0). `num_splits` is chosen from the
   number of SMs so that one sequence with a long context still fills the chip.
-- Each split writes float32 partials (acc, m, l) with m in log2 units; `_combine` merges them in jnp.
+- Each split writes float32 partials (acc, m, l) with m in log2 units; `combine_splits` merges them in jnp.
 - Quantized pages (int8 / float8_e4m3fn) are converted to float16 in registers (exact for both; int8 by
   bit arithmetic, see `_upcast`); per-(token, head) scales multiply the logits (K) and the
   probabilities (V), per-head scales fold into the softmax scale (K) and the final accumulator (V).
@@ -37,6 +40,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
+
+from pallas_kernels.flash_prefill import on_hopper
+from pallas_kernels.paged_decode import pallas_mgpu
 
 _LOG2E = math.log2(math.e)
 _MIN_ROWS = 16  # smallest M of a Triton dot
@@ -223,14 +229,20 @@ def _decode_kernel(
   l_ref[...] = l
 
 
-def _combine(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
-  """Merges split partials: acc [S, K, N, M, D], m and l [S, K, N, M] -> float32 [S, K, M, D]."""
+def combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array, *, q_len: int, group: int) -> jax.Array:
+  """Merges split partials (both kernels' format): acc [S, K, N, M >= Q * G, D], m (log2 units) and l
+  [S, K, N, M] -> float32 [S, Q, K * G, D]."""
+  num_seqs, num_kv_heads, _, _, head_dim = acc.shape
+  rows = q_len * group
+  acc, m, l = acc[:, :, :, :rows], m[:, :, :, :rows], l[:, :, :, :rows]
   m_max = jnp.max(m, axis=2, keepdims=True)
   m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
   w = jnp.exp2(m - m_max)  # 0 for splits that saw no key
   denom = jnp.sum(l * w, axis=2)
   out = jnp.sum(acc * w[..., None], axis=2)
-  return out / jnp.where(denom > 0, denom, 1.0)[..., None]
+  out = out / jnp.where(denom > 0, denom, 1.0)[..., None]  # [S, K, Q * G, D]
+  out = out.reshape(num_seqs, num_kv_heads, q_len, group, head_dim).transpose(0, 2, 1, 3, 4)
+  return out.reshape(num_seqs, q_len, num_kv_heads * group, head_dim)
 
 
 def _flat_scales(scales: jax.Array | None, num_kv_heads: int, num_pages: int, page_size: int):
@@ -249,7 +261,7 @@ def _flat_scales(scales: jax.Array | None, num_kv_heads: int, num_pages: int, pa
 @functools.partial(
     jax.jit,
     static_argnames=("sm_scale", "sliding_window", "num_splits", "pages_per_block", "num_warps",
-                     "num_stages", "int8_upcast", "interpret"))
+                     "num_stages", "int8_upcast", "interpret", "implementation", "mosaic_config"))
 def paged_decode(
     q: jax.Array,  # [S, Q, H, D]
     k_pages: jax.Array,  # [K, P, page_size, D]
@@ -267,6 +279,8 @@ def paged_decode(
     num_stages: int | None = None,
     int8_upcast: Literal["bits", "convert"] = "bits",
     interpret: bool = False,
+    implementation: Literal["mosaic", "triton"] | None = None,
+    mosaic_config: pallas_mgpu.DecodeConfig | None = None,
 ) -> jax.Array:
   """Paged decode attention; the semantics of `reference.paged_decode_attention`.
 
@@ -286,6 +300,10 @@ def paged_decode(
     int8_upcast: how int8 pages become float16: "bits" (integer arithmetic, `_upcast`) or "convert"
       (`astype`, the conversion unit); kept to measure one against the other.
     interpret: run the kernel in the Pallas interpreter (CPU tests).
+    implementation: "mosaic" (`pallas_mgpu`, sm_90 only), "triton", or None: "mosaic" on an sm_90 GPU for
+      unquantized pages at head_dim 128 that it serves, when no Triton argument (pages_per_block, num_warps,
+      num_stages, int8_upcast, interpret) was given.
+    mosaic_config: launch parameters of the Mosaic GPU kernel.
 
   Returns:
     [S, Q, H, D] in q's dtype; zeros for sequences with kv_lens == 0.
@@ -301,7 +319,8 @@ def paged_decode(
   out = _decode(q.reshape(num_seqs, q_len * num_heads, head_dim), k_pages, v_pages, kv_lens, page_table,
                 q_len=q_len, sm_scale=sm_scale, sliding_window=sliding_window, k_scales=k_scales,
                 v_scales=v_scales, num_splits=num_splits, pages_per_block=pages_per_block, num_warps=num_warps,
-                num_stages=num_stages, int8_upcast=int8_upcast, interpret=interpret)  # [S, Q, H, D]
+                num_stages=num_stages, int8_upcast=int8_upcast, interpret=interpret, implementation=implementation,
+                mosaic_config=mosaic_config)  # [S, Q, H, D]
   return out.astype(q.dtype)
 
 
@@ -339,9 +358,9 @@ def ragged_decode(
 
 def _decode(q_flat, k_pages, v_pages, kv_lens, page_table, *, q_len, sm_scale, sliding_window=None, k_scales=None,
             v_scales=None, num_splits=None, pages_per_block=None, num_warps=None, num_stages=None,
-            int8_upcast="bits", interpret=False):
+            int8_upcast="bits", interpret=False, implementation=None, mosaic_config=None):
   """The kernel and the combine: q_flat [S' >= S, Q * H, D] (sequence s's queries in row s) ->
-  float32 [S, Q, H, D]."""
+  [S, Q, H, D], float32 (or q's dtype where the Mosaic kernel ran with one split)."""
   num_kv_heads, num_pages, page_size, head_dim_k = k_pages.shape
   num_heads = q_flat.shape[1] // q_len
   head_dim = q_flat.shape[2]
@@ -366,6 +385,40 @@ def _decode(q_flat, k_pages, v_pages, kv_lens, page_table, *, q_len, sm_scale, s
     raise NotImplementedError(f"q dtype {q_flat.dtype}")
   if k_pages.dtype not in _PAGE_DTYPES or v_pages.dtype not in _PAGE_DTYPES:
     raise NotImplementedError(f"page dtypes {k_pages.dtype}, {v_pages.dtype}")
+
+  if implementation not in (None, "mosaic", "triton"):
+    raise ValueError(f"unknown paged_decode implementation {implementation!r}; valid: mosaic, triton")
+  triton_args = [name for name, value in (("pages_per_block", pages_per_block), ("num_warps", num_warps),
+                                           ("num_stages", num_stages), ("interpret", interpret or None),
+                                           ("int8_upcast", None if int8_upcast == "bits" else int8_upcast))
+                 if value is not None]
+  config = mosaic_config or pallas_mgpu.DecodeConfig()
+  supported = dict(rows=q_len * group, sliding_window=sliding_window, k_scales=k_scales, v_scales=v_scales,
+                   config=config)
+  if implementation is None:
+    implementation = "triton"
+    # Measured on an H200 (NOTES.md, ## paged_decode): at head_dim 128 the Mosaic kernel matches the Triton
+    # one with one XLA kernel less per call; at head_dim 64 (twice the softmax work per byte) it is 25%
+    # slower, and with int8 pages (dequantized by its one consumer warpgroup) 1.25x slower.
+    if not triton_args and k_scales is None and head_dim == 128 and on_hopper():
+      try:
+        pallas_mgpu.check_supported(q_flat.dtype, k_pages, v_pages, **supported)
+        implementation = "mosaic"
+      except NotImplementedError:
+        pass
+  if implementation == "mosaic":
+    if triton_args:
+      raise ValueError(f"the mosaic implementation takes no Triton arguments; got {triton_args}")
+    pallas_mgpu.check_supported(q_flat.dtype, k_pages, v_pages, **supported)
+    if num_splits is None:
+      num_splits = choose_num_splits(num_seqs, num_kv_heads, pl.cdiv(max_pages * page_size, config.block_kv),
+                                     num_sms=_num_sms(), programs_per_sm=config.programs_per_sm)
+    out = pallas_mgpu.decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales, v_scales,
+                                      q_len=q_len, sm_scale=sm_scale, num_splits=num_splits,
+                                      block_kv=config.block_kv, num_stages=config.num_stages)
+    if num_splits == 1:  # the kernel wrote the normalized output
+      return out.reshape(num_seqs, q_len, num_heads, head_dim)
+    return combine_splits(*out, q_len=q_len, group=group)
 
   if pages_per_block is None:
     pages_per_block = max(1, default_block_tokens(k_pages.dtype, head_dim) // page_size)
@@ -425,6 +478,4 @@ def _decode(q_flat, k_pages, v_pages, kv_lens, page_table, *, q_len, sm_scale, s
       name=f"paged_decode_q{q_len}_g{group}_ppb{pages_per_block}",
   )(kv_lens.astype(jnp.int32), page_table.astype(jnp.int32), q_flat, k_flat, v_flat, k_scales, v_scales)
 
-  out = _combine(acc, m, l)[:, :, :q_len * group]  # [S, K, Q*G, D]
-  out = out.reshape(num_seqs, num_kv_heads, q_len, group, head_dim).transpose(0, 2, 1, 3, 4)
-  return out.reshape(num_seqs, q_len, num_heads, head_dim)
+  return combine_splits(acc, m, l, q_len=q_len, group=group)
