@@ -2,7 +2,8 @@
 
 `python -m experiments.bench_kernels decode --out=FILE.json` times, for every shape:
 
-- ours: `pallas_kernels.paged_decode.paged_decode` on bf16, int8 and fp8 (e4m3) pages (per-token scales);
+- ours: `pallas_kernels.paged_decode.paged_decode` on bf16, int8 and fp8 (e4m3) pages (per-token scales),
+  with its default kernel (Mosaic GPU on sm_90 for bf16), and ours_triton: the Triton kernel on bf16;
 - jax_paged: `jax.experimental.pallas.ops.gpu.paged_attention` on the same bf16 pages;
 - jax_gqa: `jax.experimental.pallas.ops.gpu.decode_attention.gqa` on contiguous KV `[B, L, K, D]`;
 - xla: a plain `jnp.einsum` softmax attention on contiguous KV `[B, K, L, D]`;
@@ -10,9 +11,10 @@
 
 and a large device-to-device copy for the card's bandwidth. Every output is checked against the `jnp`
 reference (float32, HIGHEST) on the first sequences of the batch in the same run. Effective bandwidth
-is KV bytes read / time (values plus scales); times are medians of device-synchronized runs of
-`_REPS` back-to-back calls. On the H200 host used so far every JAX call costs >= ~50 us whatever its size,
-so rows under ~100 us measure launch overhead more than kernels (see BENCHMARKS.md).
+is KV bytes read / time (values plus scales). Times are per call in steady state: for JAX by difference
+of wall-clock runs of many and few back-to-back calls (`timing.time_jax_per_call`, which cancels the ~0.3 ms
+a single measurement pays once for its first launch and final sync), for torch from CUDA events around
+`_REPS` back-to-back calls.
 
 `tune()` sweeps the kernel's launch parameters at the target shapes:
 `python -c "from experiments.benchmarks import decode; decode.tune('tune.json')"`.
@@ -66,9 +68,8 @@ def _datasheet_tbps(device_kind: str) -> float | None:
 
 
 def _time(fn: Callable[[], Any], quick: bool) -> float:
-  """Seconds per call of `fn`, from `_REPS` calls queued back to back."""
-  iters = 5 if quick else 15
-  return timing.time_jax(lambda: [fn() for _ in range(_REPS)], warmup=2, iters=iters) / _REPS
+  """Seconds per call of `fn` in steady state (`timing.time_jax_per_call`)."""
+  return timing.time_jax_per_call(fn, iters=5 if quick else 9)
 
 
 def copy_bandwidth(quick: bool) -> dict[str, float]:
@@ -76,7 +77,8 @@ def copy_bandwidth(quick: bool) -> dict[str, float]:
   nbytes = 2 << 30
   x = jnp.zeros((nbytes // 4,), jnp.int32)
   f = jax.jit(lambda x: x + 1)
-  out = {"jax": 2 * nbytes / timing.time_jax(lambda: f(x), iters=5 if quick else 20) / 1e12}
+  per_call = timing.time_jax_per_call(lambda: f(x), short=2, long=10, iters=3 if quick else 7)
+  out = {"jax": 2 * nbytes / per_call / 1e12}
   del x
   try:
     import torch  # pylint: disable=import-outside-toplevel
@@ -173,6 +175,9 @@ def bench_shape(batch: int, kv_len: int, page_sizes: tuple[int, ...], *, quick: 
     f = jax.jit(functools.partial(paged_decode, sm_scale=sm_scale, **ours_kwargs))
     measure(Row("ours_bf16", batch, kv_len, page_size, kv_bytes=bf16_bytes),
             lambda: f(q, k_pages, v_pages, kv_lens, table), ref, first)
+    f_triton = jax.jit(functools.partial(paged_decode, sm_scale=sm_scale, implementation="triton"))
+    measure(Row("ours_triton", batch, kv_len, page_size, kv_bytes=bf16_bytes),
+            lambda: f_triton(q, k_pages, v_pages, kv_lens, table), ref, first)
     for kind in ("int8", "fp8"):
       quant = jax.jit(functools.partial(quantize_kv, kind=kind, granularity="token", head_axis=0))
       kq, ks = quant(k_pages)
@@ -281,7 +286,7 @@ def _summary(rows: list[Row], copy_tbps: float, datasheet: float | None) -> dict
 
 def _table(rows: list[Row]) -> str:
   """Compact table: one line per (B, L, page size), time in us and TB/s for each implementation."""
-  impls = ["ours_bf16", "ours_int8", "ours_fp8", "jax_paged", "jax_gqa", "xla", "torch_sdpa"]
+  impls = ["ours_bf16", "ours_triton", "ours_int8", "ours_fp8", "jax_paged", "jax_gqa", "xla", "torch_sdpa"]
   head = f"{'B':>3} {'L':>6} {'ps':>3} | " + " | ".join(f"{i:>16}" for i in impls) + " | ours/paged ours/sdpa"
   lines = [head, "-" * len(head)]
   shapes = sorted({(r.batch, r.kv_len, r.page_size) for r in rows if r.page_size is not None})

@@ -34,6 +34,23 @@ def time_jax(fn: Callable[[], Any], *, warmup: int = 3, iters: int = 20) -> floa
   return statistics.median(times)
 
 
+def time_jax_per_call(fn: Callable[[], Any], *, short: int = 5, long: int = 45, iters: int = 9) -> float:
+  """Seconds per call of `fn()` in steady state, by difference: (median wall time of `long` calls queued back
+  to back - the same for `short` calls) / (long - short).
+
+  A wall-clock run of n calls also pays once for the first launch and the final synchronization (about
+  0.3 ms on the H200 host used so far, even for a plain XLA reduction), which divided by n inflates every
+  call: at n = 10 a 250 us kernel read as 280 us. The difference cancels that fixed cost, as CUDA events
+  around the calls do for torch (`time_torch`), and keeps any device idle time between calls (a host that
+  cannot keep up) in the result.
+  """
+  def run(n: int) -> float:
+    return time_jax(lambda: [fn() for _ in range(n)], warmup=1, iters=iters)
+
+  jax.block_until_ready(fn())
+  return max(run(long) - run(short), 0.0) / (long - short)
+
+
 def time_torch(fn: Callable[[], Any], *, warmup: int = 3, iters: int = 20) -> float:
   """Median time of `fn()` in seconds, measured with CUDA events (torch must be importable)."""
   import torch  # pylint: disable=import-outside-toplevel
