@@ -398,8 +398,8 @@ def _decode(q_flat, k_pages, v_pages, kv_lens, page_table, *, q_len, sm_scale, s
   if implementation is None:
     implementation = "triton"
     # Measured on an H200 (NOTES.md, ## paged_decode): at head_dim 128 the Mosaic kernel matches the Triton
-    # one with one XLA kernel less per call; at head_dim 64 (twice the softmax work per byte) it is 25%
-    # slower, and with int8 pages (dequantized by its one consumer warpgroup) 1.25x slower.
+    # one with one XLA kernel less per call; at head_dim 64 (twice the softmax work per byte) it is 15-25%
+    # slower; with int8 pages it only ties the Triton kernel, and serves pages of >= 32 tokens only.
     if not triton_args and k_scales is None and head_dim == 128 and on_hopper():
       try:
         pallas_mgpu.check_supported(q_flat.dtype, k_pages, v_pages, **supported)
