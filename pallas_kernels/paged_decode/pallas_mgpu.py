@@ -27,12 +27,13 @@ are masked, and the consumer zeroes those V rows in shared memory before P V (0 
 garbage of unused slots). Queries see keys up to their own position (Q > 1 verifies speculation).
 
 int8 pages (per-token scales, `quant.quantize_kv`): TMA brings the int8 values and their scales into the
-ring (half the bytes of bf16); a consumer dequantizes a block into its own bf16/f16 buffer (values times
-their token's scale, rounded to the matmul dtype like a bf16 cache; rows past kv_len set to 0 since their
-scales may be NaN), releases the ring slot at once, and runs the same matmuls on it.
+ring (half the bytes of bf16); a consumer dequantizes a block into its own bf16 buffer (values times their
+token's scale in bf16, rounded like a bf16 cache; in float32 it was 1.3x slower; rows past kv_len set to 0
+since their scales may be NaN), releases the ring slot at once, and runs the same matmuls on it.
 
 Requires bfloat16 or float16 queries; pages in q's dtype (head_dim 64 or 128) or int8 with per-token
-scales (head_dim 128, page_size a multiple of 32 so that one page's scales are one 128-byte copy);
+scales (bfloat16 queries, head_dim 128, page_size a multiple of 32 so that one page's scales are one
+128-byte copy);
 page_size a multiple of 8 that divides block_kv or is a multiple of it; Q * G <= 64; no sliding window.
 Anything else raises NotImplementedError (the Triton kernel serves it). Compiles only for sm_90a; lowers for
 CUDA on any host (`jax.jit(...).lower(lowering_platforms=("cuda",))`), which the tests do.
@@ -57,6 +58,9 @@ _STATS = 8  # columns of the stats tile written per row: m, l, then padding (a T
 _LOG2E = math.log2(math.e)
 _SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 _SHARED_MEMORY_BYTES = 227 * 1024 - 1024
+# Mosaic GPU's own shared memory: the row reductions' scratch (`CompilerParams.reduction_scratch_bytes`,
+# 2 KB by default) and room for the mbarriers.
+_RESERVED_BYTES = plgpu.CompilerParams().reduction_scratch_bytes + 128
 _CONSUMERS = 2
 _WG_THREADS = 128
 _PRODUCER_THREADS = 32  # the TMA warp
@@ -73,7 +77,7 @@ class DecodeConfig:
   """Launch parameters of the Mosaic GPU decode kernel.
 
   Attributes:
-    block_kv: key tokens per pipeline step (a multiple of 64).
+    block_kv: key tokens per pipeline step (a multiple of 64, at most 256).
     num_stages: K/V buffers in the shared-memory ring (even: each consumer owns half of them).
     programs_per_sm: programs wanted per SM when choosing the split count (`choose_num_splits`).
   """
@@ -83,8 +87,8 @@ class DecodeConfig:
   programs_per_sm: int = 1
 
   def __post_init__(self):
-    if self.block_kv % 64 or self.block_kv <= 0:
-      raise ValueError(f"block_kv must be a positive multiple of 64, got {self.block_kv}")
+    if self.block_kv % 64 or not 0 < self.block_kv <= 256:  # wgmma's N and a TMA box stop at 256
+      raise ValueError(f"block_kv must be a multiple of 64 in [64, 256], got {self.block_kv}")
     max_stages = (_NUM_NAMED_BARRIERS - _FREE_BARRIERS) // 2
     # Even: consumer w takes the blocks i = w mod 2, so each ring slot (i mod num_stages) then belongs to one
     # consumer, which waits on every phase of its mbarriers (an odd ring made the consumers alternate on a
@@ -96,11 +100,13 @@ class DecodeConfig:
 
 
 def shared_memory_bytes(head_dim: int, itemsize: int, config: DecodeConfig, page_itemsize: int | None = None) -> int:
-  """Q (staging and swizzled), the K and V rings, the float32 output and stats tiles (also the merge's); for
-  8-bit pages (`page_itemsize` 1) also each consumer's dequantized block and the rings' scales."""
+  """Q (staging and swizzled), the K and V rings, the float32 output and stats tiles (also the merge's), what
+  Mosaic GPU reserves (reduction scratch, mbarriers); for 8-bit pages (`page_itemsize` 1) also each
+  consumer's dequantized block and the rings' scales."""
   page_itemsize = page_itemsize or itemsize
   ring = config.num_stages * config.block_kv
   total = (2 * _ROWS * itemsize + 2 * ring * page_itemsize) * head_dim + _ROWS * (head_dim + _STATS) * 4
+  total += _RESERVED_BYTES
   if page_itemsize != itemsize:
     total += _CONSUMERS * config.block_kv * head_dim * itemsize + 2 * ring * 4
   return total
@@ -128,6 +134,8 @@ def check_supported(q_dtype, k_pages: jax.Array, v_pages: jax.Array, *, rows: in
           f"{getattr(v_scales, 'shape', None)}")
     if head_dim != 128:
       raise NotImplementedError(f"the Mosaic GPU decode kernel needs head_dim 128 for int8 pages, got {head_dim}")
+    if q_dtype != jnp.bfloat16:  # scales are rounded to the matmul dtype: float16 would flush small ones
+      raise NotImplementedError(f"the Mosaic GPU decode kernel needs bfloat16 queries for int8 pages, got {q_dtype}")
     if page_size % 32:  # a TMA copy of one page's scales must move a multiple of 128 bytes
       raise NotImplementedError(f"the Mosaic GPU decode kernel needs a page_size that is a multiple of 32 for "
                                 f"int8 pages (one page's float32 scales in one copy), got {page_size}")
@@ -207,10 +215,11 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
         pos = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA) + b * block_kv
         s = jnp.where((pos < length) & (r >= (pos - (length - q_len)) * group), s, -jnp.inf)
       m_new = jnp.maximum(m_i, s.max(axis=1) * scale)
-      if masked:  # a row may have seen no key yet: keep exp2 away from -inf - -inf
-        m_new = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-      alpha = jnp.exp2(m_i - m_new)
-      p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+      # A row may have seen no key yet (m stays -inf, as the merge and the combine expect): exp2 then gets a
+      # finite reference instead of -inf - -inf.
+      m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+      alpha = jnp.exp2(m_i - m_ref)
+      p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_ref, s.shape, [0]))
       return p, m_new, l_i * alpha + p.sum(axis=1), alpha
 
     def zero_v_past_end(b, slot):
@@ -401,6 +410,10 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
   """
   num_kv_heads, _, page_size, head_dim = k_pages.shape
   num_seqs, max_pages = page_table.shape
+  if (v_pages.shape != k_pages.shape or q_flat.shape[2] != head_dim or q_flat.shape[1] % (q_len * num_kv_heads)
+      or q_flat.shape[0] < num_seqs or kv_lens.shape != (num_seqs,)):
+    raise ValueError(f"mismatched shapes: q_flat {q_flat.shape} (Q={q_len}), k_pages {k_pages.shape}, v_pages "
+                     f"{v_pages.shape}, kv_lens {kv_lens.shape}, page_table {page_table.shape}")
   group = q_flat.shape[1] // q_len // num_kv_heads
   rows = q_len * group
   dtype = q_flat.dtype

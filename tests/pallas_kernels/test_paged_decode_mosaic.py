@@ -54,6 +54,8 @@ def test_rejects_what_it_does_not_serve():
     pallas_mgpu.check_supported(jnp.bfloat16, k8, k8, **dict(quant, v_scales=jnp.ones((2,))))
   with pytest.raises(NotImplementedError, match="int8"):
     pallas_mgpu.check_supported(jnp.bfloat16, k8.astype(jnp.float8_e4m3fn), k8.astype(jnp.float8_e4m3fn), **quant)
+  with pytest.raises(NotImplementedError, match="bfloat16 queries for int8"):
+    pallas_mgpu.check_supported(jnp.float16, k8, k8, **quant)
   with pytest.raises(NotImplementedError, match="float32"):
     pallas_mgpu.check_supported(jnp.float32, k, k, **ok)
   with pytest.raises(NotImplementedError, match="head_dim 64 or 128, got 32"):
@@ -65,8 +67,14 @@ def test_rejects_what_it_does_not_serve():
   for stages in (3, 6):
     with pytest.raises(ValueError, match="num_stages"):
       pallas_mgpu.DecodeConfig(num_stages=stages)
-  with pytest.raises(ValueError, match="block_kv"):
-    pallas_mgpu.DecodeConfig(block_kv=96)
+  for block_kv in (96, 320):
+    with pytest.raises(ValueError, match="block_kv"):
+      pallas_mgpu.DecodeConfig(block_kv=block_kv)
+  # What Mosaic GPU reserves counts: this config's buffers alone fit, with the reduction scratch they do not.
+  config = pallas_mgpu.DecodeConfig(192, 4)
+  assert pallas_mgpu.shared_memory_bytes(64, 2, config) > pallas_mgpu._SHARED_MEMORY_BYTES
+  with pytest.raises(NotImplementedError, match="shared memory"):
+    pallas_mgpu.check_supported(jnp.bfloat16, k[..., :64], k[..., :64], **dict(ok, config=config))
 
 
 def test_implementation_choice_off_hopper():
