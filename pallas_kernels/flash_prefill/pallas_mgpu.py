@@ -49,10 +49,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
-from jaxlib.mlir import ir
-from jaxlib.mlir.dialects import llvm
-
 from pallas_kernels.flash_prefill import pallas_triton
+from pallas_kernels.mosaic_util import named_barrier, zero_keys_past_end
 
 _ROWS_PER_WG = 64  # wgmma's M per warpgroup
 _CONSUMERS = 2
@@ -165,24 +163,6 @@ def consumer_steps(num_rows, pos_start, kv_len, w: int, block_kv: int):
   return jnp.where(num_rows > w * _ROWS_PER_WG, jnp.maximum((last + block_kv - 1) // block_kv, 0), 0)
 
 
-def _named_barrier(op: str, barrier_id, num_threads) -> None:
-  """`bar.sync` (wait until `num_threads` threads have arrived, counting the caller's) or `bar.arrive`
-  (count the caller's threads, do not wait) on hardware barrier `barrier_id`; both static ints or traced
-  scalars."""
-  operands, names = [], []  # traced values become register operands $0, $1
-  for x in (barrier_id, num_threads):
-    names.append(str(x) if isinstance(x, int) else f"${len(operands)}")
-    if not isinstance(x, int):
-      operands.append(x)
-
-  def asm(_, *regs):
-    llvm.inline_asm(ir.Type.parse("!llvm.void"), [r.registers.item() for r in regs],
-                    f"bar.{op} {names[0]}, {names[1]};", ",".join("r" * len(regs)), has_side_effects=True)
-
-  plgpu.inline_mgpu(arg_types=(plgpu.Layout.WG_SPLAT,) * len(operands))(asm)(
-      *(jnp.asarray(x, jnp.int32) for x in operands))
-
-
 def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, block_kv: int, num_stages: int,
             group: int, order: str, num_items: int, num_slots: int, max_pages: int):
   """One (query head, work item); see the module docstring. `meta_ref` is the item table ([W, 5], row-major)
@@ -223,17 +203,17 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, b
   v_free = lambda slot: _FREE_BARRIERS + num_stages + slot
 
   def release_slot(barrier):
-    _named_barrier("arrive", barrier, free_threads)
+    named_barrier("arrive", barrier, free_threads)
 
   # Turn-taking on the tensor cores (FlashAttention-3's ping-pong): each phase of a warpgroup issues its
   # matmuls, hands the turn to the other, and waits for the turn back before its next phase. A warpgroup
   # waits on its own barrier, where the other arrives. Warpgroup 0 starts without waiting and warpgroup 1
   # does not hand over after its last phase, so both barriers see as many arrivals as waits.
   def pass_turn():
-    pl.when(pingpong)(lambda: _named_barrier("arrive", _SCHEDULE_BARRIER + 1 - wg, _CONSUMERS * _WG_THREADS))
+    pl.when(pingpong)(lambda: named_barrier("arrive", _SCHEDULE_BARRIER + 1 - wg, _CONSUMERS * _WG_THREADS))
 
   def take_turn():
-    pl.when(pingpong)(lambda: _named_barrier("sync", _SCHEDULE_BARRIER + wg, _CONSUMERS * _WG_THREADS))
+    pl.when(pingpong)(lambda: named_barrier("sync", _SCHEDULE_BARRIER + wg, _CONSUMERS * _WG_THREADS))
 
   @pl.when(wg < _CONSUMERS)
   def _consumer():
@@ -265,17 +245,8 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, b
       return p.astype(dtype), m_new, l_new, alpha
 
     def zero_v_past_end(step):
-      # Keys past kv_len (page tails, pages past the end) may hold NaN; P is 0 there, but 0 * NaN is not.
       slot = lax.rem(step, num_stages)
-
-      @pl.when((step + 1) * block_kv > kv_len)
-      def _():
-        for c in range(block_kv // _ROWS_PER_WG):
-          chunk = v_smem.at[slot, pl.ds(c * _ROWS_PER_WG, _ROWS_PER_WG)]
-          v = plgpu.load(chunk, (), layout=plgpu.Layout.WGMMA)
-          key = plgpu.broadcasted_iota(jnp.int32, v.shape, 0, layout=plgpu.Layout.WGMMA)
-          chunk[...] = jnp.where(key + step * block_kv + c * _ROWS_PER_WG < kv_len, v, jnp.zeros_like(v))
-        plgpu.commit_smem()
+      zero_keys_past_end(v_smem.at[slot], step * block_kv, kv_len)
 
     def s_tile():
       return plgpu.ACC((_ROWS_PER_WG, block_kv), jnp.float32)
@@ -412,9 +383,9 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, b
     def _(step):
       slot = lax.rem(step, num_stages)
       pages = pages_of(step + num_stages)  # page-table reads before the waits, not after
-      _named_barrier("sync", k_free(slot), free_threads)
+      named_barrier("sync", k_free(slot), free_threads)
       load(pages, slot, k_ref, k_smem, k_ready)
-      _named_barrier("sync", v_free(slot), free_threads)
+      named_barrier("sync", v_free(slot), free_threads)
       load(pages, slot, v_ref, v_smem, v_ready)
 
   @pl.when(wg == _CONSUMERS)

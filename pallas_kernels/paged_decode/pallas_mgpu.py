@@ -19,7 +19,7 @@ merges. What changes is how the bytes arrive:
   int8 pages 1.34x faster on an H200 (NOTES.md, ## paged_decode).
 
 Data arrival (K, V, Q) is signalled by mbarriers that TMA completes; "slot consumed", "Q ready" and
-"partials ready" by hardware named barriers (`flash_prefill.pallas_mgpu._named_barrier`): a consumer
+"partials ready" by hardware named barriers (`mosaic_util.named_barrier`): a consumer
 arrives only for slots the producer will refill, so every barrier sees as many arrivals as waits.
 
 Keys past kv_len (the tail of the last page, pages past the end) are loaded like the rest: their scores
@@ -51,7 +51,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.flash_prefill.pallas_mgpu import _named_barrier
+from pallas_kernels.mosaic_util import named_barrier, zero_keys_past_end
 
 _ROWS = 64  # wgmma's M: the query rows of a program, padded
 _STATS = 8  # columns of the stats tile written per row: m, l, then padding (a TMA row needs 16 bytes)
@@ -205,7 +205,7 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
 
     def release(barrier, i):
       # Only slots the producer refills: equal arrivals and waits on every named barrier.
-      pl.when(i + num_stages < steps)(lambda: _named_barrier("arrive", barrier, free_threads))
+      pl.when(i + num_stages < steps)(lambda: named_barrier("arrive", barrier, free_threads))
 
     def softmax(s, b, m_i, l_i, *, masked: bool):
       if masked:
@@ -221,16 +221,6 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
       alpha = jnp.exp2(m_i - m_ref)
       p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_ref, s.shape, [0]))
       return p, m_new, l_i * alpha + p.sum(axis=1), alpha
-
-    def zero_v_past_end(b, slot):
-      @pl.when((b + 1) * block_kv > length)
-      def _():
-        for c in range(block_kv // _ROWS):
-          chunk = v_smem.at[slot, pl.ds(c * _ROWS, _ROWS)]
-          v = plgpu.load(chunk, (), layout=plgpu.Layout.WGMMA)
-          key = plgpu.broadcasted_iota(jnp.int32, v.shape, 0, layout=plgpu.Layout.WGMMA)
-          chunk[...] = jnp.where(key + b * block_kv + c * _ROWS < length, v, jnp.zeros_like(v))
-        plgpu.commit_smem()
 
     def dequantize(b, slot, values, scales, out, *, masked: bool):
       """int8 values of ring slot `slot` times their per-token scales, in the matmul dtype, into `out`; rows
@@ -277,7 +267,7 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
       else:
         v_tile = v_smem.at[slot]
         if masked:
-          zero_v_past_end(b, slot)
+          zero_keys_past_end(v_smem.at[slot], b * block_kv, length)
 
       def pv(acc_ref):
         plgpu.wgmma(acc_ref, p.astype(dtype), v_tile)
@@ -299,7 +289,7 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
       q_smem[...] = jnp.where(row < rows, q, jnp.zeros_like(q))  # rows past Q * G hold stale shared memory
       plgpu.commit_smem()
 
-    _named_barrier("sync", _Q_BARRIER, _CONSUMERS * _WG_THREADS)  # Q is in q_smem
+    named_barrier("sync", _Q_BARRIER, _CONSUMERS * _WG_THREADS)  # Q is in q_smem
     half = lambda n: jnp.maximum(lax.div(n - wg + 1, 2), 0)  # blocks 2 j + wg below n
     carry = (plgpu.layout_cast(jnp.full((_ROWS, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA),
              plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), row_layout),
@@ -313,11 +303,11 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
       acc_smem[...] = acc
       stats_smem[...] = jnp.where(col == 0, lax.broadcast_in_dim(m_i, (_ROWS, _STATS), [0]),
                                   lax.broadcast_in_dim(l_i, (_ROWS, _STATS), [0]))
-      _named_barrier("arrive", _MERGE_BARRIER, _CONSUMERS * _WG_THREADS)
+      named_barrier("arrive", _MERGE_BARRIER, _CONSUMERS * _WG_THREADS)
 
     @pl.when(wg == 0)
     def _():
-      _named_barrier("sync", _MERGE_BARRIER, _CONSUMERS * _WG_THREADS)
+      named_barrier("sync", _MERGE_BARRIER, _CONSUMERS * _WG_THREADS)
       acc1 = plgpu.load(acc_smem, (), layout=plgpu.Layout.WGMMA, optimized=False)
       stats = plgpu.load(stats_smem, (), layout=plgpu.Layout.WGMMA, optimized=False)
       m1 = jnp.where(col == 0, stats, -jnp.inf).max(axis=1)
@@ -378,9 +368,9 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
     def _(i):
       slot = lax.rem(i, num_stages)
       pages = pages_of(first + i + num_stages)  # page-table reads before the waits
-      _named_barrier("sync", k_free(slot), free_threads)
+      named_barrier("sync", k_free(slot), free_threads)
       copy(pages, slot, 0)
-      _named_barrier("sync", v_free(slot), free_threads)
+      named_barrier("sync", v_free(slot), free_threads)
       copy(pages, slot, 1)
 
   @pl.when(wg == _CONSUMERS)

@@ -406,10 +406,11 @@ def _decode(q_flat, k_pages, v_pages, kv_lens, page_table, *, q_len, sm_scale, s
         implementation = "mosaic"
       except NotImplementedError:
         pass
-  if implementation == "mosaic":
+  elif implementation == "mosaic":
     if triton_args:
       raise ValueError(f"the mosaic implementation takes no Triton arguments; got {triton_args}")
     pallas_mgpu.check_supported(q_flat.dtype, k_pages, v_pages, **supported)
+  if implementation == "mosaic":
     if num_splits is None:
       num_splits = choose_num_splits(num_seqs, num_kv_heads, pl.cdiv(max_pages * page_size, config.block_kv),
                                      num_sms=_num_sms(), programs_per_sm=config.programs_per_sm)
