@@ -27,13 +27,17 @@ are masked, and the consumer zeroes those V rows in shared memory before P V (0 
 garbage of unused slots). Queries see keys up to their own position (Q > 1 verifies speculation).
 
 int8 pages (per-token scales, `quant.quantize_kv`): TMA brings the int8 values and their scales into the
-ring (half the bytes of bf16); a consumer dequantizes a block into its own bf16 buffer (values times their
-token's scale in bf16, rounded like a bf16 cache; in float32 it was 1.3x slower; rows past kv_len set to 0
-since their scales may be NaN), releases the ring slot at once, and runs the same matmuls on it.
+ring (half the bytes of bf16), and the consumers work transposed: S^T = K Q^T and O^T += V^T P^T, so that K
+and V^T are the wgmmas' A operands, which may come from registers: each consumer loads the int8 block
+(V transposed), upcasts it to bf16 in registers and feeds it to the tensor cores; no dequantized tile goes
+through shared memory (the earlier design, bf16 tiles written and read back, reached only 1.0x the speed of
+bf16 pages on an H200; this one 1.35x, NOTES.md). K's scales multiply S^T along the key axis, V's multiply
+P^T, which reaches the second wgmma as its B operand through a small [block_kv, N] tile (N: the query rows
+padded to >= 16, not 64). The softmax then reduces along axis 0, across the warpgroup's warps, through a
+per-consumer scratch (`reduce_keys`). Partials come out transposed; `decode_partials` turns them back.
 
 Requires bfloat16 or float16 queries; pages in q's dtype (head_dim 64 or 128) or int8 with per-token
-scales (bfloat16 queries, head_dim 128, page_size a multiple of 32 so that one page's scales are one
-128-byte copy);
+scales (bfloat16 queries, head_dim 128, page_size 16 or a multiple of 32: `_scale_copy`);
 page_size a multiple of 8 that divides block_kv or is a multiple of it; Q * G <= 64; no sliding window.
 Anything else raises NotImplementedError (the Triton kernel serves it). Compiles only for sm_90a; lowers for
 CUDA on any host (`jax.jit(...).lower(lowering_platforms=("cuda",))`), which the tests do.
@@ -70,6 +74,8 @@ _Q_BARRIER = 4
 _MERGE_BARRIER = 5
 _FREE_BARRIERS = 6
 _NUM_NAMED_BARRIERS = 16
+_SCALE_COPY_TOKENS = 32  # float32 scales in the smallest TMA copy Mosaic GPU issues (128 bytes)
+_REDUCE_SCRATCH = 1024  # float32 per consumer for the int8 kernel's cross-warp reductions (16 at a time)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,17 +105,36 @@ class DecodeConfig:
       raise ValueError(f"programs_per_sm must be >= 1, got {self.programs_per_sm}")
 
 
-def shared_memory_bytes(head_dim: int, itemsize: int, config: DecodeConfig, page_itemsize: int | None = None) -> int:
-  """Q (staging and swizzled), the K and V rings, the float32 output and stats tiles (also the merge's), what
-  Mosaic GPU reserves (reduction scratch, mbarriers); for 8-bit pages (`page_itemsize` 1) also each
-  consumer's dequantized block and the rings' scales."""
+def _query_columns(rows: int) -> int:
+  """N of the int8 kernel's transposed tiles: the query rows padded to a power of two >= 16 (wgmma's N and
+  the P^T tile's swizzle)."""
+  return max(16, 1 << (rows - 1).bit_length())
+
+
+def _scale_copy(tokens_per_copy: int) -> tuple[int, int]:
+  """(tokens, phases) of one TMA copy of int8 scales. Mosaic GPU copies move multiples of 128 bytes (32
+  float32 scales): a 16-token page's copy takes its next page's scales along, so copies alternate between two
+  buffers ("phases") that the extra 16 land in without overwriting a neighbour's; the consumer picks each
+  token's scale from its copy's phase."""
+  tokens = max(tokens_per_copy, _SCALE_COPY_TOKENS)
+  return tokens, tokens // tokens_per_copy
+
+
+def shared_memory_bytes(head_dim: int, itemsize: int, config: DecodeConfig, page_itemsize: int | None = None,
+                        rows: int = _ROWS) -> int:
+  """Bytes of shared memory of one program: Q (staging and swizzled), the K and V rings, the float32 output
+  and stats tiles (also the merge's), what Mosaic GPU reserves (reduction scratch, mbarriers); for 8-bit pages
+  (`page_itemsize` 1; `rows` = Q * G) the transposed output tiles, each consumer's P^T tile and reduction
+  scratch, and the rings' scales."""
   page_itemsize = page_itemsize or itemsize
   ring = config.num_stages * config.block_kv
-  total = (2 * _ROWS * itemsize + 2 * ring * page_itemsize) * head_dim + _ROWS * (head_dim + _STATS) * 4
-  total += _RESERVED_BYTES
-  if page_itemsize != itemsize:
-    total += _CONSUMERS * config.block_kv * head_dim * itemsize + 2 * ring * 4
-  return total
+  total = (2 * _ROWS * itemsize + 2 * ring * page_itemsize) * head_dim + _RESERVED_BYTES
+  if page_itemsize == itemsize:
+    return total + _ROWS * (head_dim + _STATS) * 4
+  n_cols = _query_columns(rows)
+  scales = 2 * config.num_stages * 2 * (config.block_kv + _SCALE_COPY_TOKENS // 2) * 4  # at most two phases
+  return (total + (head_dim + _ROWS) * n_cols * 4 + _CONSUMERS * (config.block_kv * n_cols * itemsize
+                                                                    + _REDUCE_SCRATCH * 4) + scales)
 
 
 def check_supported(q_dtype, k_pages: jax.Array, v_pages: jax.Array, *, rows: int, sliding_window, k_scales,
@@ -134,11 +159,11 @@ def check_supported(q_dtype, k_pages: jax.Array, v_pages: jax.Array, *, rows: in
           f"{getattr(v_scales, 'shape', None)}")
     if head_dim != 128:
       raise NotImplementedError(f"the Mosaic GPU decode kernel needs head_dim 128 for int8 pages, got {head_dim}")
-    if q_dtype != jnp.bfloat16:  # scales are rounded to the matmul dtype: float16 would flush small ones
+    if q_dtype != jnp.bfloat16:  # P^T times V's scales is rounded to the matmul dtype: float16 flushes it
       raise NotImplementedError(f"the Mosaic GPU decode kernel needs bfloat16 queries for int8 pages, got {q_dtype}")
-    if page_size % 32:  # a TMA copy of one page's scales must move a multiple of 128 bytes
-      raise NotImplementedError(f"the Mosaic GPU decode kernel needs a page_size that is a multiple of 32 for "
-                                f"int8 pages (one page's float32 scales in one copy), got {page_size}")
+    if page_size % _SCALE_COPY_TOKENS and page_size != _SCALE_COPY_TOKENS // 2:  # see `_scale_copy`
+      raise NotImplementedError(f"the Mosaic GPU decode kernel needs a page_size of 16 or a multiple of 32 for "
+                                f"int8 pages (its TMA copies of scales move multiples of 128 bytes), got {page_size}")
   if head_dim not in (64, 128):
     raise NotImplementedError(f"the Mosaic GPU decode kernel needs head_dim 64 or 128, got {head_dim}")
   if page_size % 8 or (config.block_kv % page_size and page_size % config.block_kv):
@@ -146,7 +171,7 @@ def check_supported(q_dtype, k_pages: jax.Array, v_pages: jax.Array, *, rows: in
                               f"divides or is a multiple of block_kv={config.block_kv}; got {page_size}")
   if rows > _ROWS:
     raise NotImplementedError(f"Q * G = {rows} query rows per KV head exceed the kernel's {_ROWS}")
-  smem = shared_memory_bytes(head_dim, jnp.dtype(q_dtype).itemsize, config, k_pages.dtype.itemsize)
+  smem = shared_memory_bytes(head_dim, jnp.dtype(q_dtype).itemsize, config, k_pages.dtype.itemsize, rows)
   if smem > _SHARED_MEMORY_BYTES:
     raise NotImplementedError(f"{config} needs {smem} bytes of shared memory at head_dim {head_dim}; an sm_90 "
                               f"CTA has {_SHARED_MEMORY_BYTES}")
@@ -173,14 +198,18 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
   page table ([S, Pmax], row-major), flat. `scale_refs`: () or the per-token scales (k, v) [K, P, page_size]
   of int8 pages. `out_refs`: (the attention output [S, Q * H, D]) with one split, (acc, stats) partials
   otherwise."""
-  (q_stage, q_smem, k_smem, v_smem, acc_smem, stats_smem, *dequant), (k_ready, v_ready, q_ready) = scratch
+  (q_stage, q_smem, k_smem, v_smem, acc_smem, stats_smem, *int8_scratch), (k_ready, v_ready, q_ready) = scratch
   quantized = bool(scale_refs)
+  if quantized:
+    p_smem, reduce_smem, *scale_smem = int8_scratch
+    n_cols = p_smem.shape[2]  # N: the query rows, padded to a power of two >= 16
   num_kv_heads, num_pages, page_size, head_dim = k_ref.shape
   num_heads = q_ref.shape[1] // q_len
   rows = q_len * group
   dtype = q_ref.dtype  # the matmuls' operand dtype
   tokens_per_copy = min(page_size, block_kv)
   copies = block_kv // tokens_per_copy
+  scale_tokens, scale_phases = _scale_copy(tokens_per_copy)
   free_threads = _WG_THREADS + _PRODUCER_THREADS  # a slot's one consumer and the TMA warp
 
   program = lax.axis_index("programs")
@@ -201,7 +230,28 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
   @pl.when(wg < _CONSUMERS)
   def _consumer():
     plgpu.set_max_registers(232, action="increase")
-    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    # The query rows lie along axis 0 of S and acc (S = Q K^T, O = P V) or, with int8 pages, along axis 1
+    # (S^T = K Q^T, O^T = V^T P^T); the keys along the other axis of S.
+    q_axis = 1 if quantized else 0
+    key_axis = 1 - q_axis
+    q_layout = plgpu.Layout.WGMMA.reduce(key_axis)  # vectors over the query rows
+    iota = lambda shape, axis: plgpu.broadcasted_iota(jnp.int32, shape, axis, layout=plgpu.Layout.WGMMA)
+    along_q = lambda x, shape: lax.broadcast_in_dim(x, shape, [q_axis])
+
+    def reduce_keys(op, x):
+      """x reduced over its key axis: within each warp's rows for S, across the warpgroup's 4 warps for S^T."""
+      if not quantized:
+        return x.max(axis=1) if op == "max" else x.sum(axis=1)
+
+      # NOTE: Pallas lowers a cross-warp reduction through one shared-memory scratch for all warpgroups
+      # (`ModuleContext.scratch_view`), so the two consumers raced on it and corrupted each other's softmax;
+      # each consumer passes its own scratch here.
+      @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
+                         return_type=plgpu.ShapeDtypeStruct((n_cols,), jnp.float32, layout=q_layout))
+      def reduce(_, x, scratch):
+        return x.reduce(op, 0, scratch=scratch)
+
+      return reduce(x, reduce_smem.at[wg])
 
     def release(barrier, i):
       # Only slots the producer refills: equal arrivals and waits on every named barrier.
@@ -211,31 +261,15 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
       if masked:
         # Key pos is visible to row r (token t = r // G) iff pos < length and pos <= length - Q + t, i.e.
         # r >= (pos - length + Q) * G; padding rows see every key below length.
-        r = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
-        pos = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA) + b * block_kv
+        r, pos = iota(s.shape, q_axis), iota(s.shape, key_axis) + b * block_kv
         s = jnp.where((pos < length) & (r >= (pos - (length - q_len)) * group), s, -jnp.inf)
-      m_new = jnp.maximum(m_i, s.max(axis=1) * scale)
+      m_new = jnp.maximum(m_i, reduce_keys("max", s) * scale)
       # A row may have seen no key yet (m stays -inf, as the merge and the combine expect): exp2 then gets a
       # finite reference instead of -inf - -inf.
       m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
       alpha = jnp.exp2(m_i - m_ref)
-      p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_ref, s.shape, [0]))
-      return p, m_new, l_i * alpha + p.sum(axis=1), alpha
-
-    def dequantize(b, slot, values, scales, out, *, masked: bool):
-      """int8 values of ring slot `slot` times their per-token scales, in the matmul dtype, into `out`; rows
-      past kv_len become 0 (their scales may be NaN)."""
-      for c in range(block_kv // _ROWS):
-        x = plgpu.load(values.at[slot, pl.ds(c * _ROWS, _ROWS)], (), layout=plgpu.Layout.WGMMA_UPCAST_2X)
-        x = plgpu.layout_cast(x, plgpu.Layout.WGMMA).astype(dtype)
-        scale_rows = plgpu.load(scales.at[slot, pl.ds(c * _ROWS, _ROWS)], (), layout=row_layout,
-                                optimized=False)
-        x = x * lax.broadcast_in_dim(scale_rows.astype(dtype), x.shape, [0])
-        if masked:
-          key = plgpu.broadcasted_iota(jnp.int32, x.shape, 0, layout=plgpu.Layout.WGMMA)
-          x = jnp.where(key + b * block_kv + c * _ROWS < length, x, jnp.zeros_like(x))
-        out[pl.ds(c * _ROWS, _ROWS)] = x
-      plgpu.commit_smem()
+      p = jnp.exp2(s * scale - along_q(m_ref, s.shape))
+      return p, m_new, l_i * alpha + reduce_keys("add", p), alpha
 
     def step(j, carry, *, masked: bool):
       """Key block i = 2 j + wg of the split: the consumers take turns, each with its own softmax state."""
@@ -243,38 +277,72 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
       i = 2 * j + wg
       b, slot = first + i, lax.rem(i, num_stages)
       plgpu.barrier_wait(k_ready.at[slot])
-      if quantized:  # dequantized into this consumer's buffer; the slot goes back to the producer at once
-        k_tile = dequant[0].at[wg]
-        dequantize(b, slot, k_smem, dequant[1], k_tile, masked=masked)
-        release(k_free(slot), i)
-      else:
-        k_tile = k_smem.at[slot]
 
       def qk(s_ref):
-        plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_tile, (1, 0)))
+        plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
         return s_ref[...]
 
       s = pl.run_scoped(qk, plgpu.ACC((_ROWS, block_kv), jnp.float32))
-      if not quantized:
-        release(k_free(slot), i)
+      release(k_free(slot), i)
       p, m_i, l_i, alpha = softmax(s, b, m_i, l_i, masked=masked)
-      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      acc = acc * along_q(alpha, acc.shape)
       plgpu.barrier_wait(v_ready.at[slot])
-      if quantized:  # the same buffer: S, its last reader, is done
-        v_tile = dequant[0].at[wg]
-        dequantize(b, slot, v_smem, dequant[2], v_tile, masked=masked)
-        release(v_free(slot), i)
-      else:
-        v_tile = v_smem.at[slot]
-        if masked:
-          zero_keys_past_end(v_smem.at[slot], b * block_kv, length)
+      if masked:
+        zero_keys_past_end(v_smem.at[slot], b * block_kv, length)
 
       def pv(acc_ref):
-        plgpu.wgmma(acc_ref, p.astype(dtype), v_tile)
+        plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
 
       acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-      if not quantized:
-        release(v_free(slot), i)
+      release(v_free(slot), i)
+      return acc, m_i, l_i
+
+    def token_scales(which, slot):
+      """The [block_kv] scales of K (which = 0) or V (1) in ring slot `slot`, along S^T's rows."""
+      layout = plgpu.Layout.WGMMA.reduce(1)
+      buffer = scale_smem[which].at[slot]
+      phase = lambda n: plgpu.load(buffer.at[n, pl.ds(0, block_kv)], (), layout=layout, optimized=False)
+      if scale_phases == 1:
+        return phase(0)
+      copy = lax.div(plgpu.broadcasted_iota(jnp.int32, (block_kv,), 0, layout=layout), tokens_per_copy)
+      return jnp.where(lax.rem(copy, 2) == 0, phase(0), phase(1))
+
+    def int8_step(j, carry, *, masked: bool):
+      """`step` for int8 pages, transposed: K and V^T are upcast in registers and enter the wgmmas as their
+      A operands, so no dequantized tile goes through shared memory; the scales multiply S^T (K's) and P^T
+      (V's) along the key axis, and P^T reaches the second wgmma as its B operand through a small tile."""
+      acc, m_i, l_i = carry  # acc: O^T [D, N]
+      i = 2 * j + wg
+      b, slot = first + i, lax.rem(i, num_stages)
+      plgpu.barrier_wait(k_ready.at[slot])
+      k = plgpu.load(k_smem.at[slot], (), layout=plgpu.Layout.WGMMA_UPCAST_2X)
+      k = plgpu.layout_cast(k, plgpu.Layout.WGMMA).astype(dtype)
+      k_scale = token_scales(0, slot)
+
+      def qk(s_ref):
+        plgpu.wgmma(s_ref, k, plgpu.transpose_ref(q_smem.at[pl.ds(0, n_cols)], (1, 0)))
+        return s_ref[...]
+
+      s = pl.run_scoped(qk, plgpu.ACC((block_kv, n_cols), jnp.float32))  # S^T [block_kv, N]
+      release(k_free(slot), i)
+      # Past kv_len the scales may be NaN: `softmax` masks those scores to -inf, and P^T to 0 below.
+      p, m_i, l_i, alpha = softmax(s * lax.broadcast_in_dim(k_scale, s.shape, [0]), b, m_i, l_i, masked=masked)
+      acc = acc * along_q(alpha, acc.shape)
+      plgpu.barrier_wait(v_ready.at[slot])
+      v_scale = token_scales(1, slot)
+      p = p * lax.broadcast_in_dim(v_scale, p.shape, [0])
+      if masked:
+        p = jnp.where(iota(p.shape, 0) + b * block_kv < length, p, jnp.zeros_like(p))
+      p_smem.at[wg][...] = p.astype(dtype)
+      plgpu.commit_smem()
+      v = plgpu.load(plgpu.transpose_ref(v_smem.at[slot], (1, 0)), (), layout=plgpu.Layout.WGMMA_TRANSPOSED)
+      v = plgpu.layout_cast(v.astype(dtype), plgpu.Layout.WGMMA)  # V^T [D, block_kv]
+
+      def pv(acc_ref):
+        plgpu.wgmma(acc_ref, v, p_smem.at[wg])
+
+      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+      release(v_free(slot), i)
       return acc, m_i, l_i
 
     @pl.when(wg == 0)
@@ -285,24 +353,28 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
                                 q_stage.at[pl.ds(t * group, group)], q_ready.at[0])
       plgpu.barrier_wait(q_ready.at[0])
       q = plgpu.load(q_stage, (), layout=plgpu.Layout.WGMMA, optimized=False)
-      row = plgpu.broadcasted_iota(jnp.int32, q.shape, 0, layout=plgpu.Layout.WGMMA)
-      q_smem[...] = jnp.where(row < rows, q, jnp.zeros_like(q))  # rows past Q * G hold stale shared memory
+      q_smem[...] = jnp.where(iota(q.shape, 0) < rows, q, jnp.zeros_like(q))  # rows past Q * G: stale memory
       plgpu.commit_smem()
 
     named_barrier("sync", _Q_BARRIER, _CONSUMERS * _WG_THREADS)  # Q is in q_smem
     half = lambda n: jnp.maximum(lax.div(n - wg + 1, 2), 0)  # blocks 2 j + wg below n
-    carry = (plgpu.layout_cast(jnp.full((_ROWS, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA),
-             plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), row_layout),
-             plgpu.layout_cast(jnp.full((_ROWS,), 0, jnp.float32), row_layout))
-    carry = lax.fori_loop(0, half(unmasked), functools.partial(step, masked=False), carry)
-    acc, m_i, l_i = lax.fori_loop(half(unmasked), half(steps), functools.partial(step, masked=True), carry)
-    col = plgpu.broadcasted_iota(jnp.int32, (_ROWS, _STATS), 1, layout=plgpu.Layout.WGMMA)
+    num_q = n_cols if quantized else _ROWS
+    acc_shape = (head_dim, n_cols) if quantized else (_ROWS, head_dim)
+    carry = (plgpu.layout_cast(jnp.full(acc_shape, 0, jnp.float32), plgpu.Layout.WGMMA),
+             plgpu.layout_cast(jnp.full((num_q,), -jnp.inf, jnp.float32), q_layout),
+             plgpu.layout_cast(jnp.full((num_q,), 0, jnp.float32), q_layout))
+    body = int8_step if quantized else step
+    carry = lax.fori_loop(0, half(unmasked), functools.partial(body, masked=False), carry)
+    acc, m_i, l_i = lax.fori_loop(half(unmasked), half(steps), functools.partial(body, masked=True), carry)
+    # Stats tile: m at index 0 and l at index 1 of the key axis, the query rows along the other.
+    stats_shape = stats_smem.shape
+    pack_stats = lambda m, l: jnp.where(iota(stats_shape, key_axis) == 0, along_q(m, stats_shape),
+                                        along_q(l, stats_shape))
 
     @pl.when(wg == 1)
     def _():  # hand the partial result to consumer 0
       acc_smem[...] = acc
-      stats_smem[...] = jnp.where(col == 0, lax.broadcast_in_dim(m_i, (_ROWS, _STATS), [0]),
-                                  lax.broadcast_in_dim(l_i, (_ROWS, _STATS), [0]))
+      stats_smem[...] = pack_stats(m_i, l_i)
       named_barrier("arrive", _MERGE_BARRIER, _CONSUMERS * _WG_THREADS)
 
     @pl.when(wg == 0)
@@ -310,15 +382,16 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
       named_barrier("sync", _MERGE_BARRIER, _CONSUMERS * _WG_THREADS)
       acc1 = plgpu.load(acc_smem, (), layout=plgpu.Layout.WGMMA, optimized=False)
       stats = plgpu.load(stats_smem, (), layout=plgpu.Layout.WGMMA, optimized=False)
-      m1 = jnp.where(col == 0, stats, -jnp.inf).max(axis=1)
-      l1 = jnp.where(col == 1, stats, -jnp.inf).max(axis=1)
+      index = iota(stats_shape, key_axis)
+      m1 = reduce_keys("max", jnp.where(index == 0, stats, -jnp.inf))
+      l1 = reduce_keys("max", jnp.where(index == 1, stats, -jnp.inf))
       m = jnp.maximum(m_i, m1)
       m_safe = jnp.where(m == -jnp.inf, 0.0, m)
       a0, a1 = jnp.exp2(m_i - m_safe), jnp.exp2(m1 - m_safe)
-      acc_all = (acc * lax.broadcast_in_dim(a0, acc.shape, [0]) + acc1 * lax.broadcast_in_dim(a1, acc.shape, [0]))
+      acc_all = acc * along_q(a0, acc.shape) + acc1 * along_q(a1, acc.shape)
       l_all = l_i * a0 + l1 * a1
-      if num_splits == 1:  # the whole sequence: normalize here and write q's rows, no combine pass
-        out = acc_all / lax.broadcast_in_dim(jnp.where(l_all > 0, l_all, 1.0), acc.shape, [0])  # 0: no keys
+      if num_splits == 1 and not quantized:  # the whole sequence: normalize, write q's rows, no combine pass
+        out = acc_all / along_q(jnp.where(l_all > 0, l_all, 1.0), acc.shape)  # l = 0: no keys, output 0
         q_stage[...] = out.astype(dtype)  # free since Q was read
         plgpu.commit_smem()
         for t in range(q_len):
@@ -327,11 +400,14 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
       else:
         acc_ref, stats_ref = out_refs
         acc_smem[...] = acc_all
-        stats_smem[...] = jnp.where(col == 0, lax.broadcast_in_dim(m, (_ROWS, _STATS), [0]),
-                                    lax.broadcast_in_dim(l_all, (_ROWS, _STATS), [0]))
+        stats_smem[...] = pack_stats(m, l_all)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(acc_smem.at[pl.ds(0, rows)], acc_ref.at[seq, kv_head, split])
-        plgpu.copy_smem_to_gmem(stats_smem.at[pl.ds(0, rows)], stats_ref.at[seq, kv_head, split])
+        if quantized:  # O^T [D, N] and the stats' first two rows
+          plgpu.copy_smem_to_gmem(acc_smem, acc_ref.at[seq, kv_head, split])
+          plgpu.copy_smem_to_gmem(stats_smem.at[pl.ds(0, 2)], stats_ref.at[seq, kv_head, split])
+        else:
+          plgpu.copy_smem_to_gmem(acc_smem.at[pl.ds(0, rows)], acc_ref.at[seq, kv_head, split])
+          plgpu.copy_smem_to_gmem(stats_smem.at[pl.ds(0, rows)], stats_ref.at[seq, kv_head, split])
       plgpu.wait_smem_to_gmem(0)
 
   def _tma_warp():
@@ -354,8 +430,9 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
         plgpu.copy_gmem_to_smem(src.at[kv_head, page, pl.ds(offset, tokens_per_copy)], dst.at[slot, window],
                                 ready.at[slot])
         if quantized:
-          plgpu.copy_gmem_to_smem(scale_refs[which].at[kv_head, page, pl.ds(offset, tokens_per_copy)],
-                                  dequant[1 + which].at[slot, window], ready.at[slot])
+          plgpu.copy_gmem_to_smem(scale_refs[which].at[kv_head, pl.ds(page * page_size + offset, scale_tokens)],
+                                  scale_smem[which].at[slot, c % scale_phases, pl.ds(c * tokens_per_copy, scale_tokens)],
+                                  ready.at[slot])
 
     for i in range(num_stages):
       @pl.when(i < steps)
@@ -408,16 +485,26 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
   rows = q_len * group
   dtype = q_flat.dtype
   quantized = k_scales is not None
-  copies = block_kv // min(page_size, block_kv)
+  n_cols = _query_columns(rows)
+  tokens_per_copy = min(page_size, block_kv)
+  copies = block_kv // tokens_per_copy
+  scale_tokens, phases = _scale_copy(tokens_per_copy)
   transforms = _swizzled(dtype, head_dim)
   # One fresh int32 buffer for the scalars (Mosaic GPU wants 256-byte aligned inputs).
   meta = jnp.concatenate([kv_lens.astype(jnp.int32), page_table.astype(jnp.int32).reshape(-1)])
-  scales = (k_scales.astype(jnp.float32), v_scales.astype(jnp.float32)) if quantized else ()
+  # Scales as [K, P * page_size]: a copy may read past its page (`_scale_copy`).
+  scales = tuple(x.astype(jnp.float32).reshape(num_kv_heads, -1) for x in (k_scales, v_scales)) if quantized else ()
   ring = (num_stages, block_kv, head_dim)
-  dequant = ()
-  if quantized:  # the dequantized K and V blocks, and the rings' scales
-    dequant = (plgpu.SMEM((_CONSUMERS,) + ring[1:], dtype, transforms=transforms),
-               plgpu.SMEM(ring[:2], jnp.float32), plgpu.SMEM(ring[:2], jnp.float32))
+  if quantized:  # O^T, its stats, each consumer's P^T tile and reduction scratch, the rings' scales
+    out_tiles = (plgpu.SMEM((head_dim, n_cols), jnp.float32), plgpu.SMEM((_ROWS, n_cols), jnp.float32))
+    int8_scratch = (
+        plgpu.SMEM((_CONSUMERS, block_kv, n_cols), dtype,
+                   transforms=(plgpu.TilingTransform((8, min(64, n_cols))), plgpu.SwizzleTransform(2 * min(64, n_cols)))),
+        plgpu.SMEM((_CONSUMERS, _REDUCE_SCRATCH), jnp.float32),
+        *[plgpu.SMEM((num_stages, phases, block_kv + scale_tokens - tokens_per_copy), jnp.float32)] * 2)
+  else:
+    out_tiles = (plgpu.SMEM((_ROWS, head_dim), jnp.float32), plgpu.SMEM((_ROWS, _STATS), jnp.float32))
+    int8_scratch = ()
 
   def entry(meta_ref, q_ref, k_ref, v_ref, *refs):
     scale_refs, out_refs = refs[:len(scales)], refs[len(scales):]
@@ -430,9 +517,8 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
             plgpu.SMEM((_ROWS, head_dim), dtype, transforms=transforms),
             plgpu.SMEM(ring, k_pages.dtype, transforms=_swizzled(k_pages.dtype, head_dim)),
             plgpu.SMEM(ring, v_pages.dtype, transforms=_swizzled(v_pages.dtype, head_dim)),
-            plgpu.SMEM((_ROWS, head_dim), jnp.float32),
-            plgpu.SMEM((_ROWS, _STATS), jnp.float32),
-            *dequant,
+            *out_tiles,
+            *int8_scratch,
         ),
         (
             plgpu.Barrier(num_arrivals=copies * (1 + quantized), num_barriers=num_stages),
@@ -442,12 +528,15 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
         collective_axes="wg",
     )
 
-  part = (num_seqs, num_kv_heads, num_splits, rows)
-  if num_splits == 1:
+  part = (num_seqs, num_kv_heads, num_splits)
+  if quantized:
+    out_type = (jax.ShapeDtypeStruct(part + (head_dim, n_cols), jnp.float32),
+                jax.ShapeDtypeStruct(part + (2, n_cols), jnp.float32))
+  elif num_splits == 1:
     out_type = (jax.ShapeDtypeStruct((num_seqs,) + q_flat.shape[1:], dtype),)
   else:
-    out_type = (jax.ShapeDtypeStruct(part + (head_dim,), jnp.float32),
-                jax.ShapeDtypeStruct(part + (_STATS,), jnp.float32))
+    out_type = (jax.ShapeDtypeStruct(part + (rows, head_dim), jnp.float32),
+                jax.ShapeDtypeStruct(part + (rows, _STATS), jnp.float32))
   outs = plgpu.kernel(
       entry,
       out_type=out_type,
@@ -457,7 +546,12 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
   )(meta, q_flat, k_pages, v_pages, *scales)
-  if num_splits == 1:
-    return outs[0]
-  acc, stats = outs
-  return acc, stats[..., 0], stats[..., 1]
+  if not quantized:
+    return outs[0] if num_splits == 1 else (outs[0], outs[1][..., 0], outs[1][..., 1])
+  acc_t, stats = outs[0][..., :rows], outs[1][..., :rows]  # O^T [S, K, N, D, rows], [S, K, N, 2, rows]
+  if num_splits == 1:  # normalize and put row t * G + g of KV head k at head k * G + g of token t
+    l = stats[:, :, 0, 1:]  # [S, K, 1, rows]; 0 for a sequence without keys, whose output is 0
+    out = acc_t[:, :, 0] / jnp.where(l > 0, l, 1.0)  # [S, K, D, rows]
+    out = out.reshape(num_seqs, num_kv_heads, head_dim, q_len, group).transpose(0, 3, 1, 4, 2)
+    return out.reshape(num_seqs, q_len * num_kv_heads * group, head_dim).astype(dtype)
+  return jnp.swapaxes(acc_t, -1, -2), stats[..., 0, :], stats[..., 1, :]

@@ -2,9 +2,9 @@
 
 Decode reads every K/V value of a sequence once per step and does 2 * Q * G FLOPs per value, so it is
 memory-bound; the kernel's only job is to keep HBM busy. `paged_decode` and `ragged_decode` (the entry
-points) run the Mosaic GPU kernel of `pallas_mgpu` instead on an sm_90 GPU for bf16/f16 pages at head_dim
-128 (it also serves head_dim 64 and int8 pages when asked, `implementation="mosaic"`); both kernels write
-the same split partials. Design of this one:
+points) run the Mosaic GPU kernel of `pallas_mgpu` instead on an sm_90 GPU at head_dim 128 for bf16/f16
+pages and for int8 pages of 16 or a multiple of 32 tokens (it also serves head_dim 64 when asked,
+`implementation="mosaic"`); both kernels write the same split partials. Design of this one:
 
 - One program per (sequence, KV head, split). It holds all G = H / K query heads of the group and all
   Q query tokens (speculative verification, Q <= 5) as M = Q * G rows padded to a power of two >= 16
@@ -300,9 +300,9 @@ def paged_decode(
     int8_upcast: how int8 pages become float16: "bits" (integer arithmetic, `_upcast`) or "convert"
       (`astype`, the conversion unit); kept to measure one against the other.
     interpret: run the kernel in the Pallas interpreter (CPU tests).
-    implementation: "mosaic" (`pallas_mgpu`, sm_90 only), "triton", or None: "mosaic" on an sm_90 GPU for
-      unquantized pages at head_dim 128 that it serves, when no Triton argument (pages_per_block, num_warps,
-      num_stages, int8_upcast, interpret) was given.
+    implementation: "mosaic" (`pallas_mgpu`, sm_90 only), "triton", or None: "mosaic" on an sm_90 GPU at
+      head_dim 128 for the pages it serves (bf16/f16, int8 with per-token scales), when no Triton argument
+      (pages_per_block, num_warps, num_stages, int8_upcast, interpret) was given.
     mosaic_config: launch parameters of the Mosaic GPU kernel.
 
   Returns:
@@ -398,9 +398,9 @@ def _decode(q_flat, k_pages, v_pages, kv_lens, page_table, *, q_len, sm_scale, s
   if implementation is None:
     implementation = "triton"
     # Measured on an H200 (NOTES.md, ## paged_decode): at head_dim 128 the Mosaic kernel matches the Triton
-    # one with one XLA kernel less per call; at head_dim 64 (twice the softmax work per byte) it is 15-25%
-    # slower; with int8 pages it only ties the Triton kernel, and serves pages of >= 32 tokens only.
-    if not triton_args and k_scales is None and head_dim == 128 and on_hopper():
+    # one with one XLA kernel less per call, and with int8 pages it is 1.4x faster; at head_dim 64 (twice
+    # the softmax work per byte) it is 15-25% slower.
+    if not triton_args and head_dim == 128 and on_hopper():
       try:
         pallas_mgpu.check_supported(q_flat.dtype, k_pages, v_pages, **supported)
         implementation = "mosaic"

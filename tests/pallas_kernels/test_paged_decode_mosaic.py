@@ -44,13 +44,15 @@ def test_rejects_what_it_does_not_serve():
   for kwargs, match in bad:
     with pytest.raises(NotImplementedError, match=match):
       pallas_mgpu.check_supported(jnp.bfloat16, k, k, **kwargs)
-  # int8 pages: per-token scales, head_dim 128, pages of a multiple of 32 tokens.
+  # int8 pages: per-token scales, head_dim 128, pages of 16 tokens or a multiple of 32.
   k8, scales = jnp.zeros((2, 4, 32, 128), jnp.int8), jnp.ones((2, 4, 32))
   quant = dict(ok, k_scales=scales, v_scales=scales)
   pallas_mgpu.check_supported(jnp.bfloat16, k8, k8, **quant)
-  with pytest.raises(NotImplementedError, match="multiple of 32"):
-    pallas_mgpu.check_supported(jnp.bfloat16, k8[:, :, :16], k8[:, :, :16], **dict(quant, k_scales=scales[..., :16],
-                                                                                    v_scales=scales[..., :16]))
+  pallas_mgpu.check_supported(jnp.bfloat16, k8[:, :, :16], k8[:, :, :16], **dict(quant, k_scales=scales[..., :16],
+                                                                               v_scales=scales[..., :16]))
+  with pytest.raises(NotImplementedError, match="page_size of 16 or a multiple of 32"):
+    pallas_mgpu.check_supported(jnp.bfloat16, k8[:, :, :8], k8[:, :, :8], **dict(quant, k_scales=scales[..., :8],
+                                                                               v_scales=scales[..., :8]))
   with pytest.raises(NotImplementedError, match="per-token scales"):
     pallas_mgpu.check_supported(jnp.bfloat16, k8, k8, **dict(quant, v_scales=jnp.ones((2,))))
   with pytest.raises(NotImplementedError, match="int8"):
@@ -71,6 +73,10 @@ def test_rejects_what_it_does_not_serve():
   for block_kv in (96, 320):
     with pytest.raises(ValueError, match="block_kv"):
       pallas_mgpu.DecodeConfig(block_kv=block_kv)
+  # The int8 kernel's transposed tiles grow with the query rows: 40 rows (N = 64) do not fit block_kv 256.
+  with pytest.raises(NotImplementedError, match="shared memory"):
+    pallas_mgpu.check_supported(jnp.bfloat16, k8, k8, **dict(quant, rows=40, config=pallas_mgpu.DecodeConfig(256, 2)))
+  pallas_mgpu.check_supported(jnp.bfloat16, k8, k8, **dict(quant, rows=40, config=pallas_mgpu.DecodeConfig(128, 2)))
   # What Mosaic GPU reserves counts: this config's buffers alone fit, with the reduction scratch they do not.
   config = pallas_mgpu.DecodeConfig(192, 4)
   assert pallas_mgpu.shared_memory_bytes(64, 2, config) > pallas_mgpu._SHARED_MEMORY_BYTES
@@ -103,8 +109,8 @@ def test_implementation_choice_off_hopper():
 def test_lowers_for_cuda(q_len, group, head_dim, page_size, config, num_splits, int8):
   """Lowers the kernel to its Mosaic GPU custom call for CUDA on any machine (layouts, TMA shapes and barrier
   use are checked here; PTX is only generated on a GPU)."""
-  if int8 and (head_dim != 128 or page_size % 32):
-    pytest.skip("int8 pages need head_dim 128 and pages of a multiple of 32 tokens")
+  if int8 and head_dim != 128:
+    pytest.skip("int8 pages need head_dim 128")
   num_kv_heads, num_seqs = 2, 3
   sds = jax.ShapeDtypeStruct
   kv = sds((num_kv_heads, 40, page_size, head_dim), jnp.int8 if int8 else jnp.bfloat16)
@@ -160,6 +166,15 @@ _INT8_CASES = {
                                     num_splits=1, head_dim=128), pallas_mgpu.DecodeConfig(64, 4)),
     "g1_q2_page256_splits3": (Case(group=1, q_len=2, page_size=256, kv_lens=(2, 255, 900), max_pages=4,
                                    num_splits=3, head_dim=128), pallas_mgpu.DecodeConfig(128, 2)),
+    # 16-token pages: each scale copy brings its next page's scales along, into alternating buffers; the last
+    # page of the pool reads past the end of the scales.
+    "g4_q1_page16": (Case(group=4, q_len=1, page_size=16, kv_lens=(1, 300, 790, 17, 0), max_pages=50,
+                          num_splits=None, head_dim=128), None),
+    "g4_q2_page16_bkv64_splits3": (Case(group=4, q_len=2, page_size=16, kv_lens=(2, 129, 250), max_pages=16,
+                                        num_splits=3, head_dim=128), pallas_mgpu.DecodeConfig(64, 4)),
+    # 40 query rows: the transposed tiles' widest N (64).
+    "g8_q5_page32_rows40": (Case(group=8, q_len=5, page_size=32, kv_lens=(5, 33, 700), max_pages=30,
+                                 num_splits=2, head_dim=128), None),
 }
 
 
