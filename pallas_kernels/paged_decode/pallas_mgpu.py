@@ -31,10 +31,11 @@ ring (half the bytes of bf16), and the consumers work transposed: S^T = K Q^T an
 and V^T are the wgmmas' A operands, which may come from registers: each consumer loads the int8 block
 (V transposed), upcasts it to bf16 in registers and feeds it to the tensor cores; no dequantized tile goes
 through shared memory (the earlier design, bf16 tiles written and read back, reached only 1.0x the speed of
-bf16 pages on an H200; this one 1.35x, NOTES.md). K's scales multiply S^T along the key axis, V's multiply
-P^T, which reaches the second wgmma as its B operand through a small [block_kv, N] tile (N: the query rows
-padded to >= 16, not 64). The softmax then reduces along axis 0, across the warpgroup's warps, through a
-per-consumer scratch (`reduce_keys`). Partials come out transposed; `decode_partials` turns them back.
+bf16 pages on an H200; this one 1.2x at page 16 and 1.35x at page 64, NOTES.md). K's scales multiply S^T
+along the key axis, V's multiply P^T, which reaches the second wgmma as its B operand through a small
+[block_kv, N] tile (N: the query rows padded to >= 16, not 64). The softmax then reduces along axis 0,
+across the warpgroup's warps, through a per-consumer scratch (`reduce_keys`). Partials come out
+transposed; `decode_partials` turns them back.
 
 Requires bfloat16 or float16 queries; pages in q's dtype (head_dim 64 or 128) or int8 with per-token
 scales (bfloat16 queries, head_dim 128, page_size 16 or a multiple of 32: `_scale_copy`);
@@ -430,9 +431,9 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
         plgpu.copy_gmem_to_smem(src.at[kv_head, page, pl.ds(offset, tokens_per_copy)], dst.at[slot, window],
                                 ready.at[slot])
         if quantized:
+          scale_window = pl.ds(c * tokens_per_copy, scale_tokens)
           plgpu.copy_gmem_to_smem(scale_refs[which].at[kv_head, pl.ds(page * page_size + offset, scale_tokens)],
-                                  scale_smem[which].at[slot, c % scale_phases, pl.ds(c * tokens_per_copy, scale_tokens)],
-                                  ready.at[slot])
+                                  scale_smem[which].at[slot, c % scale_phases, scale_window], ready.at[slot])
 
     for i in range(num_stages):
       @pl.when(i < steps)
@@ -497,9 +498,10 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
   ring = (num_stages, block_kv, head_dim)
   if quantized:  # O^T, its stats, each consumer's P^T tile and reduction scratch, the rings' scales
     out_tiles = (plgpu.SMEM((head_dim, n_cols), jnp.float32), plgpu.SMEM((_ROWS, n_cols), jnp.float32))
+    p_columns = min(64, n_cols)  # a 128-byte swizzle holds 64 bf16 columns
     int8_scratch = (
         plgpu.SMEM((_CONSUMERS, block_kv, n_cols), dtype,
-                   transforms=(plgpu.TilingTransform((8, min(64, n_cols))), plgpu.SwizzleTransform(2 * min(64, n_cols)))),
+                   transforms=(plgpu.TilingTransform((8, p_columns)), plgpu.SwizzleTransform(2 * p_columns))),
         plgpu.SMEM((_CONSUMERS, _REDUCE_SCRATCH), jnp.float32),
         *[plgpu.SMEM((num_stages, phases, block_kv + scale_tokens - tokens_per_copy), jnp.float32)] * 2)
   else:
