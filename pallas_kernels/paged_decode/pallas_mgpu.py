@@ -185,7 +185,7 @@ def _swizzled(dtype, head_dim: int):
 
 def split_range(kv_len, q_len: int, split, num_splits: int, block_kv: int):
   """(first block, number of blocks) of `split` over a sequence of kv_len keys (0: a padding sequence).
-  The same even division as the Triton kernel; works on scalars and arrays (non-negative ints, `lax.div`)."""
+  Both kernels split a sequence this way; works on scalars and arrays (non-negative ints, `lax.div`)."""
   length = jnp.where(kv_len > 0, jnp.maximum(kv_len, q_len), 0)
   num_blocks = lax.div(length + block_kv - 1, block_kv)
   per = lax.div(num_blocks + num_splits - 1, num_splits)
@@ -471,7 +471,8 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
     num_splits, block_kv, num_stages: launch parameters (see `DecodeConfig`).
 
   Returns:
-    With one split, the attention output [S, Q * H, D] in q's dtype (zeros for kv_len 0). Otherwise
+    With one split and pages in q's dtype, the attention output [S, Q * H, D] in q's dtype (zeros for
+    kv_len 0). Otherwise
     (acc [S, K, N, Q * G, D], m [S, K, N, Q * G], l [S, K, N, Q * G]) float32: unnormalized outputs,
     running maxima (log2 units, -inf for a split with no key) and softmax sums of each split, for
     `pallas_triton.combine_splits`.
@@ -551,9 +552,4 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
   if not quantized:
     return outs[0] if num_splits == 1 else (outs[0], outs[1][..., 0], outs[1][..., 1])
   acc_t, stats = outs[0][..., :rows], outs[1][..., :rows]  # O^T [S, K, N, D, rows], [S, K, N, 2, rows]
-  if num_splits == 1:  # normalize and put row t * G + g of KV head k at head k * G + g of token t
-    l = stats[:, :, 0, 1:]  # [S, K, 1, rows]; 0 for a sequence without keys, whose output is 0
-    out = acc_t[:, :, 0] / jnp.where(l > 0, l, 1.0)  # [S, K, D, rows]
-    out = out.reshape(num_seqs, num_kv_heads, head_dim, q_len, group).transpose(0, 3, 1, 4, 2)
-    return out.reshape(num_seqs, q_len * num_kv_heads * group, head_dim).astype(dtype)
   return jnp.swapaxes(acc_t, -1, -2), stats[..., 0, :], stats[..., 1, :]

@@ -159,12 +159,10 @@ def _decode_kernel(
   block_tokens = pages_per_block * page_size
   compute_dtype = _compute_dtype(q_ref.dtype, k_ref.dtype)
 
-  length = kv_len_ref[0]
-  length = jnp.where(length > 0, jnp.maximum(length, q_len), 0)
-  num_blocks = pl.cdiv(length, block_tokens)
-  blocks_per_split = pl.cdiv(num_blocks, num_splits)
-  first = split * blocks_per_split
-  last = jnp.minimum(first + blocks_per_split, num_blocks)
+  kv_len = kv_len_ref[0]
+  length = jnp.where(kv_len > 0, jnp.maximum(kv_len, q_len), 0)
+  first, steps = pallas_mgpu.split_range(kv_len, q_len, split, num_splits, block_tokens)
+  last = first + steps
 
   # Row r of the M rows is head kv_head * G + r % G of query token r // G (rows past Q * G are padding);
   # the token sits at position length - q_len + r // G and sees keys up to there.
@@ -417,7 +415,7 @@ def _decode(q_flat, k_pages, v_pages, kv_lens, page_table, *, q_len, sm_scale, s
     out = pallas_mgpu.decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales, v_scales,
                                       q_len=q_len, sm_scale=sm_scale, num_splits=num_splits,
                                       block_kv=config.block_kv, num_stages=config.num_stages)
-    if num_splits == 1:  # the kernel wrote the normalized output
+    if num_splits == 1 and k_scales is None:  # the kernel wrote the normalized output
       return out.reshape(num_seqs, q_len, num_heads, head_dim)
     return combine_splits(*out, q_len=q_len, group=group)
 
