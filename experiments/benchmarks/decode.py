@@ -11,10 +11,19 @@
 
 and a large device-to-device copy for the card's bandwidth. Every output is checked against the `jnp`
 reference (float32, HIGHEST) on the first sequences of the batch in the same run. Effective bandwidth
-is KV bytes read / time (values plus scales). Times are per call in steady state: for JAX by difference
-of wall-clock runs of many and few back-to-back calls (`timing.time_jax_per_call`, which cancels the ~0.3 ms
-a single measurement pays once for its first launch and final sync), for torch from CUDA events around
-`_REPS` back-to-back calls.
+is KV bytes read / time (values plus scales). Two times per JAX implementation:
+
+- per call, in steady state: by difference of wall-clock runs of many and few back-to-back calls
+  (`timing.time_jax_per_call`, which cancels the ~0.3 ms a single measurement pays once for its first
+  launch and final sync). It includes the host's cost of one JAX call, which the run also measures alone
+  (`jax_call_floor_us`: a jitted `x + 1` on 4 KB): where a call's kernels take less than that (B=1 on the
+  H200 host used so far, ~45 us per call), this measures the host, not the kernel.
+- device: the time the GPU runs the call's kernels (the kernel, its split combine and small XLA ops), from
+  the device's timestamps (`timing.device_profile`, back-to-back calls): what the call costs inside a
+  compiled model step, where the host launches a whole step at once.
+
+torch's time comes from CUDA events around `_REPS` back-to-back calls; torch launches a call in ~20 us, so
+this is device time wherever the kernel takes longer.
 
 `tune()` sweeps the kernel's launch parameters at the target shapes:
 `python -c "from experiments.benchmarks import decode; decode.tune('tune.json')"`.
@@ -52,10 +61,14 @@ class Row:
   batch: int
   kv_len: int
   page_size: int | None  # None for contiguous-KV peers
-  seconds: float | None = None
+  seconds: float | None = None  # per call (see the module docstring)
   kv_bytes: int = 0
   tbps: float | None = None  # KV bytes read / time, 1e12 B/s
   pct_copy: float | None = None  # tbps / measured copy bandwidth, percent
+  device_seconds: float | None = None  # GPU busy time per call (JAX only; torch: None, `seconds` is)
+  device_tbps: float | None = None
+  device_pct_copy: float | None = None
+  kernels: float | None = None  # kernel launches per call
   rel_err: float | None = None  # ||out - ref|| / ||ref|| on the checked sequences
   error: str | None = None
 
@@ -70,6 +83,21 @@ def _datasheet_tbps(device_kind: str) -> float | None:
 def _time(fn: Callable[[], Any], quick: bool) -> float:
   """Seconds per call of `fn` in steady state (`timing.time_jax_per_call`)."""
   return timing.time_jax_per_call(fn, iters=5 if quick else 9)
+
+
+def _device_seconds(fn: Callable[[], Any]) -> tuple[float | None, float | None]:
+  """GPU busy seconds and kernel launches per call of `fn` (None, None without a device trace)."""
+  profile = timing.device_profile(fn, calls=_REPS, top=1)
+  if not profile or "busy_us" not in profile:
+    return None, None
+  return profile["busy_us"] * 1e-6, profile["kernels"]
+
+
+def jax_call_floor(quick: bool) -> float:
+  """Seconds per call of a jitted `x + 1` on 4 KB: the host's cost of one JAX call, with no device work."""
+  x = jnp.zeros((1024,), jnp.float32)
+  f = jax.jit(lambda x: x + 1)
+  return timing.time_jax_per_call(lambda: f(x), iters=5 if quick else 9)
 
 
 def copy_bandwidth(quick: bool) -> dict[str, float]:
@@ -150,10 +178,14 @@ def bench_shape(batch: int, kv_len: int, page_sizes: tuple[int, ...], *, quick: 
   def record(row: Row) -> None:
     if row.tbps is not None:
       row.pct_copy = 100 * row.tbps / copy_tbps
+    if row.device_seconds:
+      row.device_tbps = row.kv_bytes / row.device_seconds / 1e12
+      row.device_pct_copy = 100 * row.device_tbps / copy_tbps
     rows.append(row)
     print(f"  {row.impl:<14} B={batch:<3} L={kv_len:<6} ps={row.page_size} "
-          f"{(row.seconds or 0) * 1e6:9.1f} us {(row.tbps or 0):6.2f} TB/s err={row.rel_err} "
-          f"{row.error or ''}", flush=True)
+          f"{(row.seconds or 0) * 1e6:9.1f} us {(row.tbps or 0):6.2f} TB/s, device "
+          f"{(row.device_seconds or 0) * 1e6:9.1f} us {(row.device_tbps or 0):6.2f} TB/s "
+          f"({row.kernels} kernels) err={row.rel_err} {row.error or ''}", flush=True)
 
   def measure(row: Row, fn: Callable[[], Any], ref: np.ndarray, take: Callable[[Any], Any]) -> None:
     try:
@@ -161,6 +193,7 @@ def bench_shape(batch: int, kv_len: int, page_sizes: tuple[int, ...], *, quick: 
       row.rel_err = _rel_err(take(out), ref)
       row.seconds = _time(fn, quick)
       row.tbps = row.kv_bytes / row.seconds / 1e12
+      row.device_seconds, row.kernels = _device_seconds(fn)
     except Exception as e:  # pylint: disable=broad-except
       row.error = f"{type(e).__name__}: {str(e)[:300]}"
     record(row)
@@ -254,8 +287,14 @@ def _fits(batch: int, kv_len: int) -> bool:
   return 4 * bf16_bytes < 0.8 * limit
 
 
+def _device_time(row: Row) -> float | None:
+  """A row's device time: the profiled busy time for JAX, the CUDA-event time for torch."""
+  return row.seconds if row.impl == "torch_sdpa" else row.device_seconds
+
+
 def _summary(rows: list[Row], copy_tbps: float, datasheet: float | None) -> dict[str, Any]:
-  """The issue's targets at B=64, L=4096, page 16 and B=1, L=32768, page 16."""
+  """The issue's targets at B=64, L=4096, page 16 and B=1, L=32768, page 16, per call and in device time
+  (keys with `device_`)."""
   def get(impl, b, l, ps):
     for r in rows:
       if r.impl == impl and r.batch == b and r.kv_len == l and r.page_size == ps and r.seconds:
@@ -263,28 +302,28 @@ def _summary(rows: list[Row], copy_tbps: float, datasheet: float | None) -> dict
     return None
 
   out: dict[str, Any] = {}
-  ours = get("ours_bf16", 64, 4096, 16)
-  if ours:
-    for peer, ps in (("jax_paged", 16), ("torch_sdpa", None), ("jax_gqa", None), ("xla", None)):
-      p = get(peer, 64, 4096, ps)
-      if p:
-        out[f"b64_l4096_speedup_vs_{peer}"] = p.seconds / ours.seconds
-    if datasheet:
-      out["b64_l4096_pct_datasheet"] = 100 * ours.tbps / datasheet
-    out["b64_l4096_pct_copy"] = ours.pct_copy
-    i8 = get("ours_int8", 64, 4096, 16)
-    if i8:
-      out["b64_l4096_int8_speedup_vs_bf16"] = ours.seconds / i8.seconds
-    f8 = get("ours_fp8", 64, 4096, 16)
-    if f8:
-      out["b64_l4096_fp8_speedup_vs_bf16"] = ours.seconds / f8.seconds
-  one = get("ours_bf16", 1, 32768, 16)
-  if one:
-    out["b1_l32768_pct_copy"] = one.pct_copy
+  for prefix, time_of in (("", lambda r: r.seconds), ("device_", _device_time)):
+    ours = get("ours_bf16", 64, 4096, 16)
+    if ours and time_of(ours):
+      for peer, ps in (("jax_paged", 16), ("torch_sdpa", None), ("jax_gqa", None), ("xla", None)):
+        p = get(peer, 64, 4096, ps)
+        if p and time_of(p):
+          out[f"{prefix}b64_l4096_speedup_vs_{peer}"] = time_of(p) / time_of(ours)
+      tbps = ours.kv_bytes / time_of(ours) / 1e12
+      if datasheet:
+        out[f"{prefix}b64_l4096_pct_datasheet"] = 100 * tbps / datasheet
+      out[f"{prefix}b64_l4096_pct_copy"] = 100 * tbps / copy_tbps
+      for kind in ("int8", "fp8"):
+        quant = get(f"ours_{kind}", 64, 4096, 16)
+        if quant and time_of(quant):
+          out[f"{prefix}b64_l4096_{kind}_speedup_vs_bf16"] = time_of(ours) / time_of(quant)
+    one = get("ours_bf16", 1, 32768, 16)
+    if one and time_of(one):
+      out[f"{prefix}b1_l32768_pct_copy"] = 100 * one.kv_bytes / time_of(one) / 1e12 / copy_tbps
   return out
 
 
-def _table(rows: list[Row]) -> str:
+def _table(rows: list[Row], time_of: Callable[[Row], float | None] = lambda r: r.seconds) -> str:
   """Compact table: one line per (B, L, page size), time in us and TB/s for each implementation."""
   impls = ["ours_bf16", "ours_triton", "ours_int8", "ours_fp8", "jax_paged", "jax_gqa", "xla", "torch_sdpa"]
   head = f"{'B':>3} {'L':>6} {'ps':>3} | " + " | ".join(f"{i:>16}" for i in impls) + " | ours/paged ours/sdpa"
@@ -295,11 +334,12 @@ def _table(rows: list[Row]) -> str:
     for impl in impls:
       want_ps = None if impl in ("jax_gqa", "xla", "torch_sdpa") else ps
       r = next((r for r in rows if (r.impl, r.batch, r.kv_len, r.page_size) == (impl, b, l, want_ps)), None)
-      if r is None or r.seconds is None:
+      seconds = time_of(r) if r is not None and r.seconds is not None else None
+      if seconds is None:
         cells.append(f"{'err' if r is not None else '-':>16}")
       else:
-        t[impl] = r.seconds
-        cells.append(f"{r.seconds * 1e6:8.1f}us {r.tbps:4.2f}T")
+        t[impl] = seconds
+        cells.append(f"{seconds * 1e6:8.1f}us {r.kv_bytes / seconds / 1e12:4.2f}T")
     ratios = [f"{t[p] / t['ours_bf16']:10.2f}" if p in t and "ours_bf16" in t else f"{'-':>10}"
               for p in ("jax_paged", "torch_sdpa")]
     lines.append(f"{b:>3} {l:>6} {ps:>3} | " + " | ".join(cells) + " | " + " ".join(ratios))
@@ -330,8 +370,10 @@ def run(out: str | None, quick: bool) -> dict[str, Any]:
   copy = copy_bandwidth(quick)
   copy_tbps = max(copy.values())
   datasheet = _datasheet_tbps(device.device_kind)
+  call_floor = jax_call_floor(quick)
   print(f"device {device.device_kind}, jax {jax.__version__}, torch {torch_version}; copy bandwidth "
-        + ", ".join(f"{k} {v:.2f} TB/s" for k, v in copy.items()), flush=True)
+        + ", ".join(f"{k} {v:.2f} TB/s" for k, v in copy.items())
+        + f"; one JAX call with no device work: {call_floor * 1e6:.1f} us", flush=True)
 
   shapes = [(b, l) for b in _BATCHES for l in _KV_LENS]
   if quick:
@@ -350,6 +392,7 @@ def run(out: str | None, quick: bool) -> dict[str, Any]:
       "command": " ".join(sys.argv),
       "shape": {"num_heads": _NUM_HEADS, "num_kv_heads": _NUM_KV_HEADS, "head_dim": _HEAD_DIM, "q_len": 1},
       "copy_tbps": copy,
+      "jax_call_floor_us": call_floor * 1e6,
       "datasheet_tbps": datasheet,
       "summary": _summary(rows, copy_tbps, datasheet),
       "rows": [dataclasses.asdict(r) for r in rows],
@@ -358,7 +401,8 @@ def run(out: str | None, quick: bool) -> dict[str, Any]:
     with open(out, "w") as f:
       json.dump(result, f, indent=1)
   print(json.dumps(result["summary"], indent=1))
-  print(_table(rows), flush=True)
+  print("Per call:\n" + _table(rows), flush=True)
+  print("Device time (JAX: GPU busy time per call; torch: CUDA events):\n" + _table(rows, _device_time), flush=True)
   return result
 
 
