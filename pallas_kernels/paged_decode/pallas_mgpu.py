@@ -5,18 +5,22 @@ Same work decomposition and partial results as the Triton kernel (`pallas_triton
 sequence's key blocks and writing float32 partials (acc, m, l) that `pallas_triton.combine_splits`
 merges. What changes is how the bytes arrive:
 
-- One CUDA block per program, three warpgroups. One warp of the producer warpgroup brings key blocks
+- One CUDA block per program: C consumer warpgroups (`DecodeConfig.consumers`, 2 or 3) and a producer
+  warpgroup. One warp of the producer brings key blocks
   (`block_kv` tokens) into a ring of `num_stages` K and V buffers in shared memory by TMA, one copy per
   page (page ids read from a copy of the page table in global memory), as soon as a consumer has
   released a slot: the copies need no registers, no address arithmetic per element and no thread of the
   consumers, so their time goes to the matmuls and the softmax only.
-- Two consumer warpgroups take the split's key blocks in turns (block i to consumer i mod 2, so with an
-  even ring each slot has one consumer), each with its own online softmax state (acc, m, l); at the end
-  consumer 1 hands its state to consumer 0 through shared memory, which merges and writes the result.
+- The consumer warpgroups take the split's key blocks in turns (block i to consumer i mod C, so with a
+  ring of a multiple of C each slot has one consumer), each with its own online softmax state (acc, m, l);
+  at the end consumers 1.. hand their states to consumer 0 through shared memory, which merges them and
+  writes the result.
   Each holds the rows in one 64-row wgmma tile (M = 64 is wgmma's smallest; rows past Q * G are zero and
   never written out): S = Q K^T and O += P V on wgmma with float32 accumulators, softmax in base 2.
   One consumer left the tensor cores and the ALUs idle while it waited on itself: the second one made
-  int8 pages 1.34x faster on an H200 (NOTES.md, ## paged_decode).
+  int8 pages 1.34x faster on an H200, and a third (the int8 default) 3-10% more (NOTES.md, ## paged_decode).
+  bf16 pages keep two: with three (64-token blocks, the largest ring that fits) B=64, L=4096 ran 2% slower
+  and B=8, L=32k 6% faster.
 
 Data arrival (K, V, Q) is signalled by mbarriers that TMA completes; "slot consumed", "Q ready" and
 "partials ready" by hardware named barriers (`mosaic_util.named_barrier`): a consumer
@@ -31,11 +35,11 @@ ring (half the bytes of bf16), and the consumers work transposed: S^T = K Q^T an
 and V^T are the wgmmas' A operands, which may come from registers: each consumer loads the int8 block
 (V transposed), upcasts it to bf16 in registers and feeds it to the tensor cores; no dequantized tile goes
 through shared memory (the earlier design, bf16 tiles written and read back, reached only 1.0x the speed of
-bf16 pages on an H200; this one 1.2x at page 16 and 1.35x at page 64, NOTES.md). K's scales multiply S^T
-along the key axis, V's multiply P^T, which reaches the second wgmma as its B operand through a small
-[block_kv, N] tile (N: the query rows padded to >= 16, not 64). The softmax then reduces along axis 0,
-across the warpgroup's warps, through a per-consumer scratch (`reduce_keys`). Partials come out
-transposed; `decode_partials` turns them back.
+bf16 pages on an H200; this one, with three consumers, 1.30x at page 16 and 1.39x at page 64 in kernel
+time, NOTES.md). K's scales multiply S^T along the key axis, V's multiply P^T, which reaches the second
+wgmma as its B operand through a small [block_kv, N] tile (N: the query rows padded to >= 16, not 64).
+The softmax then reduces along axis 0, across the warpgroup's warps, through a per-consumer scratch
+(`reduce_keys`). Partials come out transposed; `decode_partials` turns them back.
 
 Requires bfloat16 or float16 queries; pages in q's dtype (head_dim 64 or 128) or int8 with per-token
 scales (bfloat16 queries, head_dim 128, page_size 16 or a multiple of 32: `_scale_copy`);
@@ -66,14 +70,17 @@ _SHARED_MEMORY_BYTES = 227 * 1024 - 1024
 # Mosaic GPU's own shared memory: the row reductions' scratch (`CompilerParams.reduction_scratch_bytes`,
 # 2 KB by default) and room for the mbarriers.
 _RESERVED_BYTES = plgpu.CompilerParams().reduction_scratch_bytes + 128
-_CONSUMERS = 2
 _WG_THREADS = 128
 _PRODUCER_THREADS = 32  # the TMA warp
-# Named barriers 0-3 belong to Mosaic GPU (the CTA, then one per warpgroup); ours: Q ready, partials ready
-# for the merge, then K-consumed per ring slot and V-consumed per ring slot.
-_Q_BARRIER = 4
-_MERGE_BARRIER = 5
-_FREE_BARRIERS = 6
+_REGISTERS = 65536  # per SM (and per CTA)
+_PRODUCER_REGISTERS = 40  # per thread of the producer warpgroup after `set_max_registers`
+# Named barriers 0-5 belong to Mosaic GPU (0 for the CTA, 1 + w for warpgroup w, up to 4 consumers and the
+# producer; with 3 consumers an earlier layout gave warpgroup 3 our Q barrier and the kernel died of an illegal
+# instruction on an H200). Ours: Q ready, partials ready for the merge, then K-consumed per ring slot and
+# V-consumed per ring slot.
+_Q_BARRIER = 6
+_MERGE_BARRIER = 7
+_FREE_BARRIERS = 8
 _NUM_NAMED_BARRIERS = 16
 _SCALE_COPY_TOKENS = 32  # float32 scales in the smallest TMA copy Mosaic GPU issues (128 bytes)
 _REDUCE_SCRATCH = 1024  # float32 per consumer for the int8 kernel's cross-warp reductions (16 at a time)
@@ -85,25 +92,51 @@ class DecodeConfig:
 
   Attributes:
     block_kv: key tokens per pipeline step (a multiple of 64, at most 256).
-    num_stages: K/V buffers in the shared-memory ring (even: each consumer owns half of them).
+    num_stages: K/V buffers in the shared-memory ring, a multiple of `consumers` (each consumer owns
+      num_stages / consumers of them); None: one per consumer.
     programs_per_sm: programs wanted per SM when choosing the split count (`choose_num_splits`).
+    consumers: consumer warpgroups, 2 or 3; None: 3 for int8 pages (their per-block register work is the
+      limit: 3-10% faster than 2 on an H200, NOTES.md) where the ring and shared memory allow, else 2.
   """
 
   block_kv: int = 128
-  num_stages: int = 2
+  num_stages: int | None = None
   programs_per_sm: int = 1
+  consumers: int | None = None
 
   def __post_init__(self):
     if self.block_kv % 64 or not 0 < self.block_kv <= 256:  # wgmma's N and a TMA box stop at 256
       raise ValueError(f"block_kv must be a multiple of 64 in [64, 256], got {self.block_kv}")
     max_stages = (_NUM_NAMED_BARRIERS - _FREE_BARRIERS) // 2
-    # Even: consumer w takes the blocks i = w mod 2, so each ring slot (i mod num_stages) then belongs to one
-    # consumer, which waits on every phase of its mbarriers (an odd ring made the consumers alternate on a
-    # slot, each skipping the other's phases, and hung the kernel on an H200).
-    if not 2 <= self.num_stages <= max_stages or self.num_stages % 2:
-      raise ValueError(f"num_stages must be even and in [2, {max_stages}], got {self.num_stages}")
+    if self.num_stages is not None and not 2 <= self.num_stages <= max_stages:
+      raise ValueError(f"num_stages must be in [2, {max_stages}], got {self.num_stages}")
+    if self.consumers is not None and self.consumers not in (2, 3):
+      raise ValueError(f"consumers must be 2 or 3, got {self.consumers}")
+    # Consumer w takes the blocks i = w mod consumers, so with a ring of a multiple of `consumers` each ring
+    # slot (i mod num_stages) belongs to one consumer, which waits on every phase of its mbarriers (a ring
+    # of 3 with 2 consumers made them alternate on a slot, each skipping the other's phases, and hung the
+    # kernel on an H200).
+    if self.num_stages is not None and self.consumers is not None and self.num_stages % self.consumers:
+      raise ValueError(f"num_stages ({self.num_stages}) must be a multiple of consumers ({self.consumers})")
     if self.programs_per_sm < 1:
       raise ValueError(f"programs_per_sm must be >= 1, got {self.programs_per_sm}")
+
+  def resolve(self, quantized: bool, head_dim: int = 128, rows: int = _ROWS) -> "DecodeConfig":
+    """This config with `consumers` and `num_stages` filled in, for bf16/f16 pages or int8 pages (quantized)
+    at this head_dim and Q * G rows (the int8 kernel's tiles grow with the rows)."""
+    if self.consumers is None and quantized and (self.num_stages or 3) % 3 == 0:
+      three = dataclasses.replace(self, consumers=3, num_stages=self.num_stages or 3)
+      if shared_memory_bytes(head_dim, 2, three, 1, rows) <= _SHARED_MEMORY_BYTES:
+        return three
+    consumers = self.consumers or 2
+    return dataclasses.replace(self, consumers=consumers, num_stages=self.num_stages or consumers)
+
+
+def _consumer_registers(consumers: int) -> int:
+  """Registers per consumer thread after `set_max_registers`: what the producer leaves, at most 232 (a
+  multiple of 8, as setmaxnreg requires)."""
+  free = (_REGISTERS - _WG_THREADS * _PRODUCER_REGISTERS) // (consumers * _WG_THREADS)
+  return min(232, free // 8 * 8)
 
 
 def _query_columns(rows: int) -> int:
@@ -128,14 +161,17 @@ def shared_memory_bytes(head_dim: int, itemsize: int, config: DecodeConfig, page
   (`page_itemsize` 1; `rows` = Q * G) the transposed output tiles, each consumer's P^T tile and reduction
   scratch, and the rings' scales."""
   page_itemsize = page_itemsize or itemsize
+  if config.consumers is None or config.num_stages is None:
+    config = config.resolve(page_itemsize != itemsize, head_dim, rows)
   ring = config.num_stages * config.block_kv
   total = (2 * _ROWS * itemsize + 2 * ring * page_itemsize) * head_dim + _RESERVED_BYTES
+  merge = config.consumers - 1  # output and stats tiles: one per consumer but the first
   if page_itemsize == itemsize:
-    return total + _ROWS * (head_dim + _STATS) * 4
+    return total + merge * _ROWS * (head_dim + _STATS) * 4
   n_cols = _query_columns(rows)
   scales = 2 * config.num_stages * 2 * (config.block_kv + _SCALE_COPY_TOKENS // 2) * 4  # at most two phases
-  return (total + (head_dim + _ROWS) * n_cols * 4 + _CONSUMERS * (config.block_kv * n_cols * itemsize
-                                                                    + _REDUCE_SCRATCH * 4) + scales)
+  return (total + merge * (head_dim + _ROWS) * n_cols * 4
+          + config.consumers * (config.block_kv * n_cols * itemsize + _REDUCE_SCRATCH * 4) + scales)
 
 
 def check_supported(q_dtype, k_pages: jax.Array, v_pages: jax.Array, *, rows: int, sliding_window, k_scales,
@@ -172,6 +208,7 @@ def check_supported(q_dtype, k_pages: jax.Array, v_pages: jax.Array, *, rows: in
                               f"divides or is a multiple of block_kv={config.block_kv}; got {page_size}")
   if rows > _ROWS:
     raise NotImplementedError(f"Q * G = {rows} query rows per KV head exceed the kernel's {_ROWS}")
+  config = config.resolve(k_scales is not None, head_dim, rows)
   smem = shared_memory_bytes(head_dim, jnp.dtype(q_dtype).itemsize, config, k_pages.dtype.itemsize, rows)
   if smem > _SHARED_MEMORY_BYTES:
     raise NotImplementedError(f"{config} needs {smem} bytes of shared memory at head_dim {head_dim}; an sm_90 "
@@ -194,7 +231,8 @@ def split_range(kv_len, q_len: int, split, num_splits: int, block_kv: int):
 
 
 def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_len: int, group: int,
-            num_splits: int, block_kv: int, num_stages: int, sm_scale: float, num_seqs: int, max_pages: int):
+            num_splits: int, block_kv: int, num_stages: int, consumers: int, sm_scale: float, num_seqs: int,
+            max_pages: int):
   """One (sequence, KV head, split); see the module docstring. `meta_ref` is kv_lens ([S]) followed by the
   page table ([S, Pmax], row-major), flat. `scale_refs`: () or the per-token scales (k, v) [K, P, page_size]
   of int8 pages. `out_refs`: (the attention output [S, Q * H, D]) with one split, (acc, stats) partials
@@ -228,9 +266,9 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
   k_free = lambda slot: _FREE_BARRIERS + slot
   v_free = lambda slot: _FREE_BARRIERS + num_stages + slot
 
-  @pl.when(wg < _CONSUMERS)
+  @pl.when(wg < consumers)
   def _consumer():
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(_consumer_registers(consumers), action="increase")
     # The query rows lie along axis 0 of S and acc (S = Q K^T, O = P V) or, with int8 pages, along axis 1
     # (S^T = K Q^T, O^T = V^T P^T); the keys along the other axis of S.
     q_axis = 1 if quantized else 0
@@ -273,9 +311,9 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
       return p, m_new, l_i * alpha + reduce_keys("add", p), alpha
 
     def step(j, carry, *, masked: bool):
-      """Key block i = 2 j + wg of the split: the consumers take turns, each with its own softmax state."""
+      """Key block i = C j + wg of the split: the C consumers take turns, each with its own softmax state."""
       acc, m_i, l_i = carry
-      i = 2 * j + wg
+      i = consumers * j + wg
       b, slot = first + i, lax.rem(i, num_stages)
       plgpu.barrier_wait(k_ready.at[slot])
 
@@ -313,7 +351,7 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
       A operands, so no dequantized tile goes through shared memory; the scales multiply S^T (K's) and P^T
       (V's) along the key axis, and P^T reaches the second wgmma as its B operand through a small tile."""
       acc, m_i, l_i = carry  # acc: O^T [D, N]
-      i = 2 * j + wg
+      i = consumers * j + wg
       b, slot = first + i, lax.rem(i, num_stages)
       plgpu.barrier_wait(k_ready.at[slot])
       k = plgpu.load(k_smem.at[slot], (), layout=plgpu.Layout.WGMMA_UPCAST_2X)
@@ -357,40 +395,42 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
       q_smem[...] = jnp.where(iota(q.shape, 0) < rows, q, jnp.zeros_like(q))  # rows past Q * G: stale memory
       plgpu.commit_smem()
 
-    named_barrier("sync", _Q_BARRIER, _CONSUMERS * _WG_THREADS)  # Q is in q_smem
-    half = lambda n: jnp.maximum(lax.div(n - wg + 1, 2), 0)  # blocks 2 j + wg below n
+    named_barrier("sync", _Q_BARRIER, consumers * _WG_THREADS)  # Q is in q_smem
+    share = lambda n: jnp.maximum(lax.div(n - wg + consumers - 1, consumers), 0)  # blocks C j + wg below n
     num_q = n_cols if quantized else _ROWS
     acc_shape = (head_dim, n_cols) if quantized else (_ROWS, head_dim)
     carry = (plgpu.layout_cast(jnp.full(acc_shape, 0, jnp.float32), plgpu.Layout.WGMMA),
              plgpu.layout_cast(jnp.full((num_q,), -jnp.inf, jnp.float32), q_layout),
              plgpu.layout_cast(jnp.full((num_q,), 0, jnp.float32), q_layout))
     body = int8_step if quantized else step
-    carry = lax.fori_loop(0, half(unmasked), functools.partial(body, masked=False), carry)
-    acc, m_i, l_i = lax.fori_loop(half(unmasked), half(steps), functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(0, share(unmasked), functools.partial(body, masked=False), carry)
+    acc, m_i, l_i = lax.fori_loop(share(unmasked), share(steps), functools.partial(body, masked=True), carry)
     # Stats tile: m at index 0 and l at index 1 of the key axis, the query rows along the other.
-    stats_shape = stats_smem.shape
+    stats_shape = stats_smem.shape[1:]
     pack_stats = lambda m, l: jnp.where(iota(stats_shape, key_axis) == 0, along_q(m, stats_shape),
                                         along_q(l, stats_shape))
 
-    @pl.when(wg == 1)
+    @pl.when(wg > 0)
     def _():  # hand the partial result to consumer 0
-      acc_smem[...] = acc
-      stats_smem[...] = pack_stats(m_i, l_i)
-      named_barrier("arrive", _MERGE_BARRIER, _CONSUMERS * _WG_THREADS)
+      acc_smem.at[wg - 1][...] = acc
+      stats_smem.at[wg - 1][...] = pack_stats(m_i, l_i)
+      named_barrier("arrive", _MERGE_BARRIER, consumers * _WG_THREADS)
 
     @pl.when(wg == 0)
     def _():
-      named_barrier("sync", _MERGE_BARRIER, _CONSUMERS * _WG_THREADS)
-      acc1 = plgpu.load(acc_smem, (), layout=plgpu.Layout.WGMMA, optimized=False)
-      stats = plgpu.load(stats_smem, (), layout=plgpu.Layout.WGMMA, optimized=False)
+      named_barrier("sync", _MERGE_BARRIER, consumers * _WG_THREADS)
       index = iota(stats_shape, key_axis)
-      m1 = reduce_keys("max", jnp.where(index == 0, stats, -jnp.inf))
-      l1 = reduce_keys("max", jnp.where(index == 1, stats, -jnp.inf))
-      m = jnp.maximum(m_i, m1)
-      m_safe = jnp.where(m == -jnp.inf, 0.0, m)
-      a0, a1 = jnp.exp2(m_i - m_safe), jnp.exp2(m1 - m_safe)
-      acc_all = acc * along_q(a0, acc.shape) + acc1 * along_q(a1, acc.shape)
-      l_all = l_i * a0 + l1 * a1
+      acc_all, m, l_all = acc, m_i, l_i
+      for c in range(consumers - 1):
+        acc_c = plgpu.load(acc_smem.at[c], (), layout=plgpu.Layout.WGMMA, optimized=False)
+        stats = plgpu.load(stats_smem.at[c], (), layout=plgpu.Layout.WGMMA, optimized=False)
+        m_c = reduce_keys("max", jnp.where(index == 0, stats, -jnp.inf))
+        l_c = reduce_keys("max", jnp.where(index == 1, stats, -jnp.inf))
+        m_new = jnp.maximum(m, m_c)
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        a0, a1 = jnp.exp2(m - m_safe), jnp.exp2(m_c - m_safe)
+        acc_all = acc_all * along_q(a0, acc.shape) + acc_c * along_q(a1, acc.shape)
+        l_all, m = l_all * a0 + l_c * a1, m_new
       if num_splits == 1 and not quantized:  # the whole sequence: normalize, write q's rows, no combine pass
         out = acc_all / along_q(jnp.where(l_all > 0, l_all, 1.0), acc.shape)  # l = 0: no keys, output 0
         q_stage[...] = out.astype(dtype)  # free since Q was read
@@ -400,15 +440,16 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
                                   out_refs[0].at[seq, pl.ds(t * num_heads + kv_head * group, group)])
       else:
         acc_ref, stats_ref = out_refs
-        acc_smem[...] = acc_all
-        stats_smem[...] = pack_stats(m, l_all)
+        acc_out, stats_out = acc_smem.at[0], stats_smem.at[0]  # consumer 1's, read above
+        acc_out[...] = acc_all
+        stats_out[...] = pack_stats(m, l_all)
         plgpu.commit_smem()
         if quantized:  # O^T [D, N] and the stats' first two rows
-          plgpu.copy_smem_to_gmem(acc_smem, acc_ref.at[seq, kv_head, split])
-          plgpu.copy_smem_to_gmem(stats_smem.at[pl.ds(0, 2)], stats_ref.at[seq, kv_head, split])
+          plgpu.copy_smem_to_gmem(acc_out, acc_ref.at[seq, kv_head, split])
+          plgpu.copy_smem_to_gmem(stats_out.at[pl.ds(0, 2)], stats_ref.at[seq, kv_head, split])
         else:
-          plgpu.copy_smem_to_gmem(acc_smem.at[pl.ds(0, rows)], acc_ref.at[seq, kv_head, split])
-          plgpu.copy_smem_to_gmem(stats_smem.at[pl.ds(0, rows)], stats_ref.at[seq, kv_head, split])
+          plgpu.copy_smem_to_gmem(acc_out.at[pl.ds(0, rows)], acc_ref.at[seq, kv_head, split])
+          plgpu.copy_smem_to_gmem(stats_out.at[pl.ds(0, rows)], stats_ref.at[seq, kv_head, split])
       plgpu.wait_smem_to_gmem(0)
 
   def _tma_warp():
@@ -451,15 +492,15 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
       named_barrier("sync", v_free(slot), free_threads)
       copy(pages, slot, 1)
 
-  @pl.when(wg == _CONSUMERS)
+  @pl.when(wg == consumers)
   def _producer():
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
     plgpu.warp_map(lambda warp: pl.when(warp == 0)(_tma_warp))
 
 
-@functools.partial(jax.jit, static_argnames=("q_len", "sm_scale", "num_splits", "block_kv", "num_stages"))
+@functools.partial(jax.jit, static_argnames=("q_len", "sm_scale", "num_splits", "config"))
 def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None, v_scales=None, *, q_len: int,
-                    sm_scale: float, num_splits: int, block_kv: int, num_stages: int):
+                    sm_scale: float, num_splits: int, config: DecodeConfig = DecodeConfig()):
   """Paged decode attention, or its split partials.
 
   Args:
@@ -468,7 +509,8 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
     kv_lens: [S] int32; page_table: [S, Pmax] int32.
     k_scales, v_scales: per-token scales [K, P, page_size] float32 of int8 pages, else None.
     q_len, sm_scale: query tokens per sequence, softmax scale.
-    num_splits, block_kv, num_stages: launch parameters (see `DecodeConfig`).
+    num_splits: programs per (sequence, KV head).
+    config: the other launch parameters (`consumers` and `num_stages` filled in by `DecodeConfig.resolve`).
 
   Returns:
     With one split and pages in q's dtype, the attention output [S, Q * H, D] in q's dtype (zeros for
@@ -487,6 +529,8 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
   rows = q_len * group
   dtype = q_flat.dtype
   quantized = k_scales is not None
+  config = config.resolve(quantized, head_dim, rows)
+  block_kv, num_stages, consumers = config.block_kv, config.num_stages, config.consumers
   n_cols = _query_columns(rows)
   tokens_per_copy = min(page_size, block_kv)
   copies = block_kv // tokens_per_copy
@@ -497,16 +541,17 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
   # Scales as [K, P * page_size]: a copy may read past its page (`_scale_copy`).
   scales = tuple(x.astype(jnp.float32).reshape(num_kv_heads, -1) for x in (k_scales, v_scales)) if quantized else ()
   ring = (num_stages, block_kv, head_dim)
+  merge = consumers - 1  # consumers 1.. hand their partials to consumer 0 through these tiles
   if quantized:  # O^T, its stats, each consumer's P^T tile and reduction scratch, the rings' scales
-    out_tiles = (plgpu.SMEM((head_dim, n_cols), jnp.float32), plgpu.SMEM((_ROWS, n_cols), jnp.float32))
+    out_tiles = (plgpu.SMEM((merge, head_dim, n_cols), jnp.float32), plgpu.SMEM((merge, _ROWS, n_cols), jnp.float32))
     p_columns = min(64, n_cols)  # a 128-byte swizzle holds 64 bf16 columns
     int8_scratch = (
-        plgpu.SMEM((_CONSUMERS, block_kv, n_cols), dtype,
+        plgpu.SMEM((consumers, block_kv, n_cols), dtype,
                    transforms=(plgpu.TilingTransform((8, p_columns)), plgpu.SwizzleTransform(2 * p_columns))),
-        plgpu.SMEM((_CONSUMERS, _REDUCE_SCRATCH), jnp.float32),
+        plgpu.SMEM((consumers, _REDUCE_SCRATCH), jnp.float32),
         *[plgpu.SMEM((num_stages, phases, block_kv + scale_tokens - tokens_per_copy), jnp.float32)] * 2)
   else:
-    out_tiles = (plgpu.SMEM((_ROWS, head_dim), jnp.float32), plgpu.SMEM((_ROWS, _STATS), jnp.float32))
+    out_tiles = (plgpu.SMEM((merge, _ROWS, head_dim), jnp.float32), plgpu.SMEM((merge, _ROWS, _STATS), jnp.float32))
     int8_scratch = ()
 
   def entry(meta_ref, q_ref, k_ref, v_ref, *refs):
@@ -514,6 +559,7 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
     pl.run_scoped(
         lambda *scratch: _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, q_len=q_len,
                                  group=group, num_splits=num_splits, block_kv=block_kv, num_stages=num_stages,
+                                 consumers=consumers,
                                  sm_scale=sm_scale, num_seqs=num_seqs, max_pages=max_pages),
         (
             plgpu.SMEM((_ROWS, head_dim), dtype),
@@ -545,7 +591,7 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
       out_type=out_type,
       grid=(num_seqs * num_kv_heads * num_splits,),
       grid_names=("programs",),
-      num_threads=_CONSUMERS + 1,
+      num_threads=consumers + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
   )(meta, q_flat, k_pages, v_pages, *scales)

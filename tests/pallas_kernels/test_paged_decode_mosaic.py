@@ -67,9 +67,21 @@ def test_rejects_what_it_does_not_serve():
     pallas_mgpu.check_supported(jnp.bfloat16, k[:, :, :12], k[:, :, :12], **ok)
   with pytest.raises(NotImplementedError, match="shared memory"):
     pallas_mgpu.check_supported(jnp.bfloat16, k, k, **dict(ok, config=pallas_mgpu.DecodeConfig(256, 4)))
-  for stages in (3, 6):
-    with pytest.raises(ValueError, match="num_stages"):
-      pallas_mgpu.DecodeConfig(num_stages=stages)
+  for kwargs in (dict(num_stages=5), dict(num_stages=1), dict(num_stages=3, consumers=2), dict(consumers=4)):
+    with pytest.raises(ValueError, match="num_stages" if "num_stages" in kwargs else "consumers"):
+      pallas_mgpu.DecodeConfig(**kwargs)
+  # Defaults: 3 consumers for int8 pages where the ring and shared memory allow, else 2; one ring slot per
+  # consumer.
+  def resolved(config, quantized, rows=8):
+    config = config.resolve(quantized, 128, rows)
+    return config.consumers, config.num_stages
+  assert resolved(pallas_mgpu.DecodeConfig(), True) == (3, 3)
+  assert resolved(pallas_mgpu.DecodeConfig(), True, rows=40) == (2, 2)  # N = 64: 3 consumers do not fit
+  assert resolved(pallas_mgpu.DecodeConfig(), False) == (2, 2)
+  assert resolved(pallas_mgpu.DecodeConfig(64, 4), True) == (2, 4)
+  assert resolved(pallas_mgpu.DecodeConfig(consumers=3), False) == (3, 3)
+  with pytest.raises(ValueError, match="multiple of consumers"):
+    pallas_mgpu.DecodeConfig(64, 3).resolve(False)
   for block_kv in (96, 320):
     with pytest.raises(ValueError, match="block_kv"):
       pallas_mgpu.DecodeConfig(block_kv=block_kv)
@@ -104,6 +116,8 @@ def test_implementation_choice_off_hopper():
     (1, 4, 128, 32, pallas_mgpu.DecodeConfig(), 1),
     (5, 8, 64, 64, pallas_mgpu.DecodeConfig(64, 4), 3),
     (2, 1, 128, 256, pallas_mgpu.DecodeConfig(128, 2), 1),
+    (3, 4, 128, 16, pallas_mgpu.DecodeConfig(64, 3, consumers=3), 4),
+    (1, 8, 128, 64, pallas_mgpu.DecodeConfig(128, 3, consumers=3), 2),
 ])
 @pytest.mark.parametrize("int8", [False, True])
 def test_lowers_for_cuda(q_len, group, head_dim, page_size, config, num_splits, int8):
@@ -111,6 +125,9 @@ def test_lowers_for_cuda(q_len, group, head_dim, page_size, config, num_splits, 
   use are checked here; PTX is only generated on a GPU)."""
   if int8 and head_dim != 128:
     pytest.skip("int8 pages need head_dim 128")
+  if (pallas_mgpu.shared_memory_bytes(head_dim, 2, config, 1 if int8 else 2, q_len * group)
+      > pallas_mgpu._SHARED_MEMORY_BYTES):
+    pytest.skip(f"{config} does not fit in shared memory with {'int8' if int8 else 'bf16'} pages")
   num_kv_heads, num_seqs = 2, 3
   sds = jax.ShapeDtypeStruct
   kv = sds((num_kv_heads, 40, page_size, head_dim), jnp.int8 if int8 else jnp.bfloat16)
@@ -118,7 +135,7 @@ def test_lowers_for_cuda(q_len, group, head_dim, page_size, config, num_splits, 
   args = (sds((num_seqs, q_len * num_kv_heads * group, head_dim), jnp.bfloat16), kv, kv,
           sds((num_seqs,), jnp.int32), sds((num_seqs, 9), jnp.int32), *scales)
   fn = lambda *a: pallas_mgpu.decode_partials(*a, q_len=q_len, sm_scale=head_dim**-0.5, num_splits=num_splits,
-                                              block_kv=config.block_kv, num_stages=config.num_stages)
+                                              config=config)
   assert "mosaic_gpu" in lower_for_cuda(fn, args)
 
 
@@ -138,6 +155,8 @@ _GPU_CASES = {
                              num_splits=1, head_dim=64), jnp.bfloat16, None),
     "g8_q4_one_split": (Case(group=8, q_len=4, page_size=64, kv_lens=(4, 70, 1000), max_pages=17, num_splits=1,
                              head_dim=128), jnp.float16, pallas_mgpu.DecodeConfig(64, 4)),
+    "g4_q1_bkv64_c3": (Case(group=4, q_len=1, page_size=16, kv_lens=(1, 65, 300, 790), max_pages=50, num_splits=2,
+                            head_dim=128), jnp.bfloat16, pallas_mgpu.DecodeConfig(64, 3, consumers=3)),
     "g4_q3_page_larger_than_block": (Case(group=4, q_len=3, page_size=256, kv_lens=(3, 255, 257, 900),
                                           max_pages=4, num_splits=2, head_dim=128), jnp.bfloat16,
                                      pallas_mgpu.DecodeConfig(64, 4)),
@@ -172,6 +191,10 @@ _INT8_CASES = {
                           num_splits=None, head_dim=128), None),
     "g4_q2_page16_bkv64_splits3": (Case(group=4, q_len=2, page_size=16, kv_lens=(2, 129, 250), max_pages=16,
                                         num_splits=3, head_dim=128), pallas_mgpu.DecodeConfig(64, 4)),
+    # Three consumers (the default above), with splits of 1-4 blocks: consumers with no block, merges of 2-3
+    # partials.
+    "g4_q1_page16_bkv64_c3": (Case(group=4, q_len=1, page_size=16, kv_lens=(1, 129, 250, 700), max_pages=50,
+                                   num_splits=3, head_dim=128), pallas_mgpu.DecodeConfig(64, 3, consumers=3)),
     # 40 query rows: the transposed tiles' widest N (64).
     "g8_q5_page32_rows40": (Case(group=8, q_len=5, page_size=32, kv_lens=(5, 33, 700), max_pages=30,
                                  num_splits=2, head_dim=128), None),
