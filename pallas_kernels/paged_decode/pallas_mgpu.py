@@ -95,8 +95,9 @@ class DecodeConfig:
     num_stages: K/V buffers in the shared-memory ring, a multiple of `consumers` (each consumer owns
       num_stages / consumers of them); None: one per consumer.
     programs_per_sm: programs wanted per SM when choosing the split count (`choose_num_splits`).
-    consumers: consumer warpgroups, 2 or 3; None: 3 for int8 pages (their per-block register work is the
-      limit: 3-10% faster than 2 on an H200, NOTES.md) where the ring and shared memory allow, else 2.
+    consumers: consumer warpgroups, 2 or 3; None: 3 for int8 pages with Q * G <= 16 (their per-block
+      register work is the limit: 3-10% faster than 2 on an H200, NOTES.md) where the ring and shared
+      memory allow, else 2.
   """
 
   block_kv: int = 128
@@ -124,12 +125,18 @@ class DecodeConfig:
   def resolve(self, quantized: bool, head_dim: int = 128, rows: int = _ROWS) -> "DecodeConfig":
     """This config with `consumers` and `num_stages` filled in, for bf16/f16 pages or int8 pages (quantized)
     at this head_dim and Q * G rows (the int8 kernel's tiles grow with the rows)."""
-    if self.consumers is None and quantized and (self.num_stages or 3) % 3 == 0:
+    if self.consumers is not None:
+      return dataclasses.replace(self, num_stages=self.num_stages or self.consumers)
+    # Three only where measured (N = 16 query columns; wider tiles may not fit 152 registers) and where
+    # shared memory allows.
+    if quantized and (self.num_stages or 3) % 3 == 0 and _query_columns(rows) == 16:
       three = dataclasses.replace(self, consumers=3, num_stages=self.num_stages or 3)
       if shared_memory_bytes(head_dim, 2, three, 1, rows) <= _SHARED_MEMORY_BYTES:
         return three
-    consumers = self.consumers or 2
-    return dataclasses.replace(self, consumers=consumers, num_stages=self.num_stages or consumers)
+    if self.num_stages is not None and self.num_stages % 2:
+      raise ValueError(f"num_stages={self.num_stages} needs a multiple of the consumer count; these pages "
+                       f"(Q * G = {rows}) run 2 consumers: pass an even num_stages or consumers=3")
+    return dataclasses.replace(self, consumers=2, num_stages=self.num_stages or 2)
 
 
 def _consumer_registers(consumers: int) -> int:

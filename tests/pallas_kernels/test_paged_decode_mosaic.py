@@ -77,10 +77,12 @@ def test_rejects_what_it_does_not_serve():
     return config.consumers, config.num_stages
   assert resolved(pallas_mgpu.DecodeConfig(), True) == (3, 3)
   assert resolved(pallas_mgpu.DecodeConfig(), True, rows=40) == (2, 2)  # N = 64: 3 consumers do not fit
+  assert resolved(pallas_mgpu.DecodeConfig(), True, rows=24) == (2, 2)  # N = 32: 3 not measured there
+  assert resolved(pallas_mgpu.DecodeConfig(num_stages=3), True) == (3, 3)
   assert resolved(pallas_mgpu.DecodeConfig(), False) == (2, 2)
   assert resolved(pallas_mgpu.DecodeConfig(64, 4), True) == (2, 4)
   assert resolved(pallas_mgpu.DecodeConfig(consumers=3), False) == (3, 3)
-  with pytest.raises(ValueError, match="multiple of consumers"):
+  with pytest.raises(ValueError, match="num_stages=3 needs a multiple of the consumer count"):
     pallas_mgpu.DecodeConfig(64, 3).resolve(False)
   for block_kv in (96, 320):
     with pytest.raises(ValueError, match="block_kv"):
