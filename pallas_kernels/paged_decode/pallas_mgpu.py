@@ -32,14 +32,16 @@ garbage of unused slots). Queries see keys up to their own position (Q > 1 verif
 
 int8 pages (per-token scales, `quant.quantize_kv`): TMA brings the int8 values and their scales into the
 ring (half the bytes of bf16), and the consumers work transposed: S^T = K Q^T and O^T += V^T P^T, so that K
-and V^T are the wgmmas' A operands, which may come from registers: each consumer loads the int8 block
-(V transposed), upcasts it to bf16 in registers and feeds it to the tensor cores; no dequantized tile goes
-through shared memory (the earlier design, bf16 tiles written and read back, reached only 1.0x the speed of
-bf16 pages on an H200; this one, with three consumers, 1.30x at page 16 and 1.39x at page 64 in kernel
-time, NOTES.md). K's scales multiply S^T along the key axis, V's multiply P^T, which reaches the second
-wgmma as its B operand through a small [block_kv, N] tile (N: the query rows padded to >= 16, not 64).
-The softmax then reduces along axis 0, across the warpgroup's warps, through a per-consumer scratch
-(`reduce_keys`). Partials come out transposed; `decode_partials` turns them back.
+and V^T are the wgmmas' A operands and N (the query rows padded to >= 16, not 64) is their narrow side.
+S^T is an int8 x int8 -> int32 wgmma with both operands in shared memory: Q is quantized per row (int8 with a
+float32 scale per (token, head), in XLA before the kernel, ~0.01% of the bytes), so K is never upcast. For
+O^T, V^T is loaded transposed from the int8 ring, upcast to bf16 in registers and fed to the tensor cores as
+the A operand; P^T, times V's scales, reaches that wgmma as its B operand through a small [block_kv, N]
+tile. No dequantized K/V tile goes through shared memory (the first design, bf16 tiles written and read
+back, reached only 1.0x the speed of bf16 pages on an H200; upcasting K and V in registers with three
+consumers 1.30x at page 16; the int8 MMA for S^T 1.55x, NOTES.md). S^T's int32 entries are scaled by Q's row
+scales and K's token scales. The softmax then reduces along axis 0, across the warpgroup's warps, through
+a per-consumer scratch (`reduce_keys`). Partials come out transposed; `decode_partials` turns them back.
 
 Requires bfloat16 or float16 queries; pages in q's dtype (head_dim 64 or 128) or int8 with per-token
 scales (bfloat16 queries, head_dim 128, page_size 16 or a multiple of 32: `_scale_copy`);
@@ -61,6 +63,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_util import named_barrier, zero_keys_past_end
+from pallas_kernels.paged_decode.quant import quantize_kv
 
 _ROWS = 64  # wgmma's M: the query rows of a program, padded
 _STATS = 8  # columns of the stats tile written per row: m, l, then padding (a TMA row needs 16 bytes)
@@ -163,21 +166,22 @@ def _scale_copy(tokens_per_copy: int) -> tuple[int, int]:
 
 def shared_memory_bytes(head_dim: int, itemsize: int, config: DecodeConfig, page_itemsize: int | None = None,
                         rows: int = _ROWS) -> int:
-  """Bytes of shared memory of one program: Q (staging and swizzled), the K and V rings, the float32 output
-  and stats tiles (also the merge's), what Mosaic GPU reserves (reduction scratch, mbarriers); for 8-bit pages
-  (`page_itemsize` 1; `rows` = Q * G) the transposed output tiles, each consumer's P^T tile and reduction
-  scratch, and the rings' scales."""
+  """Bytes of shared memory of one program: the K and V rings, what Mosaic GPU reserves (reduction scratch,
+  mbarriers), Q (staging and swizzled) and the float32 output and stats tiles (also the merge's); for 8-bit
+  pages (`page_itemsize` 1; `rows` = Q * G) Q in int8 with its scales, the transposed output tiles, each
+  consumer's P^T tile and reduction scratch, and the rings' scales."""
   page_itemsize = page_itemsize or itemsize
   if config.consumers is None or config.num_stages is None:
     config = config.resolve(page_itemsize != itemsize, head_dim, rows)
   ring = config.num_stages * config.block_kv
-  total = (2 * _ROWS * itemsize + 2 * ring * page_itemsize) * head_dim + _RESERVED_BYTES
+  total = 2 * ring * page_itemsize * head_dim + _RESERVED_BYTES
   merge = config.consumers - 1  # output and stats tiles: one per consumer but the first
   if page_itemsize == itemsize:
-    return total + merge * _ROWS * (head_dim + _STATS) * 4
+    return total + 2 * _ROWS * itemsize * head_dim + merge * _ROWS * (head_dim + _STATS) * 4
   n_cols = _query_columns(rows)
   scales = 2 * config.num_stages * 2 * (config.block_kv + _SCALE_COPY_TOKENS // 2) * 4  # at most two phases
-  return (total + merge * (head_dim + _ROWS) * n_cols * 4
+  q = n_cols * head_dim + max(_SCALE_COPY_TOKENS, n_cols) * 4
+  return (total + q + merge * (head_dim + _ROWS) * n_cols * 4
           + config.consumers * (config.block_kv * n_cols * itemsize + _REDUCE_SCRATCH * 4) + scales)
 
 
@@ -241,14 +245,18 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
             num_splits: int, block_kv: int, num_stages: int, consumers: int, sm_scale: float, num_seqs: int,
             max_pages: int):
   """One (sequence, KV head, split); see the module docstring. `meta_ref` is kv_lens ([S]) followed by the
-  page table ([S, Pmax], row-major), flat. `scale_refs`: () or the per-token scales (k, v) [K, P, page_size]
-  of int8 pages. `out_refs`: (the attention output [S, Q * H, D]) with one split, (acc, stats) partials
-  otherwise."""
-  (q_stage, q_smem, k_smem, v_smem, acc_smem, stats_smem, *int8_scratch), (k_ready, v_ready, q_ready) = scratch
-  quantized = bool(scale_refs)
-  if quantized:
+  page table ([S, Pmax], row-major), flat. `scale_refs`: () or, for int8 pages, the per-token scales of K and V
+  ([K, P * page_size]) and Q quantized per row by `decode_partials` (int8 [S, K, N, D], scales [S, K, >= 32]).
+  `out_refs`: (the attention output [S, Q * H, D]) with one split, (acc, stats) partials otherwise."""
+  (q_tiles, k_smem, v_smem, acc_smem, stats_smem, *int8_scratch), (k_ready, v_ready, q_ready) = scratch
+  quantized = len(scale_refs) > 0
+  if quantized:  # Q as int8 [N, D] and its row scales
+    q8_ref, qs_ref = scale_refs[2:]
+    q8_smem, qs_smem = q_tiles
     p_smem, reduce_smem, *scale_smem = int8_scratch
     n_cols = p_smem.shape[2]  # N: the query rows, padded to a power of two >= 16
+  else:  # Q as it arrives (with one split, also the output's staging) and swizzled for wgmma
+    q_stage, q_smem = q_tiles
   num_kv_heads, num_pages, page_size, head_dim = k_ref.shape
   num_heads = q_ref.shape[1] // q_len
   rows = q_len * group
@@ -361,18 +369,17 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
       i = consumers * j + wg
       b, slot = first + i, lax.rem(i, num_stages)
       plgpu.barrier_wait(k_ready.at[slot])
-      k = plgpu.load(k_smem.at[slot], (), layout=plgpu.Layout.WGMMA_UPCAST_2X)
-      k = plgpu.layout_cast(k, plgpu.Layout.WGMMA).astype(dtype)
       k_scale = token_scales(0, slot)
 
-      def qk(s_ref):
-        plgpu.wgmma(s_ref, k, plgpu.transpose_ref(q_smem.at[pl.ds(0, n_cols)], (1, 0)))
+      def qk(s_ref):  # int8 x int8 -> int32, both operands straight from shared memory
+        plgpu.wgmma(s_ref, k_smem.at[slot], plgpu.transpose_ref(q8_smem, (1, 0)))
         return s_ref[...]
 
-      s = pl.run_scoped(qk, plgpu.ACC((block_kv, n_cols), jnp.float32))  # S^T [block_kv, N]
+      s = pl.run_scoped(qk, plgpu.ACC((block_kv, n_cols), jnp.int32))  # S^T [block_kv, N]
       release(k_free(slot), i)
+      s = s.astype(jnp.float32) * q_scale * lax.broadcast_in_dim(k_scale, s.shape, [0])
       # Past kv_len the scales may be NaN: `softmax` masks those scores to -inf, and P^T to 0 below.
-      p, m_i, l_i, alpha = softmax(s * lax.broadcast_in_dim(k_scale, s.shape, [0]), b, m_i, l_i, masked=masked)
+      p, m_i, l_i, alpha = softmax(s, b, m_i, l_i, masked=masked)
       acc = acc * along_q(alpha, acc.shape)
       plgpu.barrier_wait(v_ready.at[slot])
       v_scale = token_scales(1, slot)
@@ -393,6 +400,11 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
 
     @pl.when(wg == 0)
     def _():
+      if quantized:
+        plgpu.copy_gmem_to_smem(q8_ref.at[seq, kv_head], q8_smem, q_ready.at[0])
+        plgpu.copy_gmem_to_smem(qs_ref.at[seq, kv_head], qs_smem, q_ready.at[0])
+        plgpu.barrier_wait(q_ready.at[0])
+        return
       # Row r = t * G + g is query token t, head kv_head * G + g: Q copies of G contiguous rows of q.
       for t in range(q_len):
         plgpu.copy_gmem_to_smem(q_ref.at[seq, pl.ds(t * num_heads + kv_head * group, group)],
@@ -402,7 +414,10 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
       q_smem[...] = jnp.where(iota(q.shape, 0) < rows, q, jnp.zeros_like(q))  # rows past Q * G: stale memory
       plgpu.commit_smem()
 
-    named_barrier("sync", _Q_BARRIER, consumers * _WG_THREADS)  # Q is in q_smem
+    named_barrier("sync", _Q_BARRIER, consumers * _WG_THREADS)  # Q is in shared memory
+    if quantized:  # Q's row scales along S^T's columns, for every block
+      q_scale = along_q(plgpu.load(qs_smem.at[pl.ds(0, n_cols)], (), layout=q_layout, optimized=False),
+                        (block_kv, n_cols))
     share = lambda n: jnp.maximum(lax.div(n - wg + consumers - 1, consumers), 0)  # blocks C j + wg below n
     num_q = n_cols if quantized else _ROWS
     acc_shape = (head_dim, n_cols) if quantized else (_ROWS, head_dim)
@@ -547,9 +562,17 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
   meta = jnp.concatenate([kv_lens.astype(jnp.int32), page_table.astype(jnp.int32).reshape(-1)])
   # Scales as [K, P * page_size]: a copy may read past its page (`_scale_copy`).
   scales = tuple(x.astype(jnp.float32).reshape(num_kv_heads, -1) for x in (k_scales, v_scales)) if quantized else ()
+  if quantized:  # Q per (sequence, KV head): int8 [N, D] (rows r = t * G + g, zero past Q * G), row scales
+    q = q_flat[:num_seqs].reshape(num_seqs, q_len, num_kv_heads, group, head_dim).swapaxes(1, 2)
+    q = jnp.pad(q.reshape(num_seqs, num_kv_heads, rows, head_dim), ((0, 0), (0, 0), (0, n_cols - rows), (0, 0)))
+    q8, q_scales = quantize_kv(q, "int8")
+    # A TMA copy moves at least 128 bytes: 32 scales.
+    scales += (q8, jnp.pad(q_scales, ((0, 0), (0, 0), (0, max(_SCALE_COPY_TOKENS, n_cols) - n_cols))))
   ring = (num_stages, block_kv, head_dim)
   merge = consumers - 1  # consumers 1.. hand their partials to consumer 0 through these tiles
-  if quantized:  # O^T, its stats, each consumer's P^T tile and reduction scratch, the rings' scales
+  if quantized:  # Q, O^T, its stats, each consumer's P^T tile and reduction scratch, the rings' scales
+    q_tiles = (plgpu.SMEM((n_cols, head_dim), jnp.int8, transforms=_swizzled(jnp.int8, head_dim)),
+               plgpu.SMEM((max(_SCALE_COPY_TOKENS, n_cols),), jnp.float32))
     out_tiles = (plgpu.SMEM((merge, head_dim, n_cols), jnp.float32), plgpu.SMEM((merge, _ROWS, n_cols), jnp.float32))
     p_columns = min(64, n_cols)  # a 128-byte swizzle holds 64 bf16 columns
     int8_scratch = (
@@ -558,6 +581,7 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
         plgpu.SMEM((consumers, _REDUCE_SCRATCH), jnp.float32),
         *[plgpu.SMEM((num_stages, phases, block_kv + scale_tokens - tokens_per_copy), jnp.float32)] * 2)
   else:
+    q_tiles = (plgpu.SMEM((_ROWS, head_dim), dtype), plgpu.SMEM((_ROWS, head_dim), dtype, transforms=transforms))
     out_tiles = (plgpu.SMEM((merge, _ROWS, head_dim), jnp.float32), plgpu.SMEM((merge, _ROWS, _STATS), jnp.float32))
     int8_scratch = ()
 
@@ -569,8 +593,7 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
                                  consumers=consumers,
                                  sm_scale=sm_scale, num_seqs=num_seqs, max_pages=max_pages),
         (
-            plgpu.SMEM((_ROWS, head_dim), dtype),
-            plgpu.SMEM((_ROWS, head_dim), dtype, transforms=transforms),
+            q_tiles,
             plgpu.SMEM(ring, k_pages.dtype, transforms=_swizzled(k_pages.dtype, head_dim)),
             plgpu.SMEM(ring, v_pages.dtype, transforms=_swizzled(v_pages.dtype, head_dim)),
             *out_tiles,
@@ -579,7 +602,7 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
         (
             plgpu.Barrier(num_arrivals=copies * (1 + quantized), num_barriers=num_stages),
             plgpu.Barrier(num_arrivals=copies * (1 + quantized), num_barriers=num_stages),
-            plgpu.Barrier(num_arrivals=q_len, num_barriers=1),
+            plgpu.Barrier(num_arrivals=2 if quantized else q_len, num_barriers=1),
         ),
         collective_axes="wg",
     )
