@@ -6,11 +6,12 @@ sequence's key blocks and writing float32 partials (acc, m, l) that `pallas_trit
 merges. What changes is how the bytes arrive:
 
 - One CUDA block per program: C consumer warpgroups (`DecodeConfig.consumers`, 2 or 3) and a producer
-  warpgroup. One warp of the producer brings key blocks
-  (`block_kv` tokens) into a ring of `num_stages` K and V buffers in shared memory by TMA, one copy per
-  page (page ids read from a copy of the page table in global memory), as soon as a consumer has
-  released a slot: the copies need no registers, no address arithmetic per element and no thread of the
-  consumers, so their time goes to the matmuls and the softmax only.
+  warpgroup. One warp of the producer (or 2 or 4, `DecodeConfig.producer_warps`, each with its share of the
+  copy jobs: K, V, their scales) brings key blocks (`block_kv` tokens) into a ring of `num_stages` K and V
+  buffers in shared memory by TMA, one copy per page (page ids read from a copy of the page table in
+  global memory), as soon as a consumer has released a slot: the copies need no registers, no address
+  arithmetic per element and no thread of the consumers, so their time goes to the matmuls and the
+  softmax only.
 - The consumer warpgroups take the split's key blocks in turns (block i to consumer i mod C, so with a
   ring of a multiple of C each slot has one consumer), each with its own online softmax state (acc, m, l);
   at the end consumers 1.. hand their states to consumer 0 through shared memory, which merges them and
@@ -74,7 +75,7 @@ _SHARED_MEMORY_BYTES = 227 * 1024 - 1024
 # 2 KB by default) and room for the mbarriers.
 _RESERVED_BYTES = plgpu.CompilerParams().reduction_scratch_bytes + 128
 _WG_THREADS = 128
-_PRODUCER_THREADS = 32  # the TMA warp
+_WARP_THREADS = 32
 _REGISTERS = 65536  # per SM (and per CTA)
 _PRODUCER_REGISTERS = 40  # per thread of the producer warpgroup after `set_max_registers`
 # Named barriers 0-5 belong to Mosaic GPU (0 for the CTA, 1 + w for warpgroup w, up to 4 consumers and the
@@ -101,12 +102,17 @@ class DecodeConfig:
     consumers: consumer warpgroups, 2 or 3; None: 3 for int8 pages with Q * G <= 16 (their per-block
       register work is the limit: 3-10% faster than 2 on an H200, NOTES.md) where the ring and shared
       memory allow, else 2.
+    producer_warps: warps of the producer warpgroup that issue the TMA copies, 1, 2 or 4: the copy jobs
+      (K values, V values, then for int8 pages K scales and V scales) are dealt to them in turn. One copy per
+      page costs the issuing warp tens of nanoseconds, so small pages of int8 can outrun one warp (page 16:
+      32 copies per 128-token block). None: 2 for int8 pages, else 1.
   """
 
   block_kv: int = 128
   num_stages: int | None = None
   programs_per_sm: int = 1
   consumers: int | None = None
+  producer_warps: int | None = None
 
   def __post_init__(self):
     if self.block_kv % 64 or not 0 < self.block_kv <= 256:  # wgmma's N and a TMA box stop at 256
@@ -124,10 +130,14 @@ class DecodeConfig:
       raise ValueError(f"num_stages ({self.num_stages}) must be a multiple of consumers ({self.consumers})")
     if self.programs_per_sm < 1:
       raise ValueError(f"programs_per_sm must be >= 1, got {self.programs_per_sm}")
+    if self.producer_warps not in (None, 1, 2, 4):
+      raise ValueError(f"producer_warps must be 1, 2 or 4, got {self.producer_warps}")
 
   def resolve(self, quantized: bool, head_dim: int = 128, rows: int = _ROWS) -> "DecodeConfig":
-    """This config with `consumers` and `num_stages` filled in, for bf16/f16 pages or int8 pages (quantized)
-    at this head_dim and Q * G rows (the int8 kernel's tiles grow with the rows)."""
+    """This config with `consumers`, `num_stages` and `producer_warps` filled in, for bf16/f16 pages or int8
+    pages (quantized) at this head_dim and Q * G rows (the int8 kernel's tiles grow with the rows)."""
+    if self.producer_warps is None:
+      return dataclasses.replace(self, producer_warps=2 if quantized else 1).resolve(quantized, head_dim, rows)
     if self.consumers is not None:
       return dataclasses.replace(self, num_stages=self.num_stages or self.consumers)
     # Three only where measured (N = 16 query columns; wider tiles may not fit 152 registers) and where
@@ -242,8 +252,8 @@ def split_range(kv_len, q_len: int, split, num_splits: int, block_kv: int):
 
 
 def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_len: int, group: int,
-            num_splits: int, block_kv: int, num_stages: int, consumers: int, sm_scale: float, num_seqs: int,
-            max_pages: int):
+            num_splits: int, block_kv: int, num_stages: int, consumers: int, producer_warps: int,
+            sm_scale: float, num_seqs: int, max_pages: int):
   """One (sequence, KV head, split); see the module docstring. `meta_ref` is kv_lens ([S]) followed by the
   page table ([S, Pmax], row-major), flat. `scale_refs`: () or, for int8 pages, the per-token scales of K and V
   ([K, P * page_size]) and Q quantized per row by `decode_partials` (int8 [S, K, N, D], scales [S, K, >= 32]).
@@ -264,7 +274,12 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
   tokens_per_copy = min(page_size, block_kv)
   copies = block_kv // tokens_per_copy
   scale_tokens, scale_phases = _scale_copy(tokens_per_copy)
-  free_threads = _WG_THREADS + _PRODUCER_THREADS  # a slot's one consumer and the TMA warp
+  # Copy jobs (which: 0 for K, 1 for V; values or scales), dealt to the producer's warps in turn.
+  jobs = [(which, False) for which in (0, 1)] + ([(which, True) for which in (0, 1)] if quantized else [])
+  warp_jobs = [jobs[w::producer_warps] for w in range(producer_warps)]
+  # A slot's "consumed" barrier: its one consumer and every producer warp that refills K (or V).
+  free_threads = [_WG_THREADS + _WARP_THREADS * sum(any(j[0] == which for j in wj) for wj in warp_jobs)
+                  for which in (0, 1)]
 
   program = lax.axis_index("programs")
   split = lax.rem(program, num_splits)
@@ -307,9 +322,10 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
 
       return reduce(x, reduce_smem.at[wg])
 
-    def release(barrier, i):
+    def release(which, slot, i):
       # Only slots the producer refills: equal arrivals and waits on every named barrier.
-      pl.when(i + num_stages < steps)(lambda: named_barrier("arrive", barrier, free_threads))
+      barrier = (k_free, v_free)[which](slot)
+      pl.when(i + num_stages < steps)(lambda: named_barrier("arrive", barrier, free_threads[which]))
 
     def softmax(s, b, m_i, l_i, *, masked: bool):
       if masked:
@@ -337,7 +353,7 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
         return s_ref[...]
 
       s = pl.run_scoped(qk, plgpu.ACC((_ROWS, block_kv), jnp.float32))
-      release(k_free(slot), i)
+      release(0, slot, i)
       p, m_i, l_i, alpha = softmax(s, b, m_i, l_i, masked=masked)
       acc = acc * along_q(alpha, acc.shape)
       plgpu.barrier_wait(v_ready.at[slot])
@@ -348,7 +364,7 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
         plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
 
       acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-      release(v_free(slot), i)
+      release(1, slot, i)
       return acc, m_i, l_i
 
     def token_scales(which, slot):
@@ -376,7 +392,7 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
         return s_ref[...]
 
       s = pl.run_scoped(qk, plgpu.ACC((block_kv, n_cols), jnp.int32))  # S^T [block_kv, N]
-      release(k_free(slot), i)
+      release(0, slot, i)
       s = s.astype(jnp.float32) * q_scale * lax.broadcast_in_dim(k_scale, s.shape, [0])
       # Past kv_len the scales may be NaN: `softmax` masks those scores to -inf, and P^T to 0 below.
       p, m_i, l_i, alpha = softmax(s, b, m_i, l_i, masked=masked)
@@ -395,7 +411,7 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
         plgpu.wgmma(acc_ref, v, p_smem.at[wg])
 
       acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-      release(v_free(slot), i)
+      release(1, slot, i)
       return acc, m_i, l_i
 
     @pl.when(wg == 0)
@@ -474,7 +490,9 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
           plgpu.copy_smem_to_gmem(stats_out.at[pl.ds(0, rows)], stats_ref.at[seq, kv_head, split])
       plgpu.wait_smem_to_gmem(0)
 
-  def _tma_warp():
+  def _tma_warp(my_jobs):
+    """Issues the copies of `my_jobs` ((which, scales) pairs) for every block of the split."""
+    whiches = sorted({which for which, _ in my_jobs})
     page_row = num_seqs + seq * max_pages  # this sequence's page ids in meta_ref
 
     def pages_of(b):
@@ -487,13 +505,14 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
       return out
 
     def copy(pages, slot, which):
-      """The values (and scales) of K (which = 0) or V (1) of one block, one copy per page."""
+      """This warp's copies of K (which = 0) or V (1) of one block (values, scales or both), one per page."""
       src, dst, ready = ((k_ref, k_smem, k_ready), (v_ref, v_smem, v_ready))[which]
       for c, (page, offset) in enumerate(pages):
-        window = pl.ds(c * tokens_per_copy, tokens_per_copy)
-        plgpu.copy_gmem_to_smem(src.at[kv_head, page, pl.ds(offset, tokens_per_copy)], dst.at[slot, window],
-                                ready.at[slot])
-        if quantized:
+        if (which, False) in my_jobs:
+          window = pl.ds(c * tokens_per_copy, tokens_per_copy)
+          plgpu.copy_gmem_to_smem(src.at[kv_head, page, pl.ds(offset, tokens_per_copy)], dst.at[slot, window],
+                                  ready.at[slot])
+        if (which, True) in my_jobs:
           scale_window = pl.ds(c * tokens_per_copy, scale_tokens)
           plgpu.copy_gmem_to_smem(scale_refs[which].at[kv_head, pl.ds(page * page_size + offset, scale_tokens)],
                                   scale_smem[which].at[slot, c % scale_phases, scale_window], ready.at[slot])
@@ -502,22 +521,27 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
       @pl.when(i < steps)
       def _(i=i):
         pages = pages_of(first + i)
-        copy(pages, i, 0)
-        copy(pages, i, 1)
+        for which in whiches:
+          copy(pages, i, which)
 
     @pl.loop(0, jnp.maximum(steps - num_stages, 0))
     def _(i):
       slot = lax.rem(i, num_stages)
       pages = pages_of(first + i + num_stages)  # page-table reads before the waits
-      named_barrier("sync", k_free(slot), free_threads)
-      copy(pages, slot, 0)
-      named_barrier("sync", v_free(slot), free_threads)
-      copy(pages, slot, 1)
+      for which in whiches:
+        named_barrier("sync", (k_free, v_free)[which](slot), free_threads[which])
+        copy(pages, slot, which)
 
   @pl.when(wg == consumers)
   def _producer():
     plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
-    plgpu.warp_map(lambda warp: pl.when(warp == 0)(_tma_warp))
+
+    def per_warp(warp):
+      for w, my_jobs in enumerate(warp_jobs):
+        if my_jobs:
+          pl.when(warp == w)(functools.partial(_tma_warp, my_jobs))
+
+    plgpu.warp_map(per_warp)
 
 
 @functools.partial(jax.jit, static_argnames=("q_len", "sm_scale", "num_splits", "config"))
@@ -590,7 +614,7 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
     pl.run_scoped(
         lambda *scratch: _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, q_len=q_len,
                                  group=group, num_splits=num_splits, block_kv=block_kv, num_stages=num_stages,
-                                 consumers=consumers,
+                                 consumers=consumers, producer_warps=config.producer_warps,
                                  sm_scale=sm_scale, num_seqs=num_seqs, max_pages=max_pages),
         (
             q_tiles,

@@ -67,8 +67,9 @@ def test_rejects_what_it_does_not_serve():
     pallas_mgpu.check_supported(jnp.bfloat16, k[:, :, :12], k[:, :, :12], **ok)
   with pytest.raises(NotImplementedError, match="shared memory"):
     pallas_mgpu.check_supported(jnp.bfloat16, k, k, **dict(ok, config=pallas_mgpu.DecodeConfig(256, 4)))
-  for kwargs in (dict(num_stages=5), dict(num_stages=1), dict(num_stages=3, consumers=2), dict(consumers=4)):
-    with pytest.raises(ValueError, match="num_stages" if "num_stages" in kwargs else "consumers"):
+  for kwargs in (dict(num_stages=5), dict(num_stages=1), dict(num_stages=3, consumers=2), dict(consumers=4),
+                 dict(producer_warps=3)):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
       pallas_mgpu.DecodeConfig(**kwargs)
   # Defaults: 3 consumers for int8 pages where the ring and shared memory allow, else 2; one ring slot per
   # consumer.
@@ -82,6 +83,10 @@ def test_rejects_what_it_does_not_serve():
   assert resolved(pallas_mgpu.DecodeConfig(), False) == (2, 2)
   assert resolved(pallas_mgpu.DecodeConfig(64, 4), True) == (2, 4)
   assert resolved(pallas_mgpu.DecodeConfig(consumers=3), False) == (3, 3)
+  # Two TMA warps for int8 pages (a page-16 block is 32 copies), one for bf16.
+  assert pallas_mgpu.DecodeConfig().resolve(True).producer_warps == 2
+  assert pallas_mgpu.DecodeConfig().resolve(False).producer_warps == 1
+  assert pallas_mgpu.DecodeConfig(producer_warps=4).resolve(False).producer_warps == 4
   with pytest.raises(ValueError, match="num_stages=3 needs a multiple of the consumer count"):
     pallas_mgpu.DecodeConfig(64, 3).resolve(False)
   for block_kv in (96, 320):
@@ -120,6 +125,8 @@ def test_implementation_choice_off_hopper():
     (2, 1, 128, 256, pallas_mgpu.DecodeConfig(128, 2), 1),
     (3, 4, 128, 16, pallas_mgpu.DecodeConfig(64, 3, consumers=3), 4),
     (1, 8, 128, 64, pallas_mgpu.DecodeConfig(128, 3, consumers=3), 2),
+    (2, 4, 128, 16, pallas_mgpu.DecodeConfig(128, 4, consumers=2, producer_warps=4), 2),
+    (1, 4, 64, 32, pallas_mgpu.DecodeConfig(producer_warps=2), 1),
 ])
 @pytest.mark.parametrize("int8", [False, True])
 def test_lowers_for_cuda(q_len, group, head_dim, page_size, config, num_splits, int8):
@@ -159,6 +166,8 @@ _GPU_CASES = {
                              head_dim=128), jnp.float16, pallas_mgpu.DecodeConfig(64, 4)),
     "g4_q1_bkv64_c3": (Case(group=4, q_len=1, page_size=16, kv_lens=(1, 65, 300, 790), max_pages=50, num_splits=2,
                             head_dim=128), jnp.bfloat16, pallas_mgpu.DecodeConfig(64, 3, consumers=3)),
+    "g4_q1_two_tma_warps": (Case(group=4, q_len=1, page_size=16, kv_lens=(1, 65, 300, 790), max_pages=50,
+                                 num_splits=2, head_dim=128), jnp.bfloat16, pallas_mgpu.DecodeConfig(producer_warps=2)),
     "g4_q3_page_larger_than_block": (Case(group=4, q_len=3, page_size=256, kv_lens=(3, 255, 257, 900),
                                           max_pages=4, num_splits=2, head_dim=128), jnp.bfloat16,
                                      pallas_mgpu.DecodeConfig(64, 4)),
@@ -197,6 +206,12 @@ _INT8_CASES = {
     # partials.
     "g4_q1_page16_bkv64_c3": (Case(group=4, q_len=1, page_size=16, kv_lens=(1, 129, 250, 700), max_pages=50,
                                    num_splits=3, head_dim=128), pallas_mgpu.DecodeConfig(64, 3, consumers=3)),
+    # The copy jobs on one TMA warp, and on four (K values, V values, K scales, V scales each on its own).
+    "g4_q1_page16_one_tma_warp": (Case(group=4, q_len=1, page_size=16, kv_lens=(1, 129, 250, 700), max_pages=50,
+                                       num_splits=2, head_dim=128), pallas_mgpu.DecodeConfig(producer_warps=1)),
+    "g4_q2_page16_four_tma_warps": (Case(group=4, q_len=2, page_size=16, kv_lens=(2, 129, 250, 900),
+                                         max_pages=60, num_splits=2, head_dim=128),
+                                    pallas_mgpu.DecodeConfig(128, 4, consumers=2, producer_warps=4)),
     # 40 query rows: the transposed tiles' widest N (64).
     "g8_q5_page32_rows40": (Case(group=8, q_len=5, page_size=32, kv_lens=(5, 33, 700), max_pages=30,
                                  num_splits=2, head_dim=128), None),
