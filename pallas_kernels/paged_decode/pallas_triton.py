@@ -233,11 +233,14 @@ def combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array, *, q_len: int, gr
   num_seqs, num_kv_heads, _, _, head_dim = acc.shape
   rows = q_len * group
   acc, m, l = acc[:, :, :, :rows], m[:, :, :, :rows], l[:, :, :, :rows]
-  m_max = jnp.max(m, axis=2, keepdims=True)
-  m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
-  w = jnp.exp2(m - m_max)  # 0 for splits that saw no key
-  denom = jnp.sum(l * w, axis=2)
-  out = jnp.sum(acc * w[..., None], axis=2)
+  if acc.shape[2] == 1:  # one split: nothing to weigh (no key: acc = 0, l = 0); one XLA fusion less
+    denom, out = l[:, :, 0], acc[:, :, 0]
+  else:
+    m_max = jnp.max(m, axis=2, keepdims=True)
+    m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
+    w = jnp.exp2(m - m_max)  # 0 for splits that saw no key
+    denom = jnp.sum(l * w, axis=2)
+    out = jnp.sum(acc * w[..., None], axis=2)
   out = out / jnp.where(denom > 0, denom, 1.0)[..., None]  # [S, K, Q * G, D]
   out = out.reshape(num_seqs, num_kv_heads, q_len, group, head_dim).transpose(0, 2, 1, 3, 4)
   return out.reshape(num_seqs, q_len, num_kv_heads * group, head_dim)
