@@ -40,9 +40,10 @@ O^T, V^T is loaded transposed from the int8 ring, upcast to bf16 in registers an
 the A operand; P^T, times V's scales, reaches that wgmma as its B operand through a small [block_kv, N]
 tile. No dequantized K/V tile goes through shared memory (the first design, bf16 tiles written and read
 back, reached only 1.0x the speed of bf16 pages on an H200; upcasting K and V in registers with three
-consumers 1.30x at page 16; the int8 MMA for S^T 1.55x, NOTES.md). S^T's int32 entries are scaled by Q's row
-scales and K's token scales. The softmax then reduces along axis 0, across the warpgroup's warps, through
-a per-consumer scratch (`reduce_keys`). Partials come out transposed; `decode_partials` turns them back.
+consumers 1.30x at page 16; the int8 MMA for S^T 1.55x, and with two TMA warps 1.63x in kernel time,
+NOTES.md). S^T's int32 entries are scaled by Q's row scales and K's token scales. The softmax then reduces
+along axis 0, across the warpgroup's warps, through a per-consumer scratch (`reduce_keys`). Partials come
+out transposed; `decode_partials` turns them back.
 
 Requires bfloat16 or float16 queries; pages in q's dtype (head_dim 64 or 128) or int8 with per-token
 scales (bfloat16 queries, head_dim 128, page_size 16 or a multiple of 32: `_scale_copy`);
