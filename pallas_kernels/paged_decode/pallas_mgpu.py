@@ -379,9 +379,10 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
       return jnp.where(lax.rem(copy, 2) == 0, phase(0), phase(1))
 
     def int8_step(j, carry, *, masked: bool):
-      """`step` for int8 pages, transposed: K and V^T are upcast in registers and enter the wgmmas as their
-      A operands, so no dequantized tile goes through shared memory; the scales multiply S^T (K's) and P^T
-      (V's) along the key axis, and P^T reaches the second wgmma as its B operand through a small tile."""
+      """`step` for int8 pages, transposed: S^T is an int8 wgmma of K and Q straight from shared memory; V^T
+      is upcast in registers and enters the second wgmma as its A operand, P^T as its B operand through a
+      small tile. The scales multiply S^T (Q's and K's) and P^T (V's); no dequantized tile goes through
+      shared memory."""
       acc, m_i, l_i = carry  # acc: O^T [D, N]
       i = consumers * j + wg
       b, slot = first + i, lax.rem(i, num_stages)
@@ -557,7 +558,7 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
     k_scales, v_scales: per-token scales [K, P, page_size] float32 of int8 pages, else None.
     q_len, sm_scale: query tokens per sequence, softmax scale.
     num_splits: programs per (sequence, KV head).
-    config: the other launch parameters (`consumers` and `num_stages` filled in by `DecodeConfig.resolve`).
+    config: the other launch parameters (unset ones filled in by `DecodeConfig.resolve`).
 
   Returns:
     With one split and pages in q's dtype, the attention output [S, Q * H, D] in q's dtype (zeros for
