@@ -96,12 +96,12 @@ class MosaicConfig:
       raise ValueError(f"unknown program order {self.order!r}; valid: {_ORDERS}")
 
 
-def default_order(group: int, num_tokens: int) -> str:
-  """"heads" (heaviest items of every head first: the best balance) unless G = 1 and the batch is long,
-  where one KV stream per head no longer fits L2 and "group" keeps each head's items together. H200,
-  2026-11-27, device time (NOTES.md): S=2048 heads 10% faster for G = 1 and 4; S=16384 G=1 group 6%
-  faster; S=8192 within 1%."""
-  return "group" if group == 1 and num_tokens >= 8192 else "heads"
+def default_order(num_tokens: int) -> str:
+  """"heads" (heaviest items of every head first: the best balance) unless the batch is long, where the
+  KV heads' streams together no longer fit L2 and "group" keeps one KV head's items together. H200 (NOTES.md):
+  S=2048 heads 10% faster for G = 1 and 4 (device time, 2026-11-27); S=16384 group 6% faster for G = 1 and
+  1.6% for G = 4 (2026-11-28, 586 vs 577 TFLOP/s, two runs in one process); S=8192 within 1% for both."""
+  return "group" if num_tokens >= 8192 else "heads"
 
 
 def shared_memory_bytes(head_dim: int, itemsize: int, config: MosaicConfig) -> int:
@@ -458,4 +458,4 @@ def flash_prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
                   config=config)
   return _flash_prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, sm_scale=float(sm_scale),
                         block_kv=config.block_kv, num_stages=config.num_stages,
-                        order=config.order or default_order(q.shape[1] // k_pages.shape[0], q.shape[0]))
+                        order=config.order or default_order(q.shape[0]))
