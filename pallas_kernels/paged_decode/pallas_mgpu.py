@@ -137,20 +137,21 @@ class DecodeConfig:
   def resolve(self, quantized: bool, head_dim: int = 128, rows: int = _ROWS) -> "DecodeConfig":
     """This config with `consumers`, `num_stages` and `producer_warps` filled in, for bf16/f16 pages or int8
     pages (quantized) at this head_dim and Q * G rows (the int8 kernel's tiles grow with the rows)."""
-    if self.producer_warps is None:
-      return dataclasses.replace(self, producer_warps=2 if quantized else 1).resolve(quantized, head_dim, rows)
-    if self.consumers is not None:
-      return dataclasses.replace(self, num_stages=self.num_stages or self.consumers)
+    config = self
+    if config.producer_warps is None:
+      config = dataclasses.replace(config, producer_warps=2 if quantized else 1)
+    if config.consumers is not None:
+      return dataclasses.replace(config, num_stages=config.num_stages or config.consumers)
     # Three only where measured (N = 16 query columns; wider tiles may not fit 152 registers) and where
     # shared memory allows.
-    if quantized and (self.num_stages or 3) % 3 == 0 and _query_columns(rows) == 16:
-      three = dataclasses.replace(self, consumers=3, num_stages=self.num_stages or 3)
+    if quantized and (config.num_stages or 3) % 3 == 0 and _query_columns(rows) == 16:
+      three = dataclasses.replace(config, consumers=3, num_stages=config.num_stages or 3)
       if shared_memory_bytes(head_dim, 2, three, 1, rows) <= _SHARED_MEMORY_BYTES:
         return three
-    if self.num_stages is not None and self.num_stages % 2:
-      raise ValueError(f"num_stages={self.num_stages} needs a multiple of the consumer count; these pages "
+    if config.num_stages is not None and config.num_stages % 2:
+      raise ValueError(f"num_stages={config.num_stages} needs a multiple of the consumer count; these pages "
                        f"(Q * G = {rows}) run 2 consumers: pass an even num_stages or consumers=3")
-    return dataclasses.replace(self, consumers=2, num_stages=self.num_stages or 2)
+    return dataclasses.replace(config, consumers=2, num_stages=config.num_stages or 2)
 
 
 def _consumer_registers(consumers: int) -> int:
