@@ -16,6 +16,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 from absl import app, flags  # noqa: E402
 
 from experiments.benchmarks import engine as bench  # noqa: E402
+from pdopt.scheduling import POLICIES  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", None, "JSON file for the results.")
 _QUICK = flags.DEFINE_bool("quick", False, "Small shapes and few steps (smoke run).")
@@ -26,6 +27,7 @@ _CONTEXT = flags.DEFINE_integer("context", 2048, "Tokens of history of every dec
 _HF_BATCHES = flags.DEFINE_list("hf_batches", ["1", "64"], "Batch sizes of the generate comparison.")
 _RATE = flags.DEFINE_float("serving_rate", 40.0, "Arrival rate (req/s) of the serving run.")
 _REQUESTS = flags.DEFINE_integer("serving_requests", 600, "Requests of the serving run.")
+_POLICIES = flags.DEFINE_list("serving_policies", ["chunked", "prefill_first"], "Policies of the serving run.")
 _ASYNC = flags.DEFINE_bool("async_decode", False, "EngineConfig.async_decode for every engine of the run.")
 _STEPS = flags.DEFINE_integer("num_scheduler_steps", 1,
                               "EngineConfig.num_scheduler_steps (needs --async_decode) for every engine of the run.")
@@ -34,12 +36,15 @@ _STEPS = flags.DEFINE_integer("num_scheduler_steps", 1,
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  unknown = [p for p in _POLICIES.value if p not in POLICIES]
+  if unknown:
+    raise app.UsageError(f"--serving_policies: unknown policy {unknown[0]!r}; valid: {', '.join(sorted(POLICIES))}")
   settings = bench.Settings(
       models=tuple(_MODELS.value), parts=tuple(_PARTS.value),
       decode_batches=tuple(int(b) for b in _BATCHES.value), context=_CONTEXT.value,
       hf_batches=tuple(int(b) for b in _HF_BATCHES.value), serving_rate=_RATE.value,
-      serving_requests=_REQUESTS.value, quick=_QUICK.value, async_decode=_ASYNC.value,
-      scheduler_steps=_STEPS.value)
+      serving_requests=_REQUESTS.value, serving_policies=tuple(_POLICIES.value), quick=_QUICK.value,
+      async_decode=_ASYNC.value, scheduler_steps=_STEPS.value)
   if settings.quick:
     settings = bench.quick(settings)
   bench.run(_OUT.value, settings)

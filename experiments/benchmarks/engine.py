@@ -28,7 +28,7 @@ import json
 import statistics
 import tempfile
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +58,7 @@ class Settings:
   hf_new_tokens: int = 256
   serving_requests: int = 600
   serving_rate: float = 40.0
+  serving_policies: tuple[str, ...] = ("chunked", "prefill_first")
   quick: bool = False  # smoke run (`quick()`): the tiny preset, small shapes
   async_decode: bool = False  # EngineConfig.async_decode for every engine of the run
   scheduler_steps: int = 1  # EngineConfig.num_scheduler_steps (with async_decode) for every engine
@@ -302,8 +303,10 @@ def bench_generate(model, s: Settings, hf_model) -> list[dict[str, Any]]:
   return rows
 
 
-def bench_serving(model, s: Settings) -> dict[str, Any]:
-  """The Azure conversation trace, time-scaled, under `chunked` and `prefill_first`."""
+def bench_serving(model, s: Settings, out: dict[str, Any], save: Callable[[], None]) -> None:
+  """The Azure conversation trace, time-scaled, under each of `s.serving_policies` (`chunked` and
+  `prefill_first` by default): fills `out[policy]` and calls `save` after each, so that a run cut short
+  keeps the policies it finished."""
   max_len = min(4096, model.config.max_position_embeddings)
   config = config_lib.as_config(dict(
       dtype="bfloat16", rate=s.serving_rate, slo="ttft:2000 tpot:100",
@@ -313,14 +316,14 @@ def bench_serving(model, s: Settings) -> dict[str, Any]:
                   page_buckets=(64, 256), enable_prefix_caching=True, async_decode=s.async_decode,
                   num_scheduler_steps=s.scheduler_steps)))
   workload = experiment.make_workload(config, model)
-  out = {}
-  for policy in ("chunked", "prefill_first"):
+  for policy in s.serving_policies:
     engine_config = config_lib.engine_config(config, policy)
     run = experiment.run_policy(model, workload, engine_config, slo=config.slo, progress=False,
                                 max_duration=240.0)
     out[policy] = run.entry()
+    print(f"{policy}: warm-up compiled {run.stats['warmup_compilations']} programs in {run.stats['warmup_s']:.0f} s")
     print(report.format_benchmark_result(run.metrics, policy=policy))
-  return out
+    save()
 
 
 def run(out: str | None, settings: Settings) -> dict[str, Any]:
@@ -370,8 +373,8 @@ def run(out: str | None, settings: Settings) -> dict[str, Any]:
     del hf_model
     tmp.cleanup()
     if "serving" in settings.parts:
-      res["serving"] = bench_serving(model, settings)
-      save()
+      res["serving"] = {}
+      bench_serving(model, settings, res["serving"], save)
   return results
 
 
