@@ -28,7 +28,7 @@ import json
 import statistics
 import tempfile
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -303,10 +303,10 @@ def bench_generate(model, s: Settings, hf_model) -> list[dict[str, Any]]:
   return rows
 
 
-def bench_serving(model, s: Settings, out: dict[str, Any], save: Callable[[], None]) -> None:
+def bench_serving(model, s: Settings) -> Iterator[tuple[str, dict[str, Any]]]:
   """The Azure conversation trace, time-scaled, under each of `s.serving_policies` (`chunked` and
-  `prefill_first` by default): fills `out[policy]` and calls `save` after each, so that a run cut short
-  keeps the policies it finished."""
+  `prefill_first` by default): yields (policy, metrics entry) as each run ends, so that the caller can save
+  what a run cut short finished."""
   max_len = min(4096, model.config.max_position_embeddings)
   config = config_lib.as_config(dict(
       dtype="bfloat16", rate=s.serving_rate, slo="ttft:2000 tpot:100",
@@ -320,10 +320,9 @@ def bench_serving(model, s: Settings, out: dict[str, Any], save: Callable[[], No
     engine_config = config_lib.engine_config(config, policy)
     run = experiment.run_policy(model, workload, engine_config, slo=config.slo, progress=False,
                                 max_duration=240.0)
-    out[policy] = run.entry()
     print(f"{policy}: warm-up compiled {run.stats['warmup_compilations']} programs in {run.stats['warmup_s']:.0f} s")
     print(report.format_benchmark_result(run.metrics, policy=policy))
-    save()
+    yield policy, run.entry()
 
 
 def run(out: str | None, settings: Settings) -> dict[str, Any]:
@@ -374,7 +373,9 @@ def run(out: str | None, settings: Settings) -> dict[str, Any]:
     tmp.cleanup()
     if "serving" in settings.parts:
       res["serving"] = {}
-      bench_serving(model, settings, res["serving"], save)
+      for policy, entry in bench_serving(model, settings):
+        res["serving"][policy] = entry
+        save()
   return results
 
 
