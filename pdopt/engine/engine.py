@@ -307,21 +307,28 @@ class Engine:
   def warmup(self) -> int:
     """Compiles the step for every shape bucket; returns how many shapes were compiled."""
     before = self.num_compilations
-    for shape in self.buckets.all_shapes():
-      self.runner.run(pack([], self.config.page_size, shape), decode_only=False)
+    page_size = self.config.page_size
     decode_shapes = self.buckets.decode_shapes(self.config.max_num_seqs)
+    steps = [(pack([], page_size, shape), False) for shape in self.buckets.all_shapes()]
     if self.runner.decode_variant:
-      for shape in decode_shapes:
-        self.runner.run(pack([], self.config.page_size, shape), decode_only=True)
-    for num_seqs in self.buckets.seqs:
-      self.runner.compile_sampler(num_seqs)
+      steps += [(pack([], page_size, shape), True) for shape in decode_shapes]
+    chained = []
     for impl in self._chained_impls():
       # The chained steps (steady decoding only), their previous tokens placed as serving has them.
       for shape in decode_shapes:
-        batch = pack([], self.config.page_size, shape)
+        batch = pack([], page_size, shape)
         batch["prev_rows"] = np.full(shape[0], -1, np.int32)
-        prev = jax.device_put(np.zeros(shape[1], np.int32), self.runner.output_placement)
-        self.runner.call(impl, batch, extra={"prev_tokens": prev})
+        chained.append((impl, batch, {"prev_tokens": jax.device_put(np.zeros(shape[1], np.int32),
+                                                                    self.runner.output_placement)}))
+    # Compile everything in parallel first; the runs below then find each program compiled.
+    runner_lib.precompile([self.runner.lower(batch, decode_only) for batch, decode_only in steps]
+                          + [self.runner.lower(batch, impl=impl, extra=extra) for impl, batch, extra in chained])
+    for batch, decode_only in steps:
+      self.runner.run(batch, decode_only=decode_only)
+    for num_seqs in self.buckets.seqs:
+      self.runner.compile_sampler(num_seqs)
+    for impl, batch, extra in chained:
+      self.runner.call(impl, batch, extra=extra)
     if self.speculator is not None:
       self.speculator.warmup(self.runner, self.model_config.vocab_size)
     return self.num_compilations - before

@@ -6,9 +6,11 @@ function serves all shape buckets; `num_compilations` counts the shapes compiled
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
-from typing import Mapping
+import os
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -176,6 +178,15 @@ def num_compilations_of(impl) -> int:
   return _SHARED[impl]._cache_size() if impl in _SHARED else 0  # pylint: disable=protected-access
 
 
+def precompile(lowered: Sequence[jax.stages.Lowered]) -> None:
+  """Compiles programs in parallel threads (XLA compiles without holding the GIL). jit keeps what they
+  compile, so the first call of each with the same arguments runs at once."""
+  workers = max(1, min(len(lowered), os.cpu_count() or 1))
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    for _ in pool.map(lambda program: program.compile(), lowered):
+      pass
+
+
 class ModelRunner:
   """Holds the model state and the KV pages on the device and runs compiled steps."""
 
@@ -255,6 +266,18 @@ class ModelRunner:
     layout = BatchLayout(entries, decode_only=bool(decode_only) and self.decode_variant)
     return PackedBatch(jax.device_put(buffer, self._batch_sharding), layout,
                        sampled=bool(np.any(batch["temperature"] > 0)))
+
+  def lower(self, batch: Mapping[str, np.ndarray], decode_only: bool | None = None, impl=None,
+            extra: Mapping[str, jax.Array] | None = None) -> jax.stages.Lowered:
+    """The program that `run` (or, with `impl`, `call`) would run for `batch`, lowered and not compiled:
+    `precompile` compiles several at once, and the later call with the same shapes finds them compiled."""
+    if impl is None:
+      packed = self.put(batch, decode_only)
+      return self._fn.lower(self.graphdef, self.attention_backend, packed.layout, self.state, self.cache,
+                            packed.buffer)
+    packed = self.put(batch, decode_only=False)
+    return _shared_jit(impl).lower(self.graphdef, self.attention_backend, packed.layout, self.state, self.cache,
+                                   packed.buffer, dict(extra or {}))
 
   def dispatch(self, batch: Mapping[str, np.ndarray] | PackedBatch) -> jax.Array:
     """Enqueues one step without waiting for it; returns the sampled tokens [S] as a device array.

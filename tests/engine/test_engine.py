@@ -121,6 +121,33 @@ def test_no_compilation_after_warmup(model, decode_variant):
   engine.check_no_leaks()
 
 
+def test_warmup_compiles_each_program_once():
+  # Warm-up compiles every program in parallel threads first, then runs each: the runs must find them
+  # compiled (jit reuses what the ahead-of-time compilation made), so XLA compiles each program once.
+  # A vocabulary no other test uses, so the shared jitted programs have no entries for this model yet.
+  from jax._src import dispatch, monitoring  # pylint: disable=import-outside-toplevel
+  from pdopt.engine import runner as runner_lib  # pylint: disable=import-outside-toplevel
+  model = pdopt.init_model(pdopt.preset("tiny", vocab_size=523, num_layers=1), seed=0)
+  engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=64, max_num_batched_tokens=64, max_num_seqs=8,
+                                                  max_model_len=64, page_buckets=(4,), seq_buckets=(4, 8),
+                                                  async_decode=True, num_scheduler_steps=2))
+  engine.runner.decode_variant = True
+  compiles = []
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == dispatch.BACKEND_COMPILE_EVENT:
+      compiles.append(event)
+  samplers = runner_lib._sample._cache_size()  # pylint: disable=protected-access
+  monitoring.register_event_duration_secs_listener(listener)
+  try:
+    programs = engine.warmup()
+  finally:
+    monitoring.unregister_event_duration_listener(listener)
+  samplers = runner_lib._sample._cache_size() - samplers  # pylint: disable=protected-access
+  assert programs > 8  # steps, decode-only steps, and the chained 1- and 2-step programs
+  assert len(compiles) == programs + samplers
+
+
 def test_sampler_compiles_nothing_after_warmup():
   # A vocabulary no other test uses, so the shared sampling program has no entries for these shapes yet.
   from pdopt.engine import runner as runner_lib  # pylint: disable=import-outside-toplevel
