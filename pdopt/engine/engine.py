@@ -307,30 +307,24 @@ class Engine:
   def warmup(self) -> int:
     """Compiles the step for every shape bucket; returns how many shapes were compiled."""
     before = self.num_compilations
-    page_size = self.config.page_size
+    page_size, runner = self.config.page_size, self.runner
     decode_shapes = self.buckets.decode_shapes(self.config.max_num_seqs)
-    steps = [(pack([], page_size, shape), False) for shape in self.buckets.all_shapes()]
-    if self.runner.decode_variant:
-      steps += [(pack([], page_size, shape), True) for shape in decode_shapes]
-    chained = []
+    calls = [runner_lib.WarmupCall(runner, pack([], page_size, shape)) for shape in self.buckets.all_shapes()]
+    if runner.decode_variant:
+      calls += [runner_lib.WarmupCall(runner, pack([], page_size, shape), decode_only=True)
+                for shape in decode_shapes]
     for impl in self._chained_impls():
       # The chained steps (steady decoding only), their previous tokens placed as serving has them.
       for shape in decode_shapes:
         batch = pack([], page_size, shape)
         batch["prev_rows"] = np.full(shape[0], -1, np.int32)
-        chained.append((impl, batch, {"prev_tokens": jax.device_put(np.zeros(shape[1], np.int32),
-                                                                    self.runner.output_placement)}))
-    # Compile everything in parallel first; the runs below then find each program compiled.
-    runner_lib.precompile([self.runner.lower(batch, decode_only) for batch, decode_only in steps]
-                          + [self.runner.lower(batch, impl=impl, extra=extra) for impl, batch, extra in chained])
-    for batch, decode_only in steps:
-      self.runner.run(batch, decode_only=decode_only)
-    for num_seqs in self.buckets.seqs:
-      self.runner.compile_sampler(num_seqs)
-    for impl, batch, extra in chained:
-      self.runner.call(impl, batch, extra=extra)
+        prev = jax.device_put(np.zeros(shape[1], np.int32), runner.output_placement)
+        calls.append(runner_lib.WarmupCall(runner, batch, impl=impl, extra={"prev_tokens": prev}))
     if self.speculator is not None:
-      self.speculator.warmup(self.runner, self.model_config.vocab_size)
+      calls += self.speculator.warmup_calls(runner, self.model_config.vocab_size)
+    runner_lib.warm_up(calls)
+    for num_seqs in self.buckets.seqs:
+      runner.compile_sampler(num_seqs)
     return self.num_compilations - before
 
   @property

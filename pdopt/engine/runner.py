@@ -10,7 +10,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -178,13 +178,30 @@ def num_compilations_of(impl) -> int:
   return _SHARED[impl]._cache_size() if impl in _SHARED else 0  # pylint: disable=protected-access
 
 
-def precompile(lowered: Sequence[jax.stages.Lowered]) -> None:
-  """Compiles programs in parallel threads (XLA compiles without holding the GIL). jit keeps what they
-  compile, so the first call of each with the same arguments runs at once."""
-  workers = max(1, min(len(lowered), os.cpu_count() or 1))
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+@dataclasses.dataclass(frozen=True)
+class WarmupCall:
+  """One program for a warm-up to compile: `runner.run(batch)` (`impl` None) or `runner.call(impl, batch,
+  extra)` (`pdopt.engine.speculative`, `pdopt.engine.multi_step`)."""
+  runner: "ModelRunner"
+  batch: Mapping[str, np.ndarray]
+  impl: Callable | None = None
+  extra: Mapping[str, jax.Array] | None = None
+  decode_only: bool = False
+
+
+def warm_up(calls: Sequence[WarmupCall]) -> None:
+  """Compiles the programs of `calls` in parallel threads (XLA compiles without holding the GIL), then runs
+  each once, which finds it compiled (jit keeps what the ahead-of-time compilation made). Warm-ups of tens
+  of shape buckets take a fraction of the time one compilation after another takes (NOTES.md, ## engine)."""
+  lowered = [c.runner.lower(c.batch, c.decode_only, impl=c.impl, extra=c.extra) for c in calls]
+  with concurrent.futures.ThreadPoolExecutor(max(1, min(len(lowered), os.cpu_count() or 1))) as pool:
     for _ in pool.map(lambda program: program.compile(), lowered):
       pass
+  for c in calls:
+    if c.impl is None:
+      c.runner.run(c.batch, decode_only=c.decode_only)
+    else:
+      jax.block_until_ready(c.runner.call(c.impl, c.batch, extra=c.extra, fetch=False))
 
 
 class ModelRunner:
@@ -270,7 +287,7 @@ class ModelRunner:
   def lower(self, batch: Mapping[str, np.ndarray], decode_only: bool | None = None, impl=None,
             extra: Mapping[str, jax.Array] | None = None) -> jax.stages.Lowered:
     """The program that `run` (or, with `impl`, `call`) would run for `batch`, lowered and not compiled:
-    `precompile` compiles several at once, and the later call with the same shapes finds them compiled."""
+    `warm_up` compiles several at once, and the later call with the same shapes finds them compiled."""
     if impl is None:
       packed = self.put(batch, decode_only)
       return self._fn.lower(self.graphdef, self.attention_backend, packed.layout, self.state, self.cache,

@@ -368,8 +368,8 @@ class Proposer(Protocol):
   def check_no_leaks(self, idle: bool) -> None:
     """Raises if the proposer's own state is inconsistent (or, when `idle`, not empty)."""
 
-  def warmup(self, shapes: Sequence[tuple[int, int, int]]) -> None:
-    """Compiles what `propose` will run for these (T, S, P) buckets."""
+  def warmup_calls(self, shapes: Sequence[tuple[int, int, int]]) -> list[runner_lib.WarmupCall]:
+    """The programs `propose` will run for these (T, S, P) buckets, for the engine's warm-up to compile."""
 
 
 class NgramProposer:
@@ -403,8 +403,8 @@ class NgramProposer:
   def check_no_leaks(self, idle: bool) -> None:
     pass
 
-  def warmup(self, shapes: Sequence[tuple[int, int, int]]) -> None:
-    pass
+  def warmup_calls(self, shapes: Sequence[tuple[int, int, int]]) -> list[runner_lib.WarmupCall]:
+    return []
 
 
 class DraftModelProposer:
@@ -516,12 +516,14 @@ class DraftModelProposer:
         raise AssertionError(f"draft state of ended requests left: {sorted(self.computed)[:10]}")
       self.block_manager.assert_no_leaks()
 
-  def warmup(self, shapes: Sequence[tuple[int, int, int]]) -> None:
+  def warmup_calls(self, shapes: Sequence[tuple[int, int, int]]) -> list[runner_lib.WarmupCall]:
+    calls = []
     for shape in shapes:
       batch = pack([], self.page_size, shape)
       batch["draft_steps"] = np.zeros(shape[1], np.int32)
-      for sampled in (False, True):
-        jax.block_until_ready(self.runner.call(draft_impl(self.k, sampled), batch, fetch=False))
+      calls += [runner_lib.WarmupCall(self.runner, batch, impl=draft_impl(self.k, sampled))
+                for sampled in (False, True)]
+    return calls
 
 
 # ------------------------------------------------------------------------------------------------ decoder
@@ -661,9 +663,11 @@ class SpeculativeDecoder:
   def check_no_leaks(self, idle: bool) -> None:
     self.proposer.check_no_leaks(idle)
 
-  def warmup(self, runner: ModelRunner, vocab: int) -> None:
-    """Compiles verification (greedy and sampled) and the draft's passes for every shape bucket."""
+  def warmup_calls(self, runner: ModelRunner, vocab: int) -> list[runner_lib.WarmupCall]:
+    """Verification (greedy and sampled) and the draft's passes for every shape bucket, for the engine's
+    warm-up to compile."""
     shapes = self.buckets.all_shapes()
+    calls = []
     for shape in shapes:
       batch = pack([], self.page_size, shape)
       s_pad = shape[1]
@@ -676,8 +680,9 @@ class SpeculativeDecoder:
           proposals = Proposals(counts=(), device=extra, rows=())
         else:
           extra, proposals = None, Proposals(counts=(), token_ids=())
-        runner.call(verify_impl(sampled), {**batch, **self._draft_arrays(proposals, s_pad)}, extra=extra)
-    self.proposer.warmup(shapes)
+        calls.append(runner_lib.WarmupCall(runner, {**batch, **self._draft_arrays(proposals, s_pad)},
+                                           impl=verify_impl(sampled), extra=extra))
+    return calls + self.proposer.warmup_calls(shapes)
 
   @property
   def num_compilations(self) -> int:

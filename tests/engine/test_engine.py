@@ -7,6 +7,7 @@ import pytest
 
 import pdopt
 from pdopt.engine.request import RequestStatus
+from pdopt.engine.speculative import SpeculativeConfig
 
 VOCAB = 512
 
@@ -121,16 +122,23 @@ def test_no_compilation_after_warmup(model, decode_variant):
   engine.check_no_leaks()
 
 
-def test_warmup_compiles_each_program_once():
+@pytest.mark.parametrize("extra_programs", ["chained", "draft"])
+def test_warmup_compiles_each_program_once(extra_programs):
   # Warm-up compiles every program in parallel threads first, then runs each: the runs must find them
-  # compiled (jit reuses what the ahead-of-time compilation made), so XLA compiles each program once.
-  # A vocabulary no other test uses, so the shared jitted programs have no entries for this model yet.
+  # compiled (jit reuses what the ahead-of-time compilation made), so XLA compiles each program once. A
+  # vocabulary per case that no other test uses, so the shared jitted programs have no entries for it yet.
   from jax._src import dispatch, monitoring  # pylint: disable=import-outside-toplevel
   from pdopt.engine import runner as runner_lib  # pylint: disable=import-outside-toplevel
-  model = pdopt.init_model(pdopt.preset("tiny", vocab_size=523, num_layers=1), seed=0)
-  engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=64, max_num_batched_tokens=64, max_num_seqs=8,
-                                                  max_model_len=64, page_buckets=(4,), seq_buckets=(4, 8),
-                                                  async_decode=True, num_scheduler_steps=2))
+  vocab = {"chained": 523, "draft": 521}[extra_programs]
+  model = pdopt.init_model(pdopt.preset("tiny", vocab_size=vocab, num_layers=1), seed=0)
+  small = dict(num_pages=64, max_num_batched_tokens=64, max_num_seqs=8, max_model_len=64, page_buckets=(4,),
+               seq_buckets=(4, 8))
+  if extra_programs == "chained":  # the 1- and 2-step programs of async decoding
+    engine = pdopt.Engine(model, pdopt.EngineConfig(async_decode=True, num_scheduler_steps=2, **small))
+  else:  # verification, and the draft model's passes on its own runner
+    engine = pdopt.Engine(model, pdopt.EngineConfig(
+        speculative=SpeculativeConfig(method="draft", num_speculative_tokens=2), **small),
+        draft_model=pdopt.init_model(pdopt.preset("tiny", vocab_size=vocab, num_layers=1), seed=1))
   engine.runner.decode_variant = True
   compiles = []
   def listener(event, duration, **kwargs):
@@ -144,7 +152,7 @@ def test_warmup_compiles_each_program_once():
   finally:
     monitoring.unregister_event_duration_listener(listener)
   samplers = runner_lib._sample._cache_size() - samplers  # pylint: disable=protected-access
-  assert programs > 8  # steps, decode-only steps, and the chained 1- and 2-step programs
+  assert programs > 8
   assert len(compiles) == programs + samplers
 
 
