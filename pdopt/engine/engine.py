@@ -305,7 +305,8 @@ class Engine:
     return [RequestOutput.of(self.requests[i]) for i in ids]
 
   def warmup(self) -> int:
-    """Compiles the step for every shape bucket; returns how many shapes were compiled."""
+    """Compiles the step for every shape bucket (and the decode-only, chained and speculative programs the
+    config uses), all in parallel (`runner_lib.warm_up`); returns how many programs were compiled."""
     before = self.num_compilations
     page_size, runner = self.config.page_size, self.runner
     decode_shapes = self.buckets.decode_shapes(self.config.max_num_seqs)

@@ -131,8 +131,8 @@ def test_warmup_compiles_each_program_once(extra_programs):
   from pdopt.engine import runner as runner_lib  # pylint: disable=import-outside-toplevel
   vocab = {"chained": 523, "draft": 521}[extra_programs]
   model = pdopt.init_model(pdopt.preset("tiny", vocab_size=vocab, num_layers=1), seed=0)
-  small = dict(num_pages=64, max_num_batched_tokens=64, max_num_seqs=8, max_model_len=64, page_buckets=(4,),
-               seq_buckets=(4, 8))
+  small = dict(num_pages=64, max_num_batched_tokens=64, max_num_seqs=8, max_model_len=64, token_buckets=(64,),
+               seq_buckets=(8,), page_buckets=(4,))  # one shape bucket: the variants make the programs
   if extra_programs == "chained":  # the 1- and 2-step programs of async decoding
     engine = pdopt.Engine(model, pdopt.EngineConfig(async_decode=True, num_scheduler_steps=2, **small))
   else:  # verification, and the draft model's passes on its own runner
@@ -152,7 +152,7 @@ def test_warmup_compiles_each_program_once(extra_programs):
   finally:
     monitoring.unregister_event_duration_listener(listener)
   samplers = runner_lib._sample._cache_size() - samplers  # pylint: disable=protected-access
-  assert programs > 8
+  assert programs >= 6
   assert len(compiles) == programs + samplers
 
 
