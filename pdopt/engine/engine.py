@@ -305,8 +305,9 @@ class Engine:
     return [RequestOutput.of(self.requests[i]) for i in ids]
 
   def warmup(self) -> int:
-    """Compiles the step for every shape bucket (and the decode-only, chained and speculative programs the
-    config uses), all in parallel (`runner_lib.warm_up`); returns how many programs were compiled."""
+    """Compiles the step for every shape bucket and the decode-only, chained and speculative programs the
+    config uses, in parallel (`runner_lib.warm_up`), then the sampler for every sequence bucket; returns how
+    many step programs were compiled (or loaded from the persistent compilation cache), samplers aside."""
     before = self.num_compilations
     page_size, runner = self.config.page_size, self.runner
     decode_shapes = self.buckets.decode_shapes(self.config.max_num_seqs)

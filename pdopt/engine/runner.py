@@ -178,10 +178,10 @@ def num_compilations_of(impl) -> int:
   return _SHARED[impl]._cache_size() if impl in _SHARED else 0  # pylint: disable=protected-access
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class WarmupCall:
-  """One program for a warm-up to compile: `runner.run(batch)` (`impl` None) or `runner.call(impl, batch,
-  extra)` (`pdopt.engine.speculative`, `pdopt.engine.multi_step`)."""
+  """One program for a warm-up to compile: `runner.run(batch, decode_only)` (`impl` None) or
+  `runner.call(impl, batch, extra)` (`pdopt.engine.multi_step`, `pdopt.engine.speculative`)."""
   runner: "ModelRunner"
   batch: Mapping[str, np.ndarray]
   impl: Callable | None = None
@@ -189,14 +189,21 @@ class WarmupCall:
   decode_only: bool = False
 
 
+_MAX_COMPILE_THREADS = 16  # each compilation has its own XLA thread pool and autotuning scratch memory
+
+
 def warm_up(calls: Sequence[WarmupCall]) -> None:
   """Compiles the programs of `calls` in parallel threads (XLA compiles without holding the GIL), then runs
   each once, which finds it compiled (jit keeps what the ahead-of-time compilation made). Warm-ups of tens
-  of shape buckets take a fraction of the time one compilation after another takes (NOTES.md, ## engine)."""
-  lowered = [c.runner.lower(c.batch, c.decode_only, impl=c.impl, extra=c.extra) for c in calls]
-  with concurrent.futures.ThreadPoolExecutor(max(1, min(len(lowered), os.cpu_count() or 1))) as pool:
-    for _ in pool.map(lambda program: program.compile(), lowered):
-      pass
+  of shape buckets take a fraction of the time one compilation after another takes (pallas_kernels/NOTES.md,
+  ## engine). Under profile-guided latency estimation (`jax_enable_pgle`) a call compiles again anyway, so
+  the programs then compile one after another in the runs."""
+  if not jax.config.jax_enable_pgle:
+    lowered = [c.runner.lower(c.batch, c.decode_only, impl=c.impl, extra=c.extra) for c in calls]
+    threads = max(1, min(len(lowered), len(os.sched_getaffinity(0)), _MAX_COMPILE_THREADS))
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+      for _ in pool.map(lambda program: program.compile(), lowered):
+        pass
   for c in calls:
     if c.impl is None:
       c.runner.run(c.batch, decode_only=c.decode_only)
@@ -284,6 +291,10 @@ class ModelRunner:
     return PackedBatch(jax.device_put(buffer, self._batch_sharding), layout,
                        sampled=bool(np.any(batch["temperature"] > 0)))
 
+  def _check_variants(self) -> None:
+    if self._batch_sharding is not None:
+      raise NotImplementedError("step variants (speculative decoding, chained decode steps) do not run on a mesh yet")
+
   def lower(self, batch: Mapping[str, np.ndarray], decode_only: bool | None = None, impl=None,
             extra: Mapping[str, jax.Array] | None = None) -> jax.stages.Lowered:
     """The program that `run` (or, with `impl`, `call`) would run for `batch`, lowered and not compiled:
@@ -292,6 +303,7 @@ class ModelRunner:
       packed = self.put(batch, decode_only)
       return self._fn.lower(self.graphdef, self.attention_backend, packed.layout, self.state, self.cache,
                             packed.buffer)
+    self._check_variants()
     packed = self.put(batch, decode_only=False)
     return _shared_jit(impl).lower(self.graphdef, self.attention_backend, packed.layout, self.state, self.cache,
                                    packed.buffer, dict(extra or {}))
@@ -338,8 +350,7 @@ class ModelRunner:
     Returns:
       `outputs` (same tree), numpy arrays when `fetch`.
     """
-    if self._batch_sharding is not None:
-      raise NotImplementedError("step variants (speculative decoding) do not run on a mesh yet")
+    self._check_variants()
     packed = self.put(batch, decode_only=False)  # One variant per program: warm-up compiles no other.
     outputs, self.cache = _shared_jit(impl)(self.graphdef, self.attention_backend, packed.layout, self.state,
                                             self.cache, packed.buffer, dict(extra or {}))
