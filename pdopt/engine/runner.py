@@ -299,14 +299,18 @@ class ModelRunner:
             extra: Mapping[str, jax.Array] | None = None) -> jax.stages.Lowered:
     """The program that `run` (or, with `impl`, `call`) would run for `batch`, lowered and not compiled:
     `warm_up` compiles several at once, and the later call with the same shapes finds them compiled."""
+    if impl is not None:
+      self._check_variants()
+    fn, args = self._program(self.put(batch, decode_only if impl is None else False), impl, extra)
+    return fn.lower(*args)
+
+  def _program(self, packed: PackedBatch, impl=None, extra: Mapping[str, jax.Array] | None = None):
+    """The jitted function and its arguments that run a packed batch: the step (`impl` None) or a variant.
+    `dispatch`, `call` and `lower` all take them from here, so what `warm_up` compiles is what they run."""
+    head = (self.graphdef, self.attention_backend, packed.layout, self.state, self.cache, packed.buffer)
     if impl is None:
-      packed = self.put(batch, decode_only)
-      return self._fn.lower(self.graphdef, self.attention_backend, packed.layout, self.state, self.cache,
-                            packed.buffer)
-    self._check_variants()
-    packed = self.put(batch, decode_only=False)
-    return _shared_jit(impl).lower(self.graphdef, self.attention_backend, packed.layout, self.state, self.cache,
-                                   packed.buffer, dict(extra or {}))
+      return self._fn, head
+    return _shared_jit(impl), head + (dict(extra or {}),)
 
   def dispatch(self, batch: Mapping[str, np.ndarray] | PackedBatch) -> jax.Array:
     """Enqueues one step without waiting for it; returns the sampled tokens [S] as a device array.
@@ -315,8 +319,8 @@ class ModelRunner:
     returns), which is how the engine benchmark measures a step's device time apart from the host's.
     """
     packed = batch if isinstance(batch, PackedBatch) else self.put(batch)
-    (tokens, logits, sampling), self.cache = self._fn(self.graphdef, self.attention_backend, packed.layout,
-                                                      self.state, self.cache, packed.buffer)
+    fn, args = self._program(packed)
+    (tokens, logits, sampling), self.cache = fn(*args)
     return _sample(logits, sampling) if packed.sampled else tokens
 
   @property
@@ -352,6 +356,6 @@ class ModelRunner:
     """
     self._check_variants()
     packed = self.put(batch, decode_only=False)  # One variant per program: warm-up compiles no other.
-    outputs, self.cache = _shared_jit(impl)(self.graphdef, self.attention_backend, packed.layout, self.state,
-                                            self.cache, packed.buffer, dict(extra or {}))
+    fn, args = self._program(packed, impl, extra)
+    outputs, self.cache = fn(*args)
     return jax.tree_util.tree_map(np.asarray, outputs) if fetch else outputs
