@@ -57,7 +57,6 @@ _CONSUMERS = 2
 _BLOCK_Q = _ROWS_PER_WG * _CONSUMERS  # query tokens per work item
 _LOG2E = math.log2(math.e)
 _SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
-_ORDERS = ("heads", "group")
 _ITEM_FIELDS = 5  # columns of `item_table`
 _SHARED_MEMORY_BYTES = 227 * 1024 - 1024  # sm_90's per-CTA maximum, less room for the barriers
 _WG_THREADS = 128
@@ -76,15 +75,17 @@ class MosaicConfig:
   Attributes:
     block_kv: key tokens per pipeline step (a multiple of 64).
     num_stages: K/V buffers in the shared-memory ring (>= 2).
-    order: how programs map to (query head, work item): "heads" runs all heads of an item next to each
-      other; "group" runs the G query heads of one KV head next to each other, then the items, then the
-      KV heads (neighbours share K/V in L2 either way when G > 1; with G = 1 only "group" does). None:
-      `default_order`.
+    head_chunk: how programs map to (query head, work item). The KV heads are cut into chunks of
+      `head_chunk`; the chunks run one after another, and within a chunk every item runs for all of the
+      chunk's query heads next to each other, heaviest item first. 1 keeps one KV head's items together
+      (the fewest K/V streams in L2 at once); the number of KV heads runs every head of an item together
+      (the best balance: the lightest items run last). Must divide the number of KV heads. None:
+      `default_head_chunk`.
   """
 
   block_kv: int = 128
   num_stages: int = 2
-  order: str | None = None
+  head_chunk: int | None = None
 
   def __post_init__(self):
     if self.block_kv % 64 or self.block_kv <= 0:
@@ -92,16 +93,34 @@ class MosaicConfig:
     max_stages = (_NUM_NAMED_BARRIERS - _FREE_BARRIERS) // 2
     if not 2 <= self.num_stages <= max_stages:
       raise ValueError(f"num_stages must be in [2, {max_stages}], got {self.num_stages}")
-    if self.order is not None and self.order not in _ORDERS:
-      raise ValueError(f"unknown program order {self.order!r}; valid: {_ORDERS}")
+    if self.head_chunk is not None and self.head_chunk <= 0:
+      raise ValueError(f"head_chunk must be positive, got {self.head_chunk}")
 
 
-def default_order(num_tokens: int) -> str:
-  """"heads" (heaviest items of every head first: the best balance) unless the batch is long, where the
-  KV heads' streams together no longer fit L2 and "group" keeps one KV head's items together. H200 (NOTES.md):
-  S=2048 heads 10% faster for G = 1 and 4 (device time, 2026-11-27); S=16384 group 6% faster for G = 1 and
-  1.6% for G = 4 (2026-11-28, 586 vs 577 TFLOP/s, two runs in one process); S=8192 within 1% for both."""
-  return "group" if num_tokens >= 8192 else "heads"
+def default_head_chunk(num_tokens: int, num_kv_heads: int, group: int) -> int:
+  """Every KV head in one chunk (the best balance) for batches under 8192 tokens. Longer ones take the
+  smallest chunk whose programs fill the GPU: the K/V streams of all heads no longer fit L2, and the fewer
+  KV heads run at once the better, but a chunk of fewer programs than SMs leaves its heaviest items
+  running alone at its end, since the next chunk starts heaviest first too.
+
+  H200, TFLOP/s of the chunk sizes in one process (NOTES.md, 2026-11-28), S=8192 K=32: 1 519, 2 538, 4 536,
+  8 531, 32 505; S=16384 K=32: 1-4 574-577, 8 565; S=8192 K=8: 1 and 2 542-545, 8 534; S=2048 K=8: 2 299,
+  8 330.
+  """
+  if num_tokens < 8192:
+    return num_kv_heads
+  num_items = -(-num_tokens // (_CONSUMERS * _ROWS_PER_WG))
+  sms = _num_sms()
+  return next(c for c in range(1, num_kv_heads + 1) if num_kv_heads % c == 0 and c * group * num_items >= sms
+              or c == num_kv_heads)
+
+
+def _num_sms() -> int:
+  """Streaming multiprocessors of the first GPU; 132 (H100 SXM, H200) where JAX has none (lowering on a CPU)."""
+  try:
+    return jax.devices("gpu")[0].core_count
+  except RuntimeError:
+    return 132
 
 
 def shared_memory_bytes(head_dim: int, itemsize: int, config: MosaicConfig) -> int:
@@ -124,6 +143,8 @@ def check_supported(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, *, sli
   head_dim = q.shape[-1]
   if head_dim not in (64, 128):
     raise NotImplementedError(f"the Mosaic GPU prefill kernel needs head_dim 64 or 128, got {head_dim}")
+  if config.head_chunk is not None and k_pages.shape[0] % config.head_chunk:
+    raise NotImplementedError(f"head_chunk {config.head_chunk} does not divide the {k_pages.shape[0]} KV heads")
   page_size = k_pages.shape[2]
   if page_size % 8 or (block_kv % page_size and page_size % block_kv):
     raise NotImplementedError(f"the Mosaic GPU prefill kernel needs a page_size that is a multiple of 8 and "
@@ -163,19 +184,21 @@ def consumer_steps(num_rows, pos_start, kv_len, w: int, block_kv: int):
   return jnp.where(num_rows > w * _ROWS_PER_WG, jnp.maximum((last + block_kv - 1) // block_kv, 0), 0)
 
 
+def program_slot(program, *, group: int, head_chunk: int, num_items: int):
+  """(query head, work item) of a program (see `MosaicConfig.head_chunk`). Works on scalars and arrays."""
+  chunk_heads = head_chunk * group  # query heads of one chunk
+  rest = lax.rem(program, chunk_heads * num_items)
+  return lax.div(program, chunk_heads * num_items) * chunk_heads + lax.rem(rest, chunk_heads), lax.div(rest, chunk_heads)
+
+
 def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, block_kv: int, num_stages: int,
-            group: int, order: str, num_items: int, num_slots: int, max_pages: int):
+            group: int, head_chunk: int, num_items: int, num_slots: int, max_pages: int):
   """One (query head, work item); see the module docstring. `meta_ref` is the item table ([W, 5], row-major)
   followed by the page table ([S, Pmax], row-major), flat."""
   (q_smem2, o_smem2, k_smem, v_smem), (k_ready, v_ready, q_ready) = scratch
   num_heads = q_ref.shape[1]
   program = lax.axis_index("programs")
-  if order == "heads":
-    head, item = lax.rem(program, num_heads), lax.div(program, num_heads)
-  else:
-    per_kv_head = group * num_items
-    rest = lax.rem(program, per_kv_head)
-    head, item = lax.div(program, per_kv_head) * group + lax.rem(rest, group), lax.div(rest, group)
+  head, item = program_slot(program, group=group, head_chunk=head_chunk, num_items=num_items)
   wg = lax.axis_index("wg")
   dtype = q_ref.dtype
   head_dim = q_ref.shape[-1]
@@ -394,9 +417,9 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, b
     plgpu.warp_map(lambda warp: pl.when(warp == 0)(_tma_warp))
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "block_kv", "num_stages", "order"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "block_kv", "num_stages", "head_chunk"))
 def _flash_prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale, block_kv,
-                   num_stages, order):
+                   num_stages, head_chunk):
   num_tokens, num_heads, head_dim = q.shape
   num_kv_heads, _, page_size, _ = k_pages.shape
   items = item_table(cu_q_lens.astype(jnp.int32), kv_lens.astype(jnp.int32), num_seqs, num_tokens=num_tokens)
@@ -412,7 +435,7 @@ def _flash_prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs
     pl.run_scoped(
         lambda *scratch: _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, sm_scale=sm_scale,
                                  block_kv=block_kv, num_stages=num_stages, group=num_heads // num_kv_heads,
-                                 order=order, num_items=items.shape[0], num_slots=page_table.shape[0],
+                                 head_chunk=head_chunk, num_items=items.shape[0], num_slots=page_table.shape[0],
                                  max_pages=page_table.shape[1]),
         (
             plgpu.SMEM((_CONSUMERS, _ROWS_PER_WG, head_dim), dtype, transforms=transforms),
@@ -458,4 +481,5 @@ def flash_prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
                   config=config)
   return _flash_prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, sm_scale=float(sm_scale),
                         block_kv=config.block_kv, num_stages=config.num_stages,
-                        order=config.order or default_order(q.shape[0]))
+                        head_chunk=config.head_chunk or default_head_chunk(
+                            q.shape[0], k_pages.shape[0], q.shape[1] // k_pages.shape[0]))

@@ -78,6 +78,20 @@ def test_consumer_steps_cover_the_visible_keys_and_never_go_negative(block_kv):
         assert got == -(-max(visible, 0) // block_kv), (rows, pos, kv_len, w)
 
 
+@pytest.mark.parametrize("num_kv_heads,group,head_chunk", [(8, 4, 1), (8, 4, 2), (8, 4, 8), (32, 1, 4), (3, 2, 3)])
+def test_program_slots_cover_every_head_and_item_once(num_kv_heads, group, head_chunk):
+  num_items = 7
+  program = jnp.arange(num_kv_heads * group * num_items, dtype=jnp.int32)
+  head, item = map(np.asarray, pallas_mgpu.program_slot(program, group=group, head_chunk=head_chunk,
+                                                        num_items=num_items))
+  assert sorted(zip(head.tolist(), item.tolist())) == [(h, i) for h in range(num_kv_heads * group)
+                                                       for i in range(num_items)]
+  # A chunk's programs are contiguous and hold its KV heads only; within it items run heaviest first.
+  chunk_programs = head_chunk * group * num_items
+  assert (head // group // head_chunk == program // chunk_programs).all()
+  assert (np.diff(item.reshape(-1, chunk_programs), axis=1) >= 0).all()
+
+
 def test_rejects_what_it_does_not_serve():
   case = Case(q_lens=(5,), prefixes=(0,), group=2, head_dim=64, page_size=16)
   q, k, v, *_ = make_inputs(case, jnp.bfloat16, seed=0)
@@ -103,8 +117,10 @@ def test_rejects_what_it_does_not_serve():
     pallas_mgpu.MosaicConfig(num_stages=1)
   with pytest.raises(ValueError, match=r"got 5"):  # two named barriers per ring slot, 16 per CTA
     pallas_mgpu.MosaicConfig(num_stages=5)
-  with pytest.raises(ValueError, match="order 'rows'"):
-    pallas_mgpu.MosaicConfig(order="rows")
+  with pytest.raises(ValueError, match="head_chunk must be positive, got 0"):
+    pallas_mgpu.MosaicConfig(head_chunk=0)
+  with pytest.raises(NotImplementedError, match="head_chunk 3 does not divide the 2 KV heads"):
+    check(config=pallas_mgpu.MosaicConfig(head_chunk=3))
 
 
 def test_implementation_choice():
@@ -123,11 +139,11 @@ def test_implementation_choice():
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-@pytest.mark.parametrize("head_dim,group,page_size,dtype,order", [
+@pytest.mark.parametrize("head_dim,group,page_size,dtype,head_chunk", [
     (128, 4, 16, jnp.bfloat16, None),
-    (64, 1, 256, jnp.float16, "group"),
+    (64, 1, 256, jnp.float16, 1),
 ])
-def test_lowers_for_cuda(head_dim, group, page_size, dtype, order):
+def test_lowers_for_cuda(head_dim, group, page_size, dtype, head_chunk):
   """Lowers the kernel to its Mosaic GPU custom call for CUDA, on any machine (layouts, TMA shapes and
   barrier use are checked at this point; PTX is only generated on a GPU)."""
   num_kv_heads, num_slots = 2, 3
@@ -136,7 +152,7 @@ def test_lowers_for_cuda(head_dim, group, page_size, dtype, order):
   args = (sds((301, num_kv_heads * group, head_dim), dtype), kv, kv, sds((num_slots,), jnp.int32),
           sds((num_slots, 9), jnp.int32), sds((num_slots + 1,), jnp.int32), sds((1,), jnp.int32))
   fn = lambda *a: pallas_mgpu.flash_prefill(*a, sm_scale=head_dim ** -0.5,
-                                            config=pallas_mgpu.MosaicConfig(order=order))
+                                            config=pallas_mgpu.MosaicConfig(head_chunk=head_chunk))
   assert "mosaic_gpu" in lower_for_cuda(fn, args)
 
 
@@ -154,9 +170,12 @@ _GPU_CASES = {
                                  pad_tokens=200), jnp.bfloat16, None),
     "g4_130_padding_rows_bkv64": (Case(q_lens=(57,), prefixes=(1,), group=4, head_dim=64, page_size=16,
                                        pad_tokens=130), jnp.bfloat16, pallas_mgpu.MosaicConfig(64, 3)),
-    "g4_d64_bkv64_3stages_group_order": (Case(q_lens=(1, 130, 77, 300), prefixes=(0, 64, 200, 17), group=4,
-                                              head_dim=64, page_size=16, pad_tokens=5), jnp.bfloat16,
-                                         pallas_mgpu.MosaicConfig(64, 3, "group")),
+    "g4_d64_bkv64_3stages_chunks_of_one_kv_head": (
+        Case(q_lens=(1, 130, 77, 300), prefixes=(0, 64, 200, 17), group=4, head_dim=64, page_size=16,
+             pad_tokens=5, num_kv_heads=4), jnp.bfloat16, pallas_mgpu.MosaicConfig(64, 3, head_chunk=1)),
+    "g2_chunks_of_two_kv_heads": (Case(q_lens=(1, 130, 77, 300), prefixes=(0, 64, 200, 17), group=2,
+                                       head_dim=128, page_size=16, pad_tokens=5, num_kv_heads=4), jnp.bfloat16,
+                                  pallas_mgpu.MosaicConfig(head_chunk=2)),
 }
 
 
