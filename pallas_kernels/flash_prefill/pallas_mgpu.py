@@ -187,8 +187,8 @@ def consumer_steps(num_rows, pos_start, kv_len, w: int, block_kv: int):
 def program_slot(program, *, group: int, head_chunk: int, num_items: int):
   """(query head, work item) of a program (see `MosaicConfig.head_chunk`). Works on scalars and arrays."""
   chunk_heads = head_chunk * group  # query heads of one chunk
-  rest = lax.rem(program, chunk_heads * num_items)
-  return lax.div(program, chunk_heads * num_items) * chunk_heads + lax.rem(rest, chunk_heads), lax.div(rest, chunk_heads)
+  chunk, rest = lax.div(program, chunk_heads * num_items), lax.rem(program, chunk_heads * num_items)
+  return chunk * chunk_heads + lax.rem(rest, chunk_heads), lax.div(rest, chunk_heads)
 
 
 def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, block_kv: int, num_stages: int,

@@ -2,11 +2,13 @@
 
 `load_hf` reads a checkpoint directory with one `model.safetensors` or several shards listed in
 `model.safetensors.index.json`; `save_hf` writes one back that `transformers` loads. Weights move
-between the layouts below (HF Linear weights are [out, in]):
+between the layouts below (HF Linear weights are [out, in]; G = H / K):
 
-    q_proj.weight [H*D, E]  <->  q_proj [E, H, D]        o_proj.weight [E, H*D]  <->  o_proj [H, D, E]
-    k/v_proj.weight [K*D, E] <-> k/v_proj [E, K, D]      gate/up_proj.weight [F, E] <-> [E, F]
-    down_proj.weight [E, F] <-> down_proj [F, E]         lm_head.weight [V, E] <-> lm_head [E, V]
+    q_proj.weight [H*D, E]   <->  qkv_proj[:, :, :G]  [E, K, G, D]     o_proj.weight [E, H*D] <-> o_proj [H, D, E]
+    k_proj.weight [K*D, E]   <->  qkv_proj[:, :, G]   [E, K, D]        down_proj.weight [E, F] <-> down_proj [F, E]
+    v_proj.weight [K*D, E]   <->  qkv_proj[:, :, G+1] [E, K, D]        lm_head.weight [V, E] <-> lm_head [E, V]
+    gate_proj.weight [F, E]  <->  gate_up_proj[:, 0]  [E, F]           (q/k/v biases likewise into qkv_bias)
+    up_proj.weight [F, E]    <->  gate_up_proj[:, 1]  [E, F]
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class _Tensor:
   hf_shape: tuple[int, ...]
   to_pdopt: Callable[[jax.Array], jax.Array]
   to_hf: Callable[[jax.Array], jax.Array]
+  part: tuple[Any, ...] = ()  # index of this tensor within the parameter (several HF tensors share one)
 
 
 def _tensors(c: ModelConfig) -> Iterator[_Tensor]:
@@ -47,18 +50,21 @@ def _tensors(c: ModelConfig) -> Iterator[_Tensor]:
   for i in range(c.num_layers):
     pre = f"model.layers.{i}."
     layer = ("layers", i)
-    for name, n in (("q", h), ("k", k), ("v", k)):
-      yield _Tensor(f"{pre}self_attn.{name}_proj.weight", layer + ("attn", f"{name}_proj"), (n * d, e),
-                    lambda x, n=n: x.reshape(n, d, e).transpose(2, 0, 1),
-                    lambda x, n=n: x.transpose(1, 2, 0).reshape(n * d, e))
+    g = h // k
+    every = slice(None)
+    for name, slots in (("q", slice(0, g)), ("k", slice(g, g + 1)), ("v", slice(g + 1, g + 2))):
+      s = slots.stop - slots.start  # heads of this projection per KV head
+      yield _Tensor(f"{pre}self_attn.{name}_proj.weight", layer + ("attn", "qkv_proj"), (k * s * d, e),
+                    lambda x, s=s: x.reshape(k, s, d, e).transpose(3, 0, 1, 2),
+                    lambda x, s=s: x.transpose(1, 2, 3, 0).reshape(k * s * d, e), part=(every, every, slots))
       if c.qkv_bias:
-        yield _Tensor(f"{pre}self_attn.{name}_proj.bias", layer + ("attn", f"{name}_bias"), (n * d,),
-                      lambda x, n=n: x.reshape(n, d), lambda x, n=n: x.reshape(n * d))
+        yield _Tensor(f"{pre}self_attn.{name}_proj.bias", layer + ("attn", "qkv_bias"), (k * s * d,),
+                      lambda x, s=s: x.reshape(k, s, d), lambda x, s=s: x.reshape(k * s * d), part=(every, slots))
     yield _Tensor(f"{pre}self_attn.o_proj.weight", layer + ("attn", "o_proj"), (e, h * d),
                   lambda x: x.reshape(e, h, d).transpose(1, 2, 0), lambda x: x.transpose(2, 0, 1).reshape(e, h * d))
-    for name in ("gate", "up"):
-      yield _Tensor(f"{pre}mlp.{name}_proj.weight", layer + ("mlp", f"{name}_proj"), (f, e),
-                    jnp.transpose, jnp.transpose)
+    for index, name in enumerate(("gate", "up")):
+      yield _Tensor(f"{pre}mlp.{name}_proj.weight", layer + ("mlp", "gate_up_proj"), (f, e),
+                    jnp.transpose, jnp.transpose, part=(every, index))
     yield _Tensor(f"{pre}mlp.down_proj.weight", layer + ("mlp", "down_proj"), (e, f), jnp.transpose, jnp.transpose)
     yield _Tensor(f"{pre}input_layernorm.weight", layer + ("input_norm", "weight"), (e,), ident, ident)
     yield _Tensor(f"{pre}post_attention_layernorm.weight", layer + ("post_attn_norm", "weight"), (e,), ident, ident)
@@ -123,6 +129,7 @@ def load_hf(directory: str | os.PathLike, dtype: str = "float32") -> Transformer
   tensors = _read_tensors(_shard_files(directory))
   model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   target = jnp.dtype(dtype)
+  params: dict[tuple[Any, ...], jax.Array] = {}
   for spec in _tensors(config):
     if spec.hf_name not in tensors:
       raise ValueError(f"checkpoint {directory!r} is missing tensor {spec.hf_name!r}")
@@ -130,7 +137,11 @@ def load_hf(directory: str | os.PathLike, dtype: str = "float32") -> Transformer
     if tuple(value.shape) != spec.hf_shape:
       raise ValueError(f"tensor {spec.hf_name!r} has shape {tuple(value.shape)}, expected {spec.hf_shape} "
                        f"from config.json")
-    _variable(model, spec.path).set_value(spec.to_pdopt(jnp.asarray(value)).astype(target))
+    if spec.path not in params:
+      params[spec.path] = jnp.zeros(_variable(model, spec.path).get_value().shape, target)
+    params[spec.path] = params[spec.path].at[spec.part].set(spec.to_pdopt(jnp.asarray(value)).astype(target))
+  for path, value in params.items():
+    _variable(model, path).set_value(value)
   _materialize_buffers(model, config)
   return model
 
@@ -160,7 +171,7 @@ def save_hf(model: Transformer, directory: str | os.PathLike, max_shard_bytes: i
   config = model.config
   with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as fh:
     json.dump(config.to_hf(), fh, indent=2)
-  tensors = {s.hf_name: s.to_hf(_variable(model, s.path)[...]) for s in _tensors(config)}
+  tensors = {s.hf_name: s.to_hf(_variable(model, s.path)[...][s.part]) for s in _tensors(config)}
   if max_shard_bytes is None:
     save_file(tensors, os.path.join(directory, _SINGLE), metadata={"format": "pt"})
     return

@@ -51,8 +51,8 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
   return out.astype(out_dtype or a.dtype)
 
 
-def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = 0.02) -> nnx.Param:
-  return nnx.Param((jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype))
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = 0.02) -> jax.Array:
+  return (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -100,34 +100,40 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 
 class Attention(nnx.Module):
-  """Grouped-query attention over a paged KV cache."""
+  """Grouped-query attention over a paged KV cache.
+
+  The q, k and v projections are one weight `qkv_proj` [E, K, G + 2, D]: for each KV head, its G query heads,
+  then its key, then its value (query head h belongs to KV head h // G, as in HF Llama). One matmul then
+  reads all three (at the 1B shape's batch-64 decode step, q/k/v 8.7 -> 7.1 us per layer on an H200, see
+  pallas_kernels/NOTES.md), and tensor parallelism splits it along K, giving each device whole groups.
+  """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     dtype = jnp.dtype(config.dtype)
     e, h, k, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-    self.q_proj = _normal(rngs, (e, h, d), dtype)  # [E, H, D]
-    self.k_proj = _normal(rngs, (e, k, d), dtype)  # [E, K, D]
-    self.v_proj = _normal(rngs, (e, k, d), dtype)  # [E, K, D]
-    self.o_proj = _normal(rngs, (h, d, e), dtype)  # [H, D, E]
-    if config.qkv_bias:
-      self.q_bias = nnx.Param(jnp.zeros((h, d), dtype))
-      self.k_bias = nnx.Param(jnp.zeros((k, d), dtype))
-      self.v_bias = nnx.Param(jnp.zeros((k, d), dtype))
-    self.qkv_bias = config.qkv_bias
+    # Drawn as three projections (the random model of a seed does not depend on the layout).
+    q, k_proj, v_proj = (_normal(rngs, (e, n, d), dtype) for n in (h, k, k))
+    self.qkv_proj = nnx.Param(jnp.concatenate([q.reshape(e, k, h // k, d), k_proj[:, :, None], v_proj[:, :, None]],
+                                              axis=2))  # [E, K, G + 2, D]
+    self.o_proj = nnx.Param(_normal(rngs, (h, d, e), dtype))  # [H, D, E]
+    self.qkv_bias = nnx.Param(jnp.zeros((k, h // k + 2, d), dtype)) if config.qkv_bias else None  # [K, G + 2, D]
     self.sm_scale = d ** -0.5
     self.sliding_window = config.sliding_window
     self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(d, config.rope_theta, config.rope_scaling)))
 
+  def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q [T, H, D] and k [T, K, D] rotated to their positions [T], and v [T, K, D], of the tokens x [T, E]."""
+    qkv = einsum("TE,EKND->TKND", x, self.qkv_proj[...])
+    if self.qkv_bias is not None:
+      qkv = qkv + self.qkv_bias[...]
+    group = qkv.shape[2] - 2
+    q = qkv[:, :, :group].reshape(qkv.shape[0], -1, qkv.shape[-1])
+    inv_freq = self.inv_freq[...]
+    return apply_rope(q, positions, inv_freq), apply_rope(qkv[:, :, group], positions, inv_freq), qkv[:, :, group + 1]
+
   def __call__(self, x: jax.Array, meta: AttentionMetadata, cache: LayerCache,
                attention_backend: str = "auto") -> tuple[jax.Array, LayerCache]:
-    q = einsum("TE,EHD->THD", x, self.q_proj[...])
-    k = einsum("TE,EKD->TKD", x, self.k_proj[...])
-    v = einsum("TE,EKD->TKD", x, self.v_proj[...])
-    if self.qkv_bias:
-      q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
-    inv_freq = self.inv_freq[...]
-    q = apply_rope(q, meta.positions, inv_freq)
-    k = apply_rope(k, meta.positions, inv_freq)
+    q, k, v = self.project(x, meta.positions)
     cache = write_layer(cache, k, v, meta.slot_mapping)
     k_pages, v_pages, *scales = cache
     out = attention_api.ragged_paged_attention(
@@ -138,16 +144,14 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up as one weight `gate_up_proj` [E, 2, F] (one matmul)."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     dtype = jnp.dtype(config.dtype)
     e, f = config.hidden_size, config.intermediate_size
-    self.gate_proj = _normal(rngs, (e, f), dtype)  # [E, F]
-    self.up_proj = _normal(rngs, (e, f), dtype)  # [E, F]
-    self.down_proj = _normal(rngs, (f, e), dtype)  # [F, E]
+    self.gate_up_proj = nnx.Param(jnp.stack([_normal(rngs, (e, f), dtype) for _ in range(2)], axis=1))  # [E, 2, F]
+    self.down_proj = nnx.Param(_normal(rngs, (f, e), dtype))  # [F, E]
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    gate = einsum("TE,EF->TF", x, self.gate_proj[...])
-    up = einsum("TE,EF->TF", x, self.up_proj[...])
-    return einsum("TF,FE->TE", jax.nn.silu(gate) * up, self.down_proj[...])
+    gate_up = einsum("TE,ECF->TCF", x, self.gate_up_proj[...])
+    return einsum("TF,FE->TE", jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], self.down_proj[...])

@@ -1,6 +1,6 @@
 """Logical axis names of every parameter and of the KV cache, and the single table mapping them to mesh axes.
 
-Tensor parallelism over `model` (Megatron style): query and KV heads, MLP columns (gate/up) and rows
+Tensor parallelism over `model` (Megatron style): KV heads with their query heads, MLP columns (gate/up) and rows
 (down), and the vocabulary are split; activations between blocks stay replicated, so XLA inserts one
 all-reduce after the attention output projection and one after the MLP down projection. The KV cache
 splits with its KV heads, so each device keeps and reads only its heads' pages.
@@ -26,6 +26,8 @@ LOGICAL_RULES: dict[str, str | None] = {
     "kv_heads": MODEL,
     "head_dim": None,
     "mlp": MODEL,
+    "qkv": None,  # the G query heads, key and value of one KV head in `qkv_proj`
+    "gate_up": None,
     "pages": None,
     "page_slot": None,
 }
@@ -34,15 +36,10 @@ LOGICAL_RULES: dict[str, str | None] = {
 _PARAM_AXES: dict[str, tuple[str, ...]] = {
     "embed": ("vocab", "embed"),
     "lm_head": ("embed", "vocab"),
-    "q_proj": ("embed", "heads", "head_dim"),
-    "k_proj": ("embed", "kv_heads", "head_dim"),
-    "v_proj": ("embed", "kv_heads", "head_dim"),
+    "qkv_proj": ("embed", "kv_heads", "qkv", "head_dim"),
     "o_proj": ("heads", "head_dim", "embed"),
-    "q_bias": ("heads", "head_dim"),
-    "k_bias": ("kv_heads", "head_dim"),
-    "v_bias": ("kv_heads", "head_dim"),
-    "gate_proj": ("embed", "mlp"),
-    "up_proj": ("embed", "mlp"),
+    "qkv_bias": ("kv_heads", "qkv", "head_dim"),
+    "gate_up_proj": ("embed", "gate_up", "mlp"),
     "down_proj": ("mlp", "embed"),
     "weight": ("embed",),  # RMSNorm
 }
@@ -51,7 +48,7 @@ CACHE_AXES = ("kv_heads", "pages", "page_slot", "head_dim")
 
 
 def logical_axes(path: tuple[Any, ...]) -> tuple[str, ...]:
-  """Logical axes of the parameter at `path` in the Transformer (e.g. ("layers", 0, "attn", "q_proj"))."""
+  """Logical axes of the parameter at `path` in the Transformer (e.g. ("layers", 0, "attn", "qkv_proj"))."""
   name = path[-1]
   if name not in _PARAM_AXES:
     raise KeyError(f"no logical axes for parameter {'/'.join(map(str, path))}")

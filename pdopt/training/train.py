@@ -33,7 +33,7 @@ from flax import nnx
 
 from pdopt.models import checkpoints
 from pdopt.models.config import Family, ModelConfig
-from pdopt.models.layers import apply_rope, einsum
+from pdopt.models.layers import einsum
 from pdopt.models.transformer import Transformer, init_model, logits as ragged_logits
 from pdopt.training import data, tokenizer as tok
 
@@ -69,13 +69,7 @@ def dense_logits(model: Transformer, tokens: jax.Array) -> jax.Array:
   for layer in model.layers:
     attn = layer.attn
     h = layer.input_norm(x)
-    q = einsum("TE,EHD->THD", h, attn.q_proj[...])
-    k = einsum("TE,EKD->TKD", h, attn.k_proj[...])
-    v = einsum("TE,EKD->TKD", h, attn.v_proj[...])
-    if attn.qkv_bias:
-      q, k, v = q + attn.q_bias[...], k + attn.k_bias[...], v + attn.v_bias[...]
-    q = apply_rope(q, positions, attn.inv_freq[...])
-    k = apply_rope(k, positions, attn.inv_freq[...])
+    q, k, v = attn.project(h, positions)
     qg = q.astype(jnp.float32).reshape(b, l, k_heads, group, -1)  # [B, T, K, G, D]
     kb = k.astype(jnp.float32).reshape(b, l, k_heads, -1)  # [B, S, K, D]
     vb = v.astype(jnp.float32).reshape(b, l, k_heads, -1)  # [B, S, K, D]

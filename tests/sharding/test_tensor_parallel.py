@@ -17,7 +17,7 @@ _CHILD = textwrap.dedent("""
     import jax, numpy as np, pdopt
     from pdopt.sharding import MeshConfig, make_mesh, shard_model, cache_sharding
     assert len(jax.devices()) == 8
-    cfg = pdopt.preset("tiny").replace(num_heads=8, num_kv_heads=8, head_dim=16, intermediate_size=352)
+    cfg = pdopt.preset("tiny").replace(num_heads=16, num_kv_heads=8, head_dim=16, intermediate_size=352)
     ids = list(range(2, 70))
     ref = pdopt.logits(pdopt.init_model(cfg, seed=1), ids)
     prompts = [list(range(3, 3 + n)) for n in (5, 40, 17)]
@@ -27,8 +27,9 @@ _CHILD = textwrap.dedent("""
     for tp in (1, 2, 4, 8):
       mesh = make_mesh(MeshConfig(data=-1, model=tp))
       model = shard_model(pdopt.init_model(cfg, seed=1), mesh)
-      spec = model.layers[0].attn.q_proj[...].sharding.spec
-      assert tuple(spec) == (None, "model", None), spec
+      spec = model.layers[0].attn.qkv_proj[...].sharding.spec  # whole groups (2 query heads, k, v) per device
+      assert tuple(spec) == (None, "model", None, None), spec
+      assert tuple(model.layers[0].mlp.gate_up_proj[...].sharding.spec) == (None, None, "model")
       assert tuple(model.layers[0].mlp.down_proj[...].sharding.spec) == ("model", None)
       out = pdopt.logits(model, ids)
       err = float(np.abs(out - ref).max() / np.abs(ref).max())
