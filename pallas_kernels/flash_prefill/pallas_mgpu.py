@@ -98,14 +98,14 @@ class MosaicConfig:
 
 
 def default_head_chunk(num_tokens: int, num_kv_heads: int, group: int) -> int:
-  """Every KV head in one chunk (the best balance) for batches under 8192 tokens. Longer ones take the
-  smallest chunk whose programs fill the GPU: the K/V streams of all heads no longer fit L2, and the fewer
-  KV heads run at once the better, but a chunk of fewer programs than SMs leaves its heaviest items
-  running alone at its end, since the next chunk starts heaviest first too.
+  """Every KV head in one chunk (the best balance) for batches under 8192 tokens (S=2048: 10% faster than
+  chunks of one KV head for G = 1 and 4, H200, 2026-11-27). Longer ones take the smallest chunk whose
+  (query head, item) pairs fill the GPU: the K/V streams of all heads no longer fit L2, and the fewer KV heads
+  run at once the better, but a chunk of fewer pairs than SMs leaves its heaviest items running alone at its
+  end, since the next chunk starts heaviest first too.
 
   H200, TFLOP/s of the chunk sizes in one process (NOTES.md, 2026-11-28), S=8192 K=32: 1 519, 2 538, 4 536,
-  8 531, 32 505; S=16384 K=32: 1-4 574-577, 8 565; S=8192 K=8: 1 and 2 542-545, 8 534; S=2048 K=8: 2 299,
-  8 330.
+  8 531, 32 505; S=16384 K=32: 1-4 574-577, 8 565; S=8192 K=8: 1 and 2 542-545, 8 534.
   """
   if num_tokens < 8192:
     return num_kv_heads
@@ -143,8 +143,8 @@ def check_supported(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, *, sli
   head_dim = q.shape[-1]
   if head_dim not in (64, 128):
     raise NotImplementedError(f"the Mosaic GPU prefill kernel needs head_dim 64 or 128, got {head_dim}")
-  if config.head_chunk is not None and k_pages.shape[0] % config.head_chunk:
-    raise NotImplementedError(f"head_chunk {config.head_chunk} does not divide the {k_pages.shape[0]} KV heads")
+  if config.head_chunk is not None and k_pages.shape[0] % config.head_chunk:  # a bad argument, not a fallback
+    raise ValueError(f"head_chunk {config.head_chunk} does not divide the {k_pages.shape[0]} KV heads")
   page_size = k_pages.shape[2]
   if page_size % 8 or (block_kv % page_size and page_size % block_kv):
     raise NotImplementedError(f"the Mosaic GPU prefill kernel needs a page_size that is a multiple of 8 and "

@@ -99,7 +99,7 @@ def restore(directory: str | os.PathLike, dtype: str | None = None) -> Transform
   except Exception as e:  # orbax raises many types for truncated or garbled files.
     raise CheckpointError(f"cannot read parameters in {params_path!r}: {type(e).__name__}: {e}") from e
   expected = abstract.to_pure_dict()
-  values = _match(loaded, expected, directory, "")
+  values = _match(_merge_projections(loaded), expected, directory, "")
   abstract.replace_by_pure_dict(values)
   nnx.update(model, abstract)
   _materialize_buffers(model, config)
@@ -115,6 +115,26 @@ def _restore_tree(path: str) -> Any:
   restore_args = jax.tree_util.tree_map(lambda _: ocp.ArrayRestoreArgs(sharding=device), tree)
   with ocp.PyTreeCheckpointer() as ckptr:
     return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def _merge_projections(tree: Any) -> Any:
+  """A tree saved before 2026-11-28, with q/k/v (and their biases) and gate/up as separate parameters, in
+  today's layout (`Attention.qkv_proj`, `MLP.gate_up_proj`); any other tree as it is."""
+  layers = tree.get("layers") if isinstance(tree, dict) else None
+  if not isinstance(layers, dict):
+    return tree
+  for layer in layers.values():
+    attn, mlp = layer.get("attn", {}), layer.get("mlp", {})
+    if {"q_proj", "k_proj", "v_proj"} <= attn.keys():  # [E, H, D], [E, K, D], [E, K, D]
+      q, k, v = (jax.numpy.asarray(attn.pop(f"{n}_proj")) for n in "qkv")
+      e, kv_heads, d = k.shape
+      attn["qkv_proj"] = jax.numpy.concatenate([q.reshape(e, kv_heads, -1, d), k[:, :, None], v[:, :, None]], 2)
+    if {"q_bias", "k_bias", "v_bias"} <= attn.keys():  # [H, D], [K, D], [K, D]
+      q, k, v = (jax.numpy.asarray(attn.pop(f"{n}_bias")) for n in "qkv")
+      attn["qkv_bias"] = jax.numpy.concatenate([q.reshape(k.shape[0], -1, k.shape[1]), k[:, None], v[:, None]], 1)
+    if {"gate_proj", "up_proj"} <= mlp.keys():  # [E, F] each
+      mlp["gate_up_proj"] = jax.numpy.stack([jax.numpy.asarray(mlp.pop(n)) for n in ("gate_proj", "up_proj")], 1)
+  return tree
 
 
 def _match(loaded: Any, like: Any, directory: str, name: str) -> Any:

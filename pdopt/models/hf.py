@@ -129,7 +129,7 @@ def load_hf(directory: str | os.PathLike, dtype: str = "float32") -> Transformer
   tensors = _read_tensors(_shard_files(directory))
   model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   target = jnp.dtype(dtype)
-  params: dict[tuple[Any, ...], jax.Array] = {}
+  merged: dict[tuple[Any, ...], np.ndarray] = {}  # host buffers of parameters made of several HF tensors
   for spec in _tensors(config):
     if spec.hf_name not in tensors:
       raise ValueError(f"checkpoint {directory!r} is missing tensor {spec.hf_name!r}")
@@ -137,11 +137,15 @@ def load_hf(directory: str | os.PathLike, dtype: str = "float32") -> Transformer
     if tuple(value.shape) != spec.hf_shape:
       raise ValueError(f"tensor {spec.hf_name!r} has shape {tuple(value.shape)}, expected {spec.hf_shape} "
                        f"from config.json")
-    if spec.path not in params:
-      params[spec.path] = jnp.zeros(_variable(model, spec.path).get_value().shape, target)
-    params[spec.path] = params[spec.path].at[spec.part].set(spec.to_pdopt(jnp.asarray(value)).astype(target))
-  for path, value in params.items():
-    _variable(model, path).set_value(value)
+    value = spec.to_pdopt(jnp.asarray(value)).astype(target)
+    if not spec.part:
+      _variable(model, spec.path).set_value(value)
+      continue
+    if spec.path not in merged:
+      merged[spec.path] = np.empty(_variable(model, spec.path).get_value().shape, target)
+    merged[spec.path][spec.part] = np.asarray(value)
+  for path, value in merged.items():
+    _variable(model, path).set_value(jnp.asarray(value))
   _materialize_buffers(model, config)
   return model
 

@@ -45,17 +45,18 @@ class AttentionMetadata:
 
 
 def einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
-  """Einsum with float32 accumulation; float32 operands run at HIGHEST precision (no TF32).
+  """Einsum with float32 accumulation; float32 products run at HIGHEST precision (no TF32).
 
-  A 16-bit product that stays 16-bit is asked for in its own dtype: the matrix units (and XLA's CPU dots)
-  accumulate it in float32 anyway, and asking for a float32 result that is then rounded made XLA's GPU
-  matmuls up to 40% slower at prefill shapes (H200, NOTES.md).
+  The output is `out_dtype` (default: a's dtype). A 16-bit product whose output keeps its dtype is asked for in
+  that dtype: the matrix units (and XLA's CPU dots) accumulate it in float32 anyway, and asking for a float32
+  result that is then rounded made XLA's GPU matmuls up to 40% slower at prefill shapes (H200, NOTES.md).
   """
   out_dtype = jnp.dtype(out_dtype or a.dtype)
-  if a.dtype == jnp.float32:
+  dtype = jnp.result_type(a, b)  # what the operands are computed in
+  if dtype == jnp.float32:
     out = jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
   else:
-    out = jnp.einsum(spec, a, b, preferred_element_type=out_dtype if out_dtype == a.dtype else jnp.float32)
+    out = jnp.einsum(spec, a, b, preferred_element_type=out_dtype if out_dtype == dtype else jnp.float32)
   return out.astype(out_dtype)
 
 

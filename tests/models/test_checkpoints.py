@@ -32,6 +32,32 @@ def test_round_trip_is_bit_exact(model, tmp_path):
   np.testing.assert_array_equal(pdopt.logits(model, [5, 6, 7]), pdopt.logits(restored, [5, 6, 7]))
 
 
+def test_restores_the_layout_of_separate_projections(tmp_path):
+  """Checkpoints saved before q/k/v and gate/up were merged into one weight each load into today's layout."""
+  import orbax.checkpoint as ocp
+  from flax import nnx
+  model = pdopt.init_model(pdopt.preset("tiny", qkv_bias=True), seed=4)  # 4 query heads, 2 KV heads
+  for layer in model.layers:  # non-zero biases, so that their placement is checked too
+    layer.attn.qkv_bias[...] = np.random.default_rng(0).normal(size=layer.attn.qkv_bias.shape).astype("float32")
+  checkpoints.save(model, tmp_path / "ckpt")
+  tree = nnx.state(model, nnx.Param).to_pure_dict()
+  for layer in tree["layers"].values():
+    attn, mlp = layer["attn"], layer["mlp"]
+    qkv, bias = np.asarray(attn.pop("qkv_proj")), np.asarray(attn.pop("qkv_bias"))  # [E, K, G + 2, D], [K, G + 2, D]
+    e, kv_heads, group, d = qkv.shape[0], qkv.shape[1], qkv.shape[2] - 2, qkv.shape[3]
+    attn.update(q_proj=qkv[:, :, :group].reshape(e, kv_heads * group, d), k_proj=qkv[:, :, group],
+                v_proj=qkv[:, :, group + 1], q_bias=bias[:, :group].reshape(kv_heads * group, d),
+                k_bias=bias[:, group], v_bias=bias[:, group + 1])
+    gate_up = np.asarray(mlp.pop("gate_up_proj"))
+    mlp.update(gate_proj=gate_up[:, 0], up_proj=gate_up[:, 1])
+  shutil.rmtree(tmp_path / "ckpt" / "params")
+  with ocp.PyTreeCheckpointer() as ckptr:
+    ckptr.save(str(tmp_path / "ckpt" / "params"), tree)
+  restored = checkpoints.restore(tmp_path / "ckpt")
+  for a, b in zip(_leaves(model), _leaves(restored), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_missing_directory(tmp_path):
   with pytest.raises(checkpoints.CheckpointError, match="does not exist"):
     checkpoints.restore(tmp_path / "nope")

@@ -119,7 +119,7 @@ def test_rejects_what_it_does_not_serve():
     pallas_mgpu.MosaicConfig(num_stages=5)
   with pytest.raises(ValueError, match="head_chunk must be positive, got 0"):
     pallas_mgpu.MosaicConfig(head_chunk=0)
-  with pytest.raises(NotImplementedError, match="head_chunk 3 does not divide the 2 KV heads"):
+  with pytest.raises(ValueError, match="head_chunk 3 does not divide the 2 KV heads"):
     check(config=pallas_mgpu.MosaicConfig(head_chunk=3))
 
 
