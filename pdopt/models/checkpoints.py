@@ -19,6 +19,7 @@ from flax import nnx
 
 from pdopt.models.config import Family, ModelConfig, RopeScaling, RopeType
 from pdopt.models.hf import _materialize_buffers
+from pdopt.models.layers import merge_qkv
 from pdopt.models.transformer import Transformer
 
 _CONFIG = "model_config.json"
@@ -125,13 +126,9 @@ def _merge_projections(tree: Any) -> Any:
     return tree
   for layer in layers.values():
     attn, mlp = layer.get("attn", {}), layer.get("mlp", {})
-    if {"q_proj", "k_proj", "v_proj"} <= attn.keys():  # [E, H, D], [E, K, D], [E, K, D]
-      q, k, v = (jax.numpy.asarray(attn.pop(f"{n}_proj")) for n in "qkv")
-      e, kv_heads, d = k.shape
-      attn["qkv_proj"] = jax.numpy.concatenate([q.reshape(e, kv_heads, -1, d), k[:, :, None], v[:, :, None]], 2)
-    if {"q_bias", "k_bias", "v_bias"} <= attn.keys():  # [H, D], [K, D], [K, D]
-      q, k, v = (jax.numpy.asarray(attn.pop(f"{n}_bias")) for n in "qkv")
-      attn["qkv_bias"] = jax.numpy.concatenate([q.reshape(k.shape[0], -1, k.shape[1]), k[:, None], v[:, None]], 1)
+    for kind in ("proj", "bias"):  # weights [E, H, D], [E, K, D], [E, K, D]; biases [H, D], [K, D], [K, D]
+      if {f"q_{kind}", f"k_{kind}", f"v_{kind}"} <= attn.keys():
+        attn[f"qkv_{kind}"] = merge_qkv(*(jax.numpy.asarray(attn.pop(f"{n}_{kind}")) for n in "qkv"))
     if {"gate_proj", "up_proj"} <= mlp.keys():  # [E, F] each
       mlp["gate_up_proj"] = jax.numpy.stack([jax.numpy.asarray(mlp.pop(n)) for n in ("gate_proj", "up_proj")], 1)
   return tree

@@ -108,6 +108,14 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def merge_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """The layout of `Attention.qkv_proj` and `qkv_bias` from separate projections: q [..., H, D], k and v
+  [..., K, D] -> [..., K, G + 2, D] (per KV head its G query heads, then k, then v)."""
+  *lead, kv_heads, d = k.shape
+  q = q.reshape(*lead, kv_heads, -1, d)
+  return jnp.concatenate([q, k[..., None, :], v[..., None, :]], axis=-2)
+
+
 class Attention(nnx.Module):
   """Grouped-query attention over a paged KV cache.
 
@@ -121,9 +129,7 @@ class Attention(nnx.Module):
     dtype = jnp.dtype(config.dtype)
     e, h, k, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
     # Drawn as three projections (the random model of a seed does not depend on the layout).
-    q, k_proj, v_proj = (_normal(rngs, (e, n, d), dtype) for n in (h, k, k))
-    self.qkv_proj = nnx.Param(jnp.concatenate([q.reshape(e, k, h // k, d), k_proj[:, :, None], v_proj[:, :, None]],
-                                              axis=2))  # [E, K, G + 2, D]
+    self.qkv_proj = nnx.Param(merge_qkv(*(_normal(rngs, (e, n, d), dtype) for n in (h, k, k))))  # [E, K, G + 2, D]
     self.o_proj = nnx.Param(_normal(rngs, (h, d, e), dtype))  # [H, D, E]
     self.qkv_bias = nnx.Param(jnp.zeros((k, h // k + 2, d), dtype)) if config.qkv_bias else None  # [K, G + 2, D]
     self.sm_scale = d ** -0.5
