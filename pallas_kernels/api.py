@@ -38,7 +38,9 @@ class Backend(enum.Enum):
       raise ValueError(f"unknown attention backend {name!r}; valid: {valid}") from None
 
 
-def _dispatch(kernel: Callable[[], Callable] | None, ref: Callable, backend: "str | Backend", *args, **kwargs):
+def dispatch(kernel: Callable[[], Callable] | None, ref: Callable, backend: "str | Backend", *args, **kwargs):
+  """Calls `kernel()` (a loader, so kernels import only when used) or `ref` with the arguments, by
+  `backend` as described above."""
   backend = Backend.parse(backend)
   if backend is Backend.REFERENCE:
     return ref(*args, **kwargs)
@@ -76,16 +78,16 @@ def ragged_paged_attention(*args, backend: "str | Backend" = "auto", **kwargs) -
   On GPU the decode tokens go to the split-K decode kernel and the prompt chunks to the flash prefill
   kernel, in one call (`pallas_kernels.mixed_batch`); the model's attention layers call this.
   """
-  return _dispatch(_mixed_kernel, reference.ragged_paged_attention, backend, *args, **kwargs)
+  return dispatch(_mixed_kernel, reference.ragged_paged_attention, backend, *args, **kwargs)
 
 
 def prefill_attention(*args, backend: "str | Backend" = "auto", **kwargs) -> jax.Array:
   """Causal attention for ragged prompt chunks with cached prefixes; signature of
   `reference.ragged_paged_attention`."""
-  return _dispatch(_prefill_kernel, reference.ragged_paged_attention, backend, *args, **kwargs)
+  return dispatch(_prefill_kernel, reference.ragged_paged_attention, backend, *args, **kwargs)
 
 
 def paged_decode_attention(*args, backend: "str | Backend" = "auto", **kwargs) -> jax.Array:
   """Split-K paged decode attention (Q >= 1 queries per sequence); signature of
   `reference.paged_decode_attention`."""
-  return _dispatch(_decode_kernel, reference.paged_decode_attention, backend, *args, **kwargs)
+  return dispatch(_decode_kernel, reference.paged_decode_attention, backend, *args, **kwargs)

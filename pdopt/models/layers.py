@@ -72,9 +72,14 @@ class RMSNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return self.weight[...] * xf.astype(x.dtype)
+    return rms_norm(x, self.weight[...], self.eps)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """x [..., E] over its root mean square (in float32), times `weight` [E] in x's dtype."""
+  xf = x.astype(jnp.float32)
+  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return weight * xf.astype(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:
@@ -116,6 +121,53 @@ def merge_qkv(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return jnp.concatenate([q, k[..., None, :], v[..., None, :]], axis=-2)
 
 
+def qkv_rope(x: jax.Array, qkv_proj: jax.Array, qkv_bias: jax.Array | None, positions: jax.Array,
+             inv_freq: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """q [T, H, D] and k [T, K, D] rotated to their positions [T], and v [T, K, D], of normalized tokens x
+  [T, E] through the merged projection `qkv_proj` [E, K, G + 2, D] (and bias [K, G + 2, D] or None)."""
+  qkv = einsum("TE,EKND->TKND", x, qkv_proj)
+  if qkv_bias is not None:
+    qkv = qkv + qkv_bias
+  group = qkv.shape[2] - 2
+  q = qkv[:, :, :group].reshape(qkv.shape[0], -1, qkv.shape[-1])
+  return apply_rope(q, positions, inv_freq), apply_rope(qkv[:, :, group], positions, inv_freq), qkv[:, :, group + 1]
+
+
+def norm_qkv_rope_write(x: jax.Array, norm_weight: jax.Array, qkv_proj: jax.Array, qkv_bias: jax.Array | None,
+                        positions: jax.Array, inv_freq: jax.Array, slot_mapping: jax.Array, cache: LayerCache, *,
+                        eps: float) -> tuple[jax.Array, LayerCache]:
+  """The first half of an attention layer before attention itself: RMSNorm of the residual stream x [T, E]
+  (weight [E], eps), q/k/v with RoPE (`qkv_rope`), and k and v written into the cache at `slot_mapping` [T]
+  (`write_layer`). Returns (q [T, H, D], the cache). The reference of the fused GPU kernel of the same name
+  in `pallas_kernels.fused_layer`."""
+  q, k, v = qkv_rope(rms_norm(x, norm_weight, eps), qkv_proj, qkv_bias, positions, inv_freq)
+  return q, write_layer(cache, k, v, slot_mapping)
+
+
+# Most tokens of a decode step that the fused norm + q/k/v kernel serves. At the Llama-3.2-1B shape on an
+# H200 it took 6-7% off the batch-1 step's busy time and 2% at batch 64, and added 4% at batch 256, where its
+# matmul reads the weights once per 64-row block and XLA's GEMM once (pallas_kernels/NOTES.md, ## engine).
+FUSED_MAX_TOKENS = 64
+
+
+def fused_backend(meta: AttentionMetadata, attention_backend: str, num_tokens: int) -> str:
+  """Backend of the fused norm + q/k/v kernel (`pallas_kernels.fused_layer`) for a step of `num_tokens`:
+  "auto" for decode-only steps of at most FUSED_MAX_TOKENS tokens unless attention runs its reference,
+  "reference" otherwise.
+
+  Decode steps only: there a step is the weights' bytes plus a launch per kernel, and the fusion saves
+  launches; a prompt's matmuls are compute-bound and XLA's GEMMs run them faster. Inputs the kernel does not
+  serve (quantized caches) fall back to the reference whatever the attention backend.
+  """
+  reference = attention_api.Backend.parse(attention_backend) is attention_api.Backend.REFERENCE
+  return "auto" if meta.decode_only and num_tokens <= FUSED_MAX_TOKENS and not reference else "reference"
+
+
+def _fused_qkv_kernel():
+  from pallas_kernels.fused_layer import norm_qkv_rope_write as kernel  # pylint: disable=import-outside-toplevel
+  return kernel
+
+
 class Attention(nnx.Module):
   """Grouped-query attention over a paged KV cache.
 
@@ -136,20 +188,21 @@ class Attention(nnx.Module):
     self.sliding_window = config.sliding_window
     self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(d, config.rope_theta, config.rope_scaling)))
 
-  def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """q [T, H, D] and k [T, K, D] rotated to their positions [T], and v [T, K, D], of the tokens x [T, E]."""
-    qkv = einsum("TE,EKND->TKND", x, self.qkv_proj[...])
-    if self.qkv_bias is not None:
-      qkv = qkv + self.qkv_bias[...]
-    group = qkv.shape[2] - 2
-    q = qkv[:, :, :group].reshape(qkv.shape[0], -1, qkv.shape[-1])
-    inv_freq = self.inv_freq[...]
-    return apply_rope(q, positions, inv_freq), apply_rope(qkv[:, :, group], positions, inv_freq), qkv[:, :, group + 1]
+  def _bias(self) -> jax.Array | None:
+    return None if self.qkv_bias is None else self.qkv_bias[...]
 
-  def __call__(self, x: jax.Array, meta: AttentionMetadata, cache: LayerCache,
+  def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q [T, H, D] and k [T, K, D] rotated to their positions [T], and v [T, K, D], of normalized tokens x
+    [T, E]."""
+    return qkv_rope(x, self.qkv_proj[...], self._bias(), positions, self.inv_freq[...])
+
+  def __call__(self, x: jax.Array, norm: RMSNorm, meta: AttentionMetadata, cache: LayerCache,
                attention_backend: str = "auto") -> tuple[jax.Array, LayerCache]:
-    q, k, v = self.project(x, meta.positions)
-    cache = write_layer(cache, k, v, meta.slot_mapping)
+    """Attention of the residual stream x [T, E] after `norm`; returns (the o projection [T, E], the cache)."""
+    backend = fused_backend(meta, attention_backend, x.shape[0])
+    q, cache = attention_api.dispatch(_fused_qkv_kernel, norm_qkv_rope_write, backend, x, norm.weight[...],
+                                      self.qkv_proj[...], self._bias(), meta.positions, self.inv_freq[...],
+                                      meta.slot_mapping, cache, eps=norm.eps)
     k_pages, v_pages, *scales = cache
     out = attention_api.ragged_paged_attention(
         q, k_pages, v_pages, meta.kv_lens, meta.page_table, meta.cu_q_lens, meta.num_seqs,

@@ -32,7 +32,7 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(config, rngs=rngs)
 
   def __call__(self, x, meta, cache: LayerCache, attention_backend: str):
-    h, cache = self.attn(self.input_norm(x), meta, cache, attention_backend=attention_backend)
+    h, cache = self.attn(x, self.input_norm, meta, cache, attention_backend=attention_backend)
     x = x + h
     x = x + self.mlp(self.post_attn_norm(x))
     return x, cache
