@@ -22,6 +22,7 @@ pages and for int8 pages of 16 or a multiple of 32 tokens (it also serves head_d
   a split past the end does nothing and reports (m = -inf, l = 0). `num_splits` is chosen from the
   number of SMs so that one sequence with a long context still fills the chip.
 - Each split writes float32 partials (acc, m, l) with m in log2 units; `combine_splits` merges them in jnp.
+  With one split the program normalizes its rows itself and writes the output in q's dtype and layout.
 - Quantized pages (int8 / float8_e4m3fn) are converted to float16 in registers (exact for both; int8 by
   bit arithmetic, see `_upcast`); per-(token, head) scales multiply the logits (K) and the
   probabilities (V), per-head scales fold into the softmax scale (K) and the final accumulator (V).
@@ -136,10 +137,9 @@ def _decode_kernel(
     v_ref,  # [P * page_size, D]
     k_scale_ref,  # None, [1] (per head) or [P * page_size] (per token) float32
     v_scale_ref,  # None, [1] (per head) or [P * page_size] (per token) float32
-    acc_ref,  # [M, D] float32: unnormalized output of this split
-    m_ref,  # [M] float32: running max of the logits, log2 units
-    l_ref,  # [M] float32: softmax denominator
-    *,
+    *out_refs,  # one split: o_ref [Q * H, D] in q's dtype, this sequence's output rows; else the split's
+    # partials acc_ref [M, D] float32 (unnormalized output), m_ref [M] float32 (running max of the logits,
+    # log2 units) and l_ref [M] float32 (softmax denominator)
     q_len: int,
     group: int,
     page_size: int,
@@ -222,25 +222,50 @@ def _decode_kernel(
   acc, m, l = lax.fori_loop(first, last, body, init)
   if v_scale_ref is not None and not per_token_v:
     acc = acc * v_scale_ref[0]
+  if len(out_refs) == 1:  # one split: the normalized output, in q's rows (no combine after the kernel)
+    o_ref, = out_refs
+    real = row < q_len * group
+    # Padding rows point past the output: the Pallas interpreter implements a masked store as a scatter of
+    # (mask ? new : old), where a duplicate of a real row could put back the old value.
+    o_row = jnp.where(real, q_row, o_ref.shape[0] + row)
+    out = acc / jnp.where(l > 0, l, 1.0)[:, None]  # no key (kv_len 0): acc = 0, l = 0, output 0
+    plgpu.store(o_ref.at[o_row[:, None], dim], out.astype(o_ref.dtype),
+                mask=jnp.broadcast_to(real[:, None], (rows, head_dim)))
+    return
+  acc_ref, m_ref, l_ref = out_refs
   acc_ref[...] = acc
   m_ref[...] = m
   l_ref[...] = l
 
 
+def _merge_partials(a, b):
+  """The monoid of softmax partials (m, l, acc): two splits' running max (log2 units), sum and output as one.
+  A split that saw no key (m = -inf, l = 0, acc = 0) is the identity."""
+  (m_a, l_a, acc_a), (m_b, l_b, acc_b) = a, b
+  m = jnp.maximum(m_a, m_b)
+  w_a = jnp.where(m_a == -jnp.inf, 0.0, jnp.exp2(m_a - m))
+  w_b = jnp.where(m_b == -jnp.inf, 0.0, jnp.exp2(m_b - m))
+  return m, l_a * w_a + l_b * w_b, acc_a * w_a + acc_b * w_b
+
+
 def combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array, *, q_len: int, group: int) -> jax.Array:
   """Merges split partials (both kernels' format): acc [S, K, N, M >= Q * G, D], m (log2 units) and l
-  [S, K, N, M] -> float32 [S, Q, K * G, D]."""
+  [S, K, N, M] -> float32 [S, Q, K * G, D].
+
+  The splits merge in one variadic reduction (`_merge_partials`), which XLA compiles as one kernel; the
+  textbook form (max over splits, then the weighted sums) took three at the batch-1 decode step of the
+  Llama-3.2-1B shape on an H200 (pallas_kernels/NOTES.md, ## engine).
+  """
   num_seqs, num_kv_heads, _, _, head_dim = acc.shape
   rows = q_len * group
   acc, m, l = acc[:, :, :, :rows], m[:, :, :, :rows], l[:, :, :, :rows]
   if acc.shape[2] == 1:  # one split: nothing to weigh (no key: acc = 0, l = 0); one XLA fusion less
     denom, out = l[:, :, 0], acc[:, :, 0]
   else:
-    m_max = jnp.max(m, axis=2, keepdims=True)
-    m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
-    w = jnp.exp2(m - m_max)  # 0 for splits that saw no key
-    denom = jnp.sum(l * w, axis=2)
-    out = jnp.sum(acc * w[..., None], axis=2)
+    m_d, l_d = (jnp.broadcast_to(a[..., None], acc.shape) for a in (m, l))
+    init = (jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.float32(0.0))
+    _, denom, out = lax.reduce((m_d, l_d, acc), init, _merge_partials, (2,))
+    denom = denom[..., 0]
   out = out / jnp.where(denom > 0, denom, 1.0)[..., None]  # [S, K, Q * G, D]
   out = out.reshape(num_seqs, num_kv_heads, q_len, group, head_dim).transpose(0, 2, 1, 3, 4)
   return out.reshape(num_seqs, q_len, num_kv_heads * group, head_dim)
@@ -361,7 +386,7 @@ def _decode(q_flat, k_pages, v_pages, kv_lens, page_table, *, q_len, sm_scale, s
             v_scales=None, num_splits=None, pages_per_block=None, num_warps=None, num_stages=None,
             int8_upcast="bits", interpret=False, implementation=None, mosaic_config=None):
   """The kernel and the combine: q_flat [S' >= S, Q * H, D] (sequence s's queries in row s) ->
-  [S, Q, H, D], float32 (or q's dtype where the Mosaic kernel ran with one split)."""
+  [S, Q, H, D], float32 (or q's dtype where the kernel ran with one split and wrote the output itself)."""
   num_kv_heads, num_pages, page_size, head_dim_k = k_pages.shape
   num_heads = q_flat.shape[1] // q_len
   head_dim = q_flat.shape[2]
@@ -459,18 +484,22 @@ def _decode(q_flat, k_pages, v_pages, kv_lens, page_table, *, q_len, sm_scale, s
       k_scale_spec,
       v_scale_spec,
   ]
-  out_specs = [
-      pl.BlockSpec((None, None, None, rows, head_dim), lambda s, h, j: (s, h, j, 0, 0)),  # acc
-      pl.BlockSpec((None, None, None, rows), lambda s, h, j: (s, h, j, 0)),  # m
-      pl.BlockSpec((None, None, None, rows), lambda s, h, j: (s, h, j, 0)),  # l
-  ]
-  part = (num_seqs, num_kv_heads, num_splits, rows)
-  out_shape = [
-      jax.ShapeDtypeStruct(part + (head_dim,), jnp.float32),
-      jax.ShapeDtypeStruct(part, jnp.float32),
-      jax.ShapeDtypeStruct(part, jnp.float32),
-  ]
-  acc, m, l = pl.pallas_call(
+  if num_splits == 1:  # every KV head's program writes its group's rows of the sequence's output
+    out_specs = [pl.BlockSpec((None, q_len * num_heads, head_dim), lambda s, h, j: (s, 0, 0))]
+    out_shape = [jax.ShapeDtypeStruct((num_seqs, q_len * num_heads, head_dim), q_flat.dtype)]
+  else:
+    part = (num_seqs, num_kv_heads, num_splits, rows)
+    out_specs = [
+        pl.BlockSpec((None, None, None, rows, head_dim), lambda s, h, j: (s, h, j, 0, 0)),  # acc
+        pl.BlockSpec((None, None, None, rows), lambda s, h, j: (s, h, j, 0)),  # m
+        pl.BlockSpec((None, None, None, rows), lambda s, h, j: (s, h, j, 0)),  # l
+    ]
+    out_shape = [
+        jax.ShapeDtypeStruct(part + (head_dim,), jnp.float32),
+        jax.ShapeDtypeStruct(part, jnp.float32),
+        jax.ShapeDtypeStruct(part, jnp.float32),
+    ]
+  out = pl.pallas_call(
       kernel,
       grid=grid,
       in_specs=in_specs,
@@ -480,5 +509,6 @@ def _decode(q_flat, k_pages, v_pages, kv_lens, page_table, *, q_len, sm_scale, s
       interpret=interpret,
       name=f"paged_decode_q{q_len}_g{group}_ppb{pages_per_block}",
   )(kv_lens.astype(jnp.int32), page_table.astype(jnp.int32), q_flat, k_flat, v_flat, k_scales, v_scales)
-
-  return combine_splits(acc, m, l, q_len=q_len, group=group)
+  if num_splits == 1:
+    return out[0].reshape(num_seqs, q_len, num_heads, head_dim)
+  return combine_splits(*out, q_len=q_len, group=group)

@@ -93,6 +93,9 @@ _CASES = [
     (jnp.bfloat16, Case(group=4, q_len=2, page_size=8, kv_lens=(13, 1), max_pages=5, num_splits=None)),
     (jnp.bfloat16, Case(group=8, q_len=4, page_size=16, kv_lens=(40, 17, 5), max_pages=3,
                         num_splits=2, pages_per_block=1, num_kv_heads=1)),
+    # One split: the kernel writes the normalized rows itself (8 of 16 rows real, a padding sequence).
+    (jnp.float32, Case(group=4, q_len=2, page_size=4, kv_lens=(7, 0, 13), max_pages=4, num_splits=1,
+                       pages_per_block=2)),
 ]
 
 
@@ -113,6 +116,8 @@ _QUANT_CASES = [
     ("fp8", "token", Case(group=1, q_len=2, page_size=4, kv_lens=(11, 3), max_pages=4, num_splits=3,
                           pages_per_block=2)),
     ("fp8", "head", Case(group=8, q_len=1, page_size=8, kv_lens=(20, 9), max_pages=3, num_splits=2)),
+    ("int8", "head", Case(group=2, q_len=3, page_size=8, kv_lens=(9, 17), max_pages=3, num_splits=1,
+                          pages_per_block=1)),
 ]
 
 
