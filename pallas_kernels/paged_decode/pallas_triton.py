@@ -238,34 +238,20 @@ def _decode_kernel(
   l_ref[...] = l
 
 
-def _merge_partials(a, b):
-  """The monoid of softmax partials (m, l, acc): two splits' running max (log2 units), sum and output as one.
-  A split that saw no key (m = -inf, l = 0, acc = 0) is the identity."""
-  (m_a, l_a, acc_a), (m_b, l_b, acc_b) = a, b
-  m = jnp.maximum(m_a, m_b)
-  w_a = jnp.where(m_a == -jnp.inf, 0.0, jnp.exp2(m_a - m))
-  w_b = jnp.where(m_b == -jnp.inf, 0.0, jnp.exp2(m_b - m))
-  return m, l_a * w_a + l_b * w_b, acc_a * w_a + acc_b * w_b
-
-
 def combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array, *, q_len: int, group: int) -> jax.Array:
   """Merges split partials (both kernels' format): acc [S, K, N, M >= Q * G, D], m (log2 units) and l
-  [S, K, N, M] -> float32 [S, Q, K * G, D].
-
-  The splits merge in one variadic reduction (`_merge_partials`), which XLA compiles as one kernel; the
-  textbook form (max over splits, then the weighted sums) took three at the batch-1 decode step of the
-  Llama-3.2-1B shape on an H200 (pallas_kernels/NOTES.md, ## engine).
-  """
+  [S, K, N, M] -> float32 [S, Q, K * G, D]."""
   num_seqs, num_kv_heads, _, _, head_dim = acc.shape
   rows = q_len * group
   acc, m, l = acc[:, :, :, :rows], m[:, :, :, :rows], l[:, :, :, :rows]
   if acc.shape[2] == 1:  # one split: nothing to weigh (no key: acc = 0, l = 0); one XLA fusion less
     denom, out = l[:, :, 0], acc[:, :, 0]
   else:
-    m_d, l_d = (jnp.broadcast_to(a[..., None], acc.shape) for a in (m, l))
-    init = (jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.float32(0.0))
-    _, denom, out = lax.reduce((m_d, l_d, acc), init, _merge_partials, (2,))
-    denom = denom[..., 0]
+    m_max = jnp.max(m, axis=2, keepdims=True)
+    m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
+    w = jnp.exp2(m - m_max)  # 0 for splits that saw no key
+    denom = jnp.sum(l * w, axis=2)
+    out = jnp.sum(acc * w[..., None], axis=2)
   out = out / jnp.where(denom > 0, denom, 1.0)[..., None]  # [S, K, Q * G, D]
   out = out.reshape(num_seqs, num_kv_heads, q_len, group, head_dim).transpose(0, 2, 1, 3, 4)
   return out.reshape(num_seqs, q_len, num_kv_heads * group, head_dim)

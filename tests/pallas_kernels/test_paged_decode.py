@@ -18,7 +18,7 @@ import pytest
 
 from pallas_kernels import reference
 from pallas_kernels.paged_decode import (choose_num_splits, dequantize_kv, paged_decode, pallas_triton,
-                                         quantize_kv, storage_dtype)
+                                         quantize_kv, ragged_decode, storage_dtype)
 
 _ON_GPU = jax.devices()[0].platform == "gpu"
 _TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -169,6 +169,25 @@ def test_quantize_round_trip(kind, granularity):
   np.testing.assert_array_equal(fixed_scales, 0.5)
   with pytest.raises(ValueError, match="valid"):
     quantize_kv(x, "int4", granularity)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("num_tokens", [2, 3, 5])  # fewer rows than sequences, as many, padding rows after
+def test_ragged_decode_one_split_writes_rows_in_place(num_tokens):
+  """The engine's decode path (`ragged_decode`) with one split, where the kernel writes the output rows itself:
+  the same rows as with three splits and the reference, zeros for padding rows, in q's dtype."""
+  case = Case(group=4, q_len=1, page_size=8, kv_lens=(12, 0, 30), max_pages=4, num_splits=1)
+  q, k, v, kv_lens, table = _inputs(np.random.default_rng(num_tokens), case, jnp.float32)
+  q, k, v = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+  rows = jnp.concatenate([q[:, 0], jnp.ones((2,) + q.shape[2:], q.dtype)])[:num_tokens]  # [T, H, D]
+  run = functools.partial(ragged_decode, k_pages=k, v_pages=v, kv_lens=kv_lens, page_table=table,
+                          sm_scale=case.head_dim**-0.5, pages_per_block=2, interpret=True)
+  one, three = run(rows, num_splits=1), run(rows, num_splits=3)
+  assert one.shape == rows.shape and one.dtype == jnp.bfloat16
+  want = _reference(case, q, k, v, kv_lens, table)[:, 0]
+  real = min(num_tokens, 3)
+  _assert_close(one[:real], want[:real], _TOL[jnp.bfloat16])
+  np.testing.assert_allclose(np.asarray(one, np.float32), np.asarray(three, np.float32), atol=1e-2)
+  assert not np.asarray(one[3:], np.float32).any() and not np.asarray(one[1], np.float32).any()
 
 
 def test_unsupported_inputs_raise_not_implemented():
