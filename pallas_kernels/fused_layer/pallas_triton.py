@@ -218,7 +218,8 @@ def norm_qkv_rope_write(
     norm_weight: the input RMSNorm's weight; eps its epsilon.
     qkv_proj, qkv_bias: the merged projection (per KV head its G query heads, then k, then v) and bias.
     positions: each token's position (RoPE); inv_freq: RoPE's inverse frequencies.
-    slot_mapping: flat cache slot `page * page_size + offset` of each token; negative writes nothing.
+    slot_mapping: flat cache slot `page * page_size + offset` of each token, below P * page_size; negative
+      writes nothing.
     cache: the layer's unquantized pages, updated in place under `jit` with donation.
     config: launch parameters; default `default_config(T)`.
     interpret: run in the Pallas interpreter (CPU tests).
@@ -227,16 +228,21 @@ def norm_qkv_rope_write(
     (q [T, H, D] in x's dtype, rotated; the cache with k and v written).
 
   Raises:
-    NotImplementedError: quantized pages, dtypes other than float32/bfloat16/float16, or sizes without
-      power-of-two blocks (head_dim / 2 and a column block of at least 16 dividing the projection's width).
+    NotImplementedError: quantized pages, dtypes other than float32/bfloat16/float16 (the same for x and the
+      weights), or sizes without power-of-two blocks (head_dim / 2, row blocks, and blocks of at least 16
+      dividing the projection's width and E / splits).
   """
   if len(cache) != 2:
     raise NotImplementedError("norm_qkv_rope_write serves unquantized caches only")
   k_pages, v_pages = cache
   hidden, num_kv_heads, parts, head_dim = qkv_proj.shape
   config = config or default_config(x.shape[0])
-  if x.ndim != 2 or x.dtype not in _DTYPES:
-    raise NotImplementedError(f"x must be [T, E] float32/bfloat16/float16, got {x.shape} {x.dtype}")
+  if x.ndim != 2 or x.dtype not in _DTYPES or {norm_weight.dtype, qkv_proj.dtype} != {x.dtype}:
+    raise NotImplementedError(f"x must be [T, E] float32/bfloat16/float16 like the weights, got x {x.shape} "
+                              f"{x.dtype}, norm weight {norm_weight.dtype}, qkv_proj {qkv_proj.dtype}")
+  if any(n < 1 or n & (n - 1) for n in (config.block_rows, config.epilogue_rows)):
+    raise NotImplementedError(f"block_rows={config.block_rows} and epilogue_rows={config.epilogue_rows} must be "
+                              "powers of two")
   if norm_weight.shape != (x.shape[1],) or hidden != x.shape[1]:
     raise NotImplementedError(f"hidden sizes differ: x {x.shape}, norm weight {norm_weight.shape}, "
                               f"qkv_proj {qkv_proj.shape}")

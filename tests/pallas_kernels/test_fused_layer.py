@@ -1,9 +1,9 @@
 """Tests of the fused norm + q/k/v + RoPE + KV write kernels (Pallas interpreter on CPU; the real backend on a
 GPU) against their reference, the model's unfused path (`pdopt.models.layers.norm_qkv_rope_write`).
 
-Pages start as NaN, so a write to a wrong slot or head shows up as a NaN where the reference has a value
-(or a value where it has NaN); some tokens are padding (slot -1) and must write nothing. Row counts not a
-multiple of the row block test the masked rows.
+Pages start with random contents (one page NaN), so a write to a wrong slot or head, or a cache whose
+aliasing was lost, differs from the reference; some tokens are padding (slot -1) and must write nothing.
+Row counts not a multiple of the row block test the masked rows.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pdopt.models.config import RopeScaling, RopeType
 
 _ON_GPU = jax.devices()[0].platform == "gpu"
 _INTERPRET = not _ON_GPU
-_TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
+_TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2, jnp.float16: 4e-3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +50,11 @@ def _qkv_inputs(rng, c: Case, dtype):
                                                                                   factor=32.0)))
   slots = rng.permutation(num_pages * page_size)[:c.tokens]
   slots[rng.random(c.tokens) < 0.25] = -1  # padding tokens
+  # Finite old contents, so a kernel that lost the cache's aliasing (the interpreter fills outputs with NaN)
+  # or wrote a wrong slot differs from the reference; one page is NaN and must stay so.
   shape = (c.kv_heads, num_pages, page_size, c.head_dim)
-  cache = (jnp.full(shape, jnp.nan, dtype), jnp.full(shape, jnp.nan, dtype))
+  cache = tuple(jnp.asarray(rng.standard_normal(shape), dtype).at[:, 5].set(jnp.nan) for _ in range(2))
+  slots = np.where(slots // page_size == 5, -1, slots)
   return x, norm_w, w, bias, positions, inv_freq, jnp.asarray(slots, jnp.int32), cache
 
 
@@ -63,12 +66,14 @@ def _close(got, want, dtype, what):
   np.testing.assert_allclose(got[ok], want[ok], atol=_TOL[dtype] * scale, rtol=_TOL[dtype], err_msg=what)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("case", [
     Case(tokens=1, group=4, head_dim=32, splits=1),
     Case(tokens=5, group=1, head_dim=64, splits=4, block_cols=64),
     Case(tokens=20, group=2, head_dim=32, bias=True),  # two row blocks, the second masked
     Case(tokens=40, group=4, head_dim=32, block_rows=64, epilogue_rows=16),  # epilogue blocks smaller
+    Case(tokens=3, group=8, head_dim=128, kv_heads=1, bias=True),
+    Case(tokens=9, group=3, head_dim=16 * 2, kv_heads=3, splits=4, block_cols=16),
 ])
 def test_norm_qkv_rope_write_matches_reference(case, dtype):
   rng = np.random.default_rng(hash(case) % 2**32)
@@ -95,6 +100,11 @@ def test_rejects_what_it_does_not_serve():
   with pytest.raises(NotImplementedError, match="in 3 splits"):  # 64 / 3
     norm_qkv_rope_write(x, norm_w, w, bias, pos, freq, slots, cache, eps=1e-5, config=FusedConfig(splits=3),
                         interpret=True)
+  with pytest.raises(NotImplementedError, match="powers of two"):
+    norm_qkv_rope_write(x, norm_w, w, bias, pos, freq, slots, cache, eps=1e-5, config=FusedConfig(block_rows=48),
+                        interpret=True)
+  with pytest.raises(NotImplementedError, match="like the weights"):
+    norm_qkv_rope_write(x, norm_w, w.astype(jnp.bfloat16), bias, pos, freq, slots, cache, eps=1e-5, interpret=True)
 
 
 def test_default_config_serves_the_default_shapes():
