@@ -33,14 +33,12 @@ from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
 from pallas_kernels.flash_prefill import tuning
+from pallas_kernels.triton_util import CompilerParams
 
 # Finite so that a row whose keys are all masked in one block gives exp2(0) = 1 rather than NaN; the
 # next unmasked key rescales that garbage by exp2(-huge) = 0. Every real row sees key 0 in block 0.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
-
-# NOTE: renamed across JAX versions (TritonCompilerParams -> CompilerParams).
-_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
 
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -229,7 +227,7 @@ def _flash_prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs
       grid=(work_seq.shape[0], num_kv_heads),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       input_output_aliases={8: 0},
-      compiler_params=_CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      compiler_params=CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="flash_prefill",
   )(work_seq, work_block, cu_q_lens.astype(jnp.int32), kv_lens.astype(jnp.int32),

@@ -31,7 +31,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
-_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+from pallas_kernels.triton_util import CompilerParams
+
 _MIN_DOT = 16  # smallest dimension of a Triton dot
 _DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
 
@@ -76,7 +77,7 @@ def _pow2_divisor(n: int, at_most: int) -> int:
 
 
 def _rows(num_tokens: int, at_most: int) -> int:
-  return max(_MIN_DOT, min(at_most, 1 << (max(1, num_tokens) - 1).bit_length()))
+  return max(_MIN_DOT, min(at_most, pl.next_power_of_2(num_tokens)))
 
 
 # A masked-out row of a store gets an index past the array, never one that another row writes. The GPU
@@ -270,7 +271,7 @@ def norm_qkv_rope_write(
       grid=(row_blocks, width // cols, splits),
       out_shape=[jax.ShapeDtypeStruct((splits, row_blocks * rows, width), jnp.float32),
                  jax.ShapeDtypeStruct((splits, row_blocks * rows), jnp.float32)],
-      compiler_params=_CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+      compiler_params=CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
       interpret=interpret,
       name=f"norm_qkv_matmul_s{splits}",
   )(x, norm_weight, qkv_proj.reshape(hidden, width))
@@ -286,7 +287,7 @@ def norm_qkv_rope_write(
       out_shape=[jax.ShapeDtypeStruct((num_tokens, num_kv_heads * group * head_dim), x.dtype),
                  jax.ShapeDtypeStruct(k_flat.shape, k_flat.dtype), jax.ShapeDtypeStruct(v_flat.shape, v_flat.dtype)],
       input_output_aliases={num_inputs - 2: 1, num_inputs - 1: 2},
-      compiler_params=_CompilerParams(num_warps=4, num_stages=1),
+      compiler_params=CompilerParams(num_warps=4, num_stages=1),
       interpret=interpret,
       name=f"qkv_rope_write_g{group}_d{head_dim}",
   )(*args)

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.flash_prefill import on_hopper
 from pallas_kernels.paged_decode import pallas_mgpu
+from pallas_kernels.triton_util import CompilerParams
 
 _LOG2E = math.log2(math.e)
 _MIN_ROWS = 16  # smallest M of a Triton dot
@@ -52,7 +53,6 @@ _DEFAULT_NUM_SMS = 132  # H100 / H200 SXM
 _PAGE_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16, jnp.int8,
                                             jnp.float8_e4m3fn))
 
-_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
 
 
 def _next_pow2(n: int) -> int:
@@ -491,7 +491,7 @@ def _decode(q_flat, k_pages, v_pages, kv_lens, page_table, *, q_len, sm_scale, s
       in_specs=in_specs,
       out_specs=out_specs,
       out_shape=out_shape,
-      compiler_params=_CompilerParams(num_warps=num_warps or 4, num_stages=num_stages or 3),
+      compiler_params=CompilerParams(num_warps=num_warps or 4, num_stages=num_stages or 3),
       interpret=interpret,
       name=f"paged_decode_q{q_len}_g{group}_ppb{pages_per_block}",
   )(kv_lens.astype(jnp.int32), page_table.astype(jnp.int32), q_flat, k_flat, v_flat, k_scales, v_scales)
