@@ -50,6 +50,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 from pallas_kernels.flash_prefill import pallas_triton
+from pallas_kernels.gpu_info import num_sms
 from pallas_kernels.mosaic_util import named_barrier, zero_keys_past_end
 
 _ROWS_PER_WG = 64  # wgmma's M per warpgroup
@@ -110,17 +111,9 @@ def default_head_chunk(num_tokens: int, num_kv_heads: int, group: int) -> int:
   if num_tokens < 8192:
     return num_kv_heads
   num_items = -(-num_tokens // (_CONSUMERS * _ROWS_PER_WG))
-  sms = _num_sms()
+  sms = num_sms()
   return next(c for c in range(1, num_kv_heads + 1) if num_kv_heads % c == 0 and c * group * num_items >= sms
               or c == num_kv_heads)
-
-
-def _num_sms() -> int:
-  """Streaming multiprocessors of the first GPU; 132 (H100 SXM, H200) where JAX has none (lowering on a CPU)."""
-  try:
-    return jax.devices("gpu")[0].core_count
-  except RuntimeError:
-    return 132
 
 
 def shared_memory_bytes(head_dim: int, itemsize: int, config: MosaicConfig) -> int:

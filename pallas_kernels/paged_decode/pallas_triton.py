@@ -43,13 +43,13 @@ from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
 from pallas_kernels.flash_prefill import on_hopper
+from pallas_kernels.gpu_info import num_sms
 from pallas_kernels.paged_decode import pallas_mgpu
 from pallas_kernels.triton_util import CompilerParams
 
 _LOG2E = math.log2(math.e)
 _MIN_ROWS = 16  # smallest M of a Triton dot
 _MAX_ROWS = 128  # Q * G beyond this would spill registers; served by the reference instead
-_DEFAULT_NUM_SMS = 132  # H100 / H200 SXM
 _PAGE_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16, jnp.int8,
                                             jnp.float8_e4m3fn))
 
@@ -57,14 +57,6 @@ _PAGE_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float
 
 def _next_pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
-
-
-def _num_sms() -> int:
-  try:
-    dev = jax.devices()[0]
-  except RuntimeError:
-    return _DEFAULT_NUM_SMS
-  return int(getattr(dev, "core_count", 0) or _DEFAULT_NUM_SMS)
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, *, num_sms: int,
@@ -185,9 +177,11 @@ def _decode_kernel(
   def body(b, carry):
     acc, m_prev, l_prev = carry
     pos = b * block_tokens + tok_in_block  # [bt] key positions
-    page_ids = pages_ref[lax.div(pos, page_size)]  # [bt] (each id read page_size times, from L1)
-    slot = page_ids * page_size + lax.rem(pos, page_size)  # [bt] rows of k_ref / v_ref
     in_seq = pos < length
+    # Each id is read page_size times (from L1); ids past the sequence are not read, so the table's width
+    # need not be a multiple of the block's pages.
+    page_ids = plgpu.load(pages_ref.at[lax.div(pos, page_size)], mask=in_seq, other=0)  # [bt]
+    slot = page_ids * page_size + lax.rem(pos, page_size)  # [bt] rows of k_ref / v_ref
     # A 2-D gather straight into the dot's operand: row t of the block is k_ref[slot[t], :]. Slots past
     # kv_len are masked, so stale or NaN cache entries are never read.
     kv_idx = (slot[:, None], dim)
@@ -426,7 +420,7 @@ def _decode(q_flat, k_pages, v_pages, kv_lens, page_table, *, q_len, sm_scale, s
   if implementation == "mosaic":
     if num_splits is None:
       num_splits = choose_num_splits(num_seqs, num_kv_heads, pl.cdiv(max_pages * page_size, config.block_kv),
-                                     num_sms=_num_sms(), programs_per_sm=config.programs_per_sm)
+                                     num_sms=num_sms(), programs_per_sm=config.programs_per_sm)
     out = pallas_mgpu.decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales, v_scales,
                                       q_len=q_len, sm_scale=sm_scale, num_splits=num_splits,
                                       config=config)
@@ -440,11 +434,8 @@ def _decode(q_flat, k_pages, v_pages, kv_lens, page_table, *, q_len, sm_scale, s
   pages_per_block = min(1 << (max(1, pages_per_block).bit_length() - 1), _next_pow2(max_pages))
   pages_per_block = max(pages_per_block, pl.cdiv(16, page_size))
   max_blocks = pl.cdiv(max_pages, pages_per_block)
-  if max_pages % pages_per_block:
-    # A block reads whole rows of `pages_per_block` ids; pad the (small) table, never the cache.
-    page_table = jnp.pad(page_table, ((0, 0), (0, max_blocks * pages_per_block - max_pages)))
   if num_splits is None:
-    num_splits = choose_num_splits(num_seqs, num_kv_heads, max_blocks, num_sms=_num_sms())
+    num_splits = choose_num_splits(num_seqs, num_kv_heads, max_blocks, num_sms=num_sms())
 
   precision = lax.Precision.HIGHEST if q_flat.dtype == jnp.float32 else None
   kernel = functools.partial(
@@ -453,7 +444,6 @@ def _decode(q_flat, k_pages, v_pages, kv_lens, page_table, *, q_len, sm_scale, s
       per_token_k=k_scales is not None and k_scales.ndim == 3,
       per_token_v=v_scales is not None and v_scales.ndim == 3, rows=rows, num_heads=num_heads,
       int8_upcast=int8_upcast)
-  padded_pages = page_table.shape[1]
   num_slots = num_pages * page_size
   # [K, P, page_size, D] -> [K, P * page_size, D] is a bitcast of the contiguous cache, not a copy.
   k_flat = k_pages.reshape(num_kv_heads, num_slots, head_dim)
@@ -463,7 +453,7 @@ def _decode(q_flat, k_pages, v_pages, kv_lens, page_table, *, q_len, sm_scale, s
   grid = (num_seqs, num_kv_heads, num_splits)
   in_specs = [
       pl.BlockSpec((1,), lambda s, h, j: (s,)),  # kv_lens
-      pl.BlockSpec((None, padded_pages), lambda s, h, j: (s, 0)),  # page_table
+      pl.BlockSpec((None, max_pages), lambda s, h, j: (s, 0)),  # page_table
       pl.BlockSpec((None, q_len * num_heads, head_dim), lambda s, h, j: (s, 0, 0)),  # q
       pl.BlockSpec((None, num_slots, head_dim), lambda s, h, j: (h, 0, 0)),  # k_pages
       pl.BlockSpec((None, num_slots, head_dim), lambda s, h, j: (h, 0, 0)),  # v_pages

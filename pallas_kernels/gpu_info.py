@@ -1,0 +1,15 @@
+"""What the kernels ask of the GPU they will run on."""
+
+from __future__ import annotations
+
+import jax
+
+_DEFAULT_NUM_SMS = 132  # H100 SXM, H200
+
+
+def num_sms() -> int:
+  """Streaming multiprocessors of the first GPU; 132 (H100 SXM, H200) where JAX has none (lowering on a CPU)."""
+  try:
+    return int(jax.devices("gpu")[0].core_count or _DEFAULT_NUM_SMS)
+  except RuntimeError:
+    return _DEFAULT_NUM_SMS
