@@ -43,7 +43,9 @@ back, reached only 1.0x the speed of bf16 pages on an H200; upcasting K and V in
 consumers 1.30x at page 16; the int8 MMA for S^T 1.55x, and with two TMA warps 1.63x in kernel time,
 NOTES.md). S^T's int32 entries are scaled by Q's row scales and K's token scales. The softmax then reduces
 along axis 0, across the warpgroup's warps, through a per-consumer scratch (`reduce_keys`). Partials come
-out transposed; `decode_partials` turns them back.
+out transposed; `decode_partials` turns them back. With one split the kernel writes q's rows itself, as for
+bf16 pages: the normalized O^T goes to shared memory in bf16 and one wgmma of a 64 x N identity (registers)
+with it as the transposed B operand gives O (exact: each entry is one product by 1).
 
 Requires bfloat16 or float16 queries; pages in q's dtype (head_dim 64 or 128) or int8 with per-token
 scales (bfloat16 queries, head_dim 128, page_size 16 or a multiple of 32: `_scale_copy`);
@@ -192,7 +194,8 @@ def shared_memory_bytes(head_dim: int, itemsize: int, config: DecodeConfig, page
     return total + 2 * _ROWS * itemsize * head_dim + merge * _ROWS * (head_dim + _STATS) * 4
   n_cols = _query_columns(rows)
   scales = 2 * config.num_stages * 2 * (config.block_kv + _SCALE_COPY_TOKENS // 2) * 4  # at most two phases
-  q = n_cols * head_dim + max(_SCALE_COPY_TOKENS, n_cols) * 4
+  # Q in int8 and its scales; O^T in bf16 and O staged (one split)
+  q = n_cols * head_dim + max(_SCALE_COPY_TOKENS, n_cols) * 4 + (n_cols + _ROWS) * head_dim * itemsize
   return (total + q + merge * (head_dim + _ROWS) * n_cols * 4
           + config.consumers * (config.block_kv * n_cols * itemsize + _REDUCE_SCRATCH * 4) + scales)
 
@@ -262,9 +265,9 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
   `out_refs`: (the attention output [S, Q * H, D]) with one split, (acc, stats) partials otherwise."""
   (q_tiles, k_smem, v_smem, acc_smem, stats_smem, *int8_scratch), (k_ready, v_ready, q_ready) = scratch
   quantized = len(scale_refs) > 0
-  if quantized:  # Q as int8 [N, D] and its row scales
+  if quantized:  # Q as int8 [N, D] and its row scales; the output's tiles (O^T in bf16, O staged for TMA)
     q8_ref, qs_ref = scale_refs[2:]
-    q8_smem, qs_smem = q_tiles
+    q8_smem, qs_smem, ot_smem, q_stage = q_tiles
     p_smem, reduce_smem, *scale_smem = int8_scratch
     n_cols = p_smem.shape[2]  # N: the query rows, padded to a power of two >= 16
   else:  # Q as it arrives (with one split, also the output's staging) and swizzled for wgmma
@@ -472,8 +475,18 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
         a0, a1 = jnp.exp2(m - m_safe), jnp.exp2(m_c - m_safe)
         acc_all = acc_all * along_q(a0, acc.shape) + acc_c * along_q(a1, acc.shape)
         l_all, m = l_all * a0 + l_c * a1, m_new
-      if num_splits == 1 and not quantized:  # the whole sequence: normalize, write q's rows, no combine pass
+      if num_splits == 1:  # the whole sequence: normalize, write q's rows, no combine pass
         out = acc_all / along_q(jnp.where(l_all > 0, l_all, 1.0), acc.shape)  # l = 0: no keys, output 0
+        if quantized:  # O^T [D, N] -> O [64, D]: O = I O^T^T, one wgmma with O^T (in bf16) as its B operand
+          ot_smem[...] = out.astype(dtype)
+          plgpu.commit_smem()
+          eye = jnp.where(iota((_ROWS, n_cols), 0) == iota((_ROWS, n_cols), 1), 1.0, 0.0).astype(dtype)
+
+          def transpose(o_ref):
+            plgpu.wgmma(o_ref, eye, plgpu.transpose_ref(ot_smem, (1, 0)))
+
+          zeros = plgpu.layout_cast(jnp.full((_ROWS, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
+          out = pl.run_state(transpose)(plgpu.ACC.init(zeros))  # exact: one product by 1 per entry
         q_stage[...] = out.astype(dtype)  # free since Q was read
         plgpu.commit_smem()
         for t in range(q_len):
@@ -562,8 +575,7 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
     config: the other launch parameters (unset ones filled in by `DecodeConfig.resolve`).
 
   Returns:
-    With one split and pages in q's dtype, the attention output [S, Q * H, D] in q's dtype (zeros for
-    kv_len 0). Otherwise
+    With one split, the attention output [S, Q * H, D] in q's dtype (zeros for kv_len 0). Otherwise
     (acc [S, K, N, Q * G, D], m [S, K, N, Q * G], l [S, K, N, Q * G]) float32: unnormalized outputs,
     running maxima (log2 units, -inf for a split with no key) and softmax sums of each split, for
     `pallas_triton.combine_splits`.
@@ -597,14 +609,16 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
     scales += (q8, jnp.pad(q_scales, ((0, 0), (0, 0), (0, max(_SCALE_COPY_TOKENS, n_cols) - n_cols))))
   ring = (num_stages, block_kv, head_dim)
   merge = consumers - 1  # consumers 1.. hand their partials to consumer 0 through these tiles
+  p_columns = min(64, n_cols)  # a 128-byte swizzle holds 64 bf16 columns
+  narrow = (plgpu.TilingTransform((8, p_columns)), plgpu.SwizzleTransform(2 * p_columns))  # [*, N] bf16 tiles
   if quantized:  # Q, O^T, its stats, each consumer's P^T tile and reduction scratch, the rings' scales
     q_tiles = (plgpu.SMEM((n_cols, head_dim), jnp.int8, transforms=_swizzled(jnp.int8, head_dim)),
-               plgpu.SMEM((max(_SCALE_COPY_TOKENS, n_cols),), jnp.float32))
+               plgpu.SMEM((max(_SCALE_COPY_TOKENS, n_cols),), jnp.float32),
+               plgpu.SMEM((head_dim, n_cols), dtype, transforms=narrow),  # O^T in bf16, the transpose's operand
+               plgpu.SMEM((_ROWS, head_dim), dtype))  # O, staged for its TMA copies
     out_tiles = (plgpu.SMEM((merge, head_dim, n_cols), jnp.float32), plgpu.SMEM((merge, _ROWS, n_cols), jnp.float32))
-    p_columns = min(64, n_cols)  # a 128-byte swizzle holds 64 bf16 columns
     int8_scratch = (
-        plgpu.SMEM((consumers, block_kv, n_cols), dtype,
-                   transforms=(plgpu.TilingTransform((8, p_columns)), plgpu.SwizzleTransform(2 * p_columns))),
+        plgpu.SMEM((consumers, block_kv, n_cols), dtype, transforms=narrow),
         plgpu.SMEM((consumers, _REDUCE_SCRATCH), jnp.float32),
         *[plgpu.SMEM((num_stages, phases, block_kv + scale_tokens - tokens_per_copy), jnp.float32)] * 2)
   else:
@@ -635,11 +649,11 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
     )
 
   part = (num_seqs, num_kv_heads, num_splits)
-  if quantized:
+  if num_splits == 1:
+    out_type = (jax.ShapeDtypeStruct((num_seqs,) + q_flat.shape[1:], dtype),)
+  elif quantized:
     out_type = (jax.ShapeDtypeStruct(part + (head_dim, n_cols), jnp.float32),
                 jax.ShapeDtypeStruct(part + (2, n_cols), jnp.float32))
-  elif num_splits == 1:
-    out_type = (jax.ShapeDtypeStruct((num_seqs,) + q_flat.shape[1:], dtype),)
   else:
     out_type = (jax.ShapeDtypeStruct(part + (rows, head_dim), jnp.float32),
                 jax.ShapeDtypeStruct(part + (rows, _STATS), jnp.float32))
@@ -652,7 +666,9 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane),
   )(meta, q_flat, k_pages, v_pages, *scales)
+  if num_splits == 1:
+    return outs[0]
   if not quantized:
-    return outs[0] if num_splits == 1 else (outs[0], outs[1][..., 0], outs[1][..., 1])
+    return outs[0], outs[1][..., 0], outs[1][..., 1]
   acc_t, stats = outs[0][..., :rows], outs[1][..., :rows]  # O^T [S, K, N, D, rows], [S, K, N, 2, rows]
   return jnp.swapaxes(acc_t, -1, -2), stats[..., 0, :], stats[..., 1, :]

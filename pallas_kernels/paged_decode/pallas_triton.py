@@ -424,7 +424,7 @@ def _decode(q_flat, k_pages, v_pages, kv_lens, page_table, *, q_len, sm_scale, s
     out = pallas_mgpu.decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales, v_scales,
                                       q_len=q_len, sm_scale=sm_scale, num_splits=num_splits,
                                       config=config)
-    if num_splits == 1 and k_scales is None:  # the kernel wrote the normalized output
+    if num_splits == 1:  # the kernel wrote the normalized output
       return out.reshape(num_seqs, q_len, num_heads, head_dim)
     return combine_splits(*out, q_len=q_len, group=group)
 

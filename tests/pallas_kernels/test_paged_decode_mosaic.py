@@ -7,6 +7,8 @@ it on an sm_90 GPU against the `jnp` reference on shuffled, NaN-poisoned pages (
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -215,6 +217,11 @@ _INT8_CASES = {
     # 40 query rows: the transposed tiles' widest N (64).
     "g8_q5_page32_rows40": (Case(group=8, q_len=5, page_size=32, kv_lens=(5, 33, 700), max_pages=30,
                                  num_splits=2, head_dim=128), None),
+    # One split: the kernel transposes O^T itself and writes q's rows (N = 16 with three consumers, N = 64).
+    "g4_q1_page16_one_split": (Case(group=4, q_len=1, page_size=16, kv_lens=(1, 300, 0, 790), max_pages=50,
+                                    num_splits=1, head_dim=128), None),
+    "g8_q5_page32_rows40_one_split": (Case(group=8, q_len=5, page_size=32, kv_lens=(5, 0, 700), max_pages=30,
+                                           num_splits=1, head_dim=128), None),
 }
 
 
@@ -230,9 +237,15 @@ def test_gpu_int8_matches_reference(name):
   v, v_scales = _quantize(v, "int8", "token")
   q = q.astype(jnp.bfloat16)
   want = _reference(case, q, k, v, kv_lens, table, k_scales=k_scales, v_scales=v_scales)
-  got = paged_decode(q, k, v, kv_lens, table, sm_scale=case.head_dim**-0.5, num_splits=case.num_splits,
-                     k_scales=k_scales, v_scales=v_scales, implementation="mosaic", mosaic_config=config)
+  run = functools.partial(paged_decode, q, k, v, kv_lens, table, sm_scale=case.head_dim**-0.5, k_scales=k_scales,
+                          v_scales=v_scales, implementation="mosaic", mosaic_config=config)
+  got = run(num_splits=case.num_splits)
+  assert got.dtype == jnp.bfloat16
   _assert_close(got, want, 2e-2)
+  assert not np.asarray(got, np.float32)[np.asarray(kv_lens) == 0].any()
+  if case.num_splits == 1:  # the kernel's own output against the combine of two splits' partials
+    two = np.asarray(run(num_splits=2), np.float32)
+    np.testing.assert_allclose(np.asarray(got, np.float32), two, rtol=1e-2, atol=1e-3)
 
 
 @pytest.mark.gpu
