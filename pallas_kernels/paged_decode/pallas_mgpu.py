@@ -194,7 +194,7 @@ def shared_memory_bytes(head_dim: int, itemsize: int, config: DecodeConfig, page
     return total + 2 * _ROWS * itemsize * head_dim + merge * _ROWS * (head_dim + _STATS) * 4
   n_cols = _query_columns(rows)
   scales = 2 * config.num_stages * 2 * (config.block_kv + _SCALE_COPY_TOKENS // 2) * 4  # at most two phases
-  # Q in int8 and its scales; O^T in bf16 and O staged (one split)
+  # Q in int8 and its scales; O^T in bf16 and O staged (used with one split)
   q = n_cols * head_dim + max(_SCALE_COPY_TOKENS, n_cols) * 4 + (n_cols + _ROWS) * head_dim * itemsize
   return (total + q + merge * (head_dim + _ROWS) * n_cols * 4
           + config.consumers * (config.block_kv * n_cols * itemsize + _REDUCE_SCRATCH * 4) + scales)
