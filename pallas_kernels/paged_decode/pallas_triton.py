@@ -54,7 +54,6 @@ _PAGE_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float
                                             jnp.float8_e4m3fn))
 
 
-
 def _next_pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
