@@ -1,6 +1,7 @@
 """pdopt: prefill/decode-aware LLM inference in JAX."""
 
-from pdopt.engine.engine import Engine, EngineConfig
+from pdopt.engine.config import EngineConfig
+from pdopt.engine.engine import Engine
 from pdopt.engine.request import RequestOutput, SamplingParams
 from pdopt.models.config import ModelConfig, preset
 from pdopt.models.hf import load_hf, save_hf

@@ -40,7 +40,8 @@ from experiments.benchmarks import decode as decode_bench
 from experiments.benchmarks import timing
 from pdopt.benchmark import config as config_lib
 from pdopt.benchmark import experiment
-from pdopt.engine.batch import ChunkSpec, pack
+from pdopt.engine.batch import ChunkSpec, StepBatch, build
+from pdopt.engine.executor import Work
 from pdopt.metrics import report
 from pdopt.models.config import ModelConfig
 
@@ -134,19 +135,14 @@ def _random_prompts(rng: np.random.Generator, n: int, length: int, vocab: int) -
   return rng.integers(100, vocab - 100, (n, length)).tolist()
 
 
-def _decode_batch(engine: pdopt.Engine) -> dict[str, np.ndarray]:
-  """The packed batch of the engine's next step if every running request decodes one token."""
-  chunks = []
-  for rid in engine.running:
-    req = engine.requests[rid]
-    chunks.append(ChunkSpec(token_ids=req.all_token_ids[-1:], start=req.num_tokens - 1,
-                            page_table=engine.block_manager.page_table(rid), temperature=0.0, top_k=0,
-                            top_p=1.0, seed=req.seed, token_index=req.num_generated))
-  shape = engine.buckets.pick(len(chunks), len(chunks), max(len(c.page_table) for c in chunks))
-  return pack(chunks, engine.config.page_size, shape)
+def _decode_batch(engine: pdopt.Engine) -> StepBatch:
+  """The batch of the engine's next step if every running request decodes one token."""
+  requests = [engine.requests[rid] for rid in engine.running]
+  return engine.executor.batch([Work(req, req.num_tokens - 1, 1, is_decode=True) for req in requests],
+                               decode_only=True)
 
 
-def device_step_seconds(runner, batch: dict[str, np.ndarray], iters: int) -> float:
+def device_step_seconds(runner, batch: StepBatch, iters: int) -> float:
   """Device time of one step: `iters` steps dispatched back to back, divided by `iters`."""
   arrays = runner.put(batch)
   jax.block_until_ready(runner.dispatch(arrays))
@@ -159,7 +155,7 @@ def device_step_seconds(runner, batch: dict[str, np.ndarray], iters: int) -> flo
   return min(times)
 
 
-def host_costs(runner, batch: dict[str, np.ndarray], iters: int = 20) -> tuple[float, float]:
+def host_costs(runner, batch: StepBatch, iters: int = 20) -> tuple[float, float]:
   """Two parts of the host's share of a step: copying the packed batch to the device (until it is there),
   and the time `dispatch` takes to return with the batch already on the device (launch of the compiled
   step). Medians in seconds."""
@@ -201,10 +197,10 @@ def bench_decode(model, s: Settings, copy_tbps: float) -> list[dict[str, Any]]:
     # Where an engine step's host time goes (Python frames and runtime events; GPU only).
     step_profile = timing.device_profile(engine.step, calls=10, top=40) or {}
     host_batch = _decode_batch(engine)
-    device = device_step_seconds(engine.runner, host_batch, iters=s.decode_steps)
-    put, launch = host_costs(engine.runner, host_batch)
-    arrays = engine.runner.put(host_batch)
-    profile = timing.device_profile(lambda: engine.runner.dispatch(arrays), calls=10, top=40) or {}
+    device = device_step_seconds(engine.executor.runner, host_batch, iters=s.decode_steps)
+    put, launch = host_costs(engine.executor.runner, host_batch)
+    arrays = engine.executor.runner.put(host_batch)
+    profile = timing.device_profile(lambda: engine.executor.runner.dispatch(arrays), calls=10, top=40) or {}
     context = statistics.mean(engine.requests[i].num_tokens for i in ids)
     kv = batch * context * kv_bytes_per_token(c)
     floor = (wbytes + kv) / (copy_tbps * 1e12)
@@ -223,8 +219,8 @@ def bench_decode(model, s: Settings, copy_tbps: float) -> list[dict[str, Any]]:
   return rows
 
 
-def _prefill_batch(engine: pdopt.Engine, prompts: list[list[int]]) -> dict[str, np.ndarray]:
-  """A packed step over whole `prompts` on free pages of the engine (which must be idle)."""
+def _prefill_batch(engine: pdopt.Engine, prompts: list[list[int]]) -> StepBatch:
+  """A step over whole `prompts` on free pages of the engine (which must be idle)."""
   page_size = engine.config.page_size
   chunks, next_page = [], 0
   for p in prompts:
@@ -234,7 +230,7 @@ def _prefill_batch(engine: pdopt.Engine, prompts: list[list[int]]) -> dict[str, 
     next_page += n_pages
   assert next_page <= engine.config.num_pages
   shape = (sum(len(p) for p in prompts), len(prompts), max(len(c.page_table) for c in chunks))
-  return pack(chunks, page_size, shape)
+  return build(chunks, page_size, shape)
 
 
 def _torch_model(model: pdopt.Transformer, directory: str):
@@ -254,7 +250,7 @@ def bench_prefill(model, s: Settings, mm_tflops: float, hf_model) -> list[dict[s
   for num, length in shapes:
     prompts = _random_prompts(rng, num, length, c.vocab_size)
     engine = _engine(model, num, length, budget=num * length, policy="chunked")
-    seconds = device_step_seconds(engine.runner, _prefill_batch(engine, prompts), iters=5)
+    seconds = device_step_seconds(engine.executor.runner, _prefill_batch(engine, prompts), iters=5)
     flops = forward_flops(c, [length] * num)
     row = dict(prompts=num, prompt_len=length, ms=seconds * 1e3, tokens_per_s=num * length / seconds,
                tflops=flops / seconds / 1e12, mfu=flops / seconds / 1e12 / mm_tflops)

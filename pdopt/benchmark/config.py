@@ -54,7 +54,7 @@ from typing import Any, Mapping
 import ml_collections
 from ml_collections import config_dict
 
-from pdopt.engine.engine import EngineConfig
+from pdopt.engine.config import EngineConfig
 from pdopt.engine.speculative import SpeculativeConfig
 from pdopt.metrics import Slo, parse_slo
 from pdopt.scheduling import POLICIES

@@ -19,7 +19,7 @@ import tqdm
 from pdopt import metrics as metrics_lib
 from pdopt.benchmark.replay import ReplayResult, sampling_params
 from pdopt.engine.cluster import Cluster, ClusterConfig, ClusterMode
-from pdopt.engine.engine import EngineConfig
+from pdopt.engine.config import EngineConfig
 from pdopt.metrics import RequestRecord
 from pdopt.models.transformer import Transformer
 from pdopt.scheduling import POLICIES

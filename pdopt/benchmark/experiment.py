@@ -10,8 +10,9 @@ finally one comparison table, and writes `<results_dir>/<run_name>/`:
                        rates keyed as `f"{rate:g}"` ("0.5", "2"). An entry is every `ServingMetrics` field
                        under vLLM's names (`completed`, `failed`, `request_throughput`, `median_ttft_ms`,
                        `p99_itl_ms`, ..., `request_goodput`, `slo_attainment`) plus `ENGINE_STATS_KEYS`;
-                       with speculative decoding also `SpecStats.as_dict()` (`spec_acceptance_rate`,
-                       `spec_mean_accepted_length`, `spec_tokens_per_forward` and the counters).
+                       and the executor's `stats()` (with speculative decoding `SpecStats.as_dict()`:
+                       `spec_acceptance_rate`, `spec_mean_accepted_length`, `spec_tokens_per_forward` and the
+                       counters).
   requests.csv         one row per request (`pdopt.metrics.REQUEST_COLUMNS`) with a leading "policy" column;
                        with a sweep the column reads "policy@rate".
   ttft_cdf.png, tpot_cdf.png   latency CDFs, one line per policy (the highest rate of a sweep).
@@ -36,7 +37,8 @@ from pdopt import workloads
 from pdopt.benchmark import config as config_lib
 from pdopt.benchmark import deployments as deployments_lib
 from pdopt.benchmark.replay import ReplayResult, replay
-from pdopt.engine.engine import Engine, EngineConfig
+from pdopt.engine.config import EngineConfig
+from pdopt.engine.engine import Engine
 from pdopt.models import pretrained
 from pdopt.models.transformer import Transformer
 
@@ -161,8 +163,7 @@ def run_policy(model: Transformer, workload: workloads.Workload, engine_config: 
       "num_clamped": workload.num_clamped,
   }
   assert tuple(stats) == ENGINE_STATS_KEYS
-  if engine.spec_stats() is not None:
-    stats.update(engine.spec_stats().as_dict())
+  stats.update(engine.executor.stats())
   m = metrics_lib.compute_metrics(result.records, slo=slo, duration=result.duration)
   return PolicyRun(policy=engine_config.policy, replay=result, metrics=m, stats=stats)
 

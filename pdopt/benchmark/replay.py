@@ -10,7 +10,8 @@ The replay owns the arrival schedule; the engine owns everything else:
   sleeps until then, on the real clock or on a `VirtualClock` (tests).
 * Every workload request ends exactly once in `ReplayResult.records`, in workload order: the engine's
   own record (finished, aborted, or rejected with its reason), or, for a request the engine refused at
-  submission (`ValueError`: a bad prompt or length), a "rejected" record carrying the error as its reason.
+  submission (`ValueError`: a bad prompt or length, or more pages than the pool), a "rejected" record carrying
+  the error as its reason.
   A replay cut short by `max_duration` aborts what is left, with a reason. Nothing is silently dropped.
 
 Greedy sampling with `ignore_eos` replays the trace's output lengths exactly (vLLM's `--ignore-eos`).
@@ -151,8 +152,6 @@ def replay(engine: Engine, workload: Workload, *, progress: bool = True, desc: s
           continue
         slots.append(rid)
         in_engine.add(rid)
-        if engine.requests[rid].status.done:  # The engine rejected it outright (e.g. it can never fit).
-          ended(rid)
       if max_duration is not None and now - start >= max_duration:
         num_deadline += _abort_rest(engine, requests[next_index:], start, now, slots, ended)
         next_index = len(requests)

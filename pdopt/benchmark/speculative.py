@@ -18,7 +18,8 @@ import dataclasses
 import math
 from typing import Sequence
 
-from pdopt.engine.engine import Engine, EngineConfig
+from pdopt.engine.config import EngineConfig
+from pdopt.engine.engine import Engine
 from pdopt.engine.request import SamplingParams
 from pdopt.engine.speculative import SpeculativeConfig
 from pdopt.models import pretrained
@@ -120,7 +121,7 @@ def run(target: Transformer, prompts: Sequence[Sequence[int]], ks: Sequence[int]
                     else None)
     engine.warmup()
     engine.generate([prompts[0]], params[:1])  # Warms the host-side paths too.
-    warm = engine.spec_stats()
+    warm = engine.executor.spec_stats if k else None
     outputs, tokens, seconds = [], 0, 0.0
     for prompt, sp in zip(prompts, params):
       rid = engine.add_request(prompt, sp)
@@ -131,7 +132,7 @@ def run(target: Transformer, prompts: Sequence[Sequence[int]], ks: Sequence[int]
       tokens += req.num_generated - 1
       seconds += req.finish_time - req.first_token_time
     engine.check_no_leaks()
-    stats = _since(engine.spec_stats(), warm)
+    stats = _since(engine.executor.spec_stats if k else None, warm)
     rate = tokens / seconds
     if k == 0:
       reference, baseline = outputs, rate

@@ -28,7 +28,8 @@ from typing import Callable, Sequence
 import jax
 from flax import nnx
 
-from pdopt.engine.engine import Engine, EngineConfig
+from pdopt.engine.config import EngineConfig
+from pdopt.engine.engine import Engine
 from pdopt.engine.request import Request, RequestStatus, SamplingParams
 from pdopt.metrics import RequestRecord
 from pdopt.models.transformer import Transformer
@@ -254,9 +255,9 @@ class Cluster:
     for req in engine.take_handoffs():
       dst = min(self.decode, key=lambda i: i.load)
       start = self.clock()
-      kv, num_pages = engine.export_kv(req.request_id)
+      kv, num_pages = engine.executor.export_pages(req.request_id, req.num_computed_tokens)
       # Gathered pages have the rank and head split of the cache arrays they came from.
-      target = jax.tree_util.tree_map(lambda a: a.sharding, dst.engine.runner.cache)
+      target = jax.tree_util.tree_map(lambda a: a.sharding, dst.engine.executor.runner.cache)
       kv = jax.block_until_ready(jax.device_put(kv, target))
       engine.release_handoff(req.request_id)
       self.transfer_times[req.request_id] = self.clock() - start

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
-from typing import Sequence
+import numbers
+from typing import Iterable, Sequence
+
+import numpy as np
 
 from pdopt.metrics import RequestRecord
+from pdopt.scheduling import RequestView, is_decoding
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-  """How to pick each generated token and when to stop.
+  """How to pick each generated token and when to stop; validated when built.
 
   Attributes:
     max_tokens: tokens to generate at most (>= 1).
@@ -23,6 +28,9 @@ class SamplingParams:
       one from the engine's seed.
     stop_token_ids: generation stops after any of these (the token is kept in the output).
     ignore_eos: do not stop at the model's EOS ids (benchmarks replaying fixed output lengths).
+
+  Raises:
+    ValueError: naming the first bad field, its value and what is valid.
   """
   max_tokens: int = 16
   temperature: float = 0.0
@@ -32,18 +40,42 @@ class SamplingParams:
   stop_token_ids: tuple[int, ...] = ()
   ignore_eos: bool = False
 
-  def validate(self) -> None:
-    """Raises ValueError naming the first bad field and its value."""
-    if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-      raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
-    if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature) or self.temperature < 0:
-      raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
-    if not isinstance(self.top_k, int) or self.top_k < 0:
-      raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
-    if not isinstance(self.top_p, (int, float)) or math.isnan(self.top_p) or not 0 < self.top_p <= 1:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-    if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**32):
-      raise ValueError(f"seed must be an int in [0, 2**32) or None, got {self.seed!r}")
+  def __post_init__(self):
+    set_ = functools.partial(object.__setattr__, self)
+    set_("max_tokens", checked_int("SamplingParams.max_tokens", self.max_tokens, low=1))
+    set_("top_k", checked_int("SamplingParams.top_k", self.top_k, low=0))
+    if self.seed is not None:
+      set_("seed", checked_int("SamplingParams.seed", self.seed, low=0, high=2**32 - 1))
+    if not _is_number(self.temperature) or not 0 <= self.temperature < math.inf:
+      raise ValueError(f"SamplingParams.temperature={self.temperature!r}; valid: a number >= 0 (0 is greedy)")
+    if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+      raise ValueError(f"SamplingParams.top_p={self.top_p!r}; valid: a number in (0, 1]")
+    if isinstance(self.stop_token_ids, (str, bytes)) or not isinstance(self.stop_token_ids, Iterable):
+      raise ValueError(f"SamplingParams.stop_token_ids={self.stop_token_ids!r}; valid: a sequence of token ids")
+    set_("stop_token_ids", tuple(checked_int("SamplingParams.stop_token_ids[]", t, low=0)
+                                 for t in self.stop_token_ids))
+    if not isinstance(self.ignore_eos, (bool, np.bool_)):
+      raise ValueError(f"SamplingParams.ignore_eos={self.ignore_eos!r}; valid: True or False")
+
+
+def checked_int(name: str, value, low: int | None = None, high: int | None = None) -> int:
+  """`value` as a Python int if it is an integer (not a bool) in [low, high]; else ValueError naming `name`."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+    raise ValueError(f"{name}={value!r}; valid: an integer" + _range(low, high))
+  value = int(value)
+  if (low is not None and value < low) or (high is not None and value > high):
+    raise ValueError(f"{name}={value!r}; valid: an integer" + _range(low, high))
+  return value
+
+
+def _range(low: int | None, high: int | None) -> str:
+  if low is not None and high is not None:
+    return f" in [{low}, {high}]"
+  return f" >= {low}" if low is not None else (f" <= {high}" if high is not None else "")
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and not math.isnan(value)
 
 
 class RequestStatus(enum.Enum):
@@ -104,9 +136,38 @@ class Request:
     return len(self.all_token_ids) - len(self.prompt_token_ids)
 
   @property
+  def is_decoding(self) -> bool:
+    """Running and generating: every token but the last generated one has its K/V cached, so the next step
+    computes one token (`pdopt.scheduling.is_decoding`, the one definition of a decode)."""
+    return is_decoding(self.status is RequestStatus.RUNNING, self.num_tokens, self.num_computed_tokens,
+                       self.num_generated)
+
+  @property
   def num_pending_tokens(self) -> int:
     """Tokens still to run through the model before the next token can be sampled."""
     return self.num_tokens - self.num_computed_tokens
+
+  def view(self, num_pages_held: int = 0, ahead: int = 0) -> RequestView:
+    """The request as a policy sees it: waiting (no pages held), or running with `num_pages_held` pages and
+    shown `ahead` decode tokens further than it is (the steps in flight of an asynchronous executor)."""
+    running = self.status is RequestStatus.RUNNING
+    return RequestView(
+        request_id=self.request_id, arrival_time=self.arrival_time, prompt_len=self.prompt_len,
+        num_tokens=self.num_tokens + ahead, num_computed_tokens=self.num_computed_tokens + ahead if running else 0,
+        num_pages_held=num_pages_held, num_generated=self.num_generated + ahead,
+        max_tokens=self.sampling.max_tokens, is_running=running, first_token_time=self.first_token_time)
+
+  def stop_reason(self, token: int, num_generated: int, num_tokens: int, eos: frozenset[int],
+                  max_model_len: int) -> str | None:
+    """Why the request ends with `token`, its `num_generated`-th output token (`num_tokens` in all), or None:
+    "stop" (a stop token), "eos" (one of `eos`, unless ignored), "length" (max_tokens or max_model_len)."""
+    if token in self.sampling.stop_token_ids:
+      return "stop"
+    if not self.sampling.ignore_eos and token in eos:
+      return "eos"
+    if num_generated >= self.sampling.max_tokens or num_tokens >= max_model_len:
+      return "length"
+    return None
 
   def to_record(self) -> RequestRecord:
     """The timestamps in the form `pdopt.metrics` reads."""
@@ -148,14 +209,44 @@ class RequestOutput:
 
 
 def validate_prompt(prompt_token_ids: Sequence[int], vocab_size: int) -> tuple[int, ...]:
-  """Returns the prompt as a tuple of ints, or raises ValueError naming the bad value."""
-  try:
-    ids = tuple(int(t) for t in prompt_token_ids)
-  except (TypeError, ValueError):
-    raise ValueError(f"prompt_token_ids must be a sequence of ints, got {prompt_token_ids!r:.80}") from None
+  """Returns the prompt as a tuple of ints, or raises ValueError naming the bad value.
+
+  Token ids must be integers (Python or NumPy, not bools or floats) in [0, vocab_size).
+  """
+  if isinstance(prompt_token_ids, np.ndarray):
+    if prompt_token_ids.ndim != 1 or prompt_token_ids.dtype.kind not in "iu":
+      raise ValueError(f"prompt_token_ids must be a 1-D array of integers, got dtype {prompt_token_ids.dtype} "
+                       f"shape {prompt_token_ids.shape}")
+    ids = tuple(prompt_token_ids.tolist())
+  elif isinstance(prompt_token_ids, (str, bytes)) or not isinstance(prompt_token_ids, Iterable):
+    raise ValueError(f"prompt_token_ids must be a sequence of integer token ids, got {prompt_token_ids!r:.80}")
+  else:
+    ids = tuple(prompt_token_ids)
+    for t in ids:
+      if type(t) is not int and (isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Integral)):
+        raise ValueError(f"prompt token id {t!r} is not an integer; valid: integers in [0, {vocab_size})")
+    ids = tuple(map(int, ids))
   if not ids:
     raise ValueError("prompt_token_ids is empty: a prompt needs at least one token")
   for t in ids:
     if not 0 <= t < vocab_size:
       raise ValueError(f"prompt token id {t} is outside the vocabulary [0, {vocab_size})")
   return ids
+
+
+def validate_request(prompt_token_ids: Sequence[int], params: SamplingParams, vocab_size: int, max_model_len: int,
+                     page_size: int, num_pages: int) -> tuple[int, ...]:
+  """The prompt as a tuple of ints if the request can be served; else ValueError naming the bad value: not a
+  `SamplingParams`, a bad prompt (`validate_prompt`), prompt plus `max_tokens` over `max_model_len`, or more
+  KV pages than the whole pool of `num_pages` pages of `page_size` tokens."""
+  if not isinstance(params, SamplingParams):
+    raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+  prompt = validate_prompt(prompt_token_ids, vocab_size)
+  if len(prompt) + params.max_tokens > max_model_len:
+    raise ValueError(f"prompt length {len(prompt)} + max_tokens {params.max_tokens} exceeds max_model_len "
+                     f"{max_model_len}")
+  pages = math.ceil((len(prompt) + params.max_tokens - 1) / page_size)  # The last token needs no slot.
+  if pages > num_pages:
+    raise ValueError(f"the request needs {pages} KV pages ({len(prompt)} prompt + {params.max_tokens} max_tokens "
+                     f"tokens) but the pool has {num_pages} (EngineConfig.num_pages)")
+  return prompt

@@ -2,7 +2,8 @@
 
 from pdopt.scheduling import chunked, decode_first, prefill_first, slo_aware  # noqa: F401  (register the policies)
 from pdopt.scheduling.policy import (POLICIES, Plan, RequestView, ScheduledChunk, Scheduler, SchedulerView,
-                                     SchedulingConfig, StepBuilder, make_scheduler, register)
+                                     SchedulingConfig, StepBuilder, is_decoding, make_scheduler,
+                                     register)
 
 __all__ = ["POLICIES", "Plan", "RequestView", "ScheduledChunk", "Scheduler", "SchedulerView", "SchedulingConfig",
-           "StepBuilder", "make_scheduler", "register"]
+           "StepBuilder", "is_decoding", "make_scheduler", "register"]

@@ -13,6 +13,13 @@ import math
 from typing import Callable, Protocol, Sequence
 
 
+def is_decoding(running: bool, num_tokens: int, num_computed_tokens: int, num_generated: int) -> bool:
+  """The one definition of a decode, used by the engine's `Request`, the policies' `RequestView` and the
+  executors: a running request that has generated a token and has K/V cached for every token but its last,
+  so its next step computes exactly that one token and samples the next."""
+  return running and num_generated > 0 and num_computed_tokens == num_tokens - 1
+
+
 @dataclasses.dataclass(frozen=True)
 class RequestView:
   """A request as a policy sees it.
@@ -48,7 +55,8 @@ class RequestView:
 
   @property
   def is_decoding(self) -> bool:
-    return self.is_running and self.num_pending == 1 and self.num_computed_tokens >= self.prompt_len
+    """See `is_decoding`."""
+    return is_decoding(self.is_running, self.num_tokens, self.num_computed_tokens, self.num_generated)
 
 
 @dataclasses.dataclass(frozen=True)

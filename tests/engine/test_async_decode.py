@@ -62,17 +62,23 @@ def test_outputs_equal_the_synchronous_engine(model, workload, policy):
   for async_decode, steps in ((False, 1), (True, 1), (True, 3)):
     engine = pdopt.Engine(model, pdopt.EngineConfig(policy=policy, num_pages=40, async_decode=async_decode,
                                                     num_scheduler_steps=steps, **SMALL))
-    chained = []
-    chain = engine._chain  # pylint: disable=protected-access
-    engine._chain = lambda now, chain=chain: chained.append(chain(now)) or chained[-1]  # pylint: disable=protected-access
+    chained = _record_chains(engine)
     runs[async_decode, steps] = (_serve(engine, prompts, params, add_at),
-                                 [c.steps for c in chained if c is not None])
+                                 [c.num_steps for c in chained if c is not None])
   sync, _ = runs[False, 1]
   for steps in (1, 3):
     overlapped, chained_steps = runs[True, steps]
     assert len(chained_steps) > (20 if steps == 1 else 8)  # Steady decoding was overlapped.
     assert chained_steps.count(steps) > 5  # ... in blocks of `steps` where the limits allowed.
     _check_same_outputs(sync, overlapped, steps)
+
+
+def _record_chains(engine) -> list:
+  """Every chaining attempt of `engine` from now on: the chained plan, or None where it declined."""
+  chained = []
+  chain = engine._chain  # pylint: disable=protected-access
+  engine._chain = lambda now: chained.append(chain(now)) or chained[-1]  # pylint: disable=protected-access
+  return chained
 
 
 def _check_same_outputs(sync, overlapped, steps):
@@ -95,7 +101,7 @@ def test_no_compilation_after_warmup(model, workload, decode_variant, steps):
   prompts, params, add_at = workload
   engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=40, async_decode=True, num_scheduler_steps=steps,
                                                   **SMALL))
-  engine.runner.decode_variant = decode_variant  # As on GPU (the reference ignores the flag).
+  engine.executor.runner.decode_variant = decode_variant  # As on GPU (the reference ignores the flag).
   engine.warmup()
   compiled = engine.num_compilations
   _serve(engine, prompts, params, add_at)
@@ -160,13 +166,11 @@ def test_a_pool_too_full_for_a_block_still_chains_single_steps(model):
   params = pdopt.SamplingParams(max_tokens=8, ignore_eos=True)
   expected = pdopt.Engine(model, pdopt.EngineConfig(num_pages=64, **cfg)).generate(prompts, params)
   engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=12, async_decode=True, num_scheduler_steps=4, **cfg))
-  chained = []
-  chain = engine._chain  # pylint: disable=protected-access
-  engine._chain = lambda now: chained.append(chain(now)) or chained[-1]  # pylint: disable=protected-access
+  chained = _record_chains(engine)
   got = engine.generate(prompts, params)
   assert [o.token_ids for o in got] == [o.token_ids for o in expected]
   # The first chain: a block of 4 needs a 4th page per request (none free), one more step does not.
-  assert chained[0] is not None and chained[0].steps == 1
+  assert chained[0] is not None and chained[0].num_steps == 1
   engine.check_no_leaks()
 
 
@@ -176,10 +180,8 @@ def test_blocks_of_steps_on_a_quantized_cache(model, workload):
   config = dict(num_pages=40, kv_cache_dtype="int8", **SMALL)
   expected = pdopt.Engine(model, pdopt.EngineConfig(**config)).generate(prompts[:6], params[:6])
   engine = pdopt.Engine(model, pdopt.EngineConfig(async_decode=True, num_scheduler_steps=3, **config))
-  chained = []
-  chain = engine._chain  # pylint: disable=protected-access
-  engine._chain = lambda now: chained.append(chain(now)) or chained[-1]  # pylint: disable=protected-access
+  chained = _record_chains(engine)
   got = engine.generate(prompts[:6], params[:6])
   assert [(o.token_ids, o.finish_reason) for o in got] == [(o.token_ids, o.finish_reason) for o in expected]
-  assert sum(c is not None and c.steps == 3 for c in chained) > 3
+  assert sum(c is not None and c.num_steps == 3 for c in chained) > 3
   engine.check_no_leaks()

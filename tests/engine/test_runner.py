@@ -1,18 +1,27 @@
-"""The packed step inputs (`pack`, `pack_arrays`), the split model the runner jits, and sampling only when a
-request samples."""
+"""The step's inputs (`batch.build`, `StepBatch` and its trip to the device), the split model the runner jits,
+and sampling only when a request samples."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
 import pdopt
 from pdopt.engine import runner as runner_lib
-from pdopt.engine.batch import ChunkSpec, pack
+from pdopt.engine.batch import ChainInputs, ChunkSpec, StepBatch, VerifyInputs, build
+
+
+def _fields(batch: StepBatch) -> dict[str, np.ndarray]:
+  return dict(token_ids=batch.token_ids, positions=batch.positions, slot_mapping=batch.slot_mapping,
+              cu_q_lens=batch.cu_q_lens, kv_lens=batch.kv_lens, page_table=batch.page_table, num_seqs=batch.num_seqs,
+              logits_indices=batch.logits_indices, temperature=batch.sampling.temperature,
+              top_k=batch.sampling.top_k, top_p=batch.sampling.top_p, seeds=batch.sampling.seeds,
+              token_index=batch.sampling.token_index)
 
 
 def _pack_by_loop(chunks, page_size, shape):
-  """`pack` written one sequence at a time: the obvious version the vectorized one must equal."""
+  """`build` written one sequence at a time: the obvious version the vectorized one must equal."""
   t_pad, s_pad, p_pad = shape
   out = dict(token_ids=np.zeros(t_pad, np.int32), positions=np.zeros(t_pad, np.int32),
              slot_mapping=np.full(t_pad, -1, np.int32), cu_q_lens=np.zeros(s_pad + 1, np.int32),
@@ -47,24 +56,34 @@ def test_pack_matches_the_loop():
                             temperature=float(rng.random()), top_k=int(rng.integers(0, 9)), top_p=0.9,
                             seed=int(rng.integers(0, 2**32)), token_index=int(rng.integers(0, 30))))
   shape = (sum(len(c.token_ids) for c in chunks) + 5, 9, 16)
-  got, want = pack(chunks, 4, shape), _pack_by_loop(chunks, 4, shape)
+  got, want = _fields(build(chunks, 4, shape)), _pack_by_loop(chunks, 4, shape)
   assert got.keys() == want.keys()
   for key in want:
     assert got[key].dtype == want[key].dtype, key
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
-def test_pack_arrays_round_trip():
-  batch = dict(a=np.arange(6, dtype=np.int32).reshape(2, 3), b=np.asarray([1.5, -0.25], np.float32),
-               c=np.asarray([2**32 - 1, 7], np.uint32))
-  buffer, layout = runner_lib.pack_arrays(batch)
-  assert buffer.dtype == np.int32 and buffer.size == 10
-  got = runner_lib.unpack_arrays(buffer, layout)
-  for key, value in batch.items():
-    assert got[key].dtype == value.dtype
-    np.testing.assert_array_equal(np.asarray(got[key]), value)
-  with pytest.raises(TypeError, match=r"batch\['d'\] has dtype int64"):
-    runner_lib.pack_arrays(dict(d=np.zeros(2, np.int64)))
+def test_transfer_round_trip_with_groups_and_device_leaves():
+  chunk = ChunkSpec(token_ids=[3, 4, 5], start=2, page_table=[1, 6], temperature=0.5, top_k=3, top_p=0.9,
+                    seed=2**32 - 1, token_index=4)
+  prev = jax.numpy.asarray([7, 8], jax.numpy.int32)  # Another program's output, already on the device.
+  batch = build([chunk], 4, (4, 2, 2), decode_only=True).replace(
+      chain=ChainInputs(prev_rows=np.asarray([1, -1, -1, -1], np.int32), prev_tokens=prev),
+      verify=VerifyInputs(num_drafts=np.asarray([2, 0], np.int32), draft_tokens=np.asarray([[9, 9], [0, 0]], np.int32)))
+  buffer, device, layout = batch.to_transfer()
+  assert buffer.dtype == np.int32 and len(device) == 1 and device[0] is prev
+  got = StepBatch.from_transfer(jax.numpy.asarray(buffer), device, layout)
+  assert got.decode_only and got.draft is None and got.verify.draft_rows is None
+  want_leaves, want_tree = jax.tree_util.tree_flatten(batch)
+  got_leaves, got_tree = jax.tree_util.tree_flatten(got)
+  assert got_tree == want_tree
+  for g, w in zip(got_leaves, want_leaves):
+    assert g.dtype == w.dtype
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  assert hash(layout) == hash(build([chunk], 4, (4, 2, 2), True).replace(chain=batch.chain, verify=batch.verify)
+                              .to_transfer()[2])  # A jit static argument: equal batches, equal layouts.
+  with pytest.raises(TypeError, match="dtype int64"):
+    batch.replace(num_seqs=np.zeros(1, np.int64)).to_transfer()
 
 
 def test_runners_of_one_model_shape_share_compilations():
@@ -72,8 +91,8 @@ def test_runners_of_one_model_shape_share_compilations():
   a = runner_lib.ModelRunner(pdopt.init_model(config, seed=0), num_pages=8, page_size=4)
   b = runner_lib.ModelRunner(pdopt.init_model(config, seed=1), num_pages=8, page_size=4)
   assert a.graphdef == b.graphdef and hash(a.graphdef) == hash(b.graphdef)
-  batch = pack([ChunkSpec(token_ids=[3, 4], start=0, page_table=[1], temperature=0.0, top_k=0, top_p=1.0,
-                          seed=0, token_index=0)], 4, (4, 2, 2))
+  batch = build([ChunkSpec(token_ids=[3, 4], start=0, page_table=[1], temperature=0.0, top_k=0, top_p=1.0,
+                           seed=0, token_index=0)], 4, (4, 2, 2))
   a.run(batch)
   before = a.num_compilations
   b.run(batch)
@@ -87,7 +106,7 @@ def test_sampling_runs_only_for_batches_that_sample():
   def step(temperature, seed):
     chunk = ChunkSpec(token_ids=[5, 6, 7], start=0, page_table=[2], temperature=temperature, top_k=0, top_p=1.0,
                       seed=seed, token_index=0)
-    return int(runner.run(pack([chunk], 4, (4, 2, 2)))[0])
+    return int(runner.run(build([chunk], 4, (4, 2, 2)))[0])
 
   greedy = step(0.0, 0)
   assert greedy == step(0.0, 1)
@@ -95,17 +114,13 @@ def test_sampling_runs_only_for_batches_that_sample():
   assert len(draws) > 3
 
 
-def test_decode_only_batches_and_their_variant():
-  def spec(n, start):
-    return ChunkSpec(token_ids=list(range(3, 3 + n)), start=start, page_table=[1, 2], temperature=0.0, top_k=0,
-                     top_p=1.0, seed=0, token_index=0)
-  decodes = pack([spec(1, 5), spec(1, 0)], 4, (4, 4, 2))  # A one-token prompt decodes as well.
-  mixed = pack([spec(1, 5), spec(2, 0)], 4, (4, 4, 2))
-  assert runner_lib.is_decode_only(decodes) and not runner_lib.is_decode_only(mixed)
-  assert not runner_lib.is_decode_only(pack([], 4, (4, 4, 2)))  # Nothing to decode: the general step.
+def test_decode_only_variant_only_where_the_runner_compiles_it():
+  spec = ChunkSpec(token_ids=[3], start=5, page_table=[1, 2], temperature=0.0, top_k=0, top_p=1.0, seed=0,
+                   token_index=0)
+  decodes = build([spec, spec], 4, (4, 4, 2), decode_only=True)
   runner = runner_lib.ModelRunner(pdopt.init_model(pdopt.preset("tiny"), seed=0), num_pages=8, page_size=4)
   assert runner.decode_variant is False  # CPU: the reference ignores the flag, so no variant is compiled.
-  assert not runner.put(decodes).layout.decode_only
+  assert not jax.tree_util.tree_structure(decodes.replace(decode_only=False)) == jax.tree_util.tree_structure(decodes)
+  assert runner.put(decodes).layout.treedef == jax.tree_util.tree_structure(decodes.replace(decode_only=False))
   runner.decode_variant = True
-  assert runner.put(decodes).layout.decode_only and not runner.put(mixed).layout.decode_only
-  assert not runner.put(decodes, decode_only=False).layout.decode_only
+  assert runner.put(decodes).layout.treedef == jax.tree_util.tree_structure(decodes)

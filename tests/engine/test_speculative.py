@@ -90,7 +90,7 @@ def test_greedy_identity_under_every_policy(target, drafts, workload, policy, me
     assert req.status is RequestStatus.FINISHED
     assert req.output_token_ids == expected[i], f"prompt {i} (len {len(prompts[i])})"
     assert req.finish_reason == ("stop" if params[i].stop_token_ids else "length")
-  stats_ = engine.spec_stats()
+  stats_ = engine.executor.spec_stats
   assert stats_.num_draft_tokens > 0
   if method != "small-draft":
     assert 0 < stats_.acceptance_rate < 1
@@ -105,7 +105,7 @@ def test_draft_equal_to_target_accepts_everything(target):
   rng = np.random.default_rng(2)
   prompts = [list(rng.integers(2, VOCAB, size=20)) for _ in range(3)]
   engine.generate(prompts, pdopt.SamplingParams(max_tokens=11, ignore_eos=True))
-  s = engine.spec_stats()
+  s = engine.executor.spec_stats
   assert s.acceptance_rate == 1.0
   assert s.num_drafts == 6 and s.mean_accepted_length == 5.0  # Tokens 2-6 and 7-11 of each request.
   assert s.num_forwards == 3 and s.tokens_per_forward == 11.0  # One prefill and two verifications.
@@ -127,9 +127,9 @@ def test_abort_and_preemption_leak_nothing(target, drafts):
   while engine.has_unfinished():
     engine.step()
   assert engine.num_preemptions > 0
-  assert engine.spec_stats().num_draft_tokens > 0
+  assert engine.executor.spec_stats.num_draft_tokens > 0
   engine.check_no_leaks()
-  assert not engine.speculator.proposer.computed
+  assert not engine.executor.proposer.computed
 
 
 # ----------------------------------------------------------------------------- sampled distribution
@@ -197,7 +197,7 @@ def test_sampled_distribution_equals_the_targets(peaked_pair, method, params):
   outs = engine.generate([PROMPT] * NUM_SAMPLES,
                          [dataclasses.replace(params, seed=i) for i in range(NUM_SAMPLES)])
   engine.check_no_leaks()
-  s = engine.spec_stats()
+  s = engine.executor.spec_stats
   assert 0.1 < s.acceptance_rate < 0.9 and s.num_accepted_tokens > 100  # Both branches ran many times.
   tokens = np.asarray([o.token_ids for o in outs])
   p1, p2 = _exact_marginals(target, params)
@@ -254,7 +254,7 @@ def test_draft_serving_compiles_nothing_after_warmup():
             pdopt.SamplingParams(max_tokens=12, ignore_eos=True)]
   engine.generate(prompts[:1], params[:1])  # Greedy only.
   engine.generate(prompts, params)  # Mixed: the sampled variants.
-  assert engine.spec_stats().num_draft_tokens > 0
+  assert engine.executor.spec_stats.num_draft_tokens > 0
   assert engine.num_compilations == compiled
   engine.check_no_leaks()
 

@@ -37,7 +37,7 @@ _CHILD = textwrap.dedent("""
       engine = pdopt.Engine(pdopt.init_model(cfg, seed=1), ecfg, mesh=mesh)
       got = [o.token_ids for o in engine.generate(prompts, params)]
       assert got == base, (tp, got, base)
-      k_pages = engine.runner.cache[0][0]
+      k_pages = engine.executor.runner.cache[0][0]
       assert k_pages.sharding == cache_sharding(mesh), k_pages.sharding
       assert len(k_pages.addressable_shards) == 8 and k_pages.addressable_shards[0].data.shape[0] == 8 // tp
       engine.check_no_leaks()
