@@ -324,7 +324,7 @@ def bench_serving(model, s: Settings) -> Iterator[tuple[str, dict[str, Any]]]:
                   chunk_size=512, max_num_seqs=128, token_buckets=(64, 256, 2048), seq_buckets=(16, 64, 128),
                   page_buckets=(64, 256), enable_prefix_caching=True, async_decode=s.async_decode,
                   num_scheduler_steps=s.scheduler_steps)))
-  workload = experiment.make_workload(config, model)
+  workload = experiment.build_workload(config, model)
   for policy in s.serving_policies:
     engine_config = config_lib.engine_config(config, policy)
     run = experiment.run_policy(model, workload, engine_config, slo=config.slo, progress=False,

@@ -12,20 +12,19 @@ or, piece by piece (what `notebooks/policy_comparison.ipynb` does):
 ```python
 config = benchmark.default_config(); config.workload.num_requests = 20
 model = benchmark.build_model(config)
-workload = benchmark.make_workload(config, model)
+workload = benchmark.build_workload(config, model)
 run = benchmark.run_policy(model, workload, benchmark.engine_config(config, "chunked"), slo=config.slo)
 ```
 """
 
 from pdopt.benchmark.config import (as_config, default_config, engine_config, parse_policies, parse_rates,
                                     workload_config)
-from pdopt.benchmark.experiment import (ENGINE_STATS_KEYS, PolicyRun, build_model, compare,
-                                        enable_compilation_cache, make_workload, rate_key, run_experiment,
-                                        run_policy)
+from pdopt.benchmark.experiment import (ENGINE_STATS_KEYS, PolicyRun, build_model, build_workload, compare,
+                                        enable_compilation_cache, rate_key, run_experiment, run_policy)
 from pdopt.benchmark.replay import ReplayResult, VirtualClock, replay, sampling_params
 
 __all__ = [
-    "ENGINE_STATS_KEYS", "PolicyRun", "ReplayResult", "VirtualClock", "as_config", "build_model", "compare",
-    "default_config", "enable_compilation_cache", "engine_config", "make_workload", "parse_policies",
+    "ENGINE_STATS_KEYS", "PolicyRun", "ReplayResult", "VirtualClock", "as_config", "build_model", "build_workload",
+    "compare", "default_config", "enable_compilation_cache", "engine_config", "parse_policies",
     "parse_rates", "rate_key", "replay", "run_experiment", "run_policy", "sampling_params", "workload_config",
 ]

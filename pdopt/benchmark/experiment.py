@@ -107,7 +107,7 @@ def build_draft(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Transf
   return pdopt.init_model(pdopt.preset(config.speculative_draft, dtype=config.dtype), seed=config.model_seed + 1)
 
 
-def make_workload(config: ml_collections.ConfigDict | Mapping[str, Any], model: Transformer,
+def build_workload(config: ml_collections.ConfigDict | Mapping[str, Any], model: Transformer,
                   rate: float | None = None) -> workloads.Workload:
   """The run's workload at `rate` (default: `config.rate`), clamped to the engine's context."""
   config = config_lib.as_config(config)
@@ -231,7 +231,7 @@ def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
   runs: dict[str, Any] = {p: {} for p in policies}
   tables = []
   for rate in rates or (None,):
-    workload = make_workload(config, model, rate)
+    workload = build_workload(config, model, rate)
     say(f"workload {workload.name}: {len(workload)} requests, mean rate {workload.mean_rate:.2f} req/s over "
         f"{workload.duration:.1f} s, {workload.total_prompt_tokens} prompt + {workload.total_output_tokens} "
         f"output tokens, {workload.num_clamped} clamped")

@@ -30,7 +30,7 @@ from flax import nnx
 
 from pdopt.engine.config import EngineConfig
 from pdopt.engine.engine import Engine
-from pdopt.engine.request import Request, RequestStatus, SamplingParams
+from pdopt.engine.request import Request, RequestStatus, SamplingParams, checked_int
 from pdopt.metrics import RequestRecord
 from pdopt.models.transformer import Transformer
 from pdopt.sharding import MeshConfig, make_mesh
@@ -62,11 +62,16 @@ class ClusterConfig:
     try:
       mode = ClusterMode(self.mode)
     except ValueError:
-      raise ValueError(f"unknown cluster mode {self.mode!r}; valid: "
+      raise ValueError(f"ClusterConfig.mode={self.mode!r}; valid: "
                        f"{', '.join(m.value for m in ClusterMode)}") from None
-    if self.num_decode < 1 or (mode is ClusterMode.DISAGGREGATED and self.num_prefill < 1):
-      raise ValueError(f"ClusterConfig needs >= 1 instance of each kind, got num_prefill={self.num_prefill}, "
-                       f"num_decode={self.num_decode}")
+    object.__setattr__(self, "num_decode", checked_int("ClusterConfig.num_decode", self.num_decode, low=1))
+    low = 1 if mode is ClusterMode.DISAGGREGATED else 0
+    object.__setattr__(self, "num_prefill", checked_int("ClusterConfig.num_prefill", self.num_prefill, low=low))
+    for name in ("engine", "decode_engine"):
+      value = getattr(self, name)
+      if not isinstance(value, EngineConfig) and (name == "engine" or value is not None):
+        raise ValueError(f"ClusterConfig.{name}={value!r}; valid: an EngineConfig" +
+                         (" or None" if name == "decode_engine" else ""))
 
   @property
   def num_instances(self) -> int:

@@ -10,8 +10,8 @@ import dataclasses
 import math
 from typing import Literal, get_args
 
-RequestStatus = Literal["finished", "aborted", "rejected"]
-REQUEST_STATUSES: tuple[str, ...] = get_args(RequestStatus)
+RecordStatus = Literal["finished", "aborted", "rejected"]
+RECORD_STATUSES: tuple[str, ...] = get_args(RecordStatus)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,14 +44,14 @@ class RequestRecord:
   first_token_time: float | None = None
   token_times: tuple[float, ...] = ()
   finish_time: float | None = None
-  status: RequestStatus = "finished"
+  status: RecordStatus = "finished"
   reason: str | None = None
   slo_miss: bool = False
 
   def __post_init__(self):
     rid = self.request_id
-    if self.status not in REQUEST_STATUSES:
-      raise ValueError(f"request {rid!r}: unknown status {self.status!r}; valid: {list(REQUEST_STATUSES)}")
+    if self.status not in RECORD_STATUSES:
+      raise ValueError(f"request {rid!r}: unknown status {self.status!r}; valid: {list(RECORD_STATUSES)}")
     if self.prompt_len < 0 or self.output_len < 0:
       raise ValueError(f"request {rid!r}: negative length (prompt_len={self.prompt_len}, "
                        f"output_len={self.output_len})")

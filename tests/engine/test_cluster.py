@@ -81,3 +81,16 @@ def test_bad_deployment_is_named(spec, match):
 def test_deployment_labels():
   assert [d.label for d in parse_deployments("disaggregated:1:3, colocated:2:prefill_first")] == [
       "disagg-1P3D-chunked", "colocated-2x-prefill_first"]
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(mode="pipelined"), "ClusterConfig.mode='pipelined'; valid: colocated, disaggregated"),
+    (dict(num_decode=0), "ClusterConfig.num_decode=0"),
+    (dict(num_prefill=0), "ClusterConfig.num_prefill=0"),
+    (dict(num_prefill=1.5), "ClusterConfig.num_prefill=1.5"),
+    (dict(engine="chunked"), "ClusterConfig.engine='chunked'; valid: an EngineConfig"),
+])
+def test_cluster_config_errors_name_the_field(fields, match):
+  from pdopt.engine.cluster import ClusterConfig  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match=match):
+    ClusterConfig(**fields)
