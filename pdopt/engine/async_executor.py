@@ -88,13 +88,18 @@ class AsyncExecutor(DeviceExecutor):
   def __init__(self, runner: ModelRunner, block_manager: BlockManager, buckets: Buckets, max_num_seqs: int,
                num_scheduler_steps: int):
     super().__init__(runner, block_manager, buckets, max_num_seqs)
-    self.chain_steps = num_scheduler_steps
+    self.num_scheduler_steps = num_scheduler_steps
     # Dispatched plans, oldest first: (plan, tokens [S] or [steps, S], the last step's tokens [S]).
     self._dispatched: collections.deque[tuple[StepPlan, jax.Array, jax.Array]] = collections.deque()
 
   @property
   def in_flight(self) -> StepPlan | None:
     return self._dispatched[-1][0] if self._dispatched else None
+
+  def chain_length(self, room: int) -> int:
+    """A block of `num_scheduler_steps` (one compiled program per length), or one step where a request has
+    no room for a block."""
+    return self.num_scheduler_steps if room >= self.num_scheduler_steps else 1
 
   def execute(self, plan: StepPlan) -> StepOutcome | None:
     if plan.chained:
@@ -122,8 +127,8 @@ class AsyncExecutor(DeviceExecutor):
     return StepOutcome(plan, tuple(WorkResult(w.start + w.num_tokens, per_seq[s]) for s, w in enumerate(plan.work)))
 
   def _programs(self) -> list:
-    """The chained programs: one step and, with `chain_steps` > 1, blocks; greedy and sampled variants."""
-    return [multi_step_program(steps, sampled) for steps in sorted({1, self.chain_steps})
+    """The chained programs: one step and, with `num_scheduler_steps` > 1, blocks; greedy and sampled variants."""
+    return [multi_step_program(steps, sampled) for steps in sorted({1, self.num_scheduler_steps})
             for sampled in (False, True)]
 
   def warmup_calls(self) -> list[runner_lib.WarmupCall]:

@@ -35,8 +35,11 @@ class DeviceExecutor:
     self.page_size = block_manager.page_size
 
   in_flight: StepPlan | None = None
-  chain_steps = 0
   num_lookahead_tokens = 0
+
+  def chain_length(self, room: int) -> int:
+    del room
+    return 0
 
   def execute(self, plan: StepPlan) -> StepOutcome | None:
     sampled = self.runner.run(self.batch(plan.work, decode_only=plan.decode_only))

@@ -14,8 +14,7 @@ An executor may dispatch a decode-only step and return its outcome later (`Async
 `step()` then asks the policy about the state after the step in flight and, if it decodes the same
 sequences again, hands over a chained plan before collecting the outcome (`_chain`).
 
-Every request ends exactly once (finished, aborted or rejected); the policy decides what runs, the engine
-never silently drops work.
+Every request ends exactly once (finished, aborted or rejected); the engine never silently drops work.
 """
 
 from __future__ import annotations
@@ -80,9 +79,8 @@ class Engine:
       from pdopt.engine.executors import make_executor  # pylint: disable=import-outside-toplevel
       self.executor = make_executor(model, config, self.block_manager, self.buckets, self.max_model_len, mesh,
                                     draft_model)
-    self._eos = frozenset(self.model_config.eos_token_id)
+    self._eos, self._ids = frozenset(self.model_config.eos_token_id), itertools.count()
     self._seed_rng = np.random.default_rng(config.seed)
-    self._ids = itertools.count()
     self.requests: dict[str, Request] = {}
     self.waiting: collections.deque[str] = collections.deque()
     self.running: list[str] = []
@@ -265,21 +263,20 @@ class Engine:
   def _chain(self, now: float) -> StepPlan | None:
     """Hands the executor the decode steps after the ones in flight if the policy, shown the state after
     them, decodes the same sequences one token each; returns the chained plan, or None."""
-    inflight = self.executor.in_flight
-    ahead = inflight.num_steps
+    inflight, ahead = self.executor.in_flight, self.executor.in_flight.num_steps
     running = [self.requests[rid] for rid in self.running]
     if self.waiting or self.running != [w.request.request_id for w in inflight.work]:
       return None
     # Tokens each request may still generate after the in-flight ones: a block must not pass a length limit.
     room = min(min(req.sampling.max_tokens - req.num_generated, self.max_model_len - req.num_tokens)
                for req in running) - ahead
-    if room < 1:
+    steps = self.executor.chain_length(room) if room >= 1 else 0
+    if steps < 1:
       return None
     plan = self.policy.schedule(self._view(now, ahead=ahead))
     if (plan.reject or plan.preempt or len(plan.chunks) != len(running)
         or {c.request_id for c in plan.chunks} != set(self.running) or min(c.num_tokens for c in plan.chunks) < 1):
       return None
-    steps = self.executor.chain_steps if room >= self.executor.chain_steps else 1
     bm = self.block_manager
     # The block decodes positions num_tokens + ahead - 1 onwards, `steps` of them; a pool too full for a
     # block may still hold one more step. Pages taken so far stay with their requests, which need them soon.
@@ -338,13 +335,14 @@ class Engine:
       bm.commit(req.request_id, req.all_token_ids + tokens[:-1] if len(tokens) > 1 else req.all_token_ids,
                 num_computed)
       if tokens:
+        times = result.times[:len(tokens)] if result.times is not None else [now] * len(tokens)
         req.all_token_ids.extend(tokens)
-        req.token_times.extend([now] * len(tokens))
+        req.token_times.extend(times)
         if req.first_token_time is None:
-          req.first_token_time = now
+          req.first_token_time = times[0]
         touched[req.request_id] = req
       if reason is not None:
-        self._end(req, RequestStatus.FINISHED, now, reason)
+        self._end(req, RequestStatus.FINISHED, req.token_times[-1], reason)
         continue
       if tokens and self.config.handoff_after_prefill:
         self.running.remove(req.request_id)

@@ -56,7 +56,9 @@ class StepPlan:
     token_budget_left: step tokens the policy left unused (speculative guesses may take them).
     num_steps: decode steps per sequence (> 1 only for a chained block).
     chained: a decode-only plan whose input tokens are the last tokens of the plan in flight, which the
-      host has not read yet; its `Work.start` is each request's position after the in-flight steps.
+      host has not read yet; its `Work.start` is each request's position after the in-flight steps. An
+      executor may run fewer than `num_steps` of it (the simulator stops a block where a request arrives);
+      each `WorkResult` then says how far it got.
   """
   work: tuple[Work, ...]
   token_budget_left: int = 0
@@ -80,9 +82,12 @@ class WorkResult:
     num_computed: tokens of the sequence with K/V in the cache now.
     tokens: tokens emitted, in order (none for a prompt chunk short of its prompt's end; several for
       accepted speculative guesses or a block of chained steps).
+    times: when each token came out, on the engine's clock (seconds), where the executor knows it (the
+      simulator: each step of a block ends at its own time); None: when the engine applies the outcome.
   """
   num_computed: int
   tokens: list[int]
+  times: list[float] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +104,9 @@ class Executor(Protocol):
   def in_flight(self) -> StepPlan | None:
     """The plan dispatched and not collected yet, or None (always None for synchronous executors)."""
 
-  @property
-  def chain_steps(self) -> int:
-    """The most decode steps a chained plan may hold; 0 if this executor does not chain plans."""
+  def chain_length(self, room: int) -> int:
+    """How many decode steps a chained plan should hold when every request may still generate `room` more
+    tokens after the plan in flight (>= 1); 0 if this executor does not chain plans."""
 
   @property
   def num_lookahead_tokens(self) -> int:
