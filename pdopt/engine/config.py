@@ -130,6 +130,16 @@ class EngineConfig:
     """The quantized storage of the KV cache ("int8", "fp8"), or None."""
     return None if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
 
+  def model_len(self, context: int) -> int:
+    """The longest prompt + output for a model of `context` positions: `max_model_len`, or the context.
+
+    Raises:
+      ValueError: a `max_model_len` longer than the context.
+    """
+    if self.max_model_len is not None and self.max_model_len > context:
+      raise ValueError(f"EngineConfig.max_model_len={self.max_model_len} exceeds the model's context {context}")
+    return self.max_model_len or context
+
   def buckets(self, max_model_len: int) -> Buckets:
     """The step's padded shapes for sequences of up to `max_model_len` tokens: the configured buckets, or
     geometric ones (factor 4) from 16 tokens, 1 sequence and 4 pages.

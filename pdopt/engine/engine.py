@@ -24,18 +24,22 @@ import itertools
 import time
 from typing import Callable, Sequence
 
+import jax
 import numpy as np
 from jax.sharding import Mesh
 
 from pdopt.cache.block_manager import BlockManager
 from pdopt.engine.batch import Buckets
 from pdopt.engine.config import EngineConfig
+from pdopt.engine.costs import default_step_cost
 from pdopt.engine.executor import Executor, StepOutcome, StepPlan, Work
+from pdopt.engine.executors import make_executor
 from pdopt.engine.request import Request, RequestOutput, RequestStatus, SamplingParams, validate_request
 from pdopt.metrics import RequestRecord
 from pdopt.models.config import ModelConfig
 from pdopt.models.transformer import Transformer
 from pdopt.scheduling import Plan, SchedulerView, make_scheduler
+from pdopt.scheduling.step_cost import StepCostModel
 
 
 class Engine:
@@ -51,34 +55,29 @@ class Engine:
       its own KV pool of `num_pages` pages).
     executor: runs the steps; None builds the device executor `config` asks for (`executors.make_executor`).
       A given executor must use this engine's `block_manager`, so it is passed as a function of it.
+    step_cost: predicts step times for the policies that plan with them (`slo_aware`); None takes the
+      shipped fitted model of this model shape and device, else the device's roofline (`costs`).
 
-  Raises:
-    ValueError: settings that do not fit the model or each other, named.
+  Settings that do not fit the model or each other raise ValueError, named.
   """
 
   def __init__(self, model: Transformer | ModelConfig, config: EngineConfig | None = None,
                clock: Callable[[], float] = time.perf_counter, mesh: Mesh | None = None,
                draft_model: Transformer | None = None,
-               executor: Callable[[BlockManager, Buckets], Executor] | None = None):
-    config = config or EngineConfig()
-    self.config = config
-    self.model_config = model if isinstance(model, ModelConfig) else model.config
-    self.clock = clock
-    self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
-    if self.max_model_len > self.model_config.max_position_embeddings:
-      raise ValueError(f"EngineConfig.max_model_len={self.max_model_len} exceeds the model's context "
-                       f"{self.model_config.max_position_embeddings}")
-    self.policy = make_scheduler(config.scheduling())
+               executor: Callable[[BlockManager, Buckets], Executor] | None = None,
+               step_cost: StepCostModel | None = None):
+    self.config = config = config or EngineConfig()
+    self.model_config, self.clock = model if isinstance(model, ModelConfig) else model.config, clock
+    self.max_model_len = config.model_len(self.model_config.max_position_embeddings)
     self.block_manager = BlockManager(config.num_pages, config.page_size, config.enable_prefix_caching)
     self.buckets = config.buckets(self.max_model_len)
-    if executor is not None:
-      self.executor = executor(self.block_manager, self.buckets)
-    elif isinstance(model, ModelConfig):
-      raise ValueError("Engine needs a Transformer to run on a device, or an executor")
-    else:
-      from pdopt.engine.executors import make_executor  # pylint: disable=import-outside-toplevel
-      self.executor = make_executor(model, config, self.block_manager, self.buckets, self.max_model_len, mesh,
-                                    draft_model)
+    self.executor = (executor(self.block_manager, self.buckets) if executor is not None else
+                     make_executor(model, config, self.block_manager, self.buckets, self.max_model_len, mesh,
+                                   draft_model))
+    self.step_cost = step_cost or default_step_cost(  # Its device: the mesh's, or the default one.
+        self.model_config, config.kv_cache_dtype, mesh.shape.get("model", 1) if mesh else 1,
+        (mesh.devices.flat[0] if mesh else jax.devices()[0]).device_kind)
+    self.policy = make_scheduler(config.scheduling(), self.step_cost)
     self._eos, self._ids = frozenset(self.model_config.eos_token_id), itertools.count()
     self._seed_rng = np.random.default_rng(config.seed)
     self.requests: dict[str, Request] = {}

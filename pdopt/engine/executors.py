@@ -13,18 +13,22 @@ from pdopt.engine.config import EngineConfig
 from pdopt.engine.device_executor import DeviceExecutor
 from pdopt.engine.runner import ModelRunner
 from pdopt.engine.speculative.executor import SpeculativeExecutor
+from pdopt.models.config import ModelConfig
 from pdopt.models.transformer import Transformer
 
 
-def make_executor(model: Transformer, config: EngineConfig, block_manager: BlockManager, buckets: Buckets,
-                  max_model_len: int, mesh: Mesh | None = None,
+def make_executor(model: Transformer | ModelConfig, config: EngineConfig, block_manager: BlockManager,
+                  buckets: Buckets, max_model_len: int, mesh: Mesh | None = None,
                   draft_model: Transformer | None = None) -> DeviceExecutor:
   """The executor of `config` for `model` (sharded onto `mesh` first, if given).
 
   Raises:
-    ValueError: a combination the executors do not serve (speculation or `async_decode` on a mesh, a draft
-      model without speculation), named.
+    ValueError: a model given only by its config (a device needs weights), or a combination the executors do
+      not serve (speculation or `async_decode` on a mesh, a draft model without speculation), named.
   """
+  if isinstance(model, ModelConfig):
+    raise ValueError("an engine on a device needs a Transformer (weights), not only its ModelConfig; the "
+                     "simulator passes its own executor")
   if mesh is not None and (config.speculative is not None or config.async_decode):
     raise ValueError("EngineConfig.speculative and EngineConfig.async_decode do not run on a mesh yet")
   if draft_model is not None and config.speculative is None:

@@ -12,6 +12,8 @@ import dataclasses
 import math
 from typing import Callable, Protocol, Sequence
 
+from pdopt.scheduling.step_cost import StepCostModel
+
 
 def is_decoding(running: bool, num_tokens: int, num_computed_tokens: int, num_generated: int) -> bool:
   """The one definition of a decode, used by the engine's `Request`, the policies' `RequestView` and the
@@ -167,9 +169,20 @@ def register(name: str):
   return wrap
 
 
-def make_scheduler(config: SchedulingConfig) -> Scheduler:
-  """Builds the policy named by `config.policy`."""
-  return POLICIES[config.policy](config)
+def make_scheduler(config: SchedulingConfig, step_cost: StepCostModel | None = None) -> Scheduler:
+  """Builds the policy named by `config.policy`; `step_cost` predicts step times for the policies that plan
+  with it (`needs_step_cost`: `slo_aware`).
+
+  Raises:
+    ValueError: a policy that needs a step-cost model and got none.
+  """
+  cls = POLICIES[config.policy]
+  if not getattr(cls, "needs_step_cost", False):
+    return cls(config)
+  if step_cost is None:
+    raise ValueError(f"policy {config.policy!r} predicts step times: it needs a step_cost "
+                     "(pdopt.scheduling.step_cost.StepCostModel)")
+  return cls(config, step_cost=step_cost)
 
 
 class StepBuilder:

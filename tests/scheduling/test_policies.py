@@ -10,9 +10,20 @@ import random
 import pytest
 
 from pdopt.scheduling import POLICIES, Plan, RequestView, SchedulerView, SchedulingConfig, make_scheduler
+from pdopt.scheduling.step_cost import DeviceSpec, ModelSizes, StepCostModel
 
 NUM_VIEWS = 400
 NOW = 10.0  # Seconds on the engine clock of the random views.
+
+
+def _toy_cost(step_ms: float = 2.0, token_ms: float = 0.1) -> StepCostModel:
+  """A step of T tokens takes `step_ms` + `token_ms` * T milliseconds (what the toy simulation below charges)."""
+  return StepCostModel(ModelSizes(0.0, 0.0, 0.0, 0.0, 0.0), DeviceSpec("toy", 1.0, 1.0),
+                       (step_ms / 1e3, token_ms / 1e3, 0.0, 0.0, 0.0, 0.0, 0.0), source="toy")
+
+
+def _scheduler(config: SchedulingConfig):
+  return make_scheduler(config, step_cost=_toy_cost())
 
 
 # ----------------------------------------------------------------- random views
@@ -64,7 +75,7 @@ def _cases(seed: int, policy: str, **overrides):
   for _ in range(NUM_VIEWS):
     config = dataclasses.replace(_random_config(rng, policy), **overrides)
     view = _random_view(rng)
-    yield config, view, make_scheduler(config).schedule(view)
+    yield config, view, _scheduler(config).schedule(view)
 
 
 def _check_plan(config: SchedulingConfig, view: SchedulerView, plan: Plan) -> None:
@@ -104,13 +115,13 @@ def test_plan_respects_budget_sequences_and_pages(policy):
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_schedule_is_deterministic(policy):
   for config, view, plan in _cases(1, policy):
-    assert make_scheduler(config).schedule(view) == plan
+    assert _scheduler(config).schedule(view) == plan
 
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_empty_view_gives_empty_plan(policy):
   view = SchedulerView(now=0.0, running=(), waiting=(), free_pages=8, page_size=4, num_pages=8)
-  assert make_scheduler(SchedulingConfig(policy=policy)).schedule(view) == Plan()
+  assert _scheduler(SchedulingConfig(policy=policy)).schedule(view) == Plan()
 
 
 def test_unknown_policy_lists_valid_ones():
@@ -238,7 +249,7 @@ def _priority(policy, request: RequestView):
 def test_slo_aware_rejects_with_reasons_and_orders_by_deadline():
   rejections = 0
   for config, view, plan in _cases(5, "slo_aware", ttft_slo_ms=2000.0):
-    policy = make_scheduler(config)
+    policy = _scheduler(config)
     waiting = {r.request_id: r for r in view.waiting}
     rejected = {rid for rid, _ in plan.reject}
     rejections += len(rejected)
@@ -263,16 +274,33 @@ def test_slo_aware_never_rejects_without_a_ttft_target():
 
 def test_slo_aware_keeps_steps_within_the_tpot_budget():
   for config, view, plan in _cases(7, "slo_aware"):
-    budget = make_scheduler(config).step_token_budget
-    decodes = sum(1 for c in plan.chunks if c.num_tokens == 1 and any(
-        r.request_id == c.request_id and r.is_decoding for r in view.running))
-    assert plan.num_tokens <= max(budget, decodes)
-    if config.tpot_slo_ms is not None:
-      assert budget <= max(1, config.tpot_slo_ms / make_scheduler(config).ms_per_token)
+    running = {r.request_id: r for r in view.running}
+    decodes = sum(1 for c in plan.chunks if c.request_id in running and running[c.request_id].is_decoding)
+    prompt = plan.num_tokens - decodes
+    if config.tpot_slo_ms is None or prompt == 0:
+      continue
+    # The toy cost charges 2 ms + 0.1 ms per token: the prompt tokens fit the TPOT beside the decodes, or the
+    # step is the one that keeps a lone running prompt going.
+    fits = 2.0 + 0.1 * plan.num_tokens <= config.tpot_slo_ms + 1e-9
+    assert fits or (decodes == 0 and len(plan.chunks) == 1), (config, plan)
+
+
+def test_slo_aware_prompt_budget_is_the_largest_chunk_within_the_tpot():
+  policy = make_scheduler(SchedulingConfig(policy="slo_aware", tpot_slo_ms=10.0), step_cost=_toy_cost())
+  # 2 ms + 0.1 ms * (3 decodes + n) <= 10 ms: n = 77.
+  assert policy.prompt_budget([100, 7, 30], 512) == 77
+  assert policy.prompt_budget([100, 7, 30], 50) == 50
+  assert policy.prompt_budget([5] * 79, 512) == 1 and policy.prompt_budget([5] * 80, 512) == 0
+  assert make_scheduler(SchedulingConfig(policy="slo_aware"), step_cost=_toy_cost()).prompt_budget([1], 33) == 33
+
+
+def test_slo_aware_needs_a_step_cost_model():
+  with pytest.raises(ValueError, match="slo_aware.*step_cost"):
+    make_scheduler(SchedulingConfig(policy="slo_aware"))
 
 
 def test_slo_aware_rejects_what_the_queue_ahead_makes_late():
-  policy = POLICIES["slo_aware"](SchedulingConfig(policy="slo_aware", ttft_slo_ms=100.0), ms_per_token=1.0)
+  policy = make_scheduler(SchedulingConfig(policy="slo_aware", ttft_slo_ms=100.0), step_cost=_toy_cost(0.0, 1.0))
   early = RequestView("early", 0.00, 60, 60, 0, 0, 0, 10, False)
   late = RequestView("late", 0.01, 60, 60, 0, 0, 0, 10, False)   # 120 ms of prompts ahead of its deadline.
   gone = RequestView("gone", -1.0, 5, 5, 0, 0, 0, 10, False)      # Deadline long passed.
@@ -308,8 +336,8 @@ class _Req:
                        self.max_tokens, running, self.first_token_time)
 
 
-def _simulate(config: SchedulingConfig, seed: int, num_pages: int = 40, page_size: int = 4,
-              **policy_kwargs) -> tuple[list[_Req], int]:
+def _simulate(config: SchedulingConfig, seed: int, num_pages: int = 40,
+              page_size: int = 4) -> tuple[list[_Req], int]:
   """Runs plans on a toy host-side engine until every request ends; returns the requests and the
   preemption count. A step of T tokens takes 2 ms + 0.1 ms * T."""
   rng = random.Random(seed)
@@ -321,7 +349,7 @@ def _simulate(config: SchedulingConfig, seed: int, num_pages: int = 40, page_siz
     assert math.ceil((prompt_len + max_tokens) / page_size) <= num_pages  # Any one request fits the pool.
     reqs.append(_Req(f"q{i}", t, prompt_len, max_tokens, num_tokens=prompt_len))
   by_id = {r.request_id: r for r in reqs}
-  policy = POLICIES[config.policy](config, **policy_kwargs)
+  policy = _scheduler(config)
   running: list[str] = []
   waiting: list[str] = []
   now, preemptions, idle = 0.0, 0, 0
@@ -404,7 +432,7 @@ def test_slo_aware_ends_every_request_finished_or_rejected_with_a_reason():
                             tpot_slo_ms=5.0)
   outcomes = {"finished": 0, "rejected": 0}
   for seed in range(4):
-    reqs, _ = _simulate(config, seed, ms_per_token=0.1)
+    reqs, _ = _simulate(config, seed)
     for r in reqs:
       assert r.state in outcomes, r
       outcomes[r.state] += 1
