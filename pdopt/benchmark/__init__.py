@@ -21,7 +21,8 @@ from pdopt.benchmark.config import (as_config, default_config, engine_config, pa
                                     workload_config)
 from pdopt.benchmark.experiment import (ENGINE_STATS_KEYS, PolicyRun, build_model, build_workload, compare,
                                         enable_compilation_cache, rate_key, run_experiment, run_policy)
-from pdopt.benchmark.replay import ReplayResult, VirtualClock, replay, sampling_params
+from pdopt.benchmark.replay import ReplayResult, replay, sampling_params
+from pdopt.sim.clock import VirtualClock
 
 __all__ = [
     "ENGINE_STATS_KEYS", "PolicyRun", "ReplayResult", "VirtualClock", "as_config", "build_model", "build_workload",

@@ -31,34 +31,6 @@ from pdopt.metrics import RequestRecord
 from pdopt.workloads import Workload, WorkloadRequest
 
 
-class VirtualClock:
-  """A clock that moves only when told to, for deterministic replays.
-
-  Pass it as the engine's `clock`; `replay` then sleeps on it instead of the wall clock.
-
-  Args:
-    start: the initial time (s).
-    tick: seconds added after every reading, a crude stand-in for the cost of work (the engine reads the
-      clock twice per step), so that arrivals keep coming while the engine is busy. 0 freezes time except
-      for `sleep`.
-  """
-
-  def __init__(self, start: float = 0.0, tick: float = 0.0):
-    if tick < 0:
-      raise ValueError(f"VirtualClock tick must be >= 0 seconds, got {tick!r}")
-    self.now = float(start)
-    self.tick = float(tick)
-
-  def __call__(self) -> float:
-    t = self.now
-    self.now += self.tick
-    return t
-
-  def sleep(self, seconds: float) -> None:
-    """Jumps `seconds` ahead (negative values are ignored, like a late wake-up)."""
-    self.now += max(0.0, float(seconds))
-
-
 @dataclasses.dataclass(frozen=True)
 class ReplayResult:
   """What one replay produced.

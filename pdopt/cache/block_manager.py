@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import struct
 from typing import Sequence
@@ -65,8 +66,14 @@ def page_key(prev_key: bytes | None, token_ids: Sequence[int]) -> bytes:
     A 32-byte digest naming the whole prefix that ends with this page.
   """
   h = hashlib.sha256(prev_key or _ROOT_KEY)
-  h.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
+  h.update(_int64s(len(token_ids)).pack(*token_ids))
   return h.digest()
+
+
+@functools.cache
+def _int64s(n: int) -> struct.Struct:
+  """The little-endian packing of n int64s, compiled once per page size."""
+  return struct.Struct(f"<{n}q")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -323,13 +323,10 @@ class Engine:
         req.num_prefill_tokens_computed += work.num_tokens
       # Tokens after a stop (later accepted guesses, the rest of a block of decode steps) are dropped, and so
       # is their K/V: the prefix cache only learns what the request keeps.
-      generated, reason = req.num_generated, None
-      for i, token in enumerate(tokens):
-        reason = req.stop_reason(token, generated + i + 1, req.num_tokens + i + 1, self._eos, self.max_model_len)
-        if reason is not None:
-          num_computed -= len(tokens) - i - 1
-          tokens = tokens[:i + 1]
-          break
+      stop, reason = req.stop(tokens, self._eos, self.max_model_len)
+      if reason is not None:
+        num_computed -= len(tokens) - stop - 1
+        tokens = tokens[:stop + 1]
       req.num_computed_tokens = num_computed
       bm.commit(req.request_id, req.all_token_ids + tokens[:-1] if len(tokens) > 1 else req.all_token_ids,
                 num_computed)

@@ -157,17 +157,19 @@ class Request:
         num_pages_held=num_pages_held, num_generated=self.num_generated + ahead,
         max_tokens=self.sampling.max_tokens, is_running=running, first_token_time=self.first_token_time)
 
-  def stop_reason(self, token: int, num_generated: int, num_tokens: int, eos: frozenset[int],
-                  max_model_len: int) -> str | None:
-    """Why the request ends with `token`, its `num_generated`-th output token (`num_tokens` in all), or None:
-    "stop" (a stop token), "eos" (one of `eos`, unless ignored), "length" (max_tokens or max_model_len)."""
-    if token in self.sampling.stop_token_ids:
-      return "stop"
-    if not self.sampling.ignore_eos and token in eos:
-      return "eos"
-    if num_generated >= self.sampling.max_tokens or num_tokens >= max_model_len:
-      return "length"
-    return None
+  def stop(self, tokens: Sequence[int], eos: frozenset[int], max_model_len: int) -> tuple[int, str | None]:
+    """Where the request ends among `tokens`, its next output tokens: (index of the last token it keeps, why)
+    or (-1, None) if it goes on. Reasons: "stop" (a stop token), "eos" (one of `eos`, unless ignored),
+    "length" (max_tokens or max_model_len)."""
+    room = min(self.sampling.max_tokens - self.num_generated, max_model_len - self.num_tokens)
+    stops = self.sampling.stop_token_ids
+    if stops or not self.sampling.ignore_eos:
+      for i, token in enumerate(tokens[:room]):
+        if token in stops:
+          return i, "stop"
+        if not self.sampling.ignore_eos and token in eos:
+          return i, "eos"
+    return (room - 1, "length") if len(tokens) >= room else (-1, None)
 
   def to_record(self) -> RequestRecord:
     """The timestamps in the form `pdopt.metrics` reads."""
@@ -222,15 +224,16 @@ def validate_prompt(prompt_token_ids: Sequence[int], vocab_size: int) -> tuple[i
     raise ValueError(f"prompt_token_ids must be a sequence of integer token ids, got {prompt_token_ids!r:.80}")
   else:
     ids = tuple(prompt_token_ids)
-    for t in ids:
-      if type(t) is not int and (isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Integral)):
-        raise ValueError(f"prompt token id {t!r} is not an integer; valid: integers in [0, {vocab_size})")
-    ids = tuple(map(int, ids))
+    if not set(map(type, ids)) <= {int}:  # The common case, plain ints, is checked at C speed.
+      for t in ids:
+        if type(t) is not int and (isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Integral)):
+          raise ValueError(f"prompt token id {t!r} is not an integer; valid: integers in [0, {vocab_size})")
+      ids = tuple(map(int, ids))
   if not ids:
     raise ValueError("prompt_token_ids is empty: a prompt needs at least one token")
-  for t in ids:
-    if not 0 <= t < vocab_size:
-      raise ValueError(f"prompt token id {t} is outside the vocabulary [0, {vocab_size})")
+  if min(ids) < 0 or max(ids) >= vocab_size:
+    bad = next(t for t in ids if not 0 <= t < vocab_size)
+    raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})")
   return ids
 
 

@@ -136,12 +136,7 @@ class StepCostModel:
     Returns:
       [len(FEATURES)] float64, in the order of `FEATURES`.
     """
-    q = np.asarray(query_lens, np.float64)
-    kv = np.asarray(kv_lens, np.float64)
-    t = float(q.sum()) if num_tokens is None else float(num_tokens)
-    keys = (float(kv.max()) if kv.size else 0.0) if max_keys is None else float(max_keys)
-    return self.totals_features(t, float(len(q)) if num_seqs is None else float(num_seqs),
-                                float(np.dot(q, kv - (q - 1) / 2)), float(kv.sum()), t * keys)
+    return self.totals_features(*_totals(query_lens, kv_lens, num_tokens, num_seqs, max_keys))
 
   def totals_features(self, num_tokens: float, num_seqs: float, attention_pairs: float, kv_tokens: float,
                       dense_pairs: float) -> np.ndarray:
@@ -157,12 +152,12 @@ class StepCostModel:
   def seconds(self, query_lens: Sequence[int], kv_lens: Sequence[int], num_tokens: int | None = None,
               num_seqs: int | None = None, max_keys: int | None = None) -> float:
     """Predicted seconds of one step (arguments as for `features`)."""
-    return float(np.dot(self.coefficients, self.features(query_lens, kv_lens, num_tokens, num_seqs, max_keys)))
+    return float(self.totals_seconds(*_totals(query_lens, kv_lens, num_tokens, num_seqs, max_keys)))
 
-  def totals_seconds(self, num_tokens: float, num_seqs: float, attention_pairs: float, kv_tokens: float,
-                     dense_pairs: float) -> float:
-    """`seconds` from a step's totals (`totals_features`), in scalar arithmetic: policies call it many times
-    per decision."""
+  def totals_seconds(self, num_tokens: float, num_seqs: float, attention_pairs, kv_tokens, dense_pairs):
+    """`seconds` from a step's totals (`totals_features`), in scalar arithmetic (policies call it many times
+    per decision); `attention_pairs`, `kv_tokens` and `dense_pairs` may also be arrays of several steps' totals
+    (the simulator's blocks), which give the same results element by element."""
     m, d, c = self.sizes, self.device, self.coefficients
     linear = max(m.weight_bytes / d.memory_bandwidth,
                  (m.flops_per_token * num_tokens + m.flops_per_seq * num_seqs) / d.matmul_flops)
@@ -230,6 +225,17 @@ class StepCostModel:
                  source=str(path), metadata=metadata)
     except ValueError as e:
       raise ValueError(f"cost model file {str(path)!r}: {e}") from None
+
+
+def _totals(query_lens: Sequence[int], kv_lens: Sequence[int], num_tokens: int | None, num_seqs: int | None,
+            max_keys: int | None) -> tuple[float, float, float, float, float]:
+  """A step's totals (`StepCostModel.totals_features`) from its sequences and padded sizes."""
+  q = np.asarray(query_lens, np.float64)
+  kv = np.asarray(kv_lens, np.float64)
+  t = float(q.sum()) if num_tokens is None else float(num_tokens)
+  keys = (float(kv.max()) if kv.size else 0.0) if max_keys is None else float(max_keys)
+  return (t, float(len(q)) if num_seqs is None else float(num_seqs), float(np.dot(q, kv - (q - 1) / 2)),
+          float(kv.sum()), t * keys)
 
 
 def _finite(value) -> bool:

@@ -1,0 +1,164 @@
+"""`SimExecutor`: the engine's executor with no model and no device.
+
+Each plan takes the time the step-cost model predicts for it (at the padded shape the engine would compile,
+`engine.batch.Buckets`), and the executor advances a `VirtualClock` by that much. Requests emit a placeholder
+token, so they end by length (`ignore_eos`, as replays of traces ask). Everything else, the policy, the block
+manager, preemption, prefix caching and the metrics, is the engine's own code, unchanged.
+
+Speed: steady decoding is the bulk of a trace's steps, and between two events (an arrival, a request reaching
+its length, a pool too full) every step decodes the same sequences. So, like the asynchronous executor, a
+decode-only plan is "dispatched", and the engine then hands over a chained plan of the following decode
+steps (`Engine._chain`, after asking the policy about the state ahead). This executor sizes each block
+(`chain_length`) to end where the synchronous engine could next decide differently: before the first step
+that would start at or after the next arrival (`arrivals`), when the first request reaches its length, or
+where the pool runs out of pages. Every step gets its own predicted time and every token the end of its step,
+so the outcome, the block manager's state included, is the one the synchronous engine reaches step by step
+(`chain=False` runs it so; a test compares the two bit for bit).
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+from typing import Sequence
+
+import numpy as np
+
+from pdopt.cache.block_manager import BlockManager
+from pdopt.engine.batch import Buckets
+from pdopt.engine.executor import StepOutcome, StepPlan, WorkResult
+from pdopt.scheduling.step_cost import StepCostModel
+from pdopt.sim.clock import VirtualClock
+
+
+class SimExecutor:
+  """Runs plans on a virtual clock (see the module docstring).
+
+  Args:
+    step_cost: predicts each step's seconds.
+    clock: the engine's clock, advanced by each step.
+    block_manager, buckets: the engine's (`Engine(..., executor=...)` passes them).
+    token_id: the placeholder every step emits (not an EOS id of the model).
+    arrivals: times (on `clock`) at which requests will be submitted; a chained block stops before the first
+      step that would start at or after the next one. Empty: no future arrivals are known.
+    chain: run steady decoding in blocks; False runs every step on its own (the reference the blocks must
+      reproduce, and much slower).
+  """
+
+  def __init__(self, step_cost: StepCostModel, clock: VirtualClock, block_manager: BlockManager, buckets: Buckets,
+               token_id: int = 0, arrivals: Sequence[float] = (), chain: bool = True):
+    self.step_cost = step_cost
+    self.clock = clock
+    self.block_manager = block_manager
+    self.buckets = buckets
+    self.page_size = block_manager.page_size
+    self.token_id = token_id
+    self.arrivals = sorted(float(a) for a in arrivals)
+    self.chain = chain
+    self._dispatched: collections.deque[StepOutcome] = collections.deque()
+    self.num_steps = 0  # Steps simulated, those of chained blocks included.
+    self.busy_seconds = 0.0  # Virtual seconds spent in steps.
+
+  num_lookahead_tokens = 0
+
+  @property
+  def in_flight(self) -> StepPlan | None:
+    return self._dispatched[-1].plan if self._dispatched else None
+
+  def chain_length(self, room: int) -> int:
+    """Every step until the first request ends (`room`), until the next arrival, and as far as the pool holds
+    the steps' pages: exactly the steps the synchronous engine would run before its next decision that could
+    differ, so the engine allocates exactly their pages."""
+    positions = [(w.request.request_id, w.start + w.num_tokens) for w in self.in_flight.work]  # Next positions.
+    steps = min(room, self._steps_before_arrival([pos + 1 for _, pos in positions], room))
+    free = self.block_manager.num_free_pages
+
+    def pages(k: int) -> int:  # Pages a block of k steps takes on top of what the requests hold.
+      return sum(self.block_manager.num_pages_needed(rid, pos + k) for rid, pos in positions)
+
+    if pages(steps) <= free:
+      return steps
+    low, high = 1, steps  # The longest block whose pages fit (1 if none does: the engine then tries one step).
+    while low < high:
+      mid = (low + high + 1) // 2
+      low, high = (mid, high) if pages(mid) <= free else (low, mid - 1)
+    return low
+
+  def _block_seconds(self, kv0: list[int], steps: int) -> np.ndarray:
+    """[steps] seconds of consecutive decode steps of sequences with `kv0` keys at the first, one more each
+    step, at the padded shapes the engine picks (the page bucket follows the longest sequence); the arithmetic
+    of `_step`, so that a block and its steps one at a time give the same times to the last bit."""
+    n = len(kv0)
+    t_pad, s_pad, _ = self.buckets.pick(n, n, 1)
+    j = np.arange(steps)
+    pages = np.ceil((max(kv0) + j) / self.page_size)
+    p_pad = np.asarray(self.buckets.pages)[np.searchsorted(self.buckets.pages, pages)]
+    keys = float(sum(kv0)) + n * j
+    return self.step_cost.totals_seconds(float(t_pad), float(s_pad), keys, keys, t_pad * p_pad * self.page_size)
+
+  def _steps_before_arrival(self, kv0: list[int], steps: int) -> int:
+    """How many of `steps` consecutive decode steps (from now) start before the next arrival (at least 1)."""
+    nxt = bisect.bisect_right(self.arrivals, self.clock.now)
+    if nxt == len(self.arrivals):
+      return steps
+    ends = np.cumsum(np.concatenate([[self.clock.now], self._block_seconds(kv0, steps)]))
+    return max(1, int(np.searchsorted(ends[:-1], self.arrivals[nxt], side="left")))
+
+  def execute(self, plan: StepPlan) -> StepOutcome | None:
+    if plan.chained:
+      self._dispatched.append(self._block(plan))
+      return None
+    if self._dispatched:
+      raise RuntimeError("only a chained plan may run while another is in flight; collect it first")
+    outcome = self._step(plan)
+    if plan.decode_only and self.chain:  # "Dispatched", so that the engine may chain the steps after it.
+      self._dispatched.append(outcome)
+      return None
+    return outcome
+
+  def collect(self) -> StepOutcome:
+    return self._dispatched.popleft()
+
+  def _step(self, plan: StepPlan) -> StepOutcome:
+    q = [w.num_tokens for w in plan.work]
+    kv = [w.start + w.num_tokens for w in plan.work]
+    t_pad, s_pad, p_pad = self.buckets.pick(sum(q), len(q), max(-(-k // self.page_size) for k in kv))
+    end = self._advance(self.step_cost.seconds(q, kv, t_pad, s_pad, p_pad * self.page_size))
+    return StepOutcome(plan, tuple(WorkResult(k, [self.token_id], [end]) if w.samples_next else WorkResult(k, [])
+                                   for w, k in zip(plan.work, kv)))
+
+  def _block(self, plan: StepPlan) -> StepOutcome:
+    """`plan.num_steps` decode steps, each sequence one token per step (`chain_length` chose how many)."""
+    seconds = self._block_seconds([w.start + 1 for w in plan.work], plan.num_steps)
+    times = np.cumsum(np.concatenate([[self.clock.now], seconds]))[1:].tolist()  # Added in turn, as step by step.
+    self._advance(float(seconds.sum()), plan.num_steps, end=times[-1])
+    return StepOutcome(plan, tuple(WorkResult(w.start + plan.num_steps, [self.token_id] * plan.num_steps, times)
+                                   for w in plan.work))
+
+  def _advance(self, seconds: float, steps: int = 1, end: float | None = None) -> float:
+    """Counts `steps` steps of `seconds` in all and moves the clock to their end (default: now + seconds)."""
+    self.num_steps += steps
+    self.busy_seconds += seconds
+    self.clock.advance_to(self.clock.now + seconds if end is None else end)
+    return self.clock.now
+
+  def release(self, request_id: str) -> None:
+    pass
+
+  def warmup(self) -> int:
+    return 0
+
+  num_compilations = 0
+
+  def check_no_leaks(self, idle: bool) -> None:
+    if idle and self._dispatched:
+      raise AssertionError(f"{len(self._dispatched)} simulated steps were never collected")
+
+  def stats(self) -> dict[str, float]:
+    return {"sim_steps": self.num_steps, "sim_busy_s": self.busy_seconds}
+
+
+def placeholder_token(vocab_size: int, eos_token_ids: Sequence[int]) -> int:
+  """The smallest token id that is not an EOS id of the model."""
+  return next(t for t in range(vocab_size) if t not in set(eos_token_ids))
+
