@@ -31,11 +31,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pdopt.models import checkpoints
+from pdopt.models import checkpoints, tokenizer as tok
 from pdopt.models.config import Family, ModelConfig
 from pdopt.models.layers import einsum
 from pdopt.models.transformer import Transformer, init_model, logits as ragged_logits
-from pdopt.training import data, tokenizer as tok
+from pdopt.training import data
 
 
 def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
