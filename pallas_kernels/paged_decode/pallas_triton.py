@@ -42,8 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
-from pallas_kernels.flash_prefill import on_hopper
-from pallas_kernels.gpu_info import num_sms
+from pallas_kernels.gpu_info import num_sms, on_hopper
 from pallas_kernels.paged_decode import pallas_mgpu
 from pallas_kernels.triton_util import CompilerParams
 

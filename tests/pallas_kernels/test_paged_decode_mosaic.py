@@ -16,7 +16,7 @@ import pytest
 from cuda_lowering import lower_for_cuda
 from test_paged_decode import Case, _assert_close, _inputs, _quantize, _reference
 
-from pallas_kernels.flash_prefill import on_hopper
+from pallas_kernels.gpu_info import on_hopper
 from pallas_kernels.paged_decode import paged_decode, pallas_mgpu, ragged_decode
 
 
