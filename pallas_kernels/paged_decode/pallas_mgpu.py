@@ -68,6 +68,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_util import named_barrier, zero_keys_past_end
 from pallas_kernels.paged_decode.quant import quantize_kv
+from pallas_kernels.sizes import next_power_of_2
 
 _ROWS = 64  # wgmma's M: the query rows of a program, padded
 _STATS = 8  # columns of the stats tile written per row: m, l, then padding (a TMA row needs 16 bytes)
@@ -166,7 +167,7 @@ def _consumer_registers(consumers: int) -> int:
 def _query_columns(rows: int) -> int:
   """N of the int8 kernel's transposed tiles: the query rows padded to a power of two >= 16 (wgmma's N and
   the P^T tile's swizzle)."""
-  return max(16, 1 << (rows - 1).bit_length())
+  return max(16, next_power_of_2(rows))
 
 
 def _scale_copy(tokens_per_copy: int) -> tuple[int, int]:

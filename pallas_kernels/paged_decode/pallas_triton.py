@@ -44,6 +44,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.gpu_info import num_sms, on_hopper
 from pallas_kernels.paged_decode import pallas_mgpu
+from pallas_kernels.sizes import floor_power_of_2, is_power_of_2, next_power_of_2
 from pallas_kernels.triton_util import CompilerParams
 
 _LOG2E = math.log2(math.e)
@@ -51,10 +52,6 @@ _MIN_ROWS = 16  # smallest M of a Triton dot
 _MAX_ROWS = 128  # Q * G beyond this would spill registers; served by the reference instead
 _PAGE_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16, jnp.int8,
                                             jnp.float8_e4m3fn))
-
-
-def _next_pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, *, num_sms: int,
@@ -378,11 +375,11 @@ def _decode(q_flat, k_pages, v_pages, kv_lens, page_table, *, q_len, sm_scale, s
       or page_table.shape[0] != num_seqs or q_flat.shape[0] < num_seqs):
     raise NotImplementedError(f"unsupported shapes q={q_flat.shape} (Q={q_len}) k_pages={k_pages.shape} "
                               f"v_pages={v_pages.shape} kv_lens={kv_lens.shape} page_table={page_table.shape}")
-  if head_dim < 16 or head_dim != _next_pow2(head_dim) or page_size != _next_pow2(page_size):
+  if head_dim < 16 or not is_power_of_2(head_dim) or not is_power_of_2(page_size):
     raise NotImplementedError(f"head_dim={head_dim} and page_size={page_size} must be powers of 2, "
                               "head_dim >= 16")
   group = num_heads // num_kv_heads
-  rows = max(_MIN_ROWS, _next_pow2(q_len * group))
+  rows = max(_MIN_ROWS, next_power_of_2(q_len * group))
   if rows > _MAX_ROWS:
     raise NotImplementedError(f"Q * G = {q_len * group} query rows per KV head exceed {_MAX_ROWS}")
   if q_flat.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
@@ -429,7 +426,7 @@ def _decode(q_flat, k_pages, v_pages, kv_lens, page_table, *, q_len, sm_scale, s
   if pages_per_block is None:
     pages_per_block = max(1, default_block_tokens(k_pages.dtype, head_dim) // page_size)
   # A power of two (Triton block sizes), at most the table width, and at least 16 tokens (dot size).
-  pages_per_block = min(1 << (max(1, pages_per_block).bit_length() - 1), _next_pow2(max_pages))
+  pages_per_block = min(floor_power_of_2(pages_per_block), next_power_of_2(max_pages))
   pages_per_block = max(pages_per_block, pl.cdiv(16, page_size))
   max_blocks = pl.cdiv(max_pages, pages_per_block)
   if num_splits is None:

@@ -8,13 +8,13 @@ tokens alike. Each layer writes the new K/V into the paged cache and attends thr
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels.sizes import next_power_of_2
 from pdopt.cache import kv_cache
 from pdopt.cache.kv_cache import LayerCache
 from pdopt.models.config import ModelConfig
@@ -128,7 +128,7 @@ def logits(model: Transformer, token_ids, kv_quant: str | None = None) -> np.nda
   if ids.min() < 0 or ids.max() >= vocab:
     bad = int(ids[(ids < 0) | (ids >= vocab)][0])
     raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
-  bucket = max(_LOGITS_PAGE_SIZE, 1 << math.ceil(math.log2(n)))
+  bucket = max(_LOGITS_PAGE_SIZE, next_power_of_2(n))
   num_pages = bucket // _LOGITS_PAGE_SIZE
   padded = np.zeros(bucket, np.int32)
   padded[:n] = ids
