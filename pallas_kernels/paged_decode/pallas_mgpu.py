@@ -2,8 +2,8 @@
 
 Same work decomposition and partial results as the Triton kernel (`pallas_triton`): one program per
 (sequence, KV head, split), holding the Q * G query rows of its KV head, walking its share of the
-sequence's key blocks and writing float32 partials (acc, m, l) that `pallas_triton.combine_splits`
-merges. What changes is how the bytes arrive:
+sequence's key blocks (`common.split_range`) and writing float32 partials (acc, m, l) that
+`common.combine_splits` merges. What changes is how the bytes arrive:
 
 - One CUDA block per program: C consumer warpgroups (`DecodeConfig.consumers`, 2 or 3) and a producer
   warpgroup. One warp of the producer (or 2 or 4, `DecodeConfig.producer_warps`, each with its share of the
@@ -66,7 +66,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.gpu_info import num_sms
 from pallas_kernels.mosaic_util import named_barrier, zero_keys_past_end
+from pallas_kernels.paged_decode.common import choose_num_splits, combine_splits, split_range
 from pallas_kernels.paged_decode.quant import quantize_kv
 from pallas_kernels.sizes import next_power_of_2
 
@@ -245,16 +247,6 @@ def check_supported(q_dtype, k_pages: jax.Array, v_pages: jax.Array, *, rows: in
 def _swizzled(dtype, head_dim: int):
   """Shared-memory transforms for wgmma operands and TMA: rows of head_dim values, 128-byte swizzle."""
   return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128))
-
-
-def split_range(kv_len, q_len: int, split, num_splits: int, block_kv: int):
-  """(first block, number of blocks) of `split` over a sequence of kv_len keys (0: a padding sequence).
-  Both kernels split a sequence this way; works on scalars and arrays (non-negative ints, `lax.div`)."""
-  length = jnp.where(kv_len > 0, jnp.maximum(kv_len, q_len), 0)
-  num_blocks = lax.div(length + block_kv - 1, block_kv)
-  per = lax.div(num_blocks + num_splits - 1, num_splits)
-  first = split * per
-  return first, jnp.clip(num_blocks - first, 0, per)
 
 
 def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_len: int, group: int,
@@ -579,7 +571,7 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
     With one split, the attention output [S, Q * H, D] in q's dtype (zeros for kv_len 0). Otherwise
     (acc [S, K, N, Q * G, D], m [S, K, N, Q * G], l [S, K, N, Q * G]) float32: unnormalized outputs,
     running maxima (log2 units, -inf for a split with no key) and softmax sums of each split, for
-    `pallas_triton.combine_splits`.
+    `common.combine_splits`.
   """
   num_kv_heads, _, page_size, head_dim = k_pages.shape
   num_seqs, max_pages = page_table.shape
@@ -673,3 +665,32 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
     return outs[0], outs[1][..., 0], outs[1][..., 1]
   acc_t, stats = outs[0][..., :rows], outs[1][..., :rows]  # O^T [S, K, N, D, rows], [S, K, N, 2, rows]
   return jnp.swapaxes(acc_t, -1, -2), stats[..., 0, :], stats[..., 1, :]
+
+
+def decode(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None, v_scales=None, *, q_len: int,
+           sm_scale: float, num_splits: int | None = None, config: DecodeConfig = DecodeConfig()) -> jax.Array:
+  """Paged decode attention of the queries `q_flat` (sequence s's Q tokens in row s, token-major), for inputs
+  that passed `common.check_inputs` and `check_supported`.
+
+  Args:
+    q_flat, k_pages, v_pages, kv_lens, page_table, k_scales, v_scales, q_len, sm_scale: as in `decode_partials`.
+    num_splits: programs per (sequence, KV head); None: `common.choose_num_splits` with the config's
+      `programs_per_sm`.
+    config: the other launch parameters.
+
+  Returns:
+    [S, Q, H, D]: float32 merged from the splits' partials, or in q's dtype where one split wrote the output.
+  """
+  num_kv_heads, _, page_size, _ = k_pages.shape
+  num_heads = q_flat.shape[1] // q_len
+  head_dim = q_flat.shape[2]
+  num_seqs = kv_lens.shape[0]
+  max_pages = page_table.shape[1]
+  if num_splits is None:
+    num_splits = choose_num_splits(num_seqs, num_kv_heads, pl.cdiv(max_pages * page_size, config.block_kv),
+                                   num_sms=num_sms(), programs_per_sm=config.programs_per_sm)
+  out = decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales, v_scales, q_len=q_len,
+                        sm_scale=sm_scale, num_splits=num_splits, config=config)
+  if num_splits == 1:  # the kernel wrote the normalized output
+    return out.reshape(num_seqs, q_len, num_heads, head_dim)
+  return combine_splits(*out, q_len=q_len, group=num_heads // num_kv_heads)

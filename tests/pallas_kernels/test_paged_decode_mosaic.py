@@ -18,6 +18,7 @@ from test_paged_decode import Case, _assert_close, _inputs, _quantize, _referenc
 
 from pallas_kernels.gpu_info import on_hopper
 from pallas_kernels.paged_decode import paged_decode, pallas_mgpu, ragged_decode
+from pallas_kernels.paged_decode.common import split_range
 
 
 @pytest.mark.parametrize("q_len,num_splits,block_kv", [(1, 1, 64), (1, 5, 128), (3, 4, 64), (5, 9, 128)])
@@ -25,7 +26,7 @@ def test_splits_cover_every_block_once(q_len, num_splits, block_kv):
   kv_lens = np.array([0, 1, 2, 63, 64, 65, 127, 128, 129, 700, 1000])
   covered = {}
   for split in range(num_splits):
-    first, steps = pallas_mgpu.split_range(jnp.asarray(kv_lens), q_len, split, num_splits, block_kv)
+    first, steps = split_range(jnp.asarray(kv_lens), q_len, split, num_splits, block_kv)
     for s, (f, n) in enumerate(zip(np.asarray(first), np.asarray(steps))):
       assert n >= 0
       covered.setdefault(s, []).extend(range(f, f + n))
