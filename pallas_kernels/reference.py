@@ -1,8 +1,9 @@
 """Pure-`jnp` reference attention over a paged KV cache.
 
 These functions define the semantics every Pallas kernel in this package must reproduce; the kernels
-take the same arguments and are tested against them on random inputs. They are also the attention
-that pdopt runs on CPU.
+take the same arguments and are tested against them on random inputs. They are also the attention that
+pdopt runs on CPU. Letters of shapes and einsums: the legend of `pallas_kernels`
+(`pallas_kernels/__init__.py`).
 
 Page layout (shared with `pdopt.cache.kv_cache`): one array per layer for K and one for V,
 
@@ -25,8 +26,7 @@ A ragged batch of S sequences is described by
 
 The i-th query of sequence s sits at absolute position kv_lens[s] - q_len[s] + i and attends causally to
 keys 0 ... that position (optionally only the last `sliding_window` of them). Rows of q that belong to no
-real sequence produce zeros. Letter legend: T tokens, S sequences, H query heads, K KV heads, G = H / K
-query heads per KV head, D head dim, P pages, L key positions.
+real sequence produce zeros.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def ragged_paged_attention(
 
   k = dequantize_pages(k_pages, k_scales)
   v = dequantize_pages(v_pages, v_scales)
-  # Gather each row's sequence pages: [K, T, Pmax, page_size, D] -> [K, T, L, D].
+  # Gather each row's sequence pages: [K, T, Pmax, page_size, D] -> [K, T, J, D].
   pages = page_table[sid]  # [T, Pmax]
   k_rows = k[:, pages].reshape(num_kv_heads, num_tokens, max_len, head_dim)
   v_rows = v[:, pages].reshape(num_kv_heads, num_tokens, max_len, head_dim)
@@ -121,10 +121,10 @@ def ragged_paged_attention(
   mask = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] < kv_lens[sid][:, None])
   if sliding_window is not None:
     mask &= key_pos[None, :] > q_pos[:, None] - sliding_window
-  mask &= valid_row[:, None]  # [T, L]
+  mask &= valid_row[:, None]  # [T, J]
 
   qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim)
-  scores = jnp.einsum("TKGD,KTLD->TKGL", qg, k_rows, precision=_HIGHEST) * sm_scale
+  scores = jnp.einsum("TKGD,KTJD->TKGJ", qg, k_rows, precision=_HIGHEST) * sm_scale
   scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
   row_max = jnp.max(scores, axis=-1, keepdims=True)
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
@@ -132,7 +132,7 @@ def ragged_paged_attention(
   denom = jnp.sum(probs, axis=-1, keepdims=True)
   # Masked keys may be NaN (unused pages); zero them so 0 * NaN cannot leak into the output.
   v_rows = jnp.where(mask[None, :, :, None], v_rows, 0.0)
-  out = jnp.einsum("TKGL,KTLD->TKGD", probs, v_rows, precision=_HIGHEST)
+  out = jnp.einsum("TKGJ,KTJD->TKGD", probs, v_rows, precision=_HIGHEST)
   out = out / jnp.where(denom > 0, denom, 1.0)
   out = jnp.where(valid_row[:, None, None, None], out, 0.0)
   return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)

@@ -1,7 +1,7 @@
 """Building blocks of the Llama-family decoder: RMSNorm, RoPE, paged GQA attention, SwiGLU MLP.
 
-Letter legend for einsums: T tokens, E embed, H query heads, K KV heads, D head dim, F MLP width, V vocab.
 Activations are flat ragged batches `[T, E]`: the tokens of all sequences in a step, one after another.
+Letters of shapes and einsums: the legend of `pallas_kernels` (`pallas_kernels/__init__.py`).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarr
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-  """Rotates `x` [T, N, D] by its positions [T] (the half-split convention of HF Llama)."""
+  """Rotates `x` [T, H or K, D] by its positions [T] (the half-split convention of HF Llama)."""
   freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
   cos = jnp.cos(freqs).astype(x.dtype)[:, None, :]
   sin = jnp.sin(freqs).astype(x.dtype)[:, None, :]
@@ -125,7 +125,7 @@ def qkv_rope(x: jax.Array, qkv_proj: jax.Array, qkv_bias: jax.Array | None, posi
              inv_freq: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """q [T, H, D] and k [T, K, D] rotated to their positions [T], and v [T, K, D], of normalized tokens x
   [T, E] through the merged projection `qkv_proj` [E, K, G + 2, D] (and bias [K, G + 2, D] or None)."""
-  qkv = einsum("TE,EKND->TKND", x, qkv_proj)
+  qkv = einsum("TE,EKRD->TKRD", x, qkv_proj)
   if qkv_bias is not None:
     qkv = qkv + qkv_bias
   group = qkv.shape[2] - 2
