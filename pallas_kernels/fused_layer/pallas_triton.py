@@ -14,10 +14,9 @@ with k's RoPE, a V scatter, and a concatenate with q's RoPE (pallas_kernels/NOTE
    are RoPE pairs, so a program holding one head has both), and stores q or writes k or v into the pages
    (aliased: updated in place under `jit` with donation, never copied).
 
-Its reference, with the same signature, is the model's unfused path `pdopt.models.layers.norm_qkv_rope_write`.
-The results differ from it only by rounding: the kernels keep float32 from the matmul to the output, where
-the model rounds after the norm, the matmul, the bias and the rotation. Rows past the batch are masked,
-and tokens with a negative cache slot (padding) write nothing.
+Its reference, with the same signature, is `pallas_kernels.reference.norm_qkv_rope_write`, which computes in
+float32 throughout; the kernels differ from it by one rounding more, of (x * norm weight) to x's dtype before
+the matmul. Rows past the batch are masked, and tokens with a negative cache slot (padding) write nothing.
 """
 
 from __future__ import annotations
@@ -201,7 +200,7 @@ def norm_qkv_rope_write(
     config: FusedConfig | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-  """q of a decode batch, with its k and v written into the cache; see `pdopt.models.layers.norm_qkv_rope_write`.
+  """q of a decode batch, with its k and v written into the cache; see `reference.norm_qkv_rope_write`.
 
   Two kernels: a split-K matmul of (x * norm weight) with the merged projection that also sums x^2, and an
   epilogue per (row block, head) that adds the splits, scales by 1 / rms, adds the bias, rotates q and k,

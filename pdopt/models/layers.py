@@ -138,8 +138,9 @@ def norm_qkv_rope_write(x: jax.Array, norm_weight: jax.Array, qkv_proj: jax.Arra
                         eps: float) -> tuple[jax.Array, LayerCache]:
   """The first half of an attention layer before attention itself: RMSNorm of the residual stream x [T, E]
   (weight [E], eps), q/k/v with RoPE (`qkv_rope`), and k and v written into the cache at `slot_mapping` [T]
-  (`write_layer`). Returns (q [T, H, D], the cache). The reference of the fused GPU kernel of the same name
-  in `pallas_kernels.fused_layer`."""
+  (`write_layer`). Returns (q [T, H, D], the cache). The model's unfused path, rounding to the activation
+  dtype after each step as HF Llama does, and serving quantized caches; `pallas_kernels.fused_layer` does the
+  same in two GPU kernels (its reference: `pallas_kernels.reference.norm_qkv_rope_write`)."""
   q, k, v = qkv_rope(rms_norm(x, norm_weight, eps), qkv_proj, qkv_bias, positions, inv_freq)
   return q, write_layer(cache, k, v, slot_mapping)
 
