@@ -18,7 +18,7 @@ from pallas_kernels.sizes import next_power_of_2
 from pdopt.cache import kv_cache
 from pdopt.cache.kv_cache import LayerCache
 from pdopt.models.config import ModelConfig
-from pdopt.models.layers import MLP, Attention, AttentionMetadata, RMSNorm, einsum
+from pdopt.models.layers import MLP, Attention, AttentionMetadata, RMSNorm, einsum, param
 
 
 
@@ -49,11 +49,13 @@ class Transformer(nnx.Module):
     self.config = config
     dtype = jnp.dtype(config.dtype)
     v, e = config.vocab_size, config.hidden_size
-    self.embed = nnx.Param((jax.random.normal(rngs.params(), (v, e), jnp.float32) * 0.02).astype(dtype))  # [V, E]
+    self.embed = param((jax.random.normal(rngs.params(), (v, e), jnp.float32) * 0.02).astype(dtype),  # [V, E]
+                       "vocab", "embed")
     self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
     self.final_norm = RMSNorm(e, config.rms_norm_eps, dtype)
     if not config.tie_word_embeddings:
-      self.lm_head = nnx.Param((jax.random.normal(rngs.params(), (e, v), jnp.float32) * 0.02).astype(dtype))  # [E, V]
+      self.lm_head = param((jax.random.normal(rngs.params(), (e, v), jnp.float32) * 0.02).astype(dtype),  # [E, V]
+                           "embed", "vocab")
 
   def __call__(self, token_ids: jax.Array, meta: AttentionMetadata, kv_cache: list[LayerCache],
                logits_indices: jax.Array | None = None, attention_backend: str = "auto",
