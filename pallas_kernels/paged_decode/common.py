@@ -9,8 +9,8 @@ jnp. `check_inputs` holds the checks that run before either kernel is chosen (`p
 from __future__ import annotations
 
 import jax
-from jax import lax
 import jax.numpy as jnp
+from jax import lax
 
 from pallas_kernels.sizes import is_power_of_2
 

@@ -15,8 +15,8 @@ import pathlib
 from typing import Any
 
 from pdopt.models import checkpoints
-from pdopt.models.transformer import Transformer
 from pdopt.models.tokenizer import ByteTokenizer
+from pdopt.models.transformer import Transformer
 
 _ROOT = pathlib.Path(__file__).resolve().parent.parent / "pretrained"
 
