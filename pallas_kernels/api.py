@@ -1,7 +1,7 @@
-"""Public attention entry points and the choice of backend.
+"""The public attention entry point and the choice of backend.
 
-Every function here has the signature of its `jnp` reference in `pallas_kernels.reference` plus a
-`backend` argument:
+`ragged_paged_attention` has the signature of its `jnp` reference in `pallas_kernels.reference` plus a
+`backend` argument; `dispatch` makes the same choice between any other kernel and its reference. Backends:
 
 - "reference": the `jnp` reference (any platform).
 - "pallas": the Pallas kernel for the default device's platform; raises if there is none.
@@ -57,16 +57,6 @@ def dispatch(kernel: Callable[[], Callable] | None, ref: Callable, backend: "str
   return ref(*args, **kwargs)
 
 
-def _prefill_kernel() -> Callable:
-  from pallas_kernels.flash_prefill import flash_prefill  # pylint: disable=import-outside-toplevel
-  return flash_prefill
-
-
-def _decode_kernel() -> Callable:
-  from pallas_kernels.paged_decode import paged_decode  # pylint: disable=import-outside-toplevel
-  return paged_decode
-
-
 def _mixed_kernel() -> Callable:
   from pallas_kernels.mixed_batch import mixed_batch_attention  # pylint: disable=import-outside-toplevel
   return mixed_batch_attention
@@ -79,15 +69,3 @@ def ragged_paged_attention(*args, backend: "str | Backend" = "auto", **kwargs) -
   kernel, in one call (`pallas_kernels.mixed_batch`); the model's attention layers call this.
   """
   return dispatch(_mixed_kernel, reference.ragged_paged_attention, backend, *args, **kwargs)
-
-
-def prefill_attention(*args, backend: "str | Backend" = "auto", **kwargs) -> jax.Array:
-  """Causal attention for ragged prompt chunks with cached prefixes; signature of
-  `reference.ragged_paged_attention`."""
-  return dispatch(_prefill_kernel, reference.ragged_paged_attention, backend, *args, **kwargs)
-
-
-def paged_decode_attention(*args, backend: "str | Backend" = "auto", **kwargs) -> jax.Array:
-  """Split-K paged decode attention (Q >= 1 queries per sequence); signature of
-  `reference.paged_decode_attention`."""
-  return dispatch(_decode_kernel, reference.paged_decode_attention, backend, *args, **kwargs)

@@ -13,3 +13,10 @@ def num_sms() -> int:
     return int(jax.devices("gpu")[0].core_count or _DEFAULT_NUM_SMS)
   except RuntimeError:
     return _DEFAULT_NUM_SMS
+
+
+def on_hopper() -> bool:
+  """Whether the default device is an sm_90 GPU (the Mosaic GPU kernels' target)."""
+  if jax.default_backend() != "gpu":
+    return False
+  return getattr(jax.devices()[0], "compute_capability", "") == "9.0"

@@ -1,8 +1,9 @@
-"""Pure-`jnp` reference attention over a paged KV cache.
+"""Pure-`jnp` references of the kernels: attention over a paged KV cache, and the fused first half of a layer.
 
 These functions define the semantics every Pallas kernel in this package must reproduce; the kernels
-take the same arguments and are tested against them on random inputs. They are also the attention
-that pdopt runs on CPU.
+take the same arguments and are tested against them on random inputs. The attention references are also
+the attention that pdopt runs on CPU. Letters of shapes and einsums: the legend of `pallas_kernels`
+(`pallas_kernels/__init__.py`).
 
 Page layout (shared with `pdopt.cache.kv_cache`): one array per layer for K and one for V,
 
@@ -25,8 +26,13 @@ A ragged batch of S sequences is described by
 
 The i-th query of sequence s sits at absolute position kv_lens[s] - q_len[s] + i and attends causally to
 keys 0 ... that position (optionally only the last `sliding_window` of them). Rows of q that belong to no
-real sequence produce zeros. Letter legend: T tokens, S sequences, H query heads, K KV heads, G = H / K
-query heads per KV head, D head dim, P pages, L key positions.
+real sequence produce zeros.
+
+`norm_qkv_rope_write` (the reference of `pallas_kernels.fused_layer`) is what a decoder layer does before
+attention: RMSNorm of the residual stream, the q/k/v projection through one merged weight `[E, K, R, D]`
+(per KV head its G query heads, its key and its value: R = G + 2), RoPE on q and k, and the write of k and
+v into the pages at each token's flat slot `page * page_size + offset`. It computes in float32 and rounds
+once, as the kernel does.
 """
 
 from __future__ import annotations
@@ -112,7 +118,7 @@ def ragged_paged_attention(
 
   k = dequantize_pages(k_pages, k_scales)
   v = dequantize_pages(v_pages, v_scales)
-  # Gather each row's sequence pages: [K, T, Pmax, page_size, D] -> [K, T, L, D].
+  # Gather each row's sequence pages: [K, T, Pmax, page_size, D] -> [K, T, J, D].
   pages = page_table[sid]  # [T, Pmax]
   k_rows = k[:, pages].reshape(num_kv_heads, num_tokens, max_len, head_dim)
   v_rows = v[:, pages].reshape(num_kv_heads, num_tokens, max_len, head_dim)
@@ -121,10 +127,10 @@ def ragged_paged_attention(
   mask = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] < kv_lens[sid][:, None])
   if sliding_window is not None:
     mask &= key_pos[None, :] > q_pos[:, None] - sliding_window
-  mask &= valid_row[:, None]  # [T, L]
+  mask &= valid_row[:, None]  # [T, J]
 
   qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim)
-  scores = jnp.einsum("TKGD,KTLD->TKGL", qg, k_rows, precision=_HIGHEST) * sm_scale
+  scores = jnp.einsum("TKGD,KTJD->TKGJ", qg, k_rows, precision=_HIGHEST) * sm_scale
   scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
   row_max = jnp.max(scores, axis=-1, keepdims=True)
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
@@ -132,7 +138,7 @@ def ragged_paged_attention(
   denom = jnp.sum(probs, axis=-1, keepdims=True)
   # Masked keys may be NaN (unused pages); zero them so 0 * NaN cannot leak into the output.
   v_rows = jnp.where(mask[None, :, :, None], v_rows, 0.0)
-  out = jnp.einsum("TKGL,KTLD->TKGD", probs, v_rows, precision=_HIGHEST)
+  out = jnp.einsum("TKGJ,KTJD->TKGD", probs, v_rows, precision=_HIGHEST)
   out = out / jnp.where(denom > 0, denom, 1.0)
   out = jnp.where(valid_row[:, None, None, None], out, 0.0)
   return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
@@ -167,3 +173,60 @@ def paged_decode_attention(
       sm_scale=sm_scale, sliding_window=sliding_window, k_scales=k_scales, v_scales=v_scales)
   out = out.reshape(num_seqs, q_len, num_heads, head_dim)
   return jnp.where((kv_lens > 0)[:, None, None, None], out, 0).astype(q.dtype)
+
+
+def norm_qkv_rope_write(
+    x: jax.Array,  # [T, E]
+    norm_weight: jax.Array,  # [E]
+    qkv_proj: jax.Array,  # [E, K, R, D], R = G + 2
+    qkv_bias: jax.Array | None,  # [K, R, D]
+    positions: jax.Array,  # [T] int32
+    inv_freq: jax.Array,  # [D / 2] float32
+    slot_mapping: jax.Array,  # [T] int32
+    cache: tuple[jax.Array, jax.Array],  # (K pages, V pages), each [K, P, page_size, D]
+    *,
+    eps: float,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """RMSNorm, the merged q/k/v projection, RoPE and the KV write of T tokens (see the module docstring).
+
+  Args:
+    x: the residual stream of T tokens (before the layer's input norm).
+    norm_weight: the input RMSNorm's weight; eps its epsilon.
+    qkv_proj, qkv_bias: the merged projection (per KV head its G query heads, then k, then v) and its bias,
+      or None.
+    positions: each token's position (RoPE); inv_freq: RoPE's inverse frequencies, applied to the two halves
+      of a head (the half-split convention of HF Llama).
+    slot_mapping: flat cache slot `page * page_size + offset` of each token, below P * page_size; a negative
+      slot (padding) writes nothing.
+    cache: the layer's unquantized K and V pages.
+
+  Returns:
+    (q [T, H, D] in x's dtype, rotated; the cache with each token's k and v written at its slot, rounded to
+    x's dtype and then to the pages'). Everything before the rounding is float32, matmuls at HIGHEST precision.
+  """
+  k_pages, v_pages = cache
+  num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
+  num_tokens = x.shape[0]
+  group = qkv_proj.shape[2] - 2
+  xf = x.astype(jnp.float32)
+  normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps) * norm_weight.astype(jnp.float32)
+  qkv = jnp.einsum("TE,EKRD->TKRD", normed, qkv_proj.astype(jnp.float32), precision=_HIGHEST)
+  if qkv_bias is not None:
+    qkv = qkv + qkv_bias.astype(jnp.float32)
+  angle = positions.astype(jnp.float32)[:, None] * inv_freq.astype(jnp.float32)[None, :]  # [T, D / 2]
+
+  def rope(t):  # [T, ..., D]: the two halves of a head are RoPE pairs
+    a = angle.reshape(num_tokens, *(1,) * (t.ndim - 2), -1)
+    lo, hi = jnp.split(t, 2, axis=-1)
+    return jnp.concatenate([lo * jnp.cos(a) - hi * jnp.sin(a), hi * jnp.cos(a) + lo * jnp.sin(a)], axis=-1)
+
+  q = rope(qkv[:, :, :group]).reshape(num_tokens, num_kv_heads * group, head_dim).astype(x.dtype)
+  k, v = rope(qkv[:, :, group]), qkv[:, :, group + 1]  # [T, K, D]
+  slots = jnp.where(slot_mapping < 0, num_pages * page_size, slot_mapping)  # padding: past the end, dropped
+
+  def write(pages, new):
+    flat = pages.reshape(num_kv_heads, num_pages * page_size, head_dim)
+    new = jnp.swapaxes(new, 0, 1).astype(x.dtype).astype(pages.dtype)  # [K, T, D]
+    return flat.at[:, slots].set(new, mode="drop").reshape(pages.shape)
+
+  return q, (write(k_pages, k), write(v_pages, v))

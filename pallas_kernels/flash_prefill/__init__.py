@@ -18,15 +18,9 @@ import jax
 
 from pallas_kernels.flash_prefill import pallas_mgpu
 from pallas_kernels.flash_prefill import pallas_triton
+from pallas_kernels.gpu_info import on_hopper
 
 _IMPLEMENTATIONS = ("mosaic", "triton")
-
-
-def on_hopper() -> bool:
-  """Whether the default device is an sm_90 GPU (the Mosaic GPU kernel's target)."""
-  if jax.default_backend() != "gpu":
-    return False
-  return getattr(jax.devices()[0], "compute_capability", "") == "9.0"
 
 
 def flash_prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale: float,
@@ -73,4 +67,4 @@ def flash_prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
   return pallas_triton.flash_prefill(*args, **common, interpret=interpret, **triton_tuning)
 
 
-__all__ = ["flash_prefill", "on_hopper"]
+__all__ = ["flash_prefill"]

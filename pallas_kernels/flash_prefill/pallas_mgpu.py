@@ -49,24 +49,22 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
+
 from pallas_kernels.flash_prefill import pallas_triton
 from pallas_kernels.gpu_info import num_sms
-from pallas_kernels.mosaic_util import named_barrier, zero_keys_past_end
+from pallas_kernels.mosaic_util import (MAX_REGISTERS, NUM_NAMED_BARRIERS, PRODUCER_REGISTERS, SHARED_MEMORY_BYTES,
+                                        WARP_THREADS, WG_THREADS, WGMMA_DTYPES, WGMMA_ROWS, named_barrier,
+                                        swizzled, zero_keys_past_end)
 
-_ROWS_PER_WG = 64  # wgmma's M per warpgroup
-_CONSUMERS = 2
-_BLOCK_Q = _ROWS_PER_WG * _CONSUMERS  # query tokens per work item
+_CONSUMERS = 2  # warpgroups of WGMMA_ROWS query rows each
+_BLOCK_Q = WGMMA_ROWS * _CONSUMERS  # query tokens per work item
 _LOG2E = math.log2(math.e)
-_SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 _ITEM_FIELDS = 5  # columns of `item_table`
-_SHARED_MEMORY_BYTES = 227 * 1024 - 1024  # sm_90's per-CTA maximum, less room for the barriers
-_WG_THREADS = 128
 # Hardware named barriers (bar.sync / bar.arrive), 16 per CTA. Mosaic GPU uses id 0 (the whole CTA) and
 # 1 + warpgroup index; ours start above them: two for the consumers' turn-taking, then one per ring slot
 # for "K consumed" and one per slot for "V consumed".
 _SCHEDULE_BARRIER = 5
 _FREE_BARRIERS = _SCHEDULE_BARRIER + _CONSUMERS
-_NUM_NAMED_BARRIERS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +89,7 @@ class MosaicConfig:
   def __post_init__(self):
     if self.block_kv % 64 or self.block_kv <= 0:
       raise ValueError(f"block_kv must be a positive multiple of 64, got {self.block_kv}")
-    max_stages = (_NUM_NAMED_BARRIERS - _FREE_BARRIERS) // 2
+    max_stages = (NUM_NAMED_BARRIERS - _FREE_BARRIERS) // 2
     if not 2 <= self.num_stages <= max_stages:
       raise ValueError(f"num_stages must be in [2, {max_stages}], got {self.num_stages}")
     if self.head_chunk is not None and self.head_chunk <= 0:
@@ -110,7 +108,7 @@ def default_head_chunk(num_tokens: int, num_kv_heads: int, group: int) -> int:
   """
   if num_tokens < 8192:
     return num_kv_heads
-  num_items = -(-num_tokens // (_CONSUMERS * _ROWS_PER_WG))
+  num_items = -(-num_tokens // (_CONSUMERS * WGMMA_ROWS))
   sms = num_sms()
   return next(c for c in range(1, num_kv_heads + 1) if num_kv_heads % c == 0 and c * group * num_items >= sms
               or c == num_kv_heads)
@@ -119,7 +117,7 @@ def default_head_chunk(num_tokens: int, num_kv_heads: int, group: int) -> int:
 def shared_memory_bytes(head_dim: int, itemsize: int, config: MosaicConfig) -> int:
   """Shared memory of one CTA: Q (swizzled) and its untiled staging/output buffer per consumer, and the K and
   V rings."""
-  return (2 * _CONSUMERS * _ROWS_PER_WG + 2 * config.num_stages * config.block_kv) * head_dim * itemsize
+  return (2 * _CONSUMERS * WGMMA_ROWS + 2 * config.num_stages * config.block_kv) * head_dim * itemsize
 
 
 def check_supported(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, *, sliding_window, k_scales,
@@ -130,7 +128,7 @@ def check_supported(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, *, sli
     raise NotImplementedError("the Mosaic GPU prefill kernel does not serve quantized pages")
   if sliding_window is not None:
     raise NotImplementedError(f"the Mosaic GPU prefill kernel has no sliding window (got {sliding_window})")
-  if q.dtype not in _SUPPORTED_DTYPES or k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
+  if q.dtype not in WGMMA_DTYPES or k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
     raise NotImplementedError(f"the Mosaic GPU prefill kernel needs q, k, v all bfloat16 or all float16; "
                               f"got {q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
   head_dim = q.shape[-1]
@@ -145,9 +143,9 @@ def check_supported(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, *, sli
   if q.shape[1] % k_pages.shape[0]:
     raise NotImplementedError(f"{q.shape[1]} query heads are not a multiple of {k_pages.shape[0]} KV heads")
   smem = shared_memory_bytes(head_dim, q.dtype.itemsize, config)
-  if smem > _SHARED_MEMORY_BYTES:
+  if smem > SHARED_MEMORY_BYTES:
     raise NotImplementedError(f"{config} needs {smem} bytes of shared memory at head_dim {head_dim}; an sm_90 "
-                              f"CTA has {_SHARED_MEMORY_BYTES}")
+                              f"CTA has {SHARED_MEMORY_BYTES}")
 
 
 def item_table(cu_q_lens: jax.Array, kv_lens: jax.Array, num_seqs: jax.Array, *, num_tokens: int) -> jax.Array:
@@ -173,8 +171,8 @@ def consumer_steps(num_rows, pos_start, kv_len, w: int, block_kv: int):
   last row's position, capped at kv_len; 0 when it has no real rows or no keys (kv_len 0: its positions are
   negative, and a negative count would unbalance the barriers). The kernel walks the larger of the two
   counts in both warpgroups. Works on scalars and arrays alike."""
-  last = jnp.minimum(pos_start + (w + 1) * _ROWS_PER_WG, kv_len)
-  return jnp.where(num_rows > w * _ROWS_PER_WG, jnp.maximum((last + block_kv - 1) // block_kv, 0), 0)
+  last = jnp.minimum(pos_start + (w + 1) * WGMMA_ROWS, kv_len)
+  return jnp.where(num_rows > w * WGMMA_ROWS, jnp.maximum((last + block_kv - 1) // block_kv, 0), 0)
 
 
 def program_slot(program, *, group: int, head_chunk: int, num_items: int):
@@ -212,8 +210,8 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, b
   # neither takes turns nor waits for it.
   total_steps = jnp.maximum(consumer_steps(num_rows, pos_start, kv_len, 0, block_kv),
                             consumer_steps(num_rows, pos_start, kv_len, 1, block_kv))
-  pingpong = num_rows > _ROWS_PER_WG  # both warpgroups have rows
-  free_threads = jnp.where(pingpong, _CONSUMERS * _WG_THREADS, _WG_THREADS) + 32  # + the TMA warp
+  pingpong = num_rows > WGMMA_ROWS  # both warpgroups have rows
+  free_threads = jnp.where(pingpong, _CONSUMERS * WG_THREADS, WG_THREADS) + WARP_THREADS  # + the TMA warp
 
   k_free = lambda slot: _FREE_BARRIERS + slot
   v_free = lambda slot: _FREE_BARRIERS + num_stages + slot
@@ -226,16 +224,16 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, b
   # waits on its own barrier, where the other arrives. Warpgroup 0 starts without waiting and warpgroup 1
   # does not hand over after its last phase, so both barriers see as many arrivals as waits.
   def pass_turn():
-    pl.when(pingpong)(lambda: named_barrier("arrive", _SCHEDULE_BARRIER + 1 - wg, _CONSUMERS * _WG_THREADS))
+    pl.when(pingpong)(lambda: named_barrier("arrive", _SCHEDULE_BARRIER + 1 - wg, _CONSUMERS * WG_THREADS))
 
   def take_turn():
-    pl.when(pingpong)(lambda: named_barrier("sync", _SCHEDULE_BARRIER + wg, _CONSUMERS * _WG_THREADS))
+    pl.when(pingpong)(lambda: named_barrier("sync", _SCHEDULE_BARRIER + wg, _CONSUMERS * WG_THREADS))
 
   @pl.when(wg < _CONSUMERS)
   def _consumer():
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(MAX_REGISTERS, action="increase")
     q_smem, o_smem = q_smem2.at[wg], o_smem2.at[wg]
-    row0 = wg * _ROWS_PER_WG
+    row0 = wg * WGMMA_ROWS
     valid = num_rows - row0  # real rows of this warpgroup (may be <= 0)
     pos0 = pos_start + row0
     full = jnp.clip((pos0 + 1) // block_kv, 0, total_steps)  # blocks wholly at or before the first row
@@ -245,7 +243,7 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, b
     def _():
       # Q rows start anywhere, so TMA brings them untiled into o_smem (free until the output) and the
       # warpgroup rewrites them swizzled for wgmma.
-      plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row_start + row0, _ROWS_PER_WG), head], o_smem, q_ready.at[wg])
+      plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row_start + row0, WGMMA_ROWS), head], o_smem, q_ready.at[wg])
 
     def softmax(s, step, m_i, l_i, *, masked: bool):
       """P of key block `step` from its scores, with the running max and sum; alpha rescales the output."""
@@ -265,7 +263,7 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, b
       zero_keys_past_end(v_smem.at[slot], step * block_kv, kv_len)
 
     def s_tile():
-      return plgpu.ACC((_ROWS_PER_WG, block_kv), jnp.float32)
+      return plgpu.ACC((WGMMA_ROWS, block_kv), jnp.float32)
 
     def k_tile(slot):
       return plgpu.transpose_ref(k_smem.at[slot], (1, 0))
@@ -307,9 +305,9 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, b
 
     def attend():
       """Output rows (unnormalized) and their softmax sums over total_steps >= 1 key blocks."""
-      m_i = plgpu.layout_cast(jnp.full((_ROWS_PER_WG,), -jnp.inf, jnp.float32), row_layout)
-      l_i = plgpu.layout_cast(jnp.full((_ROWS_PER_WG,), 0, jnp.float32), row_layout)
-      acc = plgpu.layout_cast(jnp.full((_ROWS_PER_WG, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
+      m_i = plgpu.layout_cast(jnp.full((WGMMA_ROWS,), -jnp.inf, jnp.float32), row_layout)
+      l_i = plgpu.layout_cast(jnp.full((WGMMA_ROWS,), 0, jnp.float32), row_layout)
+      acc = plgpu.layout_cast(jnp.full((WGMMA_ROWS, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
       # Phase 0: S of block 0 alone.
       plgpu.barrier_wait(k_ready.at[0])
       pl.when(wg == 1)(take_turn)
@@ -347,17 +345,17 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, b
       plgpu.barrier_wait(q_ready.at[wg])
       q_smem[...] = plgpu.load(o_smem, (), layout=plgpu.Layout.WGMMA, optimized=False)
       plgpu.commit_smem()
-      zeros = (plgpu.layout_cast(jnp.full((_ROWS_PER_WG, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA),
-               plgpu.layout_cast(jnp.full((_ROWS_PER_WG,), 0, jnp.float32), row_layout))
+      zeros = (plgpu.layout_cast(jnp.full((WGMMA_ROWS, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA),
+               plgpu.layout_cast(jnp.full((WGMMA_ROWS,), 0, jnp.float32), row_layout))
       acc, l_i = lax.cond(total_steps > 0, attend, lambda: zeros)
       # Rows with no key (kv_len 0: padding, or decodes the mixed-batch path serves elsewhere) give 0.
       acc /= lax.broadcast_in_dim(jnp.where(l_i > 0, l_i, 1.0), acc.shape, [0])
       o_smem[...] = acc.astype(dtype)
       plgpu.commit_smem()
       # Store exactly `valid` rows (<= 64) as a ladder of power-of-two TMA copies.
-      n = jnp.minimum(valid, _ROWS_PER_WG)
+      n = jnp.minimum(valid, WGMMA_ROWS)
       done = 0
-      size = _ROWS_PER_WG
+      size = WGMMA_ROWS
       while size:
         @pl.when(n & size != 0)
         def _():
@@ -406,7 +404,7 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, sm_scale: float, b
 
   @pl.when(wg == _CONSUMERS)
   def _producer():
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
     plgpu.warp_map(lambda warp: pl.when(warp == 0)(_tma_warp))
 
 
@@ -418,7 +416,7 @@ def _flash_prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs
   items = item_table(cu_q_lens.astype(jnp.int32), kv_lens.astype(jnp.int32), num_seqs, num_tokens=num_tokens)
   copies = block_kv // min(page_size, block_kv)
   dtype = q.dtype
-  transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  transforms = swizzled(dtype)
 
   # One fresh int32 buffer for the scalars: Mosaic GPU needs 256-byte aligned inputs, and a page table
   # sliced out of a larger array (the engine packs its step metadata) may not be.
@@ -431,8 +429,8 @@ def _flash_prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs
                                  head_chunk=head_chunk, num_items=items.shape[0], num_slots=page_table.shape[0],
                                  max_pages=page_table.shape[1]),
         (
-            plgpu.SMEM((_CONSUMERS, _ROWS_PER_WG, head_dim), dtype, transforms=transforms),
-            plgpu.SMEM((_CONSUMERS, _ROWS_PER_WG, head_dim), dtype),
+            plgpu.SMEM((_CONSUMERS, WGMMA_ROWS, head_dim), dtype, transforms=transforms),
+            plgpu.SMEM((_CONSUMERS, WGMMA_ROWS, head_dim), dtype),
             plgpu.SMEM((num_stages, block_kv, head_dim), dtype, transforms=transforms),
             plgpu.SMEM((num_stages, block_kv, head_dim), dtype, transforms=transforms),
         ),

@@ -33,6 +33,7 @@ from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
 from pallas_kernels.flash_prefill import tuning
+from pallas_kernels.sizes import is_power_of_2
 from pallas_kernels.triton_util import CompilerParams
 
 # Finite so that a row whose keys are all masked in one block gives exp2(0) = 1 rather than NaN; the
@@ -234,10 +235,6 @@ def _flash_prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs
     page_table.astype(jnp.int32), q, k_pages, v_pages, jnp.zeros_like(q))
 
 
-def _is_power_of_two(x: int) -> bool:
-  return x > 0 and x & (x - 1) == 0
-
-
 def flash_prefill(
     q: jax.Array,  # [T, H, D]
     k_pages: jax.Array,  # [K, P, page_size, D]
@@ -286,19 +283,19 @@ def flash_prefill(
   if q.dtype not in _SUPPORTED_DTYPES or k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
     raise NotImplementedError(f"flash_prefill needs q, k, v of one dtype among float32, bfloat16, "
                               f"float16; got {q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
-  if not _is_power_of_two(head_dim) or not 16 <= head_dim <= 256:
+  if not is_power_of_2(head_dim) or not 16 <= head_dim <= 256:
     raise NotImplementedError(f"flash_prefill needs a power-of-two head_dim in [16, 256], got {head_dim}")
   if num_heads % num_kv_heads:
     raise NotImplementedError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
   group = num_heads // num_kv_heads
-  if not _is_power_of_two(group):
+  if not is_power_of_2(group):
     raise NotImplementedError(f"flash_prefill needs a power-of-two group size (query heads per KV head), "
                               f"got {num_heads} / {num_kv_heads} = {group}")
   card = tuning.Card.OTHER if interpret else tuning.current_card()
   config = tuning.lookup(head_dim, group, q.dtype, card)
   block_q = block_q or config.block_q
   block_k = block_k or config.block_k
-  if not (_is_power_of_two(block_q) and _is_power_of_two(block_k)):
+  if not (is_power_of_2(block_q) and is_power_of_2(block_k)):
     raise ValueError(f"block_q={block_q} and block_k={block_k} must be powers of two")
   return _flash_prefill(
       q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, sm_scale=float(sm_scale),

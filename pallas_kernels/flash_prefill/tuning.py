@@ -14,6 +14,8 @@ from typing import Iterable, Mapping
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.sizes import next_power_of_2
+
 
 class Card(enum.Enum):
   """Accelerators the table distinguishes; OTHER covers everything else (and interpret mode)."""
@@ -115,9 +117,7 @@ def default_config(head_dim: int, group: int, dtype: jnp.dtype | str = "bfloat16
   (no tensor-core path at HIGHEST precision) 16 rows, whose tiles fit in registers: with 128 rows the
   float32 kernel spills and runs 15-30x slower (H200 sweep of 2026-11-27, NOTES.md)."""
   if jnp.dtype(dtype) == jnp.float32:
-    block_q = 1
-    while block_q * group < 16:
-      block_q *= 2
+    block_q = next_power_of_2(-(-16 // group))  # block_q * G >= 16 rows
     return BlockConfig(block_q=block_q, block_k=64, num_warps=4, num_stages=2)
   rows = 128 if head_dim <= 128 else 64
   block_q = max(16, rows // group)

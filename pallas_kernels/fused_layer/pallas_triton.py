@@ -14,10 +14,9 @@ with k's RoPE, a V scatter, and a concatenate with q's RoPE (pallas_kernels/NOTE
    are RoPE pairs, so a program holding one head has both), and stores q or writes k or v into the pages
    (aliased: updated in place under `jit` with donation, never copied).
 
-Its reference, with the same signature, is the model's unfused path `pdopt.models.layers.norm_qkv_rope_write`.
-The results differ from it only by rounding: the kernels keep float32 from the matmul to the output, where
-the model rounds after the norm, the matmul, the bias and the rotation. Rows past the batch are masked,
-and tokens with a negative cache slot (padding) write nothing.
+Its reference, with the same signature, is `pallas_kernels.reference.norm_qkv_rope_write`, which computes in
+float32 throughout; the kernels differ from it by one rounding more, of (x * norm weight) to x's dtype before
+the matmul. Rows past the batch are masked, and tokens with a negative cache slot (padding) write nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
+from pallas_kernels.sizes import is_power_of_2, next_power_of_2, power_of_2_divisor
 from pallas_kernels.triton_util import CompilerParams
 
 _MIN_DOT = 16  # smallest dimension of a Triton dot
@@ -68,16 +68,8 @@ def default_config(num_tokens: int) -> FusedConfig:
   return FusedConfig()
 
 
-def _pow2_divisor(n: int, at_most: int) -> int:
-  """The largest power of two <= at_most that divides n."""
-  b = 1 << (max(1, at_most).bit_length() - 1)
-  while n % b:
-    b //= 2
-  return b
-
-
 def _rows(num_tokens: int, at_most: int) -> int:
-  return max(_MIN_DOT, min(at_most, pl.next_power_of_2(num_tokens)))
+  return max(_MIN_DOT, min(at_most, next_power_of_2(num_tokens)))
 
 
 # A masked-out row of a store gets an index past the array, never one that another row writes. The GPU
@@ -208,7 +200,7 @@ def norm_qkv_rope_write(
     config: FusedConfig | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-  """q of a decode batch, with its k and v written into the cache; see `pdopt.models.layers.norm_qkv_rope_write`.
+  """q of a decode batch, with its k and v written into the cache; see `reference.norm_qkv_rope_write`.
 
   Two kernels: a split-K matmul of (x * norm weight) with the merged projection that also sums x^2, and an
   epilogue per (row block, head) that adds the splits, scales by 1 / rms, adds the bias, rotates q and k,
@@ -241,7 +233,7 @@ def norm_qkv_rope_write(
   if x.ndim != 2 or x.dtype not in _DTYPES or {norm_weight.dtype, qkv_proj.dtype} != {x.dtype}:
     raise NotImplementedError(f"x must be [T, E] float32/bfloat16/float16 like the weights, got x {x.shape} "
                               f"{x.dtype}, norm weight {norm_weight.dtype}, qkv_proj {qkv_proj.dtype}")
-  if any(n < 1 or n & (n - 1) for n in (config.block_rows, config.epilogue_rows)):
+  if not (is_power_of_2(config.block_rows) and is_power_of_2(config.epilogue_rows)):
     raise NotImplementedError(f"block_rows={config.block_rows} and epilogue_rows={config.epilogue_rows} must be "
                               "powers of two")
   if norm_weight.shape != (x.shape[1],) or hidden != x.shape[1]:
@@ -251,13 +243,13 @@ def norm_qkv_rope_write(
   num_tokens = x.shape[0]
   width = num_kv_heads * parts * head_dim
   half = head_dim // 2
-  cols = _pow2_divisor(width, config.block_cols)
+  cols = power_of_2_divisor(width, config.block_cols)
   splits = config.splits
-  if (half < _MIN_DOT or half & (half - 1) or cols < _MIN_DOT or k_pages.shape[0] != num_kv_heads
+  if (half < _MIN_DOT or not is_power_of_2(half) or cols < _MIN_DOT or k_pages.shape[0] != num_kv_heads
       or k_pages.shape[-1] != head_dim or v_pages.shape != k_pages.shape or k_pages.dtype != v_pages.dtype):
     raise NotImplementedError(f"unsupported shapes: qkv_proj {qkv_proj.shape}, pages {k_pages.shape} "
                               f"{v_pages.shape}")
-  block_k = _pow2_divisor(hidden // splits, config.block_k) if hidden % splits == 0 else 0
+  block_k = power_of_2_divisor(hidden // splits, config.block_k) if hidden % splits == 0 else 0
   if block_k < _MIN_DOT:
     raise NotImplementedError(f"hidden size {hidden} in {splits} splits has no power-of-two block of >= {_MIN_DOT}")
   _, num_pages, page_size, _ = k_pages.shape

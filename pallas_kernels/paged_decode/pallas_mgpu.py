@@ -2,8 +2,8 @@
 
 Same work decomposition and partial results as the Triton kernel (`pallas_triton`): one program per
 (sequence, KV head, split), holding the Q * G query rows of its KV head, walking its share of the
-sequence's key blocks and writing float32 partials (acc, m, l) that `pallas_triton.combine_splits`
-merges. What changes is how the bytes arrive:
+sequence's key blocks (`common.split_range`) and writing float32 partials (acc, m, l) that
+`common.combine_splits` merges. What changes is how the bytes arrive:
 
 - One CUDA block per program: C consumer warpgroups (`DecodeConfig.consumers`, 2 or 3) and a producer
   warpgroup. One warp of the producer (or 2 or 4, `DecodeConfig.producer_warps`, each with its share of the
@@ -66,21 +66,19 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mosaic_util import named_barrier, zero_keys_past_end
+from pallas_kernels.gpu_info import num_sms
+from pallas_kernels.mosaic_util import (MAX_REGISTERS, NUM_NAMED_BARRIERS, PRODUCER_REGISTERS, REGISTERS,
+                                        SHARED_MEMORY_BYTES, WARP_THREADS, WG_THREADS, WGMMA_DTYPES, WGMMA_ROWS,
+                                        named_barrier, swizzled, zero_keys_past_end)
+from pallas_kernels.paged_decode.common import choose_num_splits, combine_splits, split_range
 from pallas_kernels.paged_decode.quant import quantize_kv
+from pallas_kernels.sizes import next_power_of_2
 
-_ROWS = 64  # wgmma's M: the query rows of a program, padded
 _STATS = 8  # columns of the stats tile written per row: m, l, then padding (a TMA row needs 16 bytes)
 _LOG2E = math.log2(math.e)
-_SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
-_SHARED_MEMORY_BYTES = 227 * 1024 - 1024
 # Mosaic GPU's own shared memory: the row reductions' scratch (`CompilerParams.reduction_scratch_bytes`,
 # 2 KB by default) and room for the mbarriers.
 _RESERVED_BYTES = plgpu.CompilerParams().reduction_scratch_bytes + 128
-_WG_THREADS = 128
-_WARP_THREADS = 32
-_REGISTERS = 65536  # per SM (and per CTA)
-_PRODUCER_REGISTERS = 40  # per thread of the producer warpgroup after `set_max_registers`
 # Named barriers 0-5 belong to Mosaic GPU (0 for the CTA, 1 + w for warpgroup w, up to 4 consumers and the
 # producer; with 3 consumers an earlier layout gave warpgroup 3 our Q barrier and the kernel died of an illegal
 # instruction on an H200). Ours: Q ready, partials ready for the merge, then K-consumed per ring slot and
@@ -88,7 +86,6 @@ _PRODUCER_REGISTERS = 40  # per thread of the producer warpgroup after `set_max_
 _Q_BARRIER = 6
 _MERGE_BARRIER = 7
 _FREE_BARRIERS = 8
-_NUM_NAMED_BARRIERS = 16
 _SCALE_COPY_TOKENS = 32  # float32 scales in the smallest TMA copy Mosaic GPU issues (128 bytes)
 _REDUCE_SCRATCH = 1024  # float32 per consumer for the int8 kernel's cross-warp reductions (16 at a time)
 
@@ -120,7 +117,7 @@ class DecodeConfig:
   def __post_init__(self):
     if self.block_kv % 64 or not 0 < self.block_kv <= 256:  # wgmma's N and a TMA box stop at 256
       raise ValueError(f"block_kv must be a multiple of 64 in [64, 256], got {self.block_kv}")
-    max_stages = (_NUM_NAMED_BARRIERS - _FREE_BARRIERS) // 2
+    max_stages = (NUM_NAMED_BARRIERS - _FREE_BARRIERS) // 2
     if self.num_stages is not None and not 2 <= self.num_stages <= max_stages:
       raise ValueError(f"num_stages must be in [2, {max_stages}], got {self.num_stages}")
     if self.consumers is not None and self.consumers not in (2, 3):
@@ -136,7 +133,7 @@ class DecodeConfig:
     if self.producer_warps not in (None, 1, 2, 4):
       raise ValueError(f"producer_warps must be 1, 2 or 4, got {self.producer_warps}")
 
-  def resolve(self, quantized: bool, head_dim: int = 128, rows: int = _ROWS) -> "DecodeConfig":
+  def resolve(self, quantized: bool, head_dim: int = 128, rows: int = WGMMA_ROWS) -> "DecodeConfig":
     """This config with `consumers`, `num_stages` and `producer_warps` filled in, for bf16/f16 pages or int8
     pages (quantized) at this head_dim and Q * G rows (the int8 kernel's tiles grow with the rows)."""
     config = self
@@ -148,7 +145,7 @@ class DecodeConfig:
     # shared memory allows.
     if quantized and (config.num_stages or 3) % 3 == 0 and _query_columns(rows) == 16:
       three = dataclasses.replace(config, consumers=3, num_stages=config.num_stages or 3)
-      if shared_memory_bytes(head_dim, 2, three, 1, rows) <= _SHARED_MEMORY_BYTES:
+      if shared_memory_bytes(head_dim, 2, three, 1, rows) <= SHARED_MEMORY_BYTES:
         return three
     if config.num_stages is not None and config.num_stages % 2:
       raise ValueError(f"num_stages={config.num_stages} needs a multiple of the consumer count; these pages "
@@ -159,14 +156,14 @@ class DecodeConfig:
 def _consumer_registers(consumers: int) -> int:
   """Registers per consumer thread after `set_max_registers`: what the producer leaves, at most 232 (a
   multiple of 8, as setmaxnreg requires)."""
-  free = (_REGISTERS - _WG_THREADS * _PRODUCER_REGISTERS) // (consumers * _WG_THREADS)
-  return min(232, free // 8 * 8)
+  free = (REGISTERS - WG_THREADS * PRODUCER_REGISTERS) // (consumers * WG_THREADS)
+  return min(MAX_REGISTERS, free // 8 * 8)
 
 
 def _query_columns(rows: int) -> int:
   """N of the int8 kernel's transposed tiles: the query rows padded to a power of two >= 16 (wgmma's N and
   the P^T tile's swizzle)."""
-  return max(16, 1 << (rows - 1).bit_length())
+  return max(16, next_power_of_2(rows))
 
 
 def _scale_copy(tokens_per_copy: int) -> tuple[int, int]:
@@ -179,7 +176,7 @@ def _scale_copy(tokens_per_copy: int) -> tuple[int, int]:
 
 
 def shared_memory_bytes(head_dim: int, itemsize: int, config: DecodeConfig, page_itemsize: int | None = None,
-                        rows: int = _ROWS) -> int:
+                        rows: int = WGMMA_ROWS) -> int:
   """Bytes of shared memory of one program: the K and V rings, what Mosaic GPU reserves (reduction scratch,
   mbarriers), Q (staging and swizzled) and the float32 output and stats tiles (also the merge's); for 8-bit
   pages (`page_itemsize` 1; `rows` = Q * G) Q in int8 with its scales, the transposed output tiles, each
@@ -191,12 +188,12 @@ def shared_memory_bytes(head_dim: int, itemsize: int, config: DecodeConfig, page
   total = 2 * ring * page_itemsize * head_dim + _RESERVED_BYTES
   merge = config.consumers - 1  # output and stats tiles: one per consumer but the first
   if page_itemsize == itemsize:
-    return total + 2 * _ROWS * itemsize * head_dim + merge * _ROWS * (head_dim + _STATS) * 4
+    return total + 2 * WGMMA_ROWS * itemsize * head_dim + merge * WGMMA_ROWS * (head_dim + _STATS) * 4
   n_cols = _query_columns(rows)
   scales = 2 * config.num_stages * 2 * (config.block_kv + _SCALE_COPY_TOKENS // 2) * 4  # at most two phases
   # Q in int8 and its scales; O^T in bf16 and O staged (used with one split)
-  q = n_cols * head_dim + max(_SCALE_COPY_TOKENS, n_cols) * 4 + (n_cols + _ROWS) * head_dim * itemsize
-  return (total + q + merge * (head_dim + _ROWS) * n_cols * 4
+  q = n_cols * head_dim + max(_SCALE_COPY_TOKENS, n_cols) * 4 + (n_cols + WGMMA_ROWS) * head_dim * itemsize
+  return (total + q + merge * (head_dim + WGMMA_ROWS) * n_cols * 4
           + config.consumers * (config.block_kv * n_cols * itemsize + _REDUCE_SCRATCH * 4) + scales)
 
 
@@ -205,7 +202,7 @@ def check_supported(q_dtype, k_pages: jax.Array, v_pages: jax.Array, *, rows: in
   """Raises NotImplementedError, naming the input, for what this kernel does not serve. `rows` is Q * G."""
   if sliding_window is not None:
     raise NotImplementedError(f"the Mosaic GPU decode kernel has no sliding window (got {sliding_window})")
-  if q_dtype not in _SUPPORTED_DTYPES:
+  if q_dtype not in WGMMA_DTYPES:
     raise NotImplementedError(f"the Mosaic GPU decode kernel needs bfloat16 or float16 queries, got {q_dtype}")
   head_dim, page_size = k_pages.shape[3], k_pages.shape[2]
   if k_scales is None and v_scales is None:
@@ -232,28 +229,13 @@ def check_supported(q_dtype, k_pages: jax.Array, v_pages: jax.Array, *, rows: in
   if page_size % 8 or (config.block_kv % page_size and page_size % config.block_kv):
     raise NotImplementedError(f"the Mosaic GPU decode kernel needs a page_size that is a multiple of 8 and "
                               f"divides or is a multiple of block_kv={config.block_kv}; got {page_size}")
-  if rows > _ROWS:
-    raise NotImplementedError(f"Q * G = {rows} query rows per KV head exceed the kernel's {_ROWS}")
+  if rows > WGMMA_ROWS:
+    raise NotImplementedError(f"Q * G = {rows} query rows per KV head exceed the kernel's {WGMMA_ROWS}")
   config = config.resolve(k_scales is not None, head_dim, rows)
   smem = shared_memory_bytes(head_dim, jnp.dtype(q_dtype).itemsize, config, k_pages.dtype.itemsize, rows)
-  if smem > _SHARED_MEMORY_BYTES:
+  if smem > SHARED_MEMORY_BYTES:
     raise NotImplementedError(f"{config} needs {smem} bytes of shared memory at head_dim {head_dim}; an sm_90 "
-                              f"CTA has {_SHARED_MEMORY_BYTES}")
-
-
-def _swizzled(dtype, head_dim: int):
-  """Shared-memory transforms for wgmma operands and TMA: rows of head_dim values, 128-byte swizzle."""
-  return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128))
-
-
-def split_range(kv_len, q_len: int, split, num_splits: int, block_kv: int):
-  """(first block, number of blocks) of `split` over a sequence of kv_len keys (0: a padding sequence).
-  Both kernels split a sequence this way; works on scalars and arrays (non-negative ints, `lax.div`)."""
-  length = jnp.where(kv_len > 0, jnp.maximum(kv_len, q_len), 0)
-  num_blocks = lax.div(length + block_kv - 1, block_kv)
-  per = lax.div(num_blocks + num_splits - 1, num_splits)
-  first = split * per
-  return first, jnp.clip(num_blocks - first, 0, per)
+                              f"CTA has {SHARED_MEMORY_BYTES}")
 
 
 def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_len: int, group: int,
@@ -283,7 +265,7 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
   jobs = [(which, False) for which in (0, 1)] + ([(which, True) for which in (0, 1)] if quantized else [])
   warp_jobs = [jobs[w::producer_warps] for w in range(producer_warps)]
   # A slot's "consumed" barrier: its one consumer and every producer warp that refills K (or V).
-  free_threads = [_WG_THREADS + _WARP_THREADS * sum(any(j[0] == which for j in wj) for wj in warp_jobs)
+  free_threads = [WG_THREADS + WARP_THREADS * sum(any(j[0] == which for j in wj) for wj in warp_jobs)
                   for which in (0, 1)]
 
   program = lax.axis_index("programs")
@@ -357,7 +339,7 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
         plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
         return s_ref[...]
 
-      s = pl.run_scoped(qk, plgpu.ACC((_ROWS, block_kv), jnp.float32))
+      s = pl.run_scoped(qk, plgpu.ACC((WGMMA_ROWS, block_kv), jnp.float32))
       release(0, slot, i)
       p, m_i, l_i, alpha = softmax(s, b, m_i, l_i, masked=masked)
       acc = acc * along_q(alpha, acc.shape)
@@ -436,13 +418,13 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
       q_smem[...] = jnp.where(iota(q.shape, 0) < rows, q, jnp.zeros_like(q))  # rows past Q * G: stale memory
       plgpu.commit_smem()
 
-    named_barrier("sync", _Q_BARRIER, consumers * _WG_THREADS)  # Q is in shared memory
+    named_barrier("sync", _Q_BARRIER, consumers * WG_THREADS)  # Q is in shared memory
     if quantized:  # Q's row scales along S^T's columns, for every block
       q_scale = along_q(plgpu.load(qs_smem.at[pl.ds(0, n_cols)], (), layout=q_layout, optimized=False),
                         (block_kv, n_cols))
     share = lambda n: jnp.maximum(lax.div(n - wg + consumers - 1, consumers), 0)  # blocks C j + wg below n
-    num_q = n_cols if quantized else _ROWS
-    acc_shape = (head_dim, n_cols) if quantized else (_ROWS, head_dim)
+    num_q = n_cols if quantized else WGMMA_ROWS
+    acc_shape = (head_dim, n_cols) if quantized else (WGMMA_ROWS, head_dim)
     carry = (plgpu.layout_cast(jnp.full(acc_shape, 0, jnp.float32), plgpu.Layout.WGMMA),
              plgpu.layout_cast(jnp.full((num_q,), -jnp.inf, jnp.float32), q_layout),
              plgpu.layout_cast(jnp.full((num_q,), 0, jnp.float32), q_layout))
@@ -458,11 +440,11 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
     def _():  # hand the partial result to consumer 0
       acc_smem.at[wg - 1][...] = acc
       stats_smem.at[wg - 1][...] = pack_stats(m_i, l_i)
-      named_barrier("arrive", _MERGE_BARRIER, consumers * _WG_THREADS)
+      named_barrier("arrive", _MERGE_BARRIER, consumers * WG_THREADS)
 
     @pl.when(wg == 0)
     def _():
-      named_barrier("sync", _MERGE_BARRIER, consumers * _WG_THREADS)
+      named_barrier("sync", _MERGE_BARRIER, consumers * WG_THREADS)
       index = iota(stats_shape, key_axis)
       acc_all, m, l_all = acc, m_i, l_i
       for c in range(consumers - 1):
@@ -480,12 +462,12 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
         if quantized:  # O^T [D, N] -> O [64, D]: O = I O^T^T, one wgmma with O^T (in bf16) as its B operand
           ot_smem[...] = out.astype(dtype)
           plgpu.commit_smem()
-          eye = jnp.where(iota((_ROWS, n_cols), 0) == iota((_ROWS, n_cols), 1), 1.0, 0.0).astype(dtype)
+          eye = jnp.where(iota((WGMMA_ROWS, n_cols), 0) == iota((WGMMA_ROWS, n_cols), 1), 1.0, 0.0).astype(dtype)
 
           def transpose(o_ref):
             plgpu.wgmma(o_ref, eye, plgpu.transpose_ref(ot_smem, (1, 0)))
 
-          zeros = plgpu.layout_cast(jnp.full((_ROWS, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
+          zeros = plgpu.layout_cast(jnp.full((WGMMA_ROWS, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
           out = pl.run_state(transpose)(plgpu.ACC.init(zeros))  # exact: one product by 1 per entry
         q_stage[...] = out.astype(dtype)  # free since Q was read
         plgpu.commit_smem()
@@ -550,7 +532,7 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, scale_refs, out_refs, scratch, *, q_l
 
   @pl.when(wg == consumers)
   def _producer():
-    plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
+    plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
 
     def per_warp(warp):
       for w, my_jobs in enumerate(warp_jobs):
@@ -578,7 +560,7 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
     With one split, the attention output [S, Q * H, D] in q's dtype (zeros for kv_len 0). Otherwise
     (acc [S, K, N, Q * G, D], m [S, K, N, Q * G], l [S, K, N, Q * G]) float32: unnormalized outputs,
     running maxima (log2 units, -inf for a split with no key) and softmax sums of each split, for
-    `pallas_triton.combine_splits`.
+    `common.combine_splits`.
   """
   num_kv_heads, _, page_size, head_dim = k_pages.shape
   num_seqs, max_pages = page_table.shape
@@ -596,7 +578,7 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
   tokens_per_copy = min(page_size, block_kv)
   copies = block_kv // tokens_per_copy
   scale_tokens, phases = _scale_copy(tokens_per_copy)
-  transforms = _swizzled(dtype, head_dim)
+  transforms = swizzled(dtype)
   # One fresh int32 buffer for the scalars (Mosaic GPU wants 256-byte aligned inputs).
   meta = jnp.concatenate([kv_lens.astype(jnp.int32), page_table.astype(jnp.int32).reshape(-1)])
   # Scales as [K, P * page_size]: a copy may read past its page (`_scale_copy`).
@@ -612,18 +594,21 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
   p_columns = min(64, n_cols)  # a 128-byte swizzle holds 64 bf16 columns
   narrow = (plgpu.TilingTransform((8, p_columns)), plgpu.SwizzleTransform(2 * p_columns))  # [*, N] bf16 tiles
   if quantized:  # Q, O^T, its stats, each consumer's P^T tile and reduction scratch, the rings' scales
-    q_tiles = (plgpu.SMEM((n_cols, head_dim), jnp.int8, transforms=_swizzled(jnp.int8, head_dim)),
+    q_tiles = (plgpu.SMEM((n_cols, head_dim), jnp.int8, transforms=swizzled(jnp.int8)),
                plgpu.SMEM((max(_SCALE_COPY_TOKENS, n_cols),), jnp.float32),
                plgpu.SMEM((head_dim, n_cols), dtype, transforms=narrow),  # O^T in bf16, the transpose's operand
-               plgpu.SMEM((_ROWS, head_dim), dtype))  # O, staged for its TMA copies
-    out_tiles = (plgpu.SMEM((merge, head_dim, n_cols), jnp.float32), plgpu.SMEM((merge, _ROWS, n_cols), jnp.float32))
+               plgpu.SMEM((WGMMA_ROWS, head_dim), dtype))  # O, staged for its TMA copies
+    out_tiles = (plgpu.SMEM((merge, head_dim, n_cols), jnp.float32),
+                 plgpu.SMEM((merge, WGMMA_ROWS, n_cols), jnp.float32))
     int8_scratch = (
         plgpu.SMEM((consumers, block_kv, n_cols), dtype, transforms=narrow),
         plgpu.SMEM((consumers, _REDUCE_SCRATCH), jnp.float32),
         *[plgpu.SMEM((num_stages, phases, block_kv + scale_tokens - tokens_per_copy), jnp.float32)] * 2)
   else:
-    q_tiles = (plgpu.SMEM((_ROWS, head_dim), dtype), plgpu.SMEM((_ROWS, head_dim), dtype, transforms=transforms))
-    out_tiles = (plgpu.SMEM((merge, _ROWS, head_dim), jnp.float32), plgpu.SMEM((merge, _ROWS, _STATS), jnp.float32))
+    q_tiles = (plgpu.SMEM((WGMMA_ROWS, head_dim), dtype),
+               plgpu.SMEM((WGMMA_ROWS, head_dim), dtype, transforms=transforms))
+    out_tiles = (plgpu.SMEM((merge, WGMMA_ROWS, head_dim), jnp.float32),
+                 plgpu.SMEM((merge, WGMMA_ROWS, _STATS), jnp.float32))
     int8_scratch = ()
 
   def entry(meta_ref, q_ref, k_ref, v_ref, *refs):
@@ -635,8 +620,8 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
                                  sm_scale=sm_scale, num_seqs=num_seqs, max_pages=max_pages),
         (
             q_tiles,
-            plgpu.SMEM(ring, k_pages.dtype, transforms=_swizzled(k_pages.dtype, head_dim)),
-            plgpu.SMEM(ring, v_pages.dtype, transforms=_swizzled(v_pages.dtype, head_dim)),
+            plgpu.SMEM(ring, k_pages.dtype, transforms=swizzled(k_pages.dtype)),
+            plgpu.SMEM(ring, v_pages.dtype, transforms=swizzled(v_pages.dtype)),
             *out_tiles,
             *int8_scratch,
         ),
@@ -672,3 +657,32 @@ def decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None
     return outs[0], outs[1][..., 0], outs[1][..., 1]
   acc_t, stats = outs[0][..., :rows], outs[1][..., :rows]  # O^T [S, K, N, D, rows], [S, K, N, 2, rows]
   return jnp.swapaxes(acc_t, -1, -2), stats[..., 0, :], stats[..., 1, :]
+
+
+def decode(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales=None, v_scales=None, *, q_len: int,
+           sm_scale: float, num_splits: int | None = None, config: DecodeConfig = DecodeConfig()) -> jax.Array:
+  """Paged decode attention of the queries `q_flat` (sequence s's Q tokens in row s, token-major), for inputs
+  that passed `common.check_inputs` and `check_supported`.
+
+  Args:
+    q_flat, k_pages, v_pages, kv_lens, page_table, k_scales, v_scales, q_len, sm_scale: as in `decode_partials`.
+    num_splits: programs per (sequence, KV head); None: `common.choose_num_splits` with the config's
+      `programs_per_sm`.
+    config: the other launch parameters.
+
+  Returns:
+    [S, Q, H, D]: float32 merged from the splits' partials, or in q's dtype where one split wrote the output.
+  """
+  num_kv_heads, _, page_size, _ = k_pages.shape
+  num_heads = q_flat.shape[1] // q_len
+  head_dim = q_flat.shape[2]
+  num_seqs = kv_lens.shape[0]
+  max_pages = page_table.shape[1]
+  if num_splits is None:
+    num_splits = choose_num_splits(num_seqs, num_kv_heads, pl.cdiv(max_pages * page_size, config.block_kv),
+                                   num_sms=num_sms(), programs_per_sm=config.programs_per_sm)
+  out = decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales, v_scales, q_len=q_len,
+                        sm_scale=sm_scale, num_splits=num_splits, config=config)
+  if num_splits == 1:  # the kernel wrote the normalized output
+    return out.reshape(num_seqs, q_len, num_heads, head_dim)
+  return combine_splits(*out, q_len=q_len, group=num_heads // num_kv_heads)

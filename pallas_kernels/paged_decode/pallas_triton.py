@@ -1,10 +1,9 @@
 """Split-K paged decode attention for GPU: Pallas with the Triton lowering.
 
 Decode reads every K/V value of a sequence once per step and does 2 * Q * G FLOPs per value, so it is
-memory-bound; the kernel's only job is to keep HBM busy. `paged_decode` and `ragged_decode` (the entry
-points) run the Mosaic GPU kernel of `pallas_mgpu` instead on an sm_90 GPU at head_dim 128 for bf16/f16
-pages and for int8 pages of 16 or a multiple of 32 tokens (it also serves head_dim 64 when asked,
-`implementation="mosaic"`); both kernels write the same split partials. Design of this one:
+memory-bound; the kernel's only job is to keep HBM busy. The package (`paged_decode/__init__`) chooses
+between this kernel and the Mosaic GPU one (`pallas_mgpu`); both split a sequence and write split partials
+the same way (`common`). Design of this one:
 
 - One program per (sequence, KV head, split). It holds all G = H / K query heads of the group and all
   Q query tokens (speculative verification, Q <= 5) as M = Q * G rows padded to a power of two >= 16
@@ -21,7 +20,8 @@ pages and for int8 pages of 16 or a multiple of 32 tokens (it also serves head_d
   actual length), so short sequences in a long page table do not leave splits idle while others work;
   a split past the end does nothing and reports (m = -inf, l = 0). `num_splits` is chosen from the
   number of SMs so that one sequence with a long context still fills the chip.
-- Each split writes float32 partials (acc, m, l) with m in log2 units; `combine_splits` merges them in jnp.
+- Each split writes float32 partials (acc, m, l) with m in log2 units; `common.combine_splits` merges them
+  in jnp.
   With one split the program normalizes its rows itself and writes the output in q's dtype and layout.
 - Quantized pages (int8 / float8_e4m3fn) are converted to float16 in registers (exact for both; int8 by
   bit arithmetic, see `_upcast`); per-(token, head) scales multiply the logits (K) and the
@@ -42,40 +42,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
-from pallas_kernels.flash_prefill import on_hopper
 from pallas_kernels.gpu_info import num_sms
-from pallas_kernels.paged_decode import pallas_mgpu
+from pallas_kernels.paged_decode.common import choose_num_splits, combine_splits, split_range
+from pallas_kernels.sizes import floor_power_of_2, next_power_of_2
 from pallas_kernels.triton_util import CompilerParams
 
 _LOG2E = math.log2(math.e)
 _MIN_ROWS = 16  # smallest M of a Triton dot
-_MAX_ROWS = 128  # Q * G beyond this would spill registers; served by the reference instead
-_PAGE_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16, jnp.int8,
-                                            jnp.float8_e4m3fn))
-
-
-def _next_pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, *, num_sms: int,
-                      programs_per_sm: int = 4) -> int:
-  """Number of splits per (sequence, KV head) so that the grid fills the chip.
-
-  Args:
-    num_seqs: sequences in the batch (S).
-    num_kv_heads: KV heads (K).
-    max_blocks: compute blocks in the longest possible sequence (page-table width / pages_per_block).
-    num_sms: streaming multiprocessors of the card.
-    programs_per_sm: programs wanted per SM.
-
-  Returns:
-    The largest split count giving at most `num_sms * programs_per_sm` programs (at least 1), capped so
-    every split of a full-length sequence gets at least one block. Rounding down matters: one split too
-    many starts a last partial wave of programs (H200, B=8, L=32k: 5 splits 357 us, 4 splits 283 us).
-  """
-  want = num_sms * programs_per_sm
-  return max(1, min(want // (num_seqs * num_kv_heads), max_blocks))
 
 
 def default_block_tokens(page_dtype, head_dim: int) -> int:
@@ -152,7 +125,7 @@ def _decode_kernel(
 
   kv_len = kv_len_ref[0]
   length = jnp.where(kv_len > 0, jnp.maximum(kv_len, q_len), 0)
-  first, steps = pallas_mgpu.split_range(kv_len, q_len, split, num_splits, block_tokens)
+  first, steps = split_range(kv_len, q_len, split, num_splits, block_tokens)
   last = first + steps
 
   # Row r of the M rows is head kv_head * G + r % G of query token r // G (rows past Q * G are padding);
@@ -231,25 +204,6 @@ def _decode_kernel(
   l_ref[...] = l
 
 
-def combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array, *, q_len: int, group: int) -> jax.Array:
-  """Merges split partials (both kernels' format): acc [S, K, N, M >= Q * G, D], m (log2 units) and l
-  [S, K, N, M] -> float32 [S, Q, K * G, D]."""
-  num_seqs, num_kv_heads, _, _, head_dim = acc.shape
-  rows = q_len * group
-  acc, m, l = acc[:, :, :, :rows], m[:, :, :, :rows], l[:, :, :, :rows]
-  if acc.shape[2] == 1:  # one split: nothing to weigh (no key: acc = 0, l = 0); one XLA fusion less
-    denom, out = l[:, :, 0], acc[:, :, 0]
-  else:
-    m_max = jnp.max(m, axis=2, keepdims=True)
-    m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
-    w = jnp.exp2(m - m_max)  # 0 for splits that saw no key
-    denom = jnp.sum(l * w, axis=2)
-    out = jnp.sum(acc * w[..., None], axis=2)
-  out = out / jnp.where(denom > 0, denom, 1.0)[..., None]  # [S, K, Q * G, D]
-  out = out.reshape(num_seqs, num_kv_heads, q_len, group, head_dim).transpose(0, 2, 1, 3, 4)
-  return out.reshape(num_seqs, q_len, num_kv_heads * group, head_dim)
-
-
 def _flat_scales(scales: jax.Array | None, num_kv_heads: int, num_pages: int, page_size: int):
   """Scales as the kernel reads them, with their BlockSpec: per head [K], or per token [K, P * ps]."""
   if scales is None:
@@ -263,19 +217,15 @@ def _flat_scales(scales: jax.Array | None, num_kv_heads: int, num_pages: int, pa
       f"scales of shape {scales.shape}; expected [K]={num_kv_heads} or [K, P, page_size]")
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("sm_scale", "sliding_window", "num_splits", "pages_per_block", "num_warps",
-                     "num_stages", "int8_upcast", "interpret", "implementation", "mosaic_config"))
-def paged_decode(
-    q: jax.Array,  # [S, Q, H, D]
+def decode(
+    q_flat: jax.Array,  # [S' >= S, Q * H, D]
     k_pages: jax.Array,  # [K, P, page_size, D]
     v_pages: jax.Array,  # [K, P, page_size, D]
     kv_lens: jax.Array,  # [S] int32
     page_table: jax.Array,  # [S, Pmax] int32
     *,
+    q_len: int,
     sm_scale: float,
-    sliding_window: int | None = None,
     k_scales: jax.Array | None = None,  # [K, P, page_size] or [K] float32
     v_scales: jax.Array | None = None,  # [K, P, page_size] or [K] float32
     num_splits: int | None = None,
@@ -284,153 +234,38 @@ def paged_decode(
     num_stages: int | None = None,
     int8_upcast: Literal["bits", "convert"] = "bits",
     interpret: bool = False,
-    implementation: Literal["mosaic", "triton"] | None = None,
-    mosaic_config: pallas_mgpu.DecodeConfig | None = None,
 ) -> jax.Array:
-  """Paged decode attention; the semantics of `reference.paged_decode_attention`.
+  """Paged decode attention of the queries `q_flat` (sequence s's Q tokens in row s, token-major), for inputs
+  that passed `common.check_inputs`.
 
   Args:
-    q: Q new query tokens of each of S sequences; float32, bfloat16 or float16.
-    k_pages, v_pages: the layer's pages `[K, P, page_size, D]`, in q's dtype, or int8 / float8_e4m3fn
-      with scales.
-    kv_lens: KV length of each sequence including its Q new tokens; 0 marks a padding sequence.
-    page_table: page ids of each sequence in order.
-    sm_scale: softmax scale.
-    sliding_window: unsupported (raises NotImplementedError so the api falls back to the reference).
-    k_scales, v_scales: float32 dequantization scales, per (head, token) `[K, P, page_size]` or per head
-      `[K]`; None for unquantized pages.
-    num_splits: programs per (sequence, KV head); default from the SM count (`choose_num_splits`).
+    q_flat, k_pages, v_pages, kv_lens, page_table, k_scales, v_scales, sm_scale, num_splits: as in
+      `paged_decode.paged_decode`; q_len is Q.
     pages_per_block: pages gathered per loop step; default `default_block_tokens` tokens' worth.
     num_warps, num_stages: Triton launch parameters (default 4 warps, 3 stages).
     int8_upcast: how int8 pages become float16: "bits" (integer arithmetic, `_upcast`) or "convert"
       (`astype`, the conversion unit); kept to measure one against the other.
     interpret: run the kernel in the Pallas interpreter (CPU tests).
-    implementation: "mosaic" (`pallas_mgpu`, sm_90 only), "triton", or None: "mosaic" on an sm_90 GPU at
-      head_dim 128 for the pages it serves (bf16/f16, int8 with per-token scales), when no Triton argument
-      (pages_per_block, num_warps, num_stages, int8_upcast, interpret) was given.
-    mosaic_config: launch parameters of the Mosaic GPU kernel.
 
   Returns:
-    [S, Q, H, D] in q's dtype; zeros for sequences with kv_lens == 0.
+    [S, Q, H, D]: float32 merged from the splits' partials, or in q's dtype where one split wrote the output.
 
   Raises:
-    NotImplementedError: for inputs the kernel does not serve (sliding window, head_dim or page_size not
-      a power of two, Q * G > 128, mismatched shapes).
+    ValueError: an unknown int8_upcast.
   """
-  num_seqs, q_len, num_heads, head_dim = q.shape
-  if q.shape[0] != kv_lens.shape[0]:
-    raise NotImplementedError(f"q has {q.shape[0]} sequences, kv_lens {kv_lens.shape[0]}")
-  # [S, Q, H, D] -> [S, Q * H, D] is free; the kernel gathers its rows.
-  out = _decode(q.reshape(num_seqs, q_len * num_heads, head_dim), k_pages, v_pages, kv_lens, page_table,
-                q_len=q_len, sm_scale=sm_scale, sliding_window=sliding_window, k_scales=k_scales,
-                v_scales=v_scales, num_splits=num_splits, pages_per_block=pages_per_block, num_warps=num_warps,
-                num_stages=num_stages, int8_upcast=int8_upcast, interpret=interpret, implementation=implementation,
-                mosaic_config=mosaic_config)  # [S, Q, H, D]
-  return out.astype(q.dtype)
-
-
-def ragged_decode(
-    q: jax.Array,  # [T, H, D]
-    k_pages: jax.Array,  # [K, P, page_size, D]
-    v_pages: jax.Array,  # [K, P, page_size, D]
-    kv_lens: jax.Array,  # [S] int32
-    page_table: jax.Array,  # [S, Pmax] int32
-    **options,
-) -> jax.Array:
-  """Decode attention in the layout of a ragged batch where every sequence has one query token.
-
-  Sequence s's query is row s of `q` (a ragged batch whose `cu_q_lens[s] == s`), so the rows go to the
-  kernel and come back in place with no gather or scatter: one kernel and one combine, against the
-  extra kernels of the mixed path. T may exceed S (padding rows); rows of no sequence return zeros.
-
-  Args:
-    q: [T, H, D] query rows.
-    k_pages, v_pages, kv_lens, page_table: as in `paged_decode`.
-    **options: `paged_decode`'s keyword arguments (`sm_scale` required).
-
-  Returns:
-    [T, H, D] in q's dtype.
-  """
-  num_tokens = q.shape[0]
-  num_seqs = kv_lens.shape[0]
-  if num_tokens < num_seqs:  # Every program reads its sequence's row.
-    q = jnp.pad(q, ((0, num_seqs - num_tokens), (0, 0), (0, 0)))
-  out = _decode(q, k_pages, v_pages, kv_lens, page_table, q_len=1, **options)[:, 0]  # [S, H, D]
-  if num_tokens > num_seqs:
-    out = jnp.pad(out, ((0, num_tokens - num_seqs), (0, 0), (0, 0)))
-  return out[:num_tokens].astype(q.dtype)
-
-
-def _decode(q_flat, k_pages, v_pages, kv_lens, page_table, *, q_len, sm_scale, sliding_window=None, k_scales=None,
-            v_scales=None, num_splits=None, pages_per_block=None, num_warps=None, num_stages=None,
-            int8_upcast="bits", interpret=False, implementation=None, mosaic_config=None):
-  """The kernel and the combine: q_flat [S' >= S, Q * H, D] (sequence s's queries in row s) ->
-  [S, Q, H, D], float32 (or q's dtype where the kernel ran with one split and wrote the output itself)."""
-  num_kv_heads, num_pages, page_size, head_dim_k = k_pages.shape
+  if int8_upcast not in ("bits", "convert"):
+    raise ValueError(f"unknown int8_upcast {int8_upcast!r}; valid: bits, convert")
+  num_kv_heads, num_pages, page_size, _ = k_pages.shape
   num_heads = q_flat.shape[1] // q_len
   head_dim = q_flat.shape[2]
   num_seqs = kv_lens.shape[0]
   max_pages = page_table.shape[1]
-  if sliding_window is not None:
-    raise NotImplementedError("paged_decode does not implement sliding_window")
-  if int8_upcast not in ("bits", "convert"):
-    raise ValueError(f"unknown int8_upcast {int8_upcast!r}; valid: bits, convert")
-  if (v_pages.shape != k_pages.shape or head_dim_k != head_dim or num_heads % num_kv_heads
-      or page_table.shape[0] != num_seqs or q_flat.shape[0] < num_seqs):
-    raise NotImplementedError(f"unsupported shapes q={q_flat.shape} (Q={q_len}) k_pages={k_pages.shape} "
-                              f"v_pages={v_pages.shape} kv_lens={kv_lens.shape} page_table={page_table.shape}")
-  if head_dim < 16 or head_dim != _next_pow2(head_dim) or page_size != _next_pow2(page_size):
-    raise NotImplementedError(f"head_dim={head_dim} and page_size={page_size} must be powers of 2, "
-                              "head_dim >= 16")
   group = num_heads // num_kv_heads
-  rows = max(_MIN_ROWS, _next_pow2(q_len * group))
-  if rows > _MAX_ROWS:
-    raise NotImplementedError(f"Q * G = {q_len * group} query rows per KV head exceed {_MAX_ROWS}")
-  if q_flat.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-    raise NotImplementedError(f"q dtype {q_flat.dtype}")
-  if k_pages.dtype not in _PAGE_DTYPES or v_pages.dtype not in _PAGE_DTYPES:
-    raise NotImplementedError(f"page dtypes {k_pages.dtype}, {v_pages.dtype}")
-
-  if implementation not in (None, "mosaic", "triton"):
-    raise ValueError(f"unknown paged_decode implementation {implementation!r}; valid: mosaic, triton")
-  triton_args = [name for name, value in (("pages_per_block", pages_per_block), ("num_warps", num_warps),
-                                           ("num_stages", num_stages), ("interpret", interpret or None),
-                                           ("int8_upcast", None if int8_upcast == "bits" else int8_upcast))
-                 if value is not None]
-  config = mosaic_config or pallas_mgpu.DecodeConfig()
-  supported = dict(rows=q_len * group, sliding_window=sliding_window, k_scales=k_scales, v_scales=v_scales,
-                   config=config)
-  if implementation is None:
-    implementation = "triton"
-    # Measured on an H200 (NOTES.md, ## paged_decode): at head_dim 128 the Mosaic kernel matches the Triton
-    # one with one XLA kernel less per call, and with int8 pages it is 1.6x faster (B=64, L=4096, page 16:
-    # 164 vs 268 us kernel time in one run, before its second TMA warp); at head_dim 64 (twice the softmax
-    # work per byte) it is 15-25% slower.
-    if not triton_args and head_dim == 128 and on_hopper():
-      try:
-        pallas_mgpu.check_supported(q_flat.dtype, k_pages, v_pages, **supported)
-        implementation = "mosaic"
-      except NotImplementedError:
-        pass
-  elif implementation == "mosaic":
-    if triton_args:
-      raise ValueError(f"the mosaic implementation takes no Triton arguments; got {triton_args}")
-    pallas_mgpu.check_supported(q_flat.dtype, k_pages, v_pages, **supported)
-  if implementation == "mosaic":
-    if num_splits is None:
-      num_splits = choose_num_splits(num_seqs, num_kv_heads, pl.cdiv(max_pages * page_size, config.block_kv),
-                                     num_sms=num_sms(), programs_per_sm=config.programs_per_sm)
-    out = pallas_mgpu.decode_partials(q_flat, k_pages, v_pages, kv_lens, page_table, k_scales, v_scales,
-                                      q_len=q_len, sm_scale=sm_scale, num_splits=num_splits,
-                                      config=config)
-    if num_splits == 1:  # the kernel wrote the normalized output
-      return out.reshape(num_seqs, q_len, num_heads, head_dim)
-    return combine_splits(*out, q_len=q_len, group=group)
-
+  rows = max(_MIN_ROWS, next_power_of_2(q_len * group))
   if pages_per_block is None:
     pages_per_block = max(1, default_block_tokens(k_pages.dtype, head_dim) // page_size)
   # A power of two (Triton block sizes), at most the table width, and at least 16 tokens (dot size).
-  pages_per_block = min(1 << (max(1, pages_per_block).bit_length() - 1), _next_pow2(max_pages))
+  pages_per_block = min(floor_power_of_2(pages_per_block), next_power_of_2(max_pages))
   pages_per_block = max(pages_per_block, pl.cdiv(16, page_size))
   max_blocks = pl.cdiv(max_pages, pages_per_block)
   if num_splits is None:

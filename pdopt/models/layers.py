@@ -1,7 +1,9 @@
 """Building blocks of the Llama-family decoder: RMSNorm, RoPE, paged GQA attention, SwiGLU MLP.
 
-Letter legend for einsums: T tokens, E embed, H query heads, K KV heads, D head dim, F MLP width, V vocab.
 Activations are flat ragged batches `[T, E]`: the tokens of all sequences in a step, one after another.
+Letters of shapes and einsums: the legend of `pallas_kernels` (`pallas_kernels/__init__.py`). Every parameter
+is created by `param` with the logical axis names of its dimensions ("embed", "heads", ...), which
+`pdopt.sharding` maps to mesh axes.
 """
 
 from __future__ import annotations
@@ -60,6 +62,21 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
   return out.astype(out_dtype)
 
 
+def param(value: jax.Array, *axes: str) -> nnx.Param:
+  """`value` as an `nnx.Param` whose dimensions carry the logical axis names `axes`, one per dimension.
+
+  The names are Flax's `out_sharding` metadata of the Param; `pdopt.sharding` maps them to mesh axes through
+  its one rules table (`LOGICAL_RULES`). The Param is not sharded when it is created (`eager_sharding=False`):
+  a model is built on one device, and `pdopt.sharding.shard_model` places it on a mesh.
+
+  Raises:
+    ValueError: the number of names is not the number of dimensions.
+  """
+  if len(axes) != value.ndim:
+    raise ValueError(f"{len(axes)} logical axes {axes} for a parameter of shape {value.shape}")
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = 0.02) -> jax.Array:
   return (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
 
@@ -68,7 +85,7 @@ class RMSNorm(nnx.Module):
   """Root-mean-square norm computed in float32, weight applied in the activation dtype (as in HF Llama)."""
 
   def __init__(self, dim: int, eps: float, dtype):
-    self.weight = nnx.Param(jnp.ones((dim,), dtype))
+    self.weight = param(jnp.ones((dim,), dtype), "embed")
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -105,7 +122,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarr
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-  """Rotates `x` [T, N, D] by its positions [T] (the half-split convention of HF Llama)."""
+  """Rotates `x` [T, H or K, D] by its positions [T] (the half-split convention of HF Llama)."""
   freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
   cos = jnp.cos(freqs).astype(x.dtype)[:, None, :]
   sin = jnp.sin(freqs).astype(x.dtype)[:, None, :]
@@ -125,7 +142,7 @@ def qkv_rope(x: jax.Array, qkv_proj: jax.Array, qkv_bias: jax.Array | None, posi
              inv_freq: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """q [T, H, D] and k [T, K, D] rotated to their positions [T], and v [T, K, D], of normalized tokens x
   [T, E] through the merged projection `qkv_proj` [E, K, G + 2, D] (and bias [K, G + 2, D] or None)."""
-  qkv = einsum("TE,EKND->TKND", x, qkv_proj)
+  qkv = einsum("TE,EKRD->TKRD", x, qkv_proj)
   if qkv_bias is not None:
     qkv = qkv + qkv_bias
   group = qkv.shape[2] - 2
@@ -138,8 +155,9 @@ def norm_qkv_rope_write(x: jax.Array, norm_weight: jax.Array, qkv_proj: jax.Arra
                         eps: float) -> tuple[jax.Array, LayerCache]:
   """The first half of an attention layer before attention itself: RMSNorm of the residual stream x [T, E]
   (weight [E], eps), q/k/v with RoPE (`qkv_rope`), and k and v written into the cache at `slot_mapping` [T]
-  (`write_layer`). Returns (q [T, H, D], the cache). The reference of the fused GPU kernel of the same name
-  in `pallas_kernels.fused_layer`."""
+  (`write_layer`). Returns (q [T, H, D], the cache). The model's unfused path, rounding to the activation
+  dtype after each step as HF Llama does, and serving quantized caches; `pallas_kernels.fused_layer` does the
+  same in two GPU kernels (its reference: `pallas_kernels.reference.norm_qkv_rope_write`)."""
   q, k, v = qkv_rope(rms_norm(x, norm_weight, eps), qkv_proj, qkv_bias, positions, inv_freq)
   return q, write_layer(cache, k, v, slot_mapping)
 
@@ -181,9 +199,11 @@ class Attention(nnx.Module):
     dtype = jnp.dtype(config.dtype)
     e, h, k, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
     # Drawn as three projections (the random model of a seed does not depend on the layout).
-    self.qkv_proj = nnx.Param(merge_qkv(*(_normal(rngs, (e, n, d), dtype) for n in (h, k, k))))  # [E, K, G + 2, D]
-    self.o_proj = nnx.Param(_normal(rngs, (h, d, e), dtype))  # [H, D, E]
-    self.qkv_bias = nnx.Param(jnp.zeros((k, h // k + 2, d), dtype)) if config.qkv_bias else None  # [K, G + 2, D]
+    self.qkv_proj = param(merge_qkv(*(_normal(rngs, (e, n, d), dtype) for n in (h, k, k))),  # [E, K, G + 2, D]
+                          "embed", "kv_heads", "qkv", "head_dim")
+    self.o_proj = param(_normal(rngs, (h, d, e), dtype), "heads", "head_dim", "embed")  # [H, D, E]
+    self.qkv_bias = (param(jnp.zeros((k, h // k + 2, d), dtype), "kv_heads", "qkv", "head_dim")  # [K, G + 2, D]
+                     if config.qkv_bias else None)
     self.sm_scale = d ** -0.5
     self.sliding_window = config.sliding_window
     self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(d, config.rope_theta, config.rope_scaling)))
@@ -217,8 +237,9 @@ class MLP(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     dtype = jnp.dtype(config.dtype)
     e, f = config.hidden_size, config.intermediate_size
-    self.gate_up_proj = nnx.Param(jnp.stack([_normal(rngs, (e, f), dtype) for _ in range(2)], axis=1))  # [E, 2, F]
-    self.down_proj = nnx.Param(_normal(rngs, (f, e), dtype))  # [F, E]
+    self.gate_up_proj = param(jnp.stack([_normal(rngs, (e, f), dtype) for _ in range(2)], axis=1),  # [E, 2, F]
+                              "embed", "gate_up", "mlp")
+    self.down_proj = param(_normal(rngs, (f, e), dtype), "mlp", "embed")  # [F, E]
 
   def __call__(self, x: jax.Array) -> jax.Array:
     gate_up = einsum("TE,ECF->TCF", x, self.gate_up_proj[...])

@@ -3,7 +3,7 @@
 `tiny-code` (~5.3M parameters) and `tiny-code-draft` (~0.46M, under 1/8 of the target) are byte-level
 Llama-family models trained by `python -m experiments.train_tiny` on Python standard-library source (see
 each checkpoint's manifest.json for the corpus hash, file lists, steps and held-out loss). They share the
-byte tokenizer of `pdopt.training.tokenizer`, and are meant as a real target/draft pair for speculative
+byte tokenizer of `pdopt.models.tokenizer`, and are meant as a real target/draft pair for speculative
 decoding and quantization experiments, not as useful code models. Parameters are stored in bfloat16 and
 restored as float32.
 """
@@ -15,8 +15,8 @@ import pathlib
 from typing import Any
 
 from pdopt.models import checkpoints
+from pdopt.models.tokenizer import ByteTokenizer
 from pdopt.models.transformer import Transformer
-from pdopt.training.tokenizer import ByteTokenizer
 
 _ROOT = pathlib.Path(__file__).resolve().parent.parent / "pretrained"
 

@@ -8,17 +8,17 @@ tokens alike. Each layer writes the new K/V into the paged cache and attends thr
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels.sizes import next_power_of_2
 from pdopt.cache import kv_cache
 from pdopt.cache.kv_cache import LayerCache
 from pdopt.models.config import ModelConfig
-from pdopt.models.layers import MLP, Attention, AttentionMetadata, RMSNorm, einsum
+from pdopt.models.layers import MLP, Attention, AttentionMetadata, RMSNorm, einsum, param
 
 
 
@@ -49,11 +49,13 @@ class Transformer(nnx.Module):
     self.config = config
     dtype = jnp.dtype(config.dtype)
     v, e = config.vocab_size, config.hidden_size
-    self.embed = nnx.Param((jax.random.normal(rngs.params(), (v, e), jnp.float32) * 0.02).astype(dtype))  # [V, E]
+    self.embed = param((jax.random.normal(rngs.params(), (v, e), jnp.float32) * 0.02).astype(dtype),  # [V, E]
+                       "vocab", "embed")
     self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
     self.final_norm = RMSNorm(e, config.rms_norm_eps, dtype)
     if not config.tie_word_embeddings:
-      self.lm_head = nnx.Param((jax.random.normal(rngs.params(), (e, v), jnp.float32) * 0.02).astype(dtype))  # [E, V]
+      self.lm_head = param((jax.random.normal(rngs.params(), (e, v), jnp.float32) * 0.02).astype(dtype),  # [E, V]
+                           "embed", "vocab")
 
   def __call__(self, token_ids: jax.Array, meta: AttentionMetadata, kv_cache: list[LayerCache],
                logits_indices: jax.Array | None = None, attention_backend: str = "auto",
@@ -128,7 +130,7 @@ def logits(model: Transformer, token_ids, kv_quant: str | None = None) -> np.nda
   if ids.min() < 0 or ids.max() >= vocab:
     bad = int(ids[(ids < 0) | (ids >= vocab)][0])
     raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
-  bucket = max(_LOGITS_PAGE_SIZE, 1 << math.ceil(math.log2(n)))
+  bucket = max(_LOGITS_PAGE_SIZE, next_power_of_2(n))
   num_pages = bucket // _LOGITS_PAGE_SIZE
   padded = np.zeros(bucket, np.int32)
   padded[:n] = ids

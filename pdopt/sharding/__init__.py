@@ -2,8 +2,8 @@
 
 from pdopt.sharding.distributed import SharedClock, initialize
 from pdopt.sharding.mesh import MeshConfig, make_mesh
-from pdopt.sharding.rules import (LOGICAL_RULES, cache_sharding, logical_axes, param_shardings, put_global, shard_model,
+from pdopt.sharding.rules import (LOGICAL_RULES, cache_sharding, param_shardings, put_global, shard_model,
                                   validate_tensor_parallel)
 
-__all__ = ["LOGICAL_RULES", "MeshConfig", "SharedClock", "cache_sharding", "initialize", "logical_axes", "make_mesh", "param_shardings",
+__all__ = ["LOGICAL_RULES", "MeshConfig", "SharedClock", "cache_sharding", "initialize", "make_mesh", "param_shardings",
            "put_global", "shard_model", "validate_tensor_parallel"]

@@ -1,9 +1,11 @@
-"""Logical axis names of every parameter and of the KV cache, and the single table mapping them to mesh axes.
+"""The single table mapping logical axis names to mesh axes, applied to the model's parameters and the KV cache.
 
-Tensor parallelism over `model` (Megatron style): KV heads with their query heads, MLP columns (gate/up) and rows
-(down), and the vocabulary are split; activations between blocks stay replicated, so XLA inserts one
-all-reduce after the attention output projection and one after the MLP down projection. The KV cache
-splits with its KV heads, so each device keeps and reads only its heads' pages.
+The model declares the logical axes of each parameter where it creates it (`pdopt.models.layers.param`: the
+names are the `out_sharding` metadata of the `nnx.Param`); the KV cache's axes are `CACHE_AXES`. This module
+maps both through `LOGICAL_RULES`. Tensor parallelism over `model` (Megatron style): KV heads with their query
+heads, MLP columns (gate/up) and rows (down), and the vocabulary are split; activations between blocks stay
+replicated, so XLA inserts one all-reduce after the attention output projection and one after the MLP down
+projection. The KV cache splits with its KV heads, so each device keeps and reads only its heads' pages.
 """
 
 from __future__ import annotations
@@ -32,31 +34,25 @@ LOGICAL_RULES: dict[str, str | None] = {
     "page_slot": None,
 }
 
-# Parameter name (last path element) -> logical axes of its dimensions.
-_PARAM_AXES: dict[str, tuple[str, ...]] = {
-    "embed": ("vocab", "embed"),
-    "lm_head": ("embed", "vocab"),
-    "qkv_proj": ("embed", "kv_heads", "qkv", "head_dim"),
-    "o_proj": ("heads", "head_dim", "embed"),
-    "qkv_bias": ("kv_heads", "qkv", "head_dim"),
-    "gate_up_proj": ("embed", "gate_up", "mlp"),
-    "down_proj": ("mlp", "embed"),
-    "weight": ("embed",),  # RMSNorm
-}
-
 CACHE_AXES = ("kv_heads", "pages", "page_slot", "head_dim")
 
 
-def logical_axes(path: tuple[Any, ...]) -> tuple[str, ...]:
-  """Logical axes of the parameter at `path` in the Transformer (e.g. ("layers", 0, "attn", "qkv_proj"))."""
-  name = path[-1]
-  if name not in _PARAM_AXES:
-    raise KeyError(f"no logical axes for parameter {'/'.join(map(str, path))}")
-  return _PARAM_AXES[name]
-
-
-def _spec(axes: tuple[str, ...]) -> PartitionSpec:
+def _spec(axes: tuple[str, ...], what: str) -> PartitionSpec:
+  unknown = [a for a in axes if a not in LOGICAL_RULES]
+  if unknown:
+    raise KeyError(f"{what} has logical axes {unknown} that LOGICAL_RULES does not map; valid: "
+                   f"{', '.join(LOGICAL_RULES)}")
   return PartitionSpec(*(LOGICAL_RULES[a] for a in axes))
+
+
+def _param_spec(path: tuple[Any, ...], variable: nnx.Variable) -> PartitionSpec:
+  """The PartitionSpec of the parameter at `path` from the logical axes it was created with."""
+  name = f"parameter {'/'.join(map(str, path))}"
+  axes = variable.get_metadata().get("out_sharding")
+  if axes is None or len(axes) != np.ndim(variable.get_value()):
+    raise KeyError(f"{name} of shape {np.shape(variable.get_value())} declares logical axes {axes}; create it "
+                   "with pdopt.models.layers.param")
+  return _spec(tuple(axes), name)
 
 
 def validate_tensor_parallel(config: ModelConfig, tp: int) -> None:
@@ -69,18 +65,24 @@ def validate_tensor_parallel(config: ModelConfig, tp: int) -> None:
 
 
 def param_shardings(model: nnx.Module, mesh: Mesh) -> Any:
-  """NamedShardings for the model's `nnx.Param` state, as a pure dict shaped like its state."""
-  state = nnx.state(model, nnx.Param).to_pure_dict()
-  flat, treedef = jax.tree_util.tree_flatten_with_path(state)
-  specs = [NamedSharding(mesh, _spec(logical_axes(tuple(getattr(k, "key", getattr(k, "idx", None)) for k in p))))
-           for p, _ in flat]
-  return jax.tree_util.tree_unflatten(treedef, specs)
+  """NamedShardings for the model's `nnx.Param` state, as a pure dict shaped like its state.
+
+  Raises:
+    KeyError: a parameter declares no logical axes, or axes that `LOGICAL_RULES` does not map (named).
+  """
+  out: dict[Any, Any] = {}
+  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = NamedSharding(mesh, _param_spec(path, variable))
+  return out
 
 
 def cache_sharding(mesh: Mesh, ndim: int = 4) -> NamedSharding:
   """Sharding of each layer's K or V pages `[K, P, page_size, D]` (ndim 4) or scales `[K, P, page_size]`
   (ndim 3): split by KV head."""
-  return NamedSharding(mesh, _spec(CACHE_AXES[:ndim]))
+  return NamedSharding(mesh, _spec(CACHE_AXES[:ndim], "the KV cache"))
 
 
 def put_global(tree: Any, shardings: Any) -> Any:

@@ -1,1 +1,2 @@
-"""Training of the small models that ship with pdopt (byte tokenizer, stdlib corpus, dense training loop)."""
+"""Training of the small models that ship with pdopt (stdlib corpus, dense training loop); their byte tokenizer
+is `pdopt.models.tokenizer`."""

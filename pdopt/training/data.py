@@ -22,7 +22,7 @@ import sysconfig
 
 import numpy as np
 
-from pdopt.training import tokenizer as tok
+from pdopt.models import tokenizer as tok
 
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 

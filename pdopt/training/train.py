@@ -1,6 +1,6 @@
 """Trains pdopt's shipped byte-level models with optax, and evaluates them.
 
-Training runs a dense causal forward over a `[B, L]` batch (`dense_logits`) that calls the very modules and
+Training runs a dense causal forward over a `[B, T]` batch (`dense_logits`) that calls the very modules and
 `nnx.Param` tensors of `pdopt.models.transformer.Transformer`: the same norms, projections, RoPE and MLP, and
 the GQA head grouping of the reference attention (query head h reads KV head h // G). Only the attention
 itself is dense with a causal mask instead of ragged and paged, because the paged reference gathers a
@@ -8,7 +8,8 @@ sequence's keys per query token. The trained state is the Transformer's own stat
 engine serve it unchanged; `ragged_eval_loss` checks that the two forwards agree on held-out text.
 
 Losses are in nats per token; one token is one byte except the BOS/EOS of each file, so bits per byte is
-loss / ln 2 (within about 0.1% given files of several kilobytes).
+loss / ln 2 (within about 0.1% given files of several kilobytes). Letters of shapes and einsums: the legend of
+`pallas_kernels` (`pallas_kernels/__init__.py`).
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pdopt.models import checkpoints
+from pdopt.models import checkpoints, tokenizer as tok
 from pdopt.models.config import Family, ModelConfig
 from pdopt.models.layers import einsum
 from pdopt.models.transformer import Transformer, init_model, logits as ragged_logits
-from pdopt.training import data, tokenizer as tok
+from pdopt.training import data
 
 
 def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
@@ -53,30 +54,30 @@ def dense_logits(model: Transformer, tokens: jax.Array) -> jax.Array:
 
   Args:
     model: the Transformer (no sliding window).
-    tokens: [B, L] int32.
+    tokens: [B, T] int32.
 
   Returns:
-    [B, L, V] float32 logits.
+    [B, T, V] float32 logits.
   """
   cfg = model.config
   if cfg.sliding_window is not None:
     raise NotImplementedError("dense_logits does not implement sliding-window attention")
   b, l = tokens.shape
   k_heads, group = cfg.num_kv_heads, cfg.group_size
-  positions = jnp.tile(jnp.arange(l, dtype=jnp.int32), b)  # [B*L]
-  causal = jnp.tril(jnp.ones((l, l), bool))  # [T, S]
-  x = model.embed[...][tokens.reshape(-1)]  # [B*L, E]
+  positions = jnp.tile(jnp.arange(l, dtype=jnp.int32), b)  # [B*T]
+  causal = jnp.tril(jnp.ones((l, l), bool))  # [T, J]
+  x = model.embed[...][tokens.reshape(-1)]  # [B*T, E]
   for layer in model.layers:
     attn = layer.attn
     h = layer.input_norm(x)
     q, k, v = attn.project(h, positions)
     qg = q.astype(jnp.float32).reshape(b, l, k_heads, group, -1)  # [B, T, K, G, D]
-    kb = k.astype(jnp.float32).reshape(b, l, k_heads, -1)  # [B, S, K, D]
-    vb = v.astype(jnp.float32).reshape(b, l, k_heads, -1)  # [B, S, K, D]
-    scores = jnp.einsum("BTKGD,BSKD->BKGTS", qg, kb, precision=jax.lax.Precision.HIGHEST) * attn.sm_scale
+    kb = k.astype(jnp.float32).reshape(b, l, k_heads, -1)  # [B, J, K, D]
+    vb = v.astype(jnp.float32).reshape(b, l, k_heads, -1)  # [B, J, K, D]
+    scores = jnp.einsum("BTKGD,BJKD->BKGTJ", qg, kb, precision=jax.lax.Precision.HIGHEST) * attn.sm_scale
     scores = jnp.where(causal, scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("BKGTS,BSKD->BTKGD", probs, vb, precision=jax.lax.Precision.HIGHEST)
+    out = jnp.einsum("BKGTJ,BJKD->BTKGD", probs, vb, precision=jax.lax.Precision.HIGHEST)
     out = out.reshape(b * l, cfg.num_heads, cfg.head_dim).astype(x.dtype)
     x = x + einsum("THD,HDE->TE", out, attn.o_proj[...])
     x = x + layer.mlp(layer.post_attn_norm(x))
@@ -86,7 +87,7 @@ def dense_logits(model: Transformer, tokens: jax.Array) -> jax.Array:
 
 
 def loss_fn(model: Transformer, batch: jax.Array) -> jax.Array:
-  """Mean next-token cross entropy (nats) of `batch` [B, L + 1]."""
+  """Mean next-token cross entropy (nats) of `batch` [B, T + 1]."""
   logits = dense_logits(model, batch[:, :-1])
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
@@ -119,7 +120,7 @@ class Trainer:
     self._loss = jax.jit(lambda params, batch: loss_fn(nnx.merge(self.graphdef, params, self.rest), batch))
 
   def step(self, batch: np.ndarray) -> float:
-    """One optimizer step on `batch` [B, L + 1]; returns the loss before the update (nats/token)."""
+    """One optimizer step on `batch` [B, T + 1]; returns the loss before the update (nats/token)."""
     self.params, self.opt_state, loss = self._step(self.params, self.opt_state, jnp.asarray(batch))
     return float(loss)
 
@@ -133,7 +134,7 @@ class Trainer:
 
 
 def dense_eval_loss(model: Transformer, windows: np.ndarray, batch_size: int = 8) -> float:
-  """Mean loss (nats/token) of the dense forward over `windows` [N, L + 1]."""
+  """Mean loss (nats/token) of the dense forward over `windows` [N, T + 1]."""
   graphdef, state = nnx.split(model)
   fn = jax.jit(lambda s, b: loss_fn(nnx.merge(graphdef, s), b))
   losses = [float(fn(state, jnp.asarray(windows[i:i + batch_size]))) * len(windows[i:i + batch_size])
@@ -142,7 +143,7 @@ def dense_eval_loss(model: Transformer, windows: np.ndarray, batch_size: int = 8
 
 
 def ragged_eval_loss(model: Transformer, windows: np.ndarray) -> float:
-  """Mean loss (nats/token) of `pdopt.logits` (the serving forward) over `windows` [N, L + 1]."""
+  """Mean loss (nats/token) of `pdopt.logits` (the serving forward) over `windows` [N, T + 1]."""
   total = 0.0
   for w in windows:
     lg = ragged_logits(model, w[:-1])

@@ -15,8 +15,8 @@ import pytest
 
 from pallas_kernels import reference
 from pallas_kernels.flash_prefill import flash_prefill
-from pallas_kernels.flash_prefill import on_hopper
 from pallas_kernels.flash_prefill import pallas_mgpu
+from pallas_kernels.gpu_info import on_hopper
 from cuda_lowering import lower_for_cuda
 from ragged_inputs import Case, make_inputs
 

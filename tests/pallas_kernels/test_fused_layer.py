@@ -1,5 +1,5 @@
 """Tests of the fused norm + q/k/v + RoPE + KV write kernels (Pallas interpreter on CPU; the real backend on a
-GPU) against their reference, the model's unfused path (`pdopt.models.layers.norm_qkv_rope_write`).
+GPU) against their reference, `pallas_kernels.reference.norm_qkv_rope_write` (float32, HIGHEST precision).
 
 Pages start with random contents (one page NaN), so a write to a wrong slot or head, or a cache whose
 aliasing was lost, differs from the reference; some tokens are padding (slot -1) and must write nothing.
@@ -9,19 +9,14 @@ Row counts not a multiple of the row block test the masked rows.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import pdopt
-from pallas_kernels import api
+from pallas_kernels import reference
 from pallas_kernels.fused_layer import FusedConfig, default_config, norm_qkv_rope_write
-from pdopt.cache import kv_cache
-from pdopt.models import layers
-from pdopt.models.config import RopeScaling, RopeType
 
 _ON_GPU = jax.devices()[0].platform == "gpu"
 _INTERPRET = not _ON_GPU
@@ -49,8 +44,7 @@ def _qkv_inputs(rng, c: Case, dtype):
   w = jnp.asarray(rng.standard_normal((c.hidden, c.kv_heads, c.group + 2, c.head_dim)) / np.sqrt(c.hidden), dtype)
   bias = jnp.asarray(rng.standard_normal((c.kv_heads, c.group + 2, c.head_dim)), dtype) if c.bias else None
   positions = jnp.asarray(rng.integers(0, 4000, c.tokens), jnp.int32)
-  inv_freq = jnp.asarray(layers.rope_inv_freq(c.head_dim, 500000.0, RopeScaling(rope_type=RopeType.LLAMA3,
-                                                                                  factor=32.0)))
+  inv_freq = jnp.asarray(500000.0 ** (-np.arange(0, c.head_dim, 2) / c.head_dim), jnp.float32)  # RoPE, [D / 2]
   slots = rng.permutation(num_pages * page_size)[:c.tokens]
   slots[rng.random(c.tokens) < 0.25] = -1  # padding tokens
   # Finite old contents, so a kernel that lost the cache's aliasing (the interpreter fills outputs with NaN)
@@ -81,7 +75,7 @@ def _close(got, want, dtype, what):
 def test_norm_qkv_rope_write_matches_reference(case, dtype):
   rng = np.random.default_rng(hash(case) % 2**32)
   x, norm_w, w, bias, pos, freq, slots, cache = _qkv_inputs(rng, case, dtype)
-  want_q, want_cache = layers.norm_qkv_rope_write(x, norm_w, w, bias, pos, freq, slots, cache, eps=1e-5)
+  want_q, want_cache = reference.norm_qkv_rope_write(x, norm_w, w, bias, pos, freq, slots, cache, eps=1e-5)
   config = FusedConfig(block_k=16, block_rows=case.block_rows, block_cols=case.block_cols, splits=case.splits,
                        epilogue_rows=case.epilogue_rows)
   got_q, got_cache = norm_qkv_rope_write(x, norm_w, w, bias, pos, freq, slots, cache, eps=1e-5, config=config,
@@ -96,10 +90,11 @@ def test_rejects_what_it_does_not_serve():
   rng = np.random.default_rng(0)
   case = Case(tokens=3, group=2, head_dim=32)
   x, norm_w, w, bias, pos, freq, slots, _ = _qkv_inputs(rng, case, jnp.float32)
-  quantized = kv_cache.empty_cache(1, 2, 32, 6, 16, jnp.float32, "int8")[0]
+  pages8, scales = jnp.zeros((2, 6, 16, 32), jnp.int8), jnp.ones((2, 6, 16), jnp.float32)
+  quantized = (pages8, pages8, scales, scales)
   with pytest.raises(NotImplementedError, match="unquantized"):
     norm_qkv_rope_write(x, norm_w, w, bias, pos, freq, slots, quantized, eps=1e-5, interpret=True)
-  cache = kv_cache.empty_cache(1, 2, 32, 6, 16, jnp.float32)[0]
+  cache = (jnp.zeros((2, 6, 16, 32), jnp.float32),) * 2
   with pytest.raises(NotImplementedError, match="in 3 splits"):  # 64 / 3
     norm_qkv_rope_write(x, norm_w, w, bias, pos, freq, slots, cache, eps=1e-5, config=FusedConfig(splits=3),
                         interpret=True)
@@ -114,49 +109,3 @@ def test_default_config_serves_the_default_shapes():
   for tokens in (1, 16, 17, 64, 256):
     config = default_config(tokens)
     assert 2048 % config.splits == 0 and config.block_cols >= 16
-
-
-def test_fused_backend_only_for_small_decode_steps():
-  meta = layers.AttentionMetadata(*(jnp.zeros(1, jnp.int32) for _ in range(6)))
-  decode = dataclasses.replace(meta, decode_only=True)
-  assert layers.fused_backend(meta, "auto", 8) == "reference"
-  assert layers.fused_backend(decode, "auto", 8) == "auto"
-  assert layers.fused_backend(decode, "pallas", layers.FUSED_MAX_TOKENS) == "auto"
-  assert layers.fused_backend(decode, "auto", layers.FUSED_MAX_TOKENS + 1) == "reference"
-  assert layers.fused_backend(decode, "reference", 8) == "reference"
-
-
-def test_model_decode_step_through_the_fused_kernel(monkeypatch):
-  """The shipped model's decode-only forward with the fused kernel (interpreted) in every layer gives the
-  reference's logits and cache: the model hands the kernel the arguments its reference takes."""
-  model = pdopt.load_pretrained("tiny-code")
-  rng = np.random.default_rng(0)
-  page_size, num_pages, seqs = 16, 12, 3
-  positions = np.array([5, 40, 17], np.int32)
-  table = rng.permutation(num_pages)[:seqs * 4].reshape(seqs, 4).astype(np.int32)
-  slots = table[np.arange(seqs), positions // page_size] * page_size + positions % page_size
-  meta = layers.AttentionMetadata(
-      positions=jnp.asarray(positions), slot_mapping=jnp.asarray(slots, jnp.int32),
-      cu_q_lens=jnp.arange(seqs + 1, dtype=jnp.int32), kv_lens=jnp.asarray(positions + 1),
-      page_table=jnp.asarray(table), num_seqs=jnp.asarray([seqs], jnp.int32), decode_only=True)
-  cache = [tuple(jnp.asarray(rng.standard_normal(a.shape), a.dtype) for a in layer)
-           for layer in pdopt.models.transformer.empty_cache(model.config, num_pages, page_size)]
-  tokens = jnp.asarray([3, 100, 42], jnp.int32)
-  want, want_cache = model(tokens, meta, cache, attention_backend="reference")
-
-  calls = []
-  original = api.dispatch
-
-  def dispatch(kernel, ref, backend, *args, **kwargs):
-    if kernel is layers._fused_qkv_kernel:  # pylint: disable=protected-access
-      assert backend == "auto"
-      calls.append(1)
-      return functools.partial(kernel(), config=FusedConfig(block_k=32), interpret=True)(*args, **kwargs)
-    return original(kernel, ref, backend, *args, **kwargs)
-
-  monkeypatch.setattr(api, "dispatch", dispatch)
-  got, got_cache = model(tokens, meta, cache, attention_backend="auto")
-  assert len(calls) == model.config.num_layers
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
-  for g, w in zip(jax.tree_util.tree_leaves(got_cache), jax.tree_util.tree_leaves(want_cache)):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)

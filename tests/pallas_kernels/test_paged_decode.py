@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels import reference
-from pallas_kernels.paged_decode import (choose_num_splits, dequantize_kv, paged_decode, pallas_triton,
-                                         quantize_kv, ragged_decode, storage_dtype)
+from pallas_kernels.paged_decode import dequantize_kv, paged_decode, quantize_kv, ragged_decode, storage_dtype
+from pallas_kernels.paged_decode.common import choose_num_splits, combine_splits
 
 _ON_GPU = jax.devices()[0].platform == "gpu"
 _TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -213,8 +213,8 @@ def test_combine_of_one_split_is_the_combine_with_an_empty_split():
   m = jnp.asarray(rng.normal(size=(seqs, heads, 1, rows)), jnp.float32).at[1].set(-jnp.inf)
   l = jnp.asarray(rng.uniform(1, 2, size=(seqs, heads, 1, rows)), jnp.float32).at[1].set(0.0)
   empty = lambda x, fill: jnp.concatenate([x, jnp.full_like(x, fill)], axis=2)
-  one = pallas_triton.combine_splits(acc, m, l, q_len=2, group=3)
-  two = pallas_triton.combine_splits(empty(acc, 0.0), empty(m, -jnp.inf), empty(l, 0.0), q_len=2, group=3)
+  one = combine_splits(acc, m, l, q_len=2, group=3)
+  two = combine_splits(empty(acc, 0.0), empty(m, -jnp.inf), empty(l, 0.0), q_len=2, group=3)
   np.testing.assert_allclose(np.asarray(one), np.asarray(two), rtol=1e-6)
   assert one.shape == (seqs, 2, heads * 3, dim) and not np.asarray(one[1]).any()
 

@@ -16,8 +16,10 @@ import pytest
 from cuda_lowering import lower_for_cuda
 from test_paged_decode import Case, _assert_close, _inputs, _quantize, _reference
 
-from pallas_kernels.flash_prefill import on_hopper
+from pallas_kernels.gpu_info import on_hopper
+from pallas_kernels.mosaic_util import SHARED_MEMORY_BYTES
 from pallas_kernels.paged_decode import paged_decode, pallas_mgpu, ragged_decode
+from pallas_kernels.paged_decode.common import split_range
 
 
 @pytest.mark.parametrize("q_len,num_splits,block_kv", [(1, 1, 64), (1, 5, 128), (3, 4, 64), (5, 9, 128)])
@@ -25,7 +27,7 @@ def test_splits_cover_every_block_once(q_len, num_splits, block_kv):
   kv_lens = np.array([0, 1, 2, 63, 64, 65, 127, 128, 129, 700, 1000])
   covered = {}
   for split in range(num_splits):
-    first, steps = pallas_mgpu.split_range(jnp.asarray(kv_lens), q_len, split, num_splits, block_kv)
+    first, steps = split_range(jnp.asarray(kv_lens), q_len, split, num_splits, block_kv)
     for s, (f, n) in enumerate(zip(np.asarray(first), np.asarray(steps))):
       assert n >= 0
       covered.setdefault(s, []).extend(range(f, f + n))
@@ -100,7 +102,7 @@ def test_rejects_what_it_does_not_serve():
   pallas_mgpu.check_supported(jnp.bfloat16, k8, k8, **dict(quant, rows=40, config=pallas_mgpu.DecodeConfig(128, 2)))
   # What Mosaic GPU reserves counts: this config's buffers alone fit, with the reduction scratch they do not.
   config = pallas_mgpu.DecodeConfig(192, 4)
-  assert pallas_mgpu.shared_memory_bytes(64, 2, config) > pallas_mgpu._SHARED_MEMORY_BYTES
+  assert pallas_mgpu.shared_memory_bytes(64, 2, config) > SHARED_MEMORY_BYTES
   with pytest.raises(NotImplementedError, match="shared memory"):
     pallas_mgpu.check_supported(jnp.bfloat16, k[..., :64], k[..., :64], **dict(ok, config=config))
 
@@ -137,7 +139,7 @@ def test_lowers_for_cuda(q_len, group, head_dim, page_size, config, num_splits, 
   if int8 and head_dim != 128:
     pytest.skip("int8 pages need head_dim 128")
   if (pallas_mgpu.shared_memory_bytes(head_dim, 2, config, 1 if int8 else 2, q_len * group)
-      > pallas_mgpu._SHARED_MEMORY_BYTES):
+      > SHARED_MEMORY_BYTES):
     pytest.skip(f"{config} does not fit in shared memory with {'int8' if int8 else 'bf16'} pages")
   num_kv_heads, num_seqs = 2, 3
   sds = jax.ShapeDtypeStruct

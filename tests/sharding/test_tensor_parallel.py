@@ -5,10 +5,13 @@ The device count must be set before JAX starts, so the checks run in a child pro
 
 import textwrap
 
+import jax
+import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 import pdopt
-from pdopt.sharding import MeshConfig, make_mesh, validate_tensor_parallel
+from pdopt.sharding import MeshConfig, make_mesh, param_shardings, validate_tensor_parallel
 
 _CHILD = textwrap.dedent("""
     import os
@@ -60,3 +63,22 @@ def test_mesh_shape_must_match_device_count():
   import jax
   with pytest.raises(ValueError, match="devices"):
     make_mesh(MeshConfig(data=2, model=1), jax.devices()[:1])
+
+
+def test_parameters_shard_by_the_logical_axes_they_declare():
+  """Every parameter's sharding comes from the logical axes given where the model creates it, through
+  LOGICAL_RULES; a parameter created without them is named."""
+  model = pdopt.init_model(pdopt.preset("tiny").replace(qkv_bias=True, tie_word_embeddings=False), seed=0)
+  specs = param_shardings(model, make_mesh(MeshConfig(data=1, model=1), jax.devices()[:1]))
+  layer = specs["layers"][0]
+  got = {"embed": specs["embed"], "lm_head": specs["lm_head"], "final_norm": specs["final_norm"]["weight"],
+         "qkv_proj": layer["attn"]["qkv_proj"], "qkv_bias": layer["attn"]["qkv_bias"],
+         "o_proj": layer["attn"]["o_proj"], "gate_up_proj": layer["mlp"]["gate_up_proj"],
+         "down_proj": layer["mlp"]["down_proj"], "input_norm": layer["input_norm"]["weight"]}
+  assert {name: tuple(s.spec) for name, s in got.items()} == {
+      "embed": ("model", None), "lm_head": (None, "model"), "final_norm": (None,),
+      "qkv_proj": (None, "model", None, None), "qkv_bias": ("model", None, None), "o_proj": ("model", None, None),
+      "gate_up_proj": (None, None, "model"), "down_proj": ("model", None), "input_norm": (None,)}
+  model.layers[1].mlp.down_proj = nnx.Param(jnp.zeros(model.layers[1].mlp.down_proj[...].shape))
+  with pytest.raises(KeyError, match="layers/1/mlp/down_proj"):
+    param_shardings(model, make_mesh(MeshConfig(data=1, model=1), jax.devices()[:1]))

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import pdopt
-from pdopt.models import pretrained
+from pdopt.models import pretrained, tokenizer as tok
 from pdopt.models.config import Family, ModelConfig
-from pdopt.training import data, tokenizer as tok, train
+from pdopt.training import data, train
 
 
 @pytest.fixture(scope="module")
