@@ -3,7 +3,7 @@
   python -m experiments.train_tiny --config=configs/train_tiny.py                       # GPU: minutes
   python -m experiments.train_tiny --config=configs/train_tiny.py --config.cpu_small=True  # CPU: the shipped run
 
-Both models share the byte tokenizer (`pdopt/training/tokenizer.py`, vocab 264) and read the Python stdlib
+Both models share the byte tokenizer (`pdopt/models/tokenizer.py`, vocab 264) and read the Python stdlib
 corpus (`pdopt/training/data.py`). `cpu_small` replaces each model's steps, batch and sequence length by its
 `cpu_small` entry (the shipped checkpoints were trained that way on two CPU cores; see their manifest.json).
 Checkpoints go to `out_dir/<checkpoint_name>/` (model_config.json, params/, manifest.json); loss curves and

@@ -31,8 +31,9 @@ from pallas_kernels.flash_prefill import flash_prefill
 from pallas_kernels.paged_decode import paged_decode, ragged_decode
 
 
-def decode_mask(cu_q_lens: jax.Array, num_seqs: jax.Array) -> jax.Array:
-  """[S] bool: the real sequences with exactly one query row this step."""
+def single_query_mask(cu_q_lens: jax.Array, num_seqs: jax.Array) -> jax.Array:
+  """[S] bool: the real sequences with exactly one query row this step, which the decode kernel serves (a
+  decode, or a prompt's last token alone: attention cannot tell them apart, and need not)."""
   num_slots = cu_q_lens.shape[0] - 1
   real = jnp.arange(num_slots) < jnp.reshape(num_seqs, ()).astype(jnp.int32)
   return real & (cu_q_lens[1:] - cu_q_lens[:-1] == 1)
@@ -70,7 +71,7 @@ def mixed_batch_attention(
   num_tokens = q.shape[0]
   kv_lens = kv_lens.astype(jnp.int32)
   cu_q_lens = cu_q_lens.astype(jnp.int32)
-  is_decode = decode_mask(cu_q_lens, num_seqs)  # [S]
+  single = single_query_mask(cu_q_lens, num_seqs)  # [S]
   common = dict(sm_scale=sm_scale, sliding_window=sliding_window, k_scales=k_scales, v_scales=v_scales)
   if decode_only:  # Sequence s's one query is row s; slots past num_seqs are padding.
     real = jnp.arange(kv_lens.shape[0]) < jnp.reshape(num_seqs, ()).astype(jnp.int32)
@@ -81,11 +82,11 @@ def mixed_batch_attention(
       pass  # e.g. a sliding window: the general path below hands the decodes to the prefill kernel.
   try:
     first_rows = jnp.minimum(cu_q_lens[:-1], num_tokens - 1)  # [S] each sequence's first query row
-    decoded = paged_decode(q[first_rows][:, None], k_pages, v_pages, jnp.where(is_decode, kv_lens, 0),
+    decoded = paged_decode(q[first_rows][:, None], k_pages, v_pages, jnp.where(single, kv_lens, 0),
                            page_table, interpret=interpret, **common)[:, 0]  # [S, H, D]
   except NotImplementedError:
     decoded = None
-  chunk_lens = kv_lens if decoded is None else jnp.where(is_decode, 0, kv_lens)
+  chunk_lens = kv_lens if decoded is None else jnp.where(single, 0, kv_lens)
   args = (q, k_pages, v_pages, chunk_lens, page_table, cu_q_lens, num_seqs)
   try:
     out = flash_prefill(*args, interpret=interpret, **common)
@@ -96,5 +97,5 @@ def mixed_batch_attention(
   if decoded is None:
     return out
   seq_ids, _ = reference.token_sequence_ids(cu_q_lens, num_tokens, num_seqs)  # [T], -1 for padding
-  row_is_decode = (seq_ids >= 0) & is_decode[jnp.maximum(seq_ids, 0)]
-  return jnp.where(row_is_decode[:, None, None], decoded[jnp.maximum(seq_ids, 0)], out)
+  row_single = (seq_ids >= 0) & single[jnp.maximum(seq_ids, 0)]
+  return jnp.where(row_single[:, None, None], decoded[jnp.maximum(seq_ids, 0)], out)

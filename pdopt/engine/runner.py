@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pallas_kernels.sizes import next_power_of_2
 from pdopt import sharding
 
 from pdopt.engine import sampler
@@ -85,7 +86,7 @@ def _scatter_pages(cache, pages, data):
 
 
 def _padded(pages, fill: int) -> np.ndarray:
-  n = max(1, 1 << max(0, len(pages) - 1).bit_length())  # Powers of two: few compiled shapes.
+  n = next_power_of_2(len(pages))  # Few compiled shapes.
   out = np.full(n, fill, np.int32)
   out[:len(pages)] = pages
   return out

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import api, reference
-from pallas_kernels.mixed_batch import decode_mask, mixed_batch_attention
+from pallas_kernels.mixed_batch import single_query_mask, mixed_batch_attention
 from pallas_kernels.paged_decode import quantize_kv
 from ragged_inputs import Case, make_inputs
 
@@ -89,9 +89,9 @@ def test_sliding_window_runs_everything_in_the_prefill_kernel(case):
 
 def test_decode_mask_ignores_padding_slots():
   cu_q_lens = jnp.asarray([0, 1, 4, 5, 5, 5], jnp.int32)  # q_lens 1, 3, 1, then padding slots of 0
-  got = decode_mask(cu_q_lens, jnp.asarray([3], jnp.int32))
+  got = single_query_mask(cu_q_lens, jnp.asarray([3], jnp.int32))
   assert got.tolist() == [True, False, True, False, False]
-  got = decode_mask(cu_q_lens, jnp.asarray([2], jnp.int32))
+  got = single_query_mask(cu_q_lens, jnp.asarray([2], jnp.int32))
   assert got.tolist() == [True, False, False, False, False]
 
 
