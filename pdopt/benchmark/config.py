@@ -36,6 +36,14 @@ milliseconds, sizes in tokens unless said otherwise):
   speculative_k       guesses verified per decode and step (k >= 1).
   speculative_draft   the draft of method "draft": a shipped model name (`pdopt.models.pretrained.REGISTRY`,
                       e.g. "tiny-code-draft") or a `pdopt.preset` name (random weights from `model_seed + 1`).
+  backend             "real" runs the engine on the devices; "sim" replays the same experiment in the simulator
+                      (`pdopt.sim`: the engine's own loop on a virtual clock, each step taking the step-cost
+                      model's time; no weights are loaded, only the model's shape), and the results say so.
+  cost_model          the step-cost model file (`python -m experiments.profile_steps`) that `slo_aware` and the
+                      simulator predict with; "" takes the shipped file of the model's shape on the device
+                      (`sim_device` with the simulator), else that device's datasheet roofline.
+  sim_device          the device the simulator models when `cost_model` is "": a `jax.Device.device_kind`
+                      ("NVIDIA H200", "cpu"); "" is this machine's.
   workload.*          fields of `pdopt.workloads.WorkloadConfig` (kind, path, start, num_requests, time_window,
                       rate, arrival, cv, prompt_len, output_len, length_distribution, range_ratio,
                       max_prompt_len, max_output_len, seed, low_token_id, shared_prefix_*); prompts and
@@ -86,6 +94,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.speculative_method = ""
   c.speculative_k = 4
   c.speculative_draft = ""
+  c.backend = "real"
+  c.cost_model = ""
+  c.sim_device = ""
 
   w = ml_collections.ConfigDict()
   w.kind = "synthetic"
@@ -212,6 +223,26 @@ def workload_config(config: ml_collections.ConfigDict, rate: float | None = None
   if fields.get("time_window") is not None:
     fields["time_window"] = tuple(fields["time_window"])
   return WorkloadConfig(**fields)
+
+
+BACKENDS = ("real", "sim")
+
+
+def backend(config: ml_collections.ConfigDict) -> str:
+  """The run's backend, checked against what the simulator models.
+
+  Raises:
+    ValueError: an unknown backend, or a setting the simulator does not model, named.
+  """
+  if config.backend not in BACKENDS:
+    raise ValueError(f"config.backend={config.backend!r}; valid: {', '.join(BACKENDS)}")
+  if config.backend == "sim":
+    for field, value, off in (("speculative_method", config.speculative_method, ""),
+                              ("engine.async_decode", config.engine.async_decode, False),
+                              ("deployments", config.deployments, ""), ("tensor_parallel", config.tensor_parallel, 1)):
+      if value != off:
+        raise ValueError(f"config.{field}={value!r} is not simulated; with config.backend='sim' it must be {off!r}")
+  return config.backend
 
 
 def slo(config: ml_collections.ConfigDict) -> Slo:

@@ -37,10 +37,14 @@ from pdopt import workloads
 from pdopt.benchmark import config as config_lib
 from pdopt.benchmark import deployments as deployments_lib
 from pdopt.benchmark.replay import ReplayResult, replay
+from pdopt import sim
 from pdopt.engine.config import EngineConfig
+from pdopt.engine.costs import default_step_cost, model_sizes
 from pdopt.engine.engine import Engine
-from pdopt.models import pretrained
+from pdopt.models import checkpoints, pretrained
+from pdopt.models.config import ModelConfig
 from pdopt.models.transformer import Transformer
+from pdopt.scheduling.step_cost import StepCostModel
 
 # Engine and run facts stored next to the metrics of every policy entry in metrics.json.
 ENGINE_STATS_KEYS: tuple[str, ...] = (
@@ -58,6 +62,9 @@ ENGINE_STATS_KEYS: tuple[str, ...] = (
     "prefix_cache_hit_rate",  # hits / queries (0.0 when nothing was queried).
     "prefix_cache_evictions",  # cached pages reclaimed for new allocations.
     "num_clamped",  # workload requests whose lengths were clamped to the context or the caps.
+    "backend",  # "real" (the engine on the devices) or "sim" (the simulator, `pdopt.sim`).
+    "step_cost",  # the step-cost model `slo_aware` (and the simulator) predicted with: its file, or a roofline.
+    "step_cost_kind",  # "fitted" or "roofline".
 )
 
 
@@ -107,39 +114,81 @@ def build_draft(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Transf
   return pdopt.init_model(pdopt.preset(config.speculative_draft, dtype=config.dtype), seed=config.model_seed + 1)
 
 
-def build_workload(config: ml_collections.ConfigDict | Mapping[str, Any], model: Transformer,
-                  rate: float | None = None) -> workloads.Workload:
+def build_model_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ModelConfig:
+  """The shape of the run's model (`build_model` without the weights, for the simulator)."""
+  config = config_lib.as_config(config)
+  if config.hf_dir:
+    return ModelConfig.from_hf(pathlib.Path(config.hf_dir) / "config.json", dtype=config.dtype)
+  if config.model in pretrained.REGISTRY:
+    return checkpoints.load_config(pretrained.checkpoint_dir(config.model)).replace(dtype=config.dtype)
+  return pdopt.preset(config.model, dtype=config.dtype)
+
+
+def build_workload(config: ml_collections.ConfigDict | Mapping[str, Any], model: Transformer | ModelConfig,
+                   rate: float | None = None) -> workloads.Workload:
   """The run's workload at `rate` (default: `config.rate`), clamped to the engine's context."""
   config = config_lib.as_config(config)
-  max_model_len = config.engine.max_model_len or model.config.max_position_embeddings
+  model_config = model if isinstance(model, ModelConfig) else model.config
+  max_model_len = config.engine.max_model_len or model_config.max_position_embeddings
   return workloads.make_workload(config_lib.workload_config(config, rate), max_model_len=max_model_len,
-                                 vocab_size=model.config.vocab_size)
+                                 vocab_size=model_config.vocab_size)
 
 
-def run_policy(model: Transformer, workload: workloads.Workload, engine_config: EngineConfig, *,
+def build_step_cost(config: ml_collections.ConfigDict, model_config: ModelConfig,
+                    engine_config: EngineConfig) -> StepCostModel | None:
+  """The step-cost model of the run: `cost_model`'s file; with the simulator and no file, the shipped one of
+  this model shape on `sim_device` (else its datasheet roofline); None lets a real engine choose its own
+  (`Engine(step_cost=None)`).
+
+  Raises:
+    ValueError: a missing or malformed file, or one fitted for another model shape, named.
+  """
+  sizes = model_sizes(model_config, engine_config.kv_cache_dtype)
+  if config.cost_model:
+    cost = StepCostModel.load(config.cost_model)
+    if cost.sizes != sizes:
+      raise ValueError(f"config.cost_model={config.cost_model!r} was fitted for other model sizes ({cost.sizes}) "
+                       f"than this run's ({sizes})")
+    return cost
+  if config.backend == "sim":
+    return default_step_cost(model_config, engine_config.kv_cache_dtype, 1,
+                             config.sim_device or jax.devices()[0].device_kind)
+  return None
+
+
+def run_policy(model: Transformer | ModelConfig, workload: workloads.Workload, engine_config: EngineConfig, *,
                slo: str | metrics_lib.Slo | None = None, warmup: bool = True, progress: bool = True,
                max_duration: float | None = None, clock: Callable[[], float] = time.perf_counter,
                rate: float | None = None, draft_model: Transformer | None = None,
-               mesh: Any = None) -> PolicyRun:
+               mesh: Any = None, step_cost: StepCostModel | None = None, simulate: bool = False) -> PolicyRun:
   """Replays `workload` against a fresh engine with `engine_config` on `model`.
 
   Args:
-    model: the model (shared by the runs of an experiment; the engine keeps its own KV cache).
+    model: the model (shared by the runs of an experiment; the engine keeps its own KV cache), or only its
+      config with `simulate`.
     workload: the requests and their arrival times.
     engine_config: the engine, its `policy` included.
     slo: SLO for goodput ("ttft:2000 tpot:100", ms), or None.
     warmup: compile every shape bucket before the replay starts (the timed part).
     progress: show a progress bar.
     max_duration: seconds after which the replay aborts what is left.
-    clock: the engine clock (a `VirtualClock` for deterministic tests).
+    clock: the engine clock (a `VirtualClock` for deterministic tests); the simulator uses its own.
     rate: the offered rate to record in the stats (default: the workload's measured mean rate).
     draft_model: the draft of `engine_config.speculative` (method "draft").
     mesh: a device mesh for tensor parallelism (`pdopt.sharding.make_mesh`); None runs on one device.
+    step_cost: the step-cost model (required with `simulate`); None lets the engine choose its own.
+    simulate: run the engine on the simulator (`pdopt.sim`) instead of the devices.
 
   Returns:
     The `PolicyRun`. The engine is checked for leaked pages after the replay.
   """
-  engine = Engine(model, engine_config, clock=clock, draft_model=draft_model, mesh=mesh)
+  if simulate:
+    model_config = model if isinstance(model, ModelConfig) else model.config
+    clock = sim.VirtualClock()
+    engine = sim.simulated_engine(model_config, engine_config, step_cost, clock,
+                                  arrivals=[r.arrival_time for r in workload])
+  else:
+    engine = Engine(model, engine_config, clock=clock, draft_model=draft_model, mesh=mesh, step_cost=step_cost)
   t0 = time.perf_counter()
   warmup_compilations = engine.warmup() if warmup else 0
   warmup_s = time.perf_counter() - t0
@@ -161,6 +210,9 @@ def run_policy(model: Transformer, workload: workloads.Workload, engine_config: 
       "prefix_cache_hit_rate": cache.hit_rate,
       "prefix_cache_evictions": cache.evictions,
       "num_clamped": workload.num_clamped,
+      "backend": "sim" if simulate else "real",
+      "step_cost": engine.step_cost.source,
+      "step_cost_kind": engine.step_cost.kind,
   }
   assert tuple(stats) == ENGINE_STATS_KEYS
   stats.update(engine.executor.stats())
@@ -214,9 +266,12 @@ def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
   deployments = deployments_lib.parse_deployments(config.deployments)
   if deployments and config.speculative_method:
     raise ValueError("config.speculative_method is not supported with config.deployments")
+  simulate = config_lib.backend(config) == "sim"
+  model_config = build_model_config(config)
+  step_costs = {p: build_step_cost(config, model_config, engine_configs[p]) for p in policies}
   devices = _devices(config, deployments)
   mesh, clock = _policy_mesh(config, deployments)
-  if config.compilation_cache_dir:
+  if config.compilation_cache_dir and not simulate:
     enable_compilation_cache(config.compilation_cache_dir)
 
   writing = jax.process_index() == 0  # Every process runs the same replay; process 0 reports and writes.
@@ -226,7 +281,7 @@ def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str) + "\n")
 
-  model = build_model(config)
+  model = model_config if simulate else build_model(config)
   draft = build_draft(config)
   runs: dict[str, Any] = {p: {} for p in policies}
   tables = []
@@ -240,7 +295,7 @@ def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
       run = run_policy(model, workload, engine_configs[policy], slo=slo, warmup=config.warmup,
                        progress=config.progress and writing, max_duration=config.max_duration, clock=clock,
                        rate=rate if rate is not None else _offered_rate(config, workload), draft_model=draft,
-                       mesh=mesh)
+                       mesh=mesh, step_cost=step_costs[policy], simulate=simulate)
       by_policy[policy] = run
       label = policy if rate is None else f"{policy} @ {rate_key(rate)} req/s"
       say(metrics_lib.format_benchmark_result(run.metrics, policy=label))

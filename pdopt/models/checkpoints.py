@@ -63,6 +63,25 @@ def save(model: Transformer, directory: str | os.PathLike) -> None:
     ckptr.save(os.path.join(directory, _PARAMS), params)
 
 
+def load_config(directory: str | os.PathLike) -> ModelConfig:
+  """The ModelConfig of a checkpoint saved by `save`, without its parameters.
+
+  Raises:
+    CheckpointError: the directory or its config is missing or unreadable (named).
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  config_path = os.path.join(directory, _CONFIG)
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"checkpoint directory {directory!r} does not exist")
+  try:
+    with open(config_path, encoding="utf-8") as f:
+      return _config_from_json(json.load(f))
+  except FileNotFoundError:
+    raise CheckpointError(f"checkpoint {directory!r} has no {_CONFIG}") from None
+  except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    raise CheckpointError(f"checkpoint config {config_path!r} is corrupt: {e}") from e
+
+
 def restore(directory: str | os.PathLike, dtype: str | None = None) -> Transformer:
   """Rebuilds a model saved by `save`.
 
@@ -78,16 +97,7 @@ def restore(directory: str | os.PathLike, dtype: str | None = None) -> Transform
       parameters do not match the config (the offending entry is named).
   """
   directory = os.path.abspath(os.fspath(directory))
-  config_path = os.path.join(directory, _CONFIG)
-  if not os.path.isdir(directory):
-    raise CheckpointError(f"checkpoint directory {directory!r} does not exist")
-  try:
-    with open(config_path, encoding="utf-8") as f:
-      config = _config_from_json(json.load(f))
-  except FileNotFoundError:
-    raise CheckpointError(f"checkpoint {directory!r} has no {_CONFIG}") from None
-  except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-    raise CheckpointError(f"checkpoint config {config_path!r} is corrupt: {e}") from e
+  config = load_config(directory)
   if dtype is not None:
     config = config.replace(dtype=dtype)
   params_path = os.path.join(directory, _PARAMS)

@@ -1,0 +1,34 @@
+"""Profiles engine steps on the machine at hand and fits the step-cost model the simulator and `slo_aware` use.
+
+  python -m experiments.profile_steps --model=tiny-code --out=pdopt/step_costs/tiny-code_cpu.json
+  python -m experiments.profile_steps --model=llama-3.2-1b --out=pdopt/step_costs/llama-3.2-1b_h200.json
+
+`--model` is a shipped model (`tiny-code`) or a `pdopt.preset` name (random weights). The file records the
+fitted coefficients, the device (measured copy bandwidth and matmul rate), versions, date, commit, every
+profiled step with its measured and predicted time, and the fit's residuals (`pdopt/benchmark/profile_steps.py`).
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from pdopt.benchmark import profile_steps
+
+_MODEL = flags.DEFINE_string("model", "tiny-code", "A shipped model or a pdopt.preset name.")
+_OUT = flags.DEFINE_string("out", None, "Where to write the fitted cost model (JSON).", required=True)
+_KV = flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8", "fp8"], "EngineConfig.kv_cache_dtype.")
+_REPEATS = flags.DEFINE_integer("repeats", None, "Timed runs per step (default: 10 on accelerators, 5 on CPU).")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  model = profile_steps.profile_and_fit(_MODEL.value, kv_cache_dtype=_KV.value, repeats=_REPEATS.value)
+  model.save(_OUT.value)
+  r = model.metadata["residuals"]
+  print(f"wrote {_OUT.value}: {r['num_steps']} steps, relative error median {100 * r['median_rel_error']:.1f}% "
+        f"p90 {100 * r['p90_rel_error']:.1f}% max {100 * r['max_rel_error']:.1f}%")
+
+
+if __name__ == "__main__":
+  app.run(main)

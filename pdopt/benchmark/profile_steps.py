@@ -1,0 +1,245 @@
+"""Profiles engine steps of known composition on the machine at hand and fits the step-cost model to them.
+
+`python -m experiments.profile_steps --model=NAME --out=FILE.json` runs `profile_and_fit`:
+
+1. the device's roofline numbers, measured: the copy bandwidth (bytes read and written by a large on-device
+   copy, over its time) and the matmul rate (a large square matmul in the model's dtype);
+2. a grid of steps (`default_grid`): decode batches over several contexts, prompt chunks of several sizes
+   behind several cached prefixes, and mixes of the two; each is run through the engine's own executor
+   (`DeviceExecutor.execute`: packing, the transfer, the compiled step, reading the tokens back) at the
+   padded shape the engine picks, and timed (median of repeats, after the programs are compiled);
+3. the engine's host work per step outside the executor (asking the policy, allocating, the bookkeeping),
+   from a short replay with the executor timed separately: seconds per step and per running sequence;
+4. the fit (`pdopt.sim.fit`): non-negative coefficients of the roofline terms, plus the host work, written
+   with the device, versions, date, commit, the grid and the fit's residuals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import platform
+import statistics
+import subprocess
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import pdopt
+from pdopt.engine.costs import model_sizes
+from pdopt.engine.executor import StepPlan, Work
+from pdopt.engine.request import Request, RequestStatus, SamplingParams
+from pdopt.engine import runner as runner_lib
+from pdopt.engine import batch as batch_lib
+from pdopt.scheduling.step_cost import DeviceSpec, StepCostModel
+from pdopt.sim import fit as fit_lib
+from pdopt.workloads import WorkloadConfig, make_workload
+
+
+@dataclasses.dataclass(frozen=True)
+class GridPoint:
+  """One profiled step: `decodes` sequences decoding with `context` keys each, and (if `chunk` > 0) one
+  prompt chunk of `chunk` tokens behind `prefix` cached tokens."""
+  decodes: int = 0
+  context: int = 0
+  chunk: int = 0
+  prefix: int = 0
+
+  @property
+  def num_tokens(self) -> int:
+    return self.decodes + self.chunk
+
+
+def default_grid(on_accelerator: bool, max_batch: int = 128) -> list[GridPoint]:
+  """Decode batches x contexts, chunks x prefixes, and mixes; smaller on a CPU (its steps are slow)."""
+  if on_accelerator:
+    batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= max_batch]
+    contexts, chunks, prefixes, mix = (128, 1024, 4096), (16, 64, 256, 512, 1024, 2048), (0, 1024), (8, 32)
+  else:
+    batches = [b for b in (1, 2, 4, 8, 16, 32) if b <= max_batch]
+    contexts, chunks, prefixes, mix = (32, 128, 384), (16, 32, 64, 128), (0, 128), (4, 16)
+  grid = [GridPoint(decodes=b, context=c) for b in batches for c in contexts]
+  grid += [GridPoint(chunk=q, prefix=p) for q in chunks for p in prefixes]
+  grid += [GridPoint(decodes=b, context=contexts[1], chunk=q) for b in mix for q in chunks[1:4]]
+  return grid
+
+
+def measure_device(dtype: str, on_accelerator: bool) -> DeviceSpec:
+  """The default device's copy bandwidth (bytes read + written / s) and matmul rate in `dtype` (FLOP/s)."""
+  n_copy = (1 << 28) if on_accelerator else (1 << 24)  # elements of float32
+  x = jnp.ones((n_copy,), jnp.float32)
+  copy = jax.jit(lambda a: a + 1)
+  bandwidth = 2 * 4 * n_copy / _median_seconds(lambda: copy(x), 10 if on_accelerator else 3)
+  n = 8192 if on_accelerator else 1024
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  matmul = jax.jit(lambda p, q: p @ q)
+  flops = 2 * n ** 3 / _median_seconds(lambda: matmul(a, b), 10 if on_accelerator else 3)
+  return DeviceSpec(jax.devices()[0].device_kind, bandwidth, flops, source=f"measured ({dtype} matmul, copy)")
+
+
+def _median_seconds(fn: Callable[[], Any], iters: int, warmup: int = 2) -> float:
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _work(engine: pdopt.Engine, rid: str, point_tokens: int, start: int, num_tokens: int, decode: bool,
+          rng: np.random.Generator) -> Work:
+  """A running request holding pages for its first `start + num_tokens` tokens, as the engine would have it."""
+  prompt = tuple(int(t) for t in rng.integers(3, engine.model_config.vocab_size, point_tokens))
+  req = Request(rid, prompt, SamplingParams(max_tokens=4, ignore_eos=True), seed=0, arrival_time=0.0)
+  if decode:
+    req.all_token_ids.append(int(rng.integers(3, engine.model_config.vocab_size)))
+  req.status, req.num_computed_tokens = RequestStatus.RUNNING, start
+  if not engine.block_manager.allocate(rid, start + num_tokens):
+    raise ValueError(f"the profiling pool of {engine.config.num_pages} pages cannot hold request {rid}")
+  return Work(req, start, num_tokens, is_decode=decode)
+
+
+def _plan(engine: pdopt.Engine, point: GridPoint, rng: np.random.Generator) -> StepPlan:
+  work = [_work(engine, f"d{i}", point.context - 1, point.context - 1, 1, True, rng) for i in range(point.decodes)]
+  if point.chunk:
+    work.append(_work(engine, "chunk", point.prefix + point.chunk, point.prefix, point.chunk, False, rng))
+  return StepPlan(tuple(work))
+
+
+def profile(engine: pdopt.Engine, grid: Sequence[GridPoint], cost: StepCostModel, repeats: int,
+            progress: Callable[[str], None] = lambda _: None) -> list[fit_lib.ProfiledStep]:
+  """Times every grid point through `engine.executor` (a `DeviceExecutor`, synchronous) and returns the steps
+  with their features under `cost`'s sizes and device. The programs of all the grid's shapes are compiled
+  first, in parallel."""
+  rng = np.random.default_rng(0)
+  executor, ps = engine.executor, engine.config.page_size
+  shapes = {}
+  for point in grid:
+    plan = _plan(engine, point, rng)
+    batch = executor.batch(plan.work, decode_only=plan.decode_only)
+    shapes[point] = batch.shape
+    for w in plan.work:
+      engine.block_manager.free(w.request.request_id)
+  runner_lib.warm_up([runner_lib.WarmupCall(executor.runner, batch_lib.build([], ps, shape, decode_only=decode))
+                      for shape, decode in {(shapes[p], p.chunk == 0) for p in grid}])
+  steps = []
+  for point in grid:
+    plan = _plan(engine, point, rng)
+    times = []
+    for i in range(repeats + 1):  # The first run is untimed.
+      start = time.perf_counter()
+      executor.execute(plan)
+      if i:
+        times.append(time.perf_counter() - start)
+    for w in plan.work:
+      engine.block_manager.free(w.request.request_id)
+    t_pad, s_pad, p_pad = shapes[point]
+    q = [1] * point.decodes + ([point.chunk] if point.chunk else [])
+    kv = [point.context] * point.decodes + ([point.prefix + point.chunk] if point.chunk else [])
+    features = cost.features(q, kv, t_pad, s_pad, p_pad * ps)
+    seconds = statistics.median(times)
+    steps.append(fit_lib.ProfiledStep({**dataclasses.asdict(point), "padded": [t_pad, s_pad, p_pad]},
+                                      tuple(float(f) for f in features), seconds))
+    progress(f"{point}: {seconds * 1e3:.3f} ms")
+  return steps
+
+
+class _TimedExecutor:
+  """Delegates to an executor and adds up the wall time of its `execute` calls."""
+
+  def __init__(self, inner):
+    self.inner, self.seconds = inner, 0.0
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+
+  def execute(self, plan):
+    start = time.perf_counter()
+    try:
+      return self.inner.execute(plan)
+    finally:
+      self.seconds += time.perf_counter() - start
+
+
+def host_seconds(engine: pdopt.Engine, num_requests: int, prompt_len: int, output_len: int) -> tuple[float, float]:
+  """The engine's host work per step outside its executor, from a short replay of synthetic requests all
+  arriving at once: (seconds per step, seconds per running sequence), by least squares over the steps."""
+  engine.executor = timed = _TimedExecutor(engine.executor)
+  workload = make_workload(WorkloadConfig(kind="synthetic", num_requests=num_requests, rate=1e6,
+                                          prompt_len=prompt_len, output_len=output_len),
+                           max_model_len=engine.max_model_len, vocab_size=engine.model_config.vocab_size)
+  for r in workload:
+    engine.add_request(r.prompt_token_ids, SamplingParams(max_tokens=r.max_tokens, ignore_eos=True),
+                       request_id=r.request_id)
+  rows, host = [], []
+  while engine.has_unfinished():
+    running, before = len(engine.running), timed.seconds
+    start = time.perf_counter()
+    engine.step()
+    rows.append((1.0, float(running)))
+    host.append(time.perf_counter() - start - (timed.seconds - before))
+  engine.executor = timed.inner
+  a, b = np.asarray(rows[1:]), np.asarray(host[1:])  # The first step compiles.
+  per_step, per_seq = np.linalg.lstsq(a, b, rcond=None)[0]
+  return max(0.0, float(per_step)), max(0.0, float(per_seq))
+
+
+def _git_commit() -> tuple[str, bool]:
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip())
+    return commit, dirty
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown", False
+
+
+def profile_and_fit(model_name: str, *, kv_cache_dtype: str = "auto", grid: Sequence[GridPoint] | None = None,
+                    repeats: int | None = None, progress: Callable[[str], None] = print) -> StepCostModel:
+  """Profiles `model_name` (a shipped model, or a `pdopt.preset` with random weights in the accelerator's
+  bf16 / the CPU's float32) on the default device and returns the fitted model, its metadata filled in."""
+  on_accelerator = jax.default_backend() != "cpu"
+  dtype = "bfloat16" if on_accelerator else "float32"
+  if model_name in pdopt.models.pretrained.REGISTRY:
+    model = pdopt.load_pretrained(model_name, dtype=dtype)
+  else:
+    model = pdopt.init_model(pdopt.preset(model_name, dtype=dtype), seed=0)
+  config = model.config
+  grid = list(grid or default_grid(on_accelerator))
+  longest = max(max(p.context, p.prefix + p.chunk) for p in grid)
+  budget = max(p.num_tokens for p in grid)
+  page_size = 16
+  # The pool holds one grid point at a time (each is freed after it is timed).
+  pages = max(p.decodes * -(-p.context // page_size) + -(-(p.prefix + p.chunk) // page_size) for p in grid) + 16
+  engine_config = pdopt.EngineConfig(policy="chunked", page_size=page_size, num_pages=pages,
+                                     max_num_batched_tokens=budget,
+                                     max_num_seqs=max(max(p.decodes for p in grid) + 1, 8),
+                                     max_model_len=min(config.max_position_embeddings, longest + 64),
+                                     kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=False)
+  engine = pdopt.Engine(model, engine_config)
+  progress(f"measuring {jax.devices()[0].device_kind}")
+  device = measure_device(dtype, on_accelerator)
+  progress(f"copy {device.memory_bandwidth / 1e12:.3f} TB/s, matmul {device.matmul_flops / 1e12:.1f} TFLOP/s")
+  sizes = model_sizes(config, kv_cache_dtype)
+  base = StepCostModel.roofline(sizes, device)
+  steps = profile(engine, grid, base, repeats or (10 if on_accelerator else 5), progress)
+  per_step, per_seq = host_seconds(engine, num_requests=16, prompt_len=min(256, longest // 2), output_len=32)
+  progress(f"host work outside the executor: {per_step * 1e6:.0f} us per step + {per_seq * 1e6:.1f} us per sequence")
+  commit, dirty = _git_commit()
+  metadata = {
+      "model": model_name, "kv_cache_dtype": kv_cache_dtype, "dtype": dtype, "page_size": page_size,
+      "device_kind": jax.devices()[0].device_kind, "platform": jax.default_backend(), "jax": jax.__version__,
+      "host": platform.node(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "commit": commit, "dirty": dirty, "repeats": repeats or (10 if on_accelerator else 5),
+      "host_seconds": {"per_step": per_step, "per_seq": per_seq},
+  }
+  fitted = fit_lib.fit(steps, sizes, device, metadata)
+  c = list(fitted.coefficients)
+  c[0] += per_step  # The engine's own host work, outside the executor, on every step.
+  c[2] += per_seq
+  return dataclasses.replace(fitted, coefficients=tuple(c))
