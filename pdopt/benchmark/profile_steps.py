@@ -8,10 +8,11 @@
    behind several cached prefixes, and mixes of the two; each is run through the engine's own executor
    (`DeviceExecutor.execute`: packing, the transfer, the compiled step, reading the tokens back) at the
    padded shape the engine picks, and timed (median of repeats, after the programs are compiled);
-3. the engine's host work per step outside the executor (asking the policy, allocating, the bookkeeping),
-   from a short replay with the executor timed separately: seconds per step and per running sequence;
-4. the fit (`pdopt.sim.fit`): non-negative coefficients of the roofline terms, plus the host work, written
-   with the device, versions, date, commit, the grid and the fit's residuals.
+3. a short replay of synthetic requests through the engine, every step recorded with its whole wall time
+   (the host's work outside the executor included: asking the policy, allocating, the bookkeeping); the
+   host's share per step and per sequence is added to the grid's steps;
+4. the fit (`pdopt.sim.fit`) over both: non-negative coefficients of the roofline terms, written with the
+   device, versions, date, commit, the grid, every step and the fit's residuals.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ def default_grid(on_accelerator: bool, max_batch: int = 128) -> list[GridPoint]:
     batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= max_batch]
     contexts, chunks, prefixes, mix = (128, 1024, 4096), (16, 64, 256, 512, 1024, 2048), (0, 1024), (8, 32)
   else:
-    batches = [b for b in (1, 2, 4, 8, 16, 32) if b <= max_batch]
-    contexts, chunks, prefixes, mix = (32, 128, 384), (16, 32, 64, 128), (0, 128), (4, 16)
+    batches = [b for b in (1, 2, 4, 8, 16, 31) if b <= max_batch]
+    contexts, chunks, prefixes, mix = (32, 128, 256, 384), (16, 32, 64, 96, 128), (0, 128, 320), (4, 16)
   grid = [GridPoint(decodes=b, context=c) for b in batches for c in contexts]
   grid += [GridPoint(chunk=q, prefix=p) for q in chunks for p in prefixes]
   grid += [GridPoint(decodes=b, context=contexts[1], chunk=q) for b in mix for q in chunks[1:4]]
@@ -151,10 +152,10 @@ def profile(engine: pdopt.Engine, grid: Sequence[GridPoint], cost: StepCostModel
 
 
 class _TimedExecutor:
-  """Delegates to an executor and adds up the wall time of its `execute` calls."""
+  """Delegates to an executor and records each `execute` call: (plan, wall seconds)."""
 
   def __init__(self, inner):
-    self.inner, self.seconds = inner, 0.0
+    self.inner, self.calls = inner, []
 
   def __getattr__(self, name):
     return getattr(self.inner, name)
@@ -164,30 +165,52 @@ class _TimedExecutor:
     try:
       return self.inner.execute(plan)
     finally:
-      self.seconds += time.perf_counter() - start
+      self.calls.append((plan, time.perf_counter() - start))
 
 
-def host_seconds(engine: pdopt.Engine, num_requests: int, prompt_len: int, output_len: int) -> tuple[float, float]:
-  """The engine's host work per step outside its executor, from a short replay of synthetic requests all
-  arriving at once: (seconds per step, seconds per running sequence), by least squares over the steps."""
+def replay_steps(engine: pdopt.Engine, cost: StepCostModel, num_requests: int, rate: float, prompt_len: int,
+                 output_len: int) -> tuple[list[fit_lib.ProfiledStep], float, float]:
+  """Serves a short synthetic workload (Poisson arrivals at `rate` req/s, uniform lengths around the given
+  ones) and records every engine step with its whole wall time, the host's work included.
+
+  Returns:
+    (the steps as `ProfiledStep`s, the host's seconds per step outside the executor, and per running
+    sequence, by least squares over the steps).
+  """
   engine.executor = timed = _TimedExecutor(engine.executor)
-  workload = make_workload(WorkloadConfig(kind="synthetic", num_requests=num_requests, rate=1e6,
-                                          prompt_len=prompt_len, output_len=output_len),
+  workload = make_workload(WorkloadConfig(kind="synthetic", num_requests=num_requests, rate=rate,
+                                          prompt_len=prompt_len, output_len=output_len,
+                                          length_distribution="uniform", range_ratio=0.9, seed=1),
                            max_model_len=engine.max_model_len, vocab_size=engine.model_config.vocab_size)
-  for r in workload:
-    engine.add_request(r.prompt_token_ids, SamplingParams(max_tokens=r.max_tokens, ignore_eos=True),
-                       request_id=r.request_id)
-  rows, host = [], []
-  while engine.has_unfinished():
-    running, before = len(engine.running), timed.seconds
-    start = time.perf_counter()
+  steps, rows, host = [], [], []
+  start, pending = time.perf_counter(), list(workload)
+  ps = engine.config.page_size
+  while pending or engine.has_unfinished():
+    now = time.perf_counter() - start
+    while pending and pending[0].arrival_time <= now:
+      r = pending.pop(0)
+      engine.add_request(r.prompt_token_ids, SamplingParams(max_tokens=r.max_tokens, ignore_eos=True),
+                         request_id=r.request_id)
+    if not engine.has_unfinished():
+      time.sleep(max(0.0, pending[0].arrival_time - now))
+      continue
+    calls, t0 = len(timed.calls), time.perf_counter()
     engine.step()
-    rows.append((1.0, float(running)))
-    host.append(time.perf_counter() - start - (timed.seconds - before))
+    wall = time.perf_counter() - t0
+    if len(timed.calls) == calls:
+      continue
+    plan, executed = timed.calls[-1]
+    q = [w.num_tokens for w in plan.work]
+    kv = [w.start + w.num_tokens for w in plan.work]
+    shape = engine.buckets.pick(sum(q), len(q), max(-(-k // ps) for k in kv))
+    steps.append(fit_lib.ProfiledStep({"replay": True, "tokens": sum(q), "seqs": len(q), "padded": list(shape)},
+                                      tuple(float(f) for f in cost.features(q, kv, shape[0], shape[1], shape[2] * ps)),
+                                      wall))
+    rows.append((1.0, float(len(q))))
+    host.append(wall - executed)
   engine.executor = timed.inner
-  a, b = np.asarray(rows[1:]), np.asarray(host[1:])  # The first step compiles.
-  per_step, per_seq = np.linalg.lstsq(a, b, rcond=None)[0]
-  return max(0.0, float(per_step)), max(0.0, float(per_seq))
+  per_step, per_seq = np.linalg.lstsq(np.asarray(rows), np.asarray(host), rcond=None)[0]
+  return steps, max(0.0, float(per_step)), max(0.0, float(per_seq))
 
 
 def _git_commit() -> tuple[str, bool]:
@@ -200,9 +223,23 @@ def _git_commit() -> tuple[str, bool]:
 
 
 def profile_and_fit(model_name: str, *, kv_cache_dtype: str = "auto", grid: Sequence[GridPoint] | None = None,
-                    repeats: int | None = None, progress: Callable[[str], None] = print) -> StepCostModel:
+                    repeats: int | None = None, max_batch: int = 128, page_size: int = 16,
+                    buckets: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None = None,
+                    progress: Callable[[str], None] = print) -> StepCostModel:
   """Profiles `model_name` (a shipped model, or a `pdopt.preset` with random weights in the accelerator's
-  bf16 / the CPU's float32) on the default device and returns the fitted model, its metadata filled in."""
+  bf16 / the CPU's float32) on the default device and returns the fitted model, its metadata filled in.
+
+  Args:
+    model_name: what to profile.
+    kv_cache_dtype: the KV cache's storage (`EngineConfig.kv_cache_dtype`).
+    grid: the steps to time (default: `default_grid`).
+    repeats: timed runs per step (default 10 on accelerators, 5 on CPUs).
+    max_batch: the largest decode batch of the default grid.
+    page_size: tokens per KV page.
+    buckets: the engine's (token, sequence, page) shape buckets to profile at, as an experiment will run them
+      (padding costs differ between devices); grid points that do not fit them are dropped. None: the
+      engine's defaults (factor 4).
+  """
   on_accelerator = jax.default_backend() != "cpu"
   dtype = "bfloat16" if on_accelerator else "float32"
   if model_name in pdopt.models.pretrained.REGISTRY:
@@ -210,17 +247,22 @@ def profile_and_fit(model_name: str, *, kv_cache_dtype: str = "auto", grid: Sequ
   else:
     model = pdopt.init_model(pdopt.preset(model_name, dtype=dtype), seed=0)
   config = model.config
-  grid = list(grid or default_grid(on_accelerator))
+  grid = list(grid or default_grid(on_accelerator, max_batch))
+  if buckets is not None:
+    grid = [p for p in grid if p.num_tokens <= buckets[0][-1] and p.decodes + (p.chunk > 0) <= buckets[1][-1]
+            and max(p.context, p.prefix + p.chunk) <= buckets[2][-1] * page_size]
   longest = max(max(p.context, p.prefix + p.chunk) for p in grid)
-  budget = max(p.num_tokens for p in grid)
-  page_size = 16
+  budget = max(p.num_tokens for p in grid) if buckets is None else buckets[0][-1]
   # The pool holds one grid point at a time (each is freed after it is timed).
   pages = max(p.decodes * -(-p.context // page_size) + -(-(p.prefix + p.chunk) // page_size) for p in grid) + 16
+  seqs = max(max(p.decodes for p in grid) + 1, 8) if buckets is None else buckets[1][-1]
+  token_buckets, seq_buckets, page_buckets = buckets or (None, None, None)
   engine_config = pdopt.EngineConfig(policy="chunked", page_size=page_size, num_pages=pages,
-                                     max_num_batched_tokens=budget,
-                                     max_num_seqs=max(max(p.decodes for p in grid) + 1, 8),
-                                     max_model_len=min(config.max_position_embeddings, longest + 64),
-                                     kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=False)
+                                     max_num_batched_tokens=budget, max_num_seqs=seqs,
+                                     max_model_len=min(config.max_position_embeddings, longest + 64,
+                                                       (page_buckets or (1 << 30,))[-1] * page_size),
+                                     kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=False,
+                                     token_buckets=token_buckets, seq_buckets=seq_buckets, page_buckets=page_buckets)
   engine = pdopt.Engine(model, engine_config)
   progress(f"measuring {jax.devices()[0].device_kind}")
   device = measure_device(dtype, on_accelerator)
@@ -228,8 +270,16 @@ def profile_and_fit(model_name: str, *, kv_cache_dtype: str = "auto", grid: Sequ
   sizes = model_sizes(config, kv_cache_dtype)
   base = StepCostModel.roofline(sizes, device)
   steps = profile(engine, grid, base, repeats or (10 if on_accelerator else 5), progress)
-  per_step, per_seq = host_seconds(engine, num_requests=16, prompt_len=min(256, longest // 2), output_len=32)
+  # Real serving steps, their host work included; the grid's steps get the host's share added, so that both
+  # predict what an engine step takes.
+  replayed, per_step, per_seq = replay_steps(engine, base, num_requests=40 if on_accelerator else 24,
+                                             rate=20.0 if on_accelerator else 4.0, prompt_len=min(512, longest // 2),
+                                             output_len=64 if on_accelerator else 24)
   progress(f"host work outside the executor: {per_step * 1e6:.0f} us per step + {per_seq * 1e6:.1f} us per sequence")
+  seqs_of = lambda shape: shape["decodes"] + (shape["chunk"] > 0)  # noqa: E731
+  steps = [dataclasses.replace(s, seconds=s.seconds + per_step + per_seq * seqs_of(s.shape))
+           for s in steps]
+  steps += replayed
   commit, dirty = _git_commit()
   metadata = {
       "model": model_name, "kv_cache_dtype": kv_cache_dtype, "dtype": dtype, "page_size": page_size,
@@ -237,9 +287,7 @@ def profile_and_fit(model_name: str, *, kv_cache_dtype: str = "auto", grid: Sequ
       "host": platform.node(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "commit": commit, "dirty": dirty, "repeats": repeats or (10 if on_accelerator else 5),
       "host_seconds": {"per_step": per_step, "per_seq": per_seq},
+      "buckets": {"tokens": list(engine.buckets.tokens), "seqs": list(engine.buckets.seqs),
+                  "pages": list(engine.buckets.pages)},
   }
-  fitted = fit_lib.fit(steps, sizes, device, metadata)
-  c = list(fitted.coefficients)
-  c[0] += per_step  # The engine's own host work, outside the executor, on every step.
-  c[2] += per_seq
-  return dataclasses.replace(fitted, coefficients=tuple(c))
+  return fit_lib.fit(steps, sizes, device, metadata)
