@@ -8,11 +8,12 @@
    behind several cached prefixes, and mixes of the two; each is run through the engine's own executor
    (`DeviceExecutor.execute`: packing, the transfer, the compiled step, reading the tokens back) at the
    padded shape the engine picks, and timed (median of repeats, after the programs are compiled);
-3. a short replay of synthetic requests through the engine, every step recorded with its whole wall time
-   (the host's work outside the executor included: asking the policy, allocating, the bookkeeping); the
-   host's share per step and per sequence is added to the grid's steps;
-4. the fit (`pdopt.sim.fit`) over both: non-negative coefficients of the roofline terms, written with the
-   device, versions, date, commit, the grid, every step and the fit's residuals.
+3. a short replay of synthetic requests through the engine (a queue forms), every step recorded: its
+   executor's time joins the grid's steps, and the rest of the time until the next step starts (asking the
+   policy, allocating, the bookkeeping, the replay loop) gives the host's work per step, per running
+   sequence and per waiting request;
+4. the fit (`pdopt.sim.fit`): non-negative coefficients of the roofline terms over the executor times, plus
+   the host's work; written with the device, versions, date, commit, every step and the fit's residuals.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ import pdopt
 from pdopt.engine.costs import model_sizes
 from pdopt.engine.executor import StepPlan, Work
 from pdopt.engine.request import Request, RequestStatus, SamplingParams
-from pdopt.engine import runner as runner_lib
+from pdopt.benchmark.replay import replay
 from pdopt.engine import batch as batch_lib
-from pdopt.scheduling.step_cost import DeviceSpec, StepCostModel
+from pdopt.engine import runner as runner_lib
+from pdopt.scheduling.step_cost import FEATURES, DeviceSpec, StepCostModel
 from pdopt.sim import fit as fit_lib
 from pdopt.workloads import WorkloadConfig, make_workload
 
@@ -168,49 +170,66 @@ class _TimedExecutor:
       self.calls.append((plan, time.perf_counter() - start))
 
 
+@dataclasses.dataclass(frozen=True)
+class HostWork:
+  """The engine's host seconds per step outside its executor: `per_step` + `per_seq` * running sequences +
+  `per_waiting` * waiting requests (the policy sees each of them at every step), with the replay loop's work
+  between steps (arrivals, outputs) included."""
+  per_step: float
+  per_seq: float
+  per_waiting: float
+
+
 def replay_steps(engine: pdopt.Engine, cost: StepCostModel, num_requests: int, rate: float, prompt_len: int,
-                 output_len: int) -> tuple[list[fit_lib.ProfiledStep], float, float]:
-  """Serves a short synthetic workload (Poisson arrivals at `rate` req/s, uniform lengths around the given
-  ones) and records every engine step with its whole wall time, the host's work included.
+                 output_len: int) -> tuple[list[fit_lib.ProfiledStep], HostWork]:
+  """Serves a short synthetic workload through `pdopt.benchmark.replay` (Poisson arrivals at `rate` req/s,
+  fast enough for a queue to form; uniform lengths around the given ones) and records every engine step:
+  its executor's time, and the time until the next step starts (the step's wall time plus the replay loop's
+  work around it, as serving spends it). Steps after which the engine idles are left out.
 
   Returns:
-    (the steps as `ProfiledStep`s, the host's seconds per step outside the executor, and per running
-    sequence, by least squares over the steps).
+    (the steps with their executor's seconds, for the device's share of the fit; the host's work, by least
+    squares over the steps of (time to the next step - executor time)).
   """
   engine.executor = timed = _TimedExecutor(engine.executor)
   workload = make_workload(WorkloadConfig(kind="synthetic", num_requests=num_requests, rate=rate,
                                           prompt_len=prompt_len, output_len=output_len,
                                           length_distribution="uniform", range_ratio=0.9, seed=1),
                            max_model_len=engine.max_model_len, vocab_size=engine.model_config.vocab_size)
-  steps, rows, host = [], [], []
-  start, pending = time.perf_counter(), list(workload)
+  starts, executed, busy_after = [], [], []
+  step = engine.step
+
+  def recorded_step():
+    starts.append(time.perf_counter())
+    calls = len(timed.calls)
+    out = step()
+    executed.append(timed.calls[calls:])
+    busy_after.append(engine.has_unfinished())
+    return out
+
+  engine.step = recorded_step  # The instance's step, for this replay only.
+  try:
+    replay(engine, workload, progress=False)
+  finally:
+    del engine.step
+    engine.executor = timed.inner
+  starts.append(time.perf_counter())
   ps = engine.config.page_size
-  while pending or engine.has_unfinished():
-    now = time.perf_counter() - start
-    while pending and pending[0].arrival_time <= now:
-      r = pending.pop(0)
-      engine.add_request(r.prompt_token_ids, SamplingParams(max_tokens=r.max_tokens, ignore_eos=True),
-                         request_id=r.request_id)
-    if not engine.has_unfinished():
-      time.sleep(max(0.0, pending[0].arrival_time - now))
+  steps, rows, host = [], [], []
+  for i, calls in enumerate(executed):
+    if len(calls) != 1 or not busy_after[i]:
       continue
-    calls, t0 = len(timed.calls), time.perf_counter()
-    engine.step()
-    wall = time.perf_counter() - t0
-    if len(timed.calls) == calls:
-      continue
-    plan, executed = timed.calls[-1]
+    plan, execute_s = calls[0]
     q = [w.num_tokens for w in plan.work]
     kv = [w.start + w.num_tokens for w in plan.work]
     shape = engine.buckets.pick(sum(q), len(q), max(-(-k // ps) for k in kv))
-    steps.append(fit_lib.ProfiledStep({"replay": True, "tokens": sum(q), "seqs": len(q), "padded": list(shape)},
-                                      tuple(float(f) for f in cost.features(q, kv, shape[0], shape[1], shape[2] * ps)),
-                                      wall))
-    rows.append((1.0, float(len(q))))
-    host.append(wall - executed)
-  engine.executor = timed.inner
-  per_step, per_seq = np.linalg.lstsq(np.asarray(rows), np.asarray(host), rcond=None)[0]
-  return steps, max(0.0, float(per_step)), max(0.0, float(per_seq))
+    features = cost.features(q, kv, shape[0], shape[1], shape[2] * ps)
+    steps.append(fit_lib.ProfiledStep({"replay": True, "tokens": sum(q), "seqs": len(q), "waiting": plan.num_waiting,
+                                       "padded": list(shape)}, tuple(float(f) for f in features), execute_s))
+    rows.append((1.0, float(len(q)), float(plan.num_waiting)))
+    host.append(starts[i + 1] - starts[i] - execute_s)
+  coef = fit_lib.nnls(np.asarray(rows), np.asarray(host))
+  return steps, HostWork(*(float(c) for c in coef))
 
 
 def _git_commit() -> tuple[str, bool]:
@@ -270,15 +289,13 @@ def profile_and_fit(model_name: str, *, kv_cache_dtype: str = "auto", grid: Sequ
   sizes = model_sizes(config, kv_cache_dtype)
   base = StepCostModel.roofline(sizes, device)
   steps = profile(engine, grid, base, repeats or (10 if on_accelerator else 5), progress)
-  # Real serving steps, their host work included; the grid's steps get the host's share added, so that both
-  # predict what an engine step takes.
-  replayed, per_step, per_seq = replay_steps(engine, base, num_requests=40 if on_accelerator else 24,
-                                             rate=20.0 if on_accelerator else 4.0, prompt_len=min(512, longest // 2),
-                                             output_len=64 if on_accelerator else 24)
-  progress(f"host work outside the executor: {per_step * 1e6:.0f} us per step + {per_seq * 1e6:.1f} us per sequence")
-  seqs_of = lambda shape: shape["decodes"] + (shape["chunk"] > 0)  # noqa: E731
-  steps = [dataclasses.replace(s, seconds=s.seconds + per_step + per_seq * seqs_of(s.shape))
-           for s in steps]
+  # Real serving steps: their executor times join the grid's for the device's share; the host's work around
+  # each step (the engine's bookkeeping and the replay loop) is measured apart and added.
+  replayed, host = replay_steps(engine, base, num_requests=96 if on_accelerator else 32,
+                                rate=100.0 if on_accelerator else 6.0, prompt_len=min(512, longest // 2),
+                                output_len=64 if on_accelerator else 24)
+  progress(f"host work per step: {host.per_step * 1e6:.0f} us + {host.per_seq * 1e6:.1f} us per sequence + "
+           f"{host.per_waiting * 1e6:.1f} us per waiting request")
   steps += replayed
   commit, dirty = _git_commit()
   metadata = {
@@ -286,8 +303,13 @@ def profile_and_fit(model_name: str, *, kv_cache_dtype: str = "auto", grid: Sequ
       "device_kind": jax.devices()[0].device_kind, "platform": jax.default_backend(), "jax": jax.__version__,
       "host": platform.node(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "commit": commit, "dirty": dirty, "repeats": repeats or (10 if on_accelerator else 5),
-      "host_seconds": {"per_step": per_step, "per_seq": per_seq},
+      "host_seconds": dataclasses.asdict(host),
       "buckets": {"tokens": list(engine.buckets.tokens), "seqs": list(engine.buckets.seqs),
                   "pages": list(engine.buckets.pages)},
   }
-  return fit_lib.fit(steps, sizes, device, metadata)
+  fitted = fit_lib.fit(steps, sizes, device, metadata)
+  c = list(fitted.coefficients)
+  c[FEATURES.index("step")] += host.per_step
+  c[FEATURES.index("seq")] += host.per_seq
+  c[FEATURES.index("waiting")] += host.per_waiting
+  return dataclasses.replace(fitted, coefficients=tuple(c))

@@ -142,7 +142,8 @@ class Engine:
     work = self._carry_out(self.policy.schedule(self._view(now)), now, touched)
     if work:
       budget_left = self.config.max_num_batched_tokens - sum(w.num_tokens for w in work)
-      outcome = self.executor.execute(StepPlan(work, token_budget_left=budget_left))
+      plan = StepPlan(work, token_budget_left=budget_left, num_waiting=len(self.waiting))
+      outcome = self.executor.execute(plan)
       if outcome is not None:
         self._apply(outcome, touched)
     self.num_steps += 1

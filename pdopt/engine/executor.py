@@ -55,6 +55,8 @@ class StepPlan:
     work: per request, in the order the engine allocated pages.
     token_budget_left: step tokens the policy left unused (speculative guesses may take them).
     num_steps: decode steps per sequence (> 1 only for a chained block).
+    num_waiting: requests left waiting when the step was planned (the host's work grows with them; the
+      simulator charges it).
     chained: a decode-only plan whose input tokens are the last tokens of the plan in flight, which the
       host has not read yet; its `Work.start` is each request's position after the in-flight steps. An
       executor may run fewer than `num_steps` of it (the simulator stops a block where a request arrives);
@@ -62,6 +64,7 @@ class StepPlan:
   """
   work: tuple[Work, ...]
   token_budget_left: int = 0
+  num_waiting: int = 0
   num_steps: int = 1
   chained: bool = False
 

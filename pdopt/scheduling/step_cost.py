@@ -17,6 +17,8 @@ weighted by coefficients fitted to profiled real steps (`pdopt.sim.fit`):
           + c_dense * A * T * K / PEAK                attention over every padded key: the `jnp` reference
                                                       (CPUs) gathers each token's sequence into K padded
                                                       keys, whatever the sequence's length
+          + c_waiting * N_waiting                     the host's work that grows with the queue (the policy
+                                                      sees every waiting request at every step)
 
 `T`, `S` and `K` are the padded sizes the engine compiles (its shape buckets; K = pages * page_size) where
 they are known; `ModelSizes`
@@ -38,7 +40,7 @@ from typing import Any, Literal, Sequence, get_args
 
 import numpy as np
 
-FEATURES: tuple[str, ...] = ("step", "token", "seq", "linear", "attention", "kv", "dense_attention")
+FEATURES: tuple[str, ...] = ("step", "token", "seq", "linear", "attention", "kv", "dense_attention", "waiting")
 
 CostKind = Literal["fitted", "roofline"]
 COST_KINDS: tuple[str, ...] = get_args(CostKind)
@@ -120,11 +122,11 @@ class StepCostModel:
   @classmethod
   def roofline(cls, sizes: ModelSizes, device: DeviceSpec) -> StepCostModel:
     """The model's shape against the device's roofline, no fixed costs."""
-    return cls(sizes, device, (0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0), kind="roofline",
+    return cls(sizes, device, (0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0), kind="roofline",
                source=f"roofline of {device.name} ({device.source})")
 
   def features(self, query_lens: Sequence[int], kv_lens: Sequence[int], num_tokens: int | None = None,
-               num_seqs: int | None = None, max_keys: int | None = None) -> np.ndarray:
+               num_seqs: int | None = None, max_keys: int | None = None, num_waiting: int = 0) -> np.ndarray:
     """The feature vector of one step.
 
     Args:
@@ -132,29 +134,32 @@ class StepCostModel:
       kv_lens: keys each sequence attends to (its cached tokens plus its queries).
       num_tokens, num_seqs, max_keys: the padded sizes the step runs at: tokens, sequences, and keys per
         sequence (pages * page_size); None: the real ones (the longest `kv_lens` for the keys).
+      num_waiting: requests waiting when the step was planned.
 
     Returns:
       [len(FEATURES)] float64, in the order of `FEATURES`.
     """
-    return self.totals_features(*_totals(query_lens, kv_lens, num_tokens, num_seqs, max_keys))
+    return self.totals_features(*_totals(query_lens, kv_lens, num_tokens, num_seqs, max_keys), num_waiting)
 
   def totals_features(self, num_tokens: float, num_seqs: float, attention_pairs: float, kv_tokens: float,
-                      dense_pairs: float) -> np.ndarray:
+                      dense_pairs: float, num_waiting: float = 0.0) -> np.ndarray:
     """`features` from a step's totals: tokens, sequences, causal query-key pairs (sum of
-    q * (kv - (q - 1) / 2)), keys read (sum of kv) and padded query-key pairs (tokens * keys per sequence)."""
+    q * (kv - (q - 1) / 2)), keys read (sum of kv), padded query-key pairs (tokens * keys per sequence) and
+    waiting requests."""
     m, d = self.sizes, self.device
     linear = max(m.weight_bytes / d.memory_bandwidth,
                  (m.flops_per_token * num_tokens + m.flops_per_seq * num_seqs) / d.matmul_flops)
     return np.asarray([1.0, num_tokens, num_seqs, linear, m.attention_flops * attention_pairs / d.matmul_flops,
                        m.kv_bytes_per_token * kv_tokens / d.memory_bandwidth,
-                       m.attention_flops * dense_pairs / d.matmul_flops])
+                       m.attention_flops * dense_pairs / d.matmul_flops, float(num_waiting)])
 
   def seconds(self, query_lens: Sequence[int], kv_lens: Sequence[int], num_tokens: int | None = None,
-              num_seqs: int | None = None, max_keys: int | None = None) -> float:
+              num_seqs: int | None = None, max_keys: int | None = None, num_waiting: int = 0) -> float:
     """Predicted seconds of one step (arguments as for `features`)."""
-    return float(self.totals_seconds(*_totals(query_lens, kv_lens, num_tokens, num_seqs, max_keys)))
+    return float(self.totals_seconds(*_totals(query_lens, kv_lens, num_tokens, num_seqs, max_keys), num_waiting))
 
-  def totals_seconds(self, num_tokens: float, num_seqs: float, attention_pairs, kv_tokens, dense_pairs):
+  def totals_seconds(self, num_tokens: float, num_seqs: float, attention_pairs, kv_tokens, dense_pairs,
+                     num_waiting: float = 0.0):
     """`seconds` from a step's totals (`totals_features`), in scalar arithmetic (policies call it many times
     per decision); `attention_pairs`, `kv_tokens` and `dense_pairs` may also be arrays of several steps' totals
     (the simulator's blocks), which give the same results element by element."""
@@ -163,7 +168,7 @@ class StepCostModel:
                  (m.flops_per_token * num_tokens + m.flops_per_seq * num_seqs) / d.matmul_flops)
     return (c[0] + c[1] * num_tokens + c[2] * num_seqs + c[3] * linear
             + (c[4] * attention_pairs + c[6] * dense_pairs) * m.attention_flops / d.matmul_flops
-            + c[5] * m.kv_bytes_per_token * kv_tokens / d.memory_bandwidth)
+            + c[5] * m.kv_bytes_per_token * kv_tokens / d.memory_bandwidth + c[7] * num_waiting)
 
   def decode_block_seconds(self, kv_lens: Sequence[int], num_steps: int, num_tokens: int | None = None,
                            num_seqs: int | None = None, max_keys: int | None = None) -> np.ndarray:

@@ -123,7 +123,7 @@ class SimExecutor:
     q = [w.num_tokens for w in plan.work]
     kv = [w.start + w.num_tokens for w in plan.work]
     t_pad, s_pad, p_pad = self.buckets.pick(sum(q), len(q), max(-(-k // self.page_size) for k in kv))
-    end = self._advance(self.step_cost.seconds(q, kv, t_pad, s_pad, p_pad * self.page_size))
+    end = self._advance(self.step_cost.seconds(q, kv, t_pad, s_pad, p_pad * self.page_size, plan.num_waiting))
     return StepOutcome(plan, tuple(WorkResult(k, [self.token_id], [end]) if w.samples_next else WorkResult(k, [])
                                    for w, k in zip(plan.work, kv)))
 

@@ -95,6 +95,6 @@ def fit(steps: Sequence[ProfiledStep], sizes: ModelSizes, device: DeviceSpec,
   meta = dict(metadata or {})
   meta["residuals"] = {"median_rel_error": float(np.median(rel)), "p90_rel_error": float(np.quantile(rel, 0.9)),
                        "max_rel_error": float(rel.max()), "num_steps": len(steps)}
-  meta["steps"] = [{**s.shape, "measured_ms": 1e3 * s.seconds, "predicted_ms": 1e3 * float(p)}
-                   for s, p in zip(steps, predicted)]
+  meta["steps"] = [{**s.shape, "features": list(s.features), "measured_ms": 1e3 * s.seconds,
+                    "predicted_ms": 1e3 * float(p)} for s, p in zip(steps, predicted)]
   return StepCostModel(sizes, device, tuple(float(c) for c in coef), kind="fitted", metadata=meta)

@@ -19,7 +19,7 @@ NOW = 10.0  # Seconds on the engine clock of the random views.
 def _toy_cost(step_ms: float = 2.0, token_ms: float = 0.1) -> StepCostModel:
   """A step of T tokens takes `step_ms` + `token_ms` * T milliseconds (what the toy simulation below charges)."""
   return StepCostModel(ModelSizes(0.0, 0.0, 0.0, 0.0, 0.0), DeviceSpec("toy", 1.0, 1.0),
-                       (step_ms / 1e3, token_ms / 1e3, 0.0, 0.0, 0.0, 0.0, 0.0), source="toy")
+                       (step_ms / 1e3, token_ms / 1e3, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0), source="toy")
 
 
 def _scheduler(config: SchedulingConfig):
