@@ -2,7 +2,7 @@
 
 Decode steps against their roofline floor and the host overhead, prefill MFU, a serving run of the Azure
 conversation trace, and output tokens/s against Hugging Face `transformers` `generate` on the same weights
-and prompts (see `experiments/benchmarks/engine.py`). `--quick` is a smoke run with small shapes (any
+and prompts (see `pdopt/benchmark/engine_speed.py`). `--quick` is a smoke run with small shapes (any
 machine, CPU included; without a CUDA torch the `transformers` peer is skipped).
 """
 
@@ -15,7 +15,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 from absl import app, flags  # noqa: E402
 
-from experiments.benchmarks import engine as bench  # noqa: E402
+from pdopt.benchmark import engine_speed as bench  # noqa: E402
 from pdopt.scheduling import POLICIES  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", None, "JSON file for the results.")

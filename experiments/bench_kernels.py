@@ -17,9 +17,9 @@ def main(argv: list[str]) -> None:
   if len(argv) != 2 or argv[1] not in commands:
     raise app.UsageError(f"usage: python -m experiments.bench_kernels {{{','.join(commands)}}} --out=FILE.json")
   if argv[1] == "prefill":
-    from experiments.benchmarks import prefill as bench  # pylint: disable=import-outside-toplevel
+    from pdopt.benchmark import prefill_attention as bench  # pylint: disable=import-outside-toplevel
   else:
-    from experiments.benchmarks import decode as bench  # pylint: disable=import-outside-toplevel
+    from pdopt.benchmark import decode_attention as bench  # pylint: disable=import-outside-toplevel
   bench.run(out=_OUT.value, quick=_QUICK.value)
 
 

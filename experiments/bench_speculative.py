@@ -4,7 +4,7 @@
       [--prompt_len=128] [--max_tokens=128] [--temperature=0] [--out=FILE.json]
 
 Target `tiny-code`, draft `tiny-code-draft` (the shipped pair); the work is done by
-`pdopt.benchmark.speculative.run`, which prints nothing: this prints its Markdown table and writes the rows.
+`pdopt.benchmark.speculation_speed.run`, which prints nothing: this prints its Markdown table and writes the rows.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import platform
 import jax
 from absl import app, flags
 
-from pdopt.benchmark import speculative
+from pdopt.benchmark import speculation_speed
 from pdopt.models import pretrained
 
 _METHOD = flags.DEFINE_enum("method", "draft", ["draft", "ngram"], "Where the guesses come from.")
@@ -37,10 +37,10 @@ def main(argv: list[str]) -> None:
   ks = [int(k) for k in _KS.value]
   target = pretrained.load_pretrained(_TARGET.value)
   draft = pretrained.load_pretrained(_DRAFT.value) if _METHOD.value == "draft" else None
-  prompts = speculative.heldout_prompts(_NUM_PROMPTS.value, _PROMPT_LEN.value, _TARGET.value)
-  rows = speculative.run(target, prompts, ks, method=_METHOD.value, draft=draft, max_tokens=_MAX_TOKENS.value,
+  prompts = speculation_speed.heldout_prompts(_NUM_PROMPTS.value, _PROMPT_LEN.value, _TARGET.value)
+  rows = speculation_speed.run(target, prompts, ks, method=_METHOD.value, draft=draft, max_tokens=_MAX_TOKENS.value,
                           temperature=_TEMPERATURE.value)
-  print(speculative.format_table(rows))
+  print(speculation_speed.format_table(rows))
   if _OUT.value:
     meta = dict(date=datetime.date.today().isoformat(), jax=jax.__version__, device=str(jax.devices()[0]),
                 machine=platform.processor() or platform.machine(), target=_TARGET.value, draft=_DRAFT.value,

@@ -1,4 +1,11 @@
-"""Benchmarks of serving policies: replay a workload against the engine, compare policies, write results.
+"""Benchmarks: serving experiments (a workload replayed against each policy, on the devices or in the
+simulator), and the measurements behind BENCHMARKS.md.
+
+Serving experiments: `config` (the experiment's fields), `experiment` (`run_experiment`), `replay`,
+`deployments` (several instances), `validation` (the simulator against real runs), `profile_steps` (the
+step-cost model's profile and fit). Measurements: `prefill_attention` and `decode_attention` (the kernels
+against their peers), `engine_speed` (the engine against its roofline and `transformers`),
+`speculation_speed` (speculative decoding), `timing` (shared timers).
 
 ```python
 from pdopt import benchmark

@@ -24,7 +24,7 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,7 @@ import pdopt
 from pdopt.engine.costs import model_sizes
 from pdopt.engine.executor import StepPlan, Work
 from pdopt.engine.request import Request, RequestStatus, SamplingParams
+from pdopt.benchmark import timing
 from pdopt.benchmark.replay import replay
 from pdopt.engine import batch as batch_lib
 from pdopt.engine import runner as runner_lib
@@ -75,24 +76,13 @@ def measure_device(dtype: str, on_accelerator: bool) -> DeviceSpec:
   n_copy = (1 << 28) if on_accelerator else (1 << 24)  # elements of float32
   x = jnp.ones((n_copy,), jnp.float32)
   copy = jax.jit(lambda a: a + 1)
-  bandwidth = 2 * 4 * n_copy / _median_seconds(lambda: copy(x), 10 if on_accelerator else 3)
+  bandwidth = 2 * 4 * n_copy / timing.time_jax(lambda: copy(x), warmup=2, iters=10 if on_accelerator else 3)
   n = 8192 if on_accelerator else 1024
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   b = jax.random.normal(jax.random.key(1), (n, n), dtype)
   matmul = jax.jit(lambda p, q: p @ q)
-  flops = 2 * n ** 3 / _median_seconds(lambda: matmul(a, b), 10 if on_accelerator else 3)
+  flops = 2 * n ** 3 / timing.time_jax(lambda: matmul(a, b), warmup=2, iters=10 if on_accelerator else 3)
   return DeviceSpec(jax.devices()[0].device_kind, bandwidth, flops, source=f"measured ({dtype} matmul, copy)")
-
-
-def _median_seconds(fn: Callable[[], Any], iters: int, warmup: int = 2) -> float:
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def _work(engine: pdopt.Engine, rid: str, point_tokens: int, start: int, num_tokens: int, decode: bool,

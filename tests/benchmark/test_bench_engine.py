@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 import pdopt
-from experiments.benchmarks import engine as bench
+from pdopt.benchmark import engine_speed as bench
 
 
 def test_forward_flops_counts_projections_attention_and_last_logits():

@@ -36,8 +36,8 @@ import numpy as np
 from flax import nnx
 
 import pdopt
-from experiments.benchmarks import decode as decode_bench
-from experiments.benchmarks import timing
+from pdopt.benchmark import decode_attention as decode_bench
+from pdopt.benchmark import timing
 from pdopt.benchmark import config as config_lib
 from pdopt.benchmark import experiment
 from pdopt.engine.batch import ChunkSpec, StepBatch, build
@@ -67,7 +67,8 @@ class Settings:
 
 def quick(s: Settings) -> Settings:
   """A smoke-run version of `s`: the `tiny` preset, short contexts and generations, few requests."""
-  return dataclasses.replace(s, models=("tiny",), decode_batches=tuple(min(b, 4) for b in s.decode_batches), context=128,
+  return dataclasses.replace(s, models=("tiny",), decode_batches=tuple(min(b, 4) for b in s.decode_batches),
+                             context=128,
                              decode_steps=4, hf_batches=(1, 2), hf_prompt_len=32, hf_new_tokens=8,
                              serving_requests=12, serving_rate=4.0, quick=True)
 

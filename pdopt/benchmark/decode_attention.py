@@ -26,7 +26,7 @@ torch's time comes from CUDA events around `_REPS` back-to-back calls; torch lau
 this is device time wherever the kernel takes longer.
 
 `tune()` sweeps the kernel's launch parameters at the target shapes:
-`python -c "from experiments.benchmarks import decode; decode.tune('tune.json')"`.
+`python -c "from pdopt.benchmark import decode_attention; decode_attention.tune('tune.json')"`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.benchmarks import timing
+from pdopt.benchmark import timing
 
 _NUM_HEADS, _NUM_KV_HEADS, _HEAD_DIM = 32, 8, 128
 _BATCHES = (1, 8, 64)

@@ -65,7 +65,7 @@ def _to_pages(kv, perm: np.ndarray):
 
 def _time_jax(fn: Callable[[], Any], **kwargs) -> float:
   """Seconds per call of `fn`, over runs of `_REPS` calls dispatched back to back (`timing.time_jax`)."""
-  from experiments.benchmarks import timing  # pylint: disable=import-outside-toplevel
+  from pdopt.benchmark import timing  # pylint: disable=import-outside-toplevel
   return timing.time_jax(lambda: [fn() for _ in range(_REPS)], **kwargs) / _REPS
 
 
@@ -168,7 +168,7 @@ def _bench_dense(seq_len: int, num_kv_heads: int, *, iters: int, with_torch: boo
   """Times ours, its keyword variants (name -> flash_prefill kwargs) and the peers (all when None)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from experiments.benchmarks import timing  # pylint: disable=import-outside-toplevel
+  from pdopt.benchmark import timing  # pylint: disable=import-outside-toplevel
   from pallas_kernels.flash_prefill import flash_prefill  # pylint: disable=import-outside-toplevel
 
   rng = np.random.default_rng(seq_len + num_kv_heads)
@@ -404,7 +404,7 @@ def tune(out: str | None = None, seq_len: int = 8192, configs: list[tuple[int, i
   """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from experiments.benchmarks import timing  # pylint: disable=import-outside-toplevel
+  from pdopt.benchmark import timing  # pylint: disable=import-outside-toplevel
   from pallas_kernels.flash_prefill import flash_prefill  # pylint: disable=import-outside-toplevel
 
   configs = configs or [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
