@@ -1,9 +1,17 @@
-"""Disaggregated prefill/decode against colocated replicas, on 2 virtual CPU devices (a smoke-size run).
+"""Disaggregated prefill/decode against colocated replicas on a 2-core CPU, one process per instance.
 
   python -m experiments.run --config=configs/disagg_cpu.py
 
-1 prefill + 1 decode instance against 2 `chunked` replicas behind a least-loaded router, and the single
-`chunked` engine for reference, on a short arXiv-length workload (long prompts, where prefill dominates).
+Each instance is its own process on its own core (`pdopt.deploy`): one `chunked` engine process
+(`colocated:1`, the reference), 2 `chunked` replicas behind a least-loaded router (`colocated:2`), and 1
+prefill + 1 decode instance with the KV pages of each prefilled request pulled from one process to the other
+(`disaggregated:1:1`, `jax.experimental.transfer`), on a short arXiv-length workload (long prompts, where
+prefill dominates), offered faster than one engine process serves it.
+
+  model           the `tiny` preset (random weights), float32.
+  workload        48 prompts of the arXiv length trace capped at 384 tokens, outputs at 32, Poisson arrivals.
+  rate            6 req/s, above what one engine process on one core serves.
+  engine          a 128-token step budget with 64-token chunks, 16 sequences, 160 pages of 16 tokens.
 """
 
 from pdopt.benchmark.config import default_config
@@ -12,15 +20,14 @@ from pdopt.benchmark.config import default_config
 def get_config():
   c = default_config()
   c.run_name = "disagg_cpu"
-  c.policies = "chunked"
-  c.deployments = "disaggregated:1:1,colocated:2"
-  c.host_devices = 2
+  c.policies = ""
+  c.deployments = "colocated:1,colocated:2,disaggregated:1:1"
   c.devices = 2
-  c.rate = 3.0
+  c.rate = 6.0
   c.slo = "ttft:3000 tpot:150"
-  c.compilation_cache_dir = "results/.jax_cache"
+  c.progress = False
   c.workload.kind = "lengths"
-  c.workload.num_requests = 24
+  c.workload.num_requests = 48
   c.workload.max_prompt_len = 384
   c.workload.max_output_len = 32
   c.workload.low_token_id = 2

@@ -2,8 +2,11 @@
 
   python -m experiments.run --config=configs/disagg_gpu.py [--config.rate=16]
 
-1 prefill + 1 decode instance (KV pages moved GPU to GPU after each prefill) against 2 `chunked` replicas
-behind a least-loaded router, both on the same 2 GPUs, and one `chunked` engine on one GPU for reference.
+Each instance is its own process on its own GPU (`pdopt.deploy`): 1 prefill + 1 decode instance (KV pages
+moved GPU to GPU after each prefill, `jax.experimental.transfer`) against 2 `chunked` replicas behind a
+least-loaded router, both on the same 2 GPUs, and one `chunked` engine process on one GPU for reference
+(`colocated:1`). On 4 GPUs: `--config.devices=4 --config.deployments=colocated:1,colocated:4,
+disaggregated:1:3,disaggregated:2:2`.
 
   model, dtype    "llama-3.2-1b" in bfloat16 (random weights unless `hf_dir` is set).
   workload        300 prompts of the arXiv summarization length trace (median about 2,700 tokens), outputs
@@ -22,8 +25,8 @@ def get_config():
   c.run_name = "disagg_gpu"
   c.model = "llama-3.2-1b"
   c.dtype = "bfloat16"
-  c.policies = "chunked"
-  c.deployments = "disaggregated:1:1,colocated:2"
+  c.policies = ""
+  c.deployments = "colocated:1,disaggregated:1:1,colocated:2"
   c.devices = 2
   c.rate = 12.0
   c.slo = "ttft:1500 tpot:40"

@@ -9,6 +9,10 @@ sharded over every device of every process, see `pdopt/sharding/distributed.py`)
   python -m experiments.run --config=configs/quickstart.py --config.tensor_parallel=0 \
       --coordinator_address=HOST0:1234 --num_processes=2 --process_id=0
 
+Deployments (`--config.deployments`, one process per instance) start their instance processes themselves on
+one host; over several hosts, the same command runs on each host, with `PDOPT_DEPLOY_AUTHKEY` set to the same
+hex key everywhere: host 0 runs the router at the coordinator address, every host its share of the instances.
+
 Prints a "Serving Benchmark Result" block per policy and a comparison table, and writes
 `results/<run_name>/` (config.json, metrics.json, requests.csv, ttft_cdf.png, tpot_cdf.png and, with
 `--config.rates=1,2,4`, goodput_vs_rate.png). The fields are documented in `pdopt/benchmark/config.py`; the
@@ -18,6 +22,7 @@ work is done by `pdopt.benchmark.run_experiment`.
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -43,7 +48,20 @@ def main(argv: list[str]) -> None:
     # the backend starts, which has not happened yet at this point.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={_CONFIG.value.host_devices}")
+  if _CONFIG.value.deployments:
+    # The router of deployments leaves the GPUs' memory to the instance processes.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   try:
+    if _COORDINATOR.value and _CONFIG.value.deployments:
+      # Deployments over several hosts: host 0 runs the router (listening at the coordinator address) and its
+      # share of the instances; every other host runs its share, which connect to the router.
+      host, port = _COORDINATOR.value.rsplit(":", 1)
+      if _PROCESS_ID.value == 0:
+        benchmark.run_experiment(_CONFIG.value, deploy_listen=(host, int(port)), deploy_hosts=_NUM_PROCESSES.value)
+      else:
+        sys.exit(benchmark.serve_remote_instances(_CONFIG.value, _COORDINATOR.value, _PROCESS_ID.value,
+                                                  _NUM_PROCESSES.value))
+      return
     if _COORDINATOR.value:
       sharding.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     benchmark.run_experiment(_CONFIG.value)

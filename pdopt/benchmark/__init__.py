@@ -27,12 +27,14 @@ run = benchmark.run_policy(model, workload, benchmark.engine_config(config, "chu
 from pdopt.benchmark.config import (as_config, default_config, engine_config, parse_policies, parse_rates,
                                     workload_config)
 from pdopt.benchmark.experiment import (ENGINE_STATS_KEYS, PolicyRun, build_model, build_workload, compare,
-                                        enable_compilation_cache, rate_key, run_experiment, run_policy)
+                                        enable_compilation_cache, rate_key, run_experiment, run_policy,
+                                        serve_remote_instances)
 from pdopt.benchmark.replay import ReplayResult, replay, sampling_params
 from pdopt.sim.clock import VirtualClock
 
 __all__ = [
     "ENGINE_STATS_KEYS", "PolicyRun", "ReplayResult", "VirtualClock", "as_config", "build_model", "build_workload",
     "compare", "default_config", "enable_compilation_cache", "engine_config", "parse_policies",
-    "parse_rates", "rate_key", "replay", "run_experiment", "run_policy", "sampling_params", "workload_config",
+    "parse_rates", "rate_key", "replay", "run_experiment", "run_policy", "sampling_params",
+    "serve_remote_instances", "workload_config",
 ]

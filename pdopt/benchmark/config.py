@@ -23,10 +23,14 @@ milliseconds, sizes in tokens unless said otherwise):
   max_duration        seconds after which a replay aborts what is left (recorded, never lost); None waits.
   compilation_cache_dir  JAX persistent compilation cache: the engines of one run compile each shape once,
                       and later runs start warm. "" leaves JAX's setting alone.
-  deployments         multi-instance deployments run after the policies, on one shared device budget:
-                      "disaggregated:P:D[:policy]" and "colocated:N[:policy]", comma-separated (see
-                      `pdopt.benchmark.deployments`); "" runs none.
-  devices             the devices the deployments share (0 = all), split evenly over each one's instances.
+  deployments         multi-instance deployments run after the policies, one OS process per instance
+                      (`pdopt.deploy`): "disaggregated:P:D[:policy[:tp]]" and "colocated:N[:policy[:tp]]",
+                      comma-separated (see `pdopt.benchmark.deployments`); "" runs none. With deployments,
+                      `policies` may be "" (`colocated:1` is one engine in its own process).
+  devices             the devices each deployment places its instances on (0 = all of this host's GPUs, or
+                      CPU cores; on CPU each instance keeps to its cores).
+  router              how a deployment routes new requests: "least_loaded", "round_robin", "prefix_affinity".
+  transfer_timeout_s  a KV transfer between instances not done by then fails; its request starts over.
   tensor_parallel     the policies' engine shards the model over a mesh of all devices with this many along
                       `model` (tensor parallelism; 0 = all devices, 1 = one device, no mesh). Required to span
                       the processes of a multi-process run (`pdopt.sharding.distributed`).
@@ -89,6 +93,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.compilation_cache_dir = ""
   c.deployments = ""
   c.devices = 0
+  c.router = "least_loaded"
+  c.transfer_timeout_s = 30.0
   c.tensor_parallel = 1
   c.host_devices = 0
   c.speculative_method = ""
@@ -166,15 +172,19 @@ def _update(target: ml_collections.ConfigDict, values: Mapping[str, Any], prefix
       target[key] = value
 
 
-def parse_policies(spec: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+def parse_policies(spec: str | tuple[str, ...] | list[str], allow_none: bool = False) -> tuple[str, ...]:
   """Policy names from "a,b" (or a sequence), in order, each checked against the registry.
 
+  Args:
+    spec: the names.
+    allow_none: an empty list is allowed (a run of deployments only).
+
   Raises:
-    ValueError: an empty list, a repeated name, or an unknown name (listing the valid ones).
+    ValueError: an empty list (unless allowed), a repeated name, or an unknown name (listing the valid ones).
   """
   names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec)]
   names = [n for n in names if n]
-  if not names:
+  if not names and not allow_none:
     raise ValueError(f"config.policies is empty; valid: {', '.join(sorted(POLICIES))}")
   for name in names:
     if name not in POLICIES:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -37,12 +38,13 @@ from pdopt import workloads
 from pdopt.benchmark import config as config_lib
 from pdopt.benchmark import deployments as deployments_lib
 from pdopt.benchmark.replay import ReplayResult, replay
-from pdopt import sim
+from pdopt import deploy, sim
 from pdopt.engine.config import EngineConfig
 from pdopt.engine.costs import default_step_cost, model_sizes
 from pdopt.engine.engine import Engine
-from pdopt.models import checkpoints, pretrained
+from pdopt.models import pretrained
 from pdopt.models.config import ModelConfig
+from pdopt.models.source import ModelSource
 from pdopt.models.transformer import Transformer
 from pdopt.scheduling.step_cost import StepCostModel
 
@@ -92,15 +94,16 @@ class PolicyRun:
     return {**metrics_lib.metrics_to_dict(self.metrics), **self.stats}
 
 
-def build_model(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Transformer:
-  """The run's model: `load_hf(hf_dir)` when set, else the shipped model named `model` (e.g. "tiny-code"),
-  else the `model` preset with random weights from `model_seed`."""
+def model_source(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ModelSource:
+  """Where the run's model comes from: `hf_dir` when set, else the shipped model named `model` (e.g.
+  "tiny-code"), else the `model` preset with random weights from `model_seed`."""
   config = config_lib.as_config(config)
-  if config.hf_dir:
-    return pdopt.load_hf(config.hf_dir, dtype=config.dtype)
-  if config.model in pretrained.REGISTRY:
-    return pretrained.load_pretrained(config.model, dtype=config.dtype)
-  return pdopt.init_model(pdopt.preset(config.model, dtype=config.dtype), seed=config.model_seed)
+  return ModelSource(name=config.model, hf_dir=config.hf_dir, dtype=config.dtype, seed=config.model_seed)
+
+
+def build_model(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Transformer:
+  """The run's model (`model_source`)."""
+  return model_source(config).build()
 
 
 def build_draft(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Transformer | None:
@@ -116,12 +119,7 @@ def build_draft(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Transf
 
 def build_model_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ModelConfig:
   """The shape of the run's model (`build_model` without the weights, for the simulator)."""
-  config = config_lib.as_config(config)
-  if config.hf_dir:
-    return ModelConfig.from_hf(pathlib.Path(config.hf_dir) / "config.json", dtype=config.dtype)
-  if config.model in pretrained.REGISTRY:
-    return checkpoints.load_config(pretrained.checkpoint_dir(config.model)).replace(dtype=config.dtype)
-  return pdopt.preset(config.model, dtype=config.dtype)
+  return model_source(config).config()
 
 
 def build_workload(config: ml_collections.ConfigDict | Mapping[str, Any], model: Transformer | ModelConfig,
@@ -238,13 +236,17 @@ def enable_compilation_cache(path: str) -> None:
 
 
 def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
-                   print_fn: Callable[[str], None] | None = print) -> dict[str, Any]:
-  """Runs every policy (at every rate of a sweep), prints the reports and writes the run directory.
+                   print_fn: Callable[[str], None] | None = print, deploy_listen: tuple[str, int] | None = None,
+                   deploy_hosts: int = 1) -> dict[str, Any]:
+  """Runs every policy and deployment (at every rate of a sweep), prints the reports and writes the run
+  directory.
 
   Args:
     config: the experiment (see `pdopt.benchmark.config`): a ConfigDict, or a nested dict of the fields that
       differ from `default_config()`.
     print_fn: where the reports go (None: nowhere).
+    deploy_listen: where the deployments' router listens ((host, port); None: the loopback, any port).
+    deploy_hosts: the hosts a deployment's instances spread over (the others run `serve_remote_instances`).
 
   Returns:
     {"run_dir": pathlib.Path, "metrics": the metrics.json content, "runs": {policy: PolicyRun} or, with a
@@ -257,31 +259,34 @@ def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
   """
   config = config_lib.as_config(config)
   # Validate everything before spending time on a model.
-  policies = config_lib.parse_policies(config.policies)
+  deployments = deployments_lib.parse_deployments(config.deployments)
+  policies = config_lib.parse_policies(config.policies, allow_none=bool(deployments))
   rates = config_lib.parse_rates(config.rates)
   slo = config_lib.slo(config)
   engine_configs = {p: config_lib.engine_config(config, p) for p in policies}
   for rate in rates or (None,):
     config_lib.workload_config(config, rate)
-  deployments = deployments_lib.parse_deployments(config.deployments)
-  if deployments and config.speculative_method:
-    raise ValueError("config.speculative_method is not supported with config.deployments")
+  if deployments and (config.speculative_method or config.engine.async_decode):
+    raise ValueError("config.deployments run the synchronous engine without speculation: config.speculative_method "
+                     "and config.engine.async_decode must be off")
   simulate = config_lib.backend(config) == "sim"
   model_config = build_model_config(config)
   step_costs = {p: build_step_cost(config, model_config, engine_configs[p]) for p in policies}
-  devices = _devices(config, deployments)
-  mesh, clock = _policy_mesh(config, deployments)
+  devices, platform = _deployment_devices(config, deployments, model_config, deploy_hosts)
+  mesh, clock = _policy_mesh(config, deployments) if policies else (None, time.perf_counter)
   if config.compilation_cache_dir and not simulate:
     enable_compilation_cache(config.compilation_cache_dir)
 
-  writing = jax.process_index() == 0  # Every process runs the same replay; process 0 reports and writes.
+  # Every process runs the same replay; process 0 reports and writes. Deployments' routers never start JAX
+  # here (the instances' processes use the devices).
+  writing = not policies or jax.process_index() == 0
   say = print_fn if print_fn is not None and writing else (lambda _: None)
   run_dir = pathlib.Path(config.results_dir) / config.run_name
   if writing:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str) + "\n")
 
-  model = model_config if simulate else build_model(config)
+  model = model_config if simulate or not policies else build_model(config)
   draft = build_draft(config)
   runs: dict[str, Any] = {p: {} for p in policies}
   tables = []
@@ -301,8 +306,10 @@ def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
       say(metrics_lib.format_benchmark_result(run.metrics, policy=label))
     for deployment in deployments:
       run = deployments_lib.run_deployment(
-          model, workload, deployment, config_lib.engine_config(config, deployment.policy), devices=devices,
-          slo=slo, warmup=config.warmup, progress=config.progress)
+          model_source(config), workload, deployment, config_lib.engine_config(config, deployment.policy),
+          devices=devices, platform=platform, slo=slo, warmup=config.warmup, progress=config.progress,
+          router=config.router, transfer_timeout_s=config.transfer_timeout_s,
+          listen=deploy_listen or ("127.0.0.1", 0), hosts=deploy_hosts)
       by_policy[deployment.label] = run
       runs.setdefault(deployment.label, {})
       label = deployment.label if rate is None else f"{deployment.label} @ {rate_key(rate)} req/s"
@@ -338,19 +345,43 @@ def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
   return {"run_dir": run_dir, "metrics": metrics_json, "runs": runs, "table": "\n\n".join(tables)}
 
 
-def _devices(config: ml_collections.ConfigDict, deployments) -> list:
-  """The device budget shared by the deployments (`config.devices`, 0 = all), checked against them."""
+def _deployment_devices(config: ml_collections.ConfigDict, deployments, model_config: ModelConfig,
+                        hosts: int) -> tuple[list[int], str]:
+  """The devices the deployments share on each host (`config.devices`, 0 = all: this host's GPUs, or its CPU
+  cores) and their platform, checked against every deployment before any process starts."""
   if not deployments:
-    return []
-  available = jax.devices()
+    return [], "cpu"
+  platform = "cpu" if "cpu" in os.environ.get("JAX_PLATFORMS", "") else (
+      "gpu" if deployments_lib.local_devices("gpu") else "cpu")
+  available = deployments_lib.local_devices(platform)
   n = config.devices or len(available)
   if n > len(available):
-    raise ValueError(f"config.devices={n} but only {len(available)} devices are available")
+    raise ValueError(f"config.devices={n} but this host has {len(available)} {platform} devices ({available})")
   for d in deployments:
-    if n % d.num_instances:
-      raise ValueError(f"config.deployments: {d.label} has {d.num_instances} instances, which do not split "
-                       f"config.devices={n} evenly")
-  return available[:n]
+    d.config(config_lib.engine_config(config, d.policy), config.router, config.transfer_timeout_s).placements(
+        model_config, available[:n], hosts)
+  return available[:n], platform
+
+
+def serve_remote_instances(config: ml_collections.ConfigDict | Mapping[str, Any], router: str, host: int,
+                           hosts: int) -> int:
+  """On host `host` > 0 of a multi-host run: starts this host's instances of the run's one deployment, which
+  connect to the router that `run_experiment` runs on host 0 at `router` ("HOST:PORT"); returns when they end,
+  with the number of instances that failed.
+
+  Raises:
+    ValueError: not exactly one deployment in the config, or one that does not fit (named).
+  """
+  config = config_lib.as_config(config)
+  deployments = deployments_lib.parse_deployments(config.deployments)
+  if len(deployments) != 1:
+    raise ValueError(f"config.deployments={config.deployments!r}: a run over several hosts serves one deployment")
+  (d,) = deployments
+  model_config = build_model_config(config)
+  devices, platform = _deployment_devices(config, deployments, model_config, hosts)
+  return deploy.launch_host(router, host, hosts, d.config(config_lib.engine_config(config, d.policy), config.router,
+                                                          config.transfer_timeout_s),
+                            model_source(config), devices, platform)
 
 
 def _policy_mesh(config: ml_collections.ConfigDict, deployments) -> tuple[Any, Callable[[], float]]:

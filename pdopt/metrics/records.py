@@ -32,6 +32,8 @@ class RequestRecord:
     reason: why it was aborted or rejected (required for "rejected"), or the finish reason; None if none.
     slo_miss: the server already judged it an SLO miss (e.g. `slo_aware` gave up on it); metrics count it as
       missing every SLO.
+    kv_transfer_bytes: bytes of KV pages moved between instances for it (disaggregated serving; 0 if none).
+    kv_transfer_s: seconds the move took (from the decode instance's pull to its arrival), or None.
 
   Raises:
     ValueError: an unknown status (valid ones listed) or inconsistent fields, named.
@@ -47,6 +49,8 @@ class RequestRecord:
   status: RecordStatus = "finished"
   reason: str | None = None
   slo_miss: bool = False
+  kv_transfer_bytes: int = 0
+  kv_transfer_s: float | None = None
 
   def __post_init__(self):
     rid = self.request_id

@@ -136,7 +136,7 @@ def format_comparison_table(results: Mapping[str, ServingMetrics | Mapping[str, 
 
 REQUEST_COLUMNS: tuple[str, ...] = ("request_id", "status", "reason", "prompt_len", "output_len",
                                     "arrival_time", "ttft_ms", "tpot_ms", "mean_itl_ms", "max_itl_ms",
-                                    "e2el_ms", "slo_miss")
+                                    "e2el_ms", "slo_miss", "kv_transfer_bytes", "kv_transfer_ms")
 
 
 def request_rows(records: Sequence[RequestRecord]) -> list[dict[str, Any]]:
@@ -153,7 +153,7 @@ def request_rows(records: Sequence[RequestRecord]) -> list[dict[str, Any]]:
         "output_len": r.output_len, "arrival_time": r.arrival_time, "ttft_ms": ms(lat.ttft),
         "tpot_ms": ms(lat.tpot), "mean_itl_ms": ms(sum(lat.itls) / len(lat.itls) if lat.itls else None),
         "max_itl_ms": ms(max(lat.itls) if lat.itls else None), "e2el_ms": ms(lat.e2el),
-        "slo_miss": int(r.slo_miss),
+        "slo_miss": int(r.slo_miss), "kv_transfer_bytes": r.kv_transfer_bytes, "kv_transfer_ms": ms(r.kv_transfer_s),
     })
   return rows
 
