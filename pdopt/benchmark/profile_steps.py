@@ -175,7 +175,8 @@ def replay_steps(engine: pdopt.Engine, cost: StepCostModel, num_requests: int, r
   """Serves a short synthetic workload through `pdopt.benchmark.replay` (Poisson arrivals at `rate` req/s,
   fast enough for a queue to form; uniform lengths around the given ones) and records every engine step:
   its executor's time, and the time until the next step starts (the step's wall time plus the replay loop's
-  work around it, as serving spends it). Steps after which the engine idles are left out.
+  work around it, as serving spends it). Steps after which the engine idles, and steps that compiled a
+  program, are left out.
 
   Returns:
     (the steps with their executor's seconds, for the device's share of the fit; the host's work, by least
@@ -186,15 +187,16 @@ def replay_steps(engine: pdopt.Engine, cost: StepCostModel, num_requests: int, r
                                           prompt_len=prompt_len, output_len=output_len,
                                           length_distribution="uniform", range_ratio=0.9, seed=1),
                            max_model_len=engine.max_model_len, vocab_size=engine.model_config.vocab_size)
-  starts, executed, busy_after = [], [], []
+  starts, executed, busy_after, compiled = [], [], [], []
   step = engine.step
 
   def recorded_step():
     starts.append(time.perf_counter())
-    calls = len(timed.calls)
+    calls, programs = len(timed.calls), engine.num_compilations
     out = step()
     executed.append(timed.calls[calls:])
     busy_after.append(engine.has_unfinished())
+    compiled.append(engine.num_compilations != programs)
     return out
 
   engine.step = recorded_step  # The instance's step, for this replay only.
@@ -207,7 +209,7 @@ def replay_steps(engine: pdopt.Engine, cost: StepCostModel, num_requests: int, r
   ps = engine.config.page_size
   steps, rows, host = [], [], []
   for i, calls in enumerate(executed):
-    if len(calls) != 1 or not busy_after[i]:
+    if len(calls) != 1 or not busy_after[i] or compiled[i]:  # A step that compiled a program is no sample.
       continue
     plan, execute_s = calls[0]
     q = [w.num_tokens for w in plan.work]
@@ -279,6 +281,7 @@ def profile_and_fit(model_name: str, *, kv_cache_dtype: str = "auto", grid: Sequ
   sizes = model_sizes(config, kv_cache_dtype)
   base = StepCostModel.roofline(sizes, device)
   steps = profile(engine, grid, base, repeats or (10 if on_accelerator else 5), progress)
+  engine.warmup()  # The replay's steps take shapes the grid did not.
   # Real serving steps: their executor times join the grid's for the device's share; the host's work around
   # each step (the engine's bookkeeping and the replay loop) is measured apart and added.
   replayed, host = replay_steps(engine, base, num_requests=96 if on_accelerator else 32,
