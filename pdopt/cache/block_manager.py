@@ -216,6 +216,11 @@ class BlockManager:
     req = self._requests.get(request_id)
     return list(req.pages) if req is not None else []
 
+  def num_pages_held(self, request_id: str) -> int:
+    """How many pages the request's table holds (0 for an unknown id)."""
+    req = self._requests.get(request_id)
+    return len(req.pages) if req is not None else 0
+
   def num_pages_needed(self, request_id: str, num_tokens: int) -> int:
     """Extra pages `allocate(request_id, num_tokens)` would take.
 

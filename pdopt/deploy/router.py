@@ -22,8 +22,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import hashlib
-import itertools
 import multiprocessing.connection
 import os
 import socket
@@ -34,6 +32,7 @@ from typing import Callable, Sequence
 
 from pdopt.deploy.config import DeploymentConfig, Role, host_of
 from pdopt.deploy.instance import AUTHKEY_ENV, InstanceSpec
+from pdopt.deploy.routing import Routing
 from pdopt.engine.request import SamplingParams, validate_request
 from pdopt.metrics import RequestRecord
 from pdopt.models.source import ModelSource
@@ -106,8 +105,7 @@ class Deployment:
     self.ended: dict[str, RequestRecord] = {}
     self.outputs: dict[str, list[int]] = {}
     self.transfers: dict[str, tuple[int, float]] = {}  # rid -> (bytes, seconds) of its KV move
-    self._round_robin = itertools.count()
-    self._prefix_home: dict[bytes, int] = {}
+    self._routing = Routing(config.router, config.engine.page_size)
     self._authkey = os.environ.get(AUTHKEY_ENV, "") or os.urandom(16).hex()
     self._listener = multiprocessing.connection.Listener(listen, authkey=bytes.fromhex(self._authkey))
     self.address = "{}:{}".format(*self._listener.address)
@@ -227,15 +225,8 @@ class Deployment:
     return [i for i in self.instances if i.role == role and i.alive]
 
   def _pick(self, candidates: list[_Instance], prompt: Sequence[int] = ()) -> _Instance:
-    if self.config.router == "round_robin":
-      return candidates[next(self._round_robin) % len(candidates)]
-    if self.config.router == "prefix_affinity" and prompt:
-      key = hashlib.sha256(repr(tuple(prompt[:self.config.engine.page_size])).encode()).digest()
-      home = self._prefix_home.get(key)
-      chosen = next((c for c in candidates if c.index == home), None) or min(candidates, key=lambda c: len(c.load))
-      self._prefix_home[key] = chosen.index
-      return chosen
-    return min(candidates, key=lambda c: len(c.load))
+    index = self._routing.pick([c.index for c in candidates], {c.index: len(c.load) for c in candidates}, prompt)
+    return self.instances[index]
 
   def _start(self, req: _Request) -> None:
     """Sends `req` to a front instance (again, after a fault), or ends it when it may not start again."""

@@ -218,7 +218,7 @@ class Engine:
     tokens (the steps in flight)."""
     bm = self.block_manager
     return SchedulerView(
-        now=now, running=tuple(self.requests[r].view(len(bm.page_table(r)), ahead) for r in self.running),
+        now=now, running=tuple(self.requests[r].view(bm.num_pages_held(r), ahead) for r in self.running),
         waiting=tuple(self.requests[r].view() for r in self.waiting), free_pages=bm.num_free_pages,
         page_size=self.config.page_size, num_pages=self.config.num_pages,
         num_lookahead_tokens=self.executor.num_lookahead_tokens)

@@ -88,7 +88,10 @@ class RequestStatus(enum.Enum):
 
   @property
   def done(self) -> bool:
-    return self in (RequestStatus.FINISHED, RequestStatus.ABORTED, RequestStatus.REJECTED)
+    return self in _ENDED
+
+
+_ENDED = frozenset((RequestStatus.FINISHED, RequestStatus.ABORTED, RequestStatus.REJECTED))
 
 
 @dataclasses.dataclass

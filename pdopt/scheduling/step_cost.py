@@ -42,7 +42,9 @@ import numpy as np
 
 FEATURES: tuple[str, ...] = ("step", "token", "seq", "linear", "attention", "kv", "dense_attention", "waiting")
 
-CostKind = Literal["fitted", "roofline"]
+# "scaled": fitted (or a roofline) at one tensor-parallel degree, its sizes divided for another, plus the
+# all-reduces of tensor parallelism from a measured collective bandwidth (`with_tensor_parallel`).
+CostKind = Literal["fitted", "roofline", "scaled"]
 COST_KINDS: tuple[str, ...] = get_args(CostKind)
 
 
@@ -94,6 +96,21 @@ def datasheet(device_kind: str) -> DeviceSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class AllReduce:
+  """Tensor parallelism's all-reduces in a step: `per_step` of them (2 per layer: after attention and after
+  the MLP), each of `bytes_per_token` per token of the step, over `bandwidth` bytes/s (bus bandwidth, so the
+  ring's 2 (n - 1) / n is in it) after `latency` seconds; `source` names the measurement."""
+  per_step: int
+  bytes_per_token: float
+  bandwidth: float
+  latency: float
+  source: str = ""
+
+  def seconds(self, num_tokens):
+    return self.per_step * (self.latency + self.bytes_per_token * num_tokens / self.bandwidth)
+
+
+@dataclasses.dataclass(frozen=True)
 class StepCostModel:
   """Predicts a step's seconds (see the module docstring).
 
@@ -104,6 +121,7 @@ class StepCostModel:
     kind: "fitted" (coefficients from profiled steps) or "roofline" (all terms at face value).
     source: where it came from (a file, or the roofline's device), for results to name.
     metadata: the fit's provenance (device, versions, date, commit, residuals) as stored in its file.
+    allreduce: tensor parallelism's all-reduces, added to every step, or None (the fit has them in its terms).
   """
   sizes: ModelSizes
   device: DeviceSpec
@@ -111,6 +129,7 @@ class StepCostModel:
   kind: CostKind = "fitted"
   source: str = ""
   metadata: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+  allreduce: AllReduce | None = None
 
   def __post_init__(self):
     if len(self.coefficients) != len(FEATURES):
@@ -168,7 +187,8 @@ class StepCostModel:
                  (m.flops_per_token * num_tokens + m.flops_per_seq * num_seqs) / d.matmul_flops)
     return (c[0] + c[1] * num_tokens + c[2] * num_seqs + c[3] * linear
             + (c[4] * attention_pairs + c[6] * dense_pairs) * m.attention_flops / d.matmul_flops
-            + c[5] * m.kv_bytes_per_token * kv_tokens / d.memory_bandwidth + c[7] * num_waiting)
+            + c[5] * m.kv_bytes_per_token * kv_tokens / d.memory_bandwidth + c[7] * num_waiting
+            + (self.allreduce.seconds(num_tokens) if self.allreduce is not None else 0.0))
 
   def decode_block_seconds(self, kv_lens: Sequence[int], num_steps: int, num_tokens: int | None = None,
                            num_seqs: int | None = None, max_keys: int | None = None) -> np.ndarray:
@@ -180,6 +200,25 @@ class StepCostModel:
     n = len(kv_lens)
     per_step = c[4] * m.attention_flops * n / d.matmul_flops + c[5] * m.kv_bytes_per_token * n / d.memory_bandwidth
     return first + per_step * np.arange(num_steps)
+
+  def with_tensor_parallel(self, tp: int, allreduce: AllReduce) -> StepCostModel:
+    """The model of the same shape sharded `tp` ways: weights, FLOPs and KV bytes per shard divided accordingly
+    (the fitted efficiencies kept), plus `allreduce`; this model itself at its own degree.
+
+    Raises:
+      ValueError: a degree that is not a positive int.
+    """
+    if not isinstance(tp, int) or tp < 1:
+      raise ValueError(f"tensor-parallel degree {tp!r}; valid: an int >= 1")
+    if tp == self.sizes.tensor_parallel:
+      return self
+    f = self.sizes.tensor_parallel / tp
+    m = self.sizes
+    sizes = ModelSizes(m.weight_bytes * f, m.flops_per_token * f, m.flops_per_seq * f, m.attention_flops * f,
+                       m.kv_bytes_per_token * f, tp)
+    return dataclasses.replace(self, sizes=sizes, kind="scaled", allreduce=allreduce if tp > 1 else None,
+                               source=f"{self.source} scaled from TP {m.tensor_parallel} to TP {tp} "
+                                      f"(all-reduce: {allreduce.source})")
 
   # ------------------------------------------------------------------ files
 

@@ -21,7 +21,7 @@ from pdopt.engine.engine import Engine
 from pdopt.models.config import ModelConfig
 from pdopt.scheduling.step_cost import StepCostModel
 from pdopt.sim.clock import VirtualClock
-from pdopt.sim.executor import SimExecutor, placeholder_token
+from pdopt.sim.executor import SimExecutor, arrival_events, placeholder_token
 
 
 def simulated_engine(model: ModelConfig, config: EngineConfig, step_cost: StepCostModel, clock: VirtualClock,
@@ -46,7 +46,8 @@ def simulated_engine(model: ModelConfig, config: EngineConfig, step_cost: StepCo
                      "must be off")
   token = placeholder_token(model.vocab_size, model.eos_token_id)
   return Engine(model, config, clock=clock, step_cost=step_cost,
-                executor=lambda bm, buckets: SimExecutor(step_cost, clock, bm, buckets, token, arrivals, chain))
+                executor=lambda bm, buckets: SimExecutor(step_cost, clock, bm, buckets, token, arrival_events(arrivals),
+                                                         chain))
 
 
-__all__ = ["SimExecutor", "VirtualClock", "placeholder_token", "simulated_engine"]
+__all__ = ["SimExecutor", "VirtualClock", "arrival_events", "placeholder_token", "simulated_engine"]

@@ -10,7 +10,8 @@ its length, a pool too full) every step decodes the same sequences. So, like the
 decode-only plan is "dispatched", and the engine then hands over a chained plan of the following decode
 steps (`Engine._chain`, after asking the policy about the state ahead). This executor sizes each block
 (`chain_length`) to end where the synchronous engine could next decide differently: before the first step
-that would start at or after the next arrival (`arrivals`), when the first request reaches its length, or
+that would start at or after the next external event (`next_event`: an arrival, a request handed over from
+another instance), when the first request reaches its length, or
 where the pool runs out of pages. Every step gets its own predicted time and every token the end of its step,
 so the outcome, the block manager's state included, is the one the synchronous engine reaches step by step
 (`chain=False` runs it so; a test compares the two bit for bit).
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import bisect
 import collections
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -39,21 +40,22 @@ class SimExecutor:
     clock: the engine's clock, advanced by each step.
     block_manager, buckets: the engine's (`Engine(..., executor=...)` passes them).
     token_id: the placeholder every step emits (not an EOS id of the model).
-    arrivals: times (on `clock`) at which requests will be submitted; a chained block stops before the first
-      step that would start at or after the next one. Empty: no future arrivals are known.
+    next_event: the time (on `clock`) of the first thing after time t that may add work (an arrival), given
+      t, or None if nothing will; a chained block stops before the first step that would start at or after it.
+      `arrival_events` makes one from a list of arrival times. None: nothing will.
     chain: run steady decoding in blocks; False runs every step on its own (the reference the blocks must
       reproduce, and much slower).
   """
 
   def __init__(self, step_cost: StepCostModel, clock: VirtualClock, block_manager: BlockManager, buckets: Buckets,
-               token_id: int = 0, arrivals: Sequence[float] = (), chain: bool = True):
+               token_id: int = 0, next_event: Callable[[float], float | None] | None = None, chain: bool = True):
     self.step_cost = step_cost
     self.clock = clock
     self.block_manager = block_manager
     self.buckets = buckets
     self.page_size = block_manager.page_size
     self.token_id = token_id
-    self.arrivals = sorted(float(a) for a in arrivals)
+    self.next_event = next_event or (lambda t: None)
     self.chain = chain
     self._dispatched: collections.deque[StepOutcome] = collections.deque()
     self.num_steps = 0  # Steps simulated, those of chained blocks included.
@@ -98,11 +100,11 @@ class SimExecutor:
 
   def _steps_before_arrival(self, kv0: list[int], steps: int) -> int:
     """How many of `steps` consecutive decode steps (from now) start before the next arrival (at least 1)."""
-    nxt = bisect.bisect_right(self.arrivals, self.clock.now)
-    if nxt == len(self.arrivals):
+    nxt = self.next_event(self.clock.now)
+    if nxt is None:
       return steps
     ends = np.cumsum(np.concatenate([[self.clock.now], self._block_seconds(kv0, steps)]))
-    return max(1, int(np.searchsorted(ends[:-1], self.arrivals[nxt], side="left")))
+    return max(1, int(np.searchsorted(ends[:-1], nxt, side="left")))
 
   def execute(self, plan: StepPlan) -> StepOutcome | None:
     if plan.chained:
@@ -145,6 +147,9 @@ class SimExecutor:
   def release(self, request_id: str) -> None:
     pass
 
+  def import_pages(self, request_id: str, kv, num_pages: int) -> None:
+    """A request handed over from another simulated instance: its pages are allocated; there is no K/V."""
+
   def warmup(self) -> int:
     return 0
 
@@ -156,6 +161,17 @@ class SimExecutor:
 
   def stats(self) -> dict[str, float]:
     return {"sim_steps": self.num_steps, "sim_busy_s": self.busy_seconds}
+
+
+def arrival_events(arrivals: Sequence[float]) -> Callable[[float], float | None]:
+  """`next_event` of a fixed list of arrival times: the first one after t, or None."""
+  times = sorted(float(a) for a in arrivals)
+
+  def next_event(t: float) -> float | None:
+    i = bisect.bisect_right(times, t)
+    return times[i] if i < len(times) else None
+
+  return next_event
 
 
 def placeholder_token(vocab_size: int, eos_token_ids: Sequence[int]) -> int:

@@ -1,0 +1,190 @@
+"""The search for the deployment with the most goodput per GPU under an SLO, in the simulator.
+
+Every candidate (policy x token budget x chunk size x max sequences x P:D split x tensor-parallel degree,
+within a GPU budget) is simulated (`simulate_deployment`) on the workload with its arrivals scaled to a rate;
+its score is the highest rate at which the share of requests meeting the SLO (TTFT and TPOT) reaches the
+attainment target, found by bisection on the rate, divided by its GPUs. Candidates run in parallel processes;
+every result is appended to a file as it comes, so a search that stops resumes where it was.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import itertools
+import json
+import multiprocessing
+import pathlib
+from typing import Any, Callable, Iterator, Sequence
+
+from pdopt.deploy.config import DeploymentConfig
+from pdopt.engine.config import EngineConfig
+from pdopt.metrics import Slo, compute_metrics
+from pdopt.models.config import ModelConfig
+from pdopt.scheduling.step_cost import AllReduce, StepCostModel
+from pdopt.sim.deployment import TransferModel, simulate_deployment
+from pdopt.workloads import Workload, WorkloadRequest
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  """One deployment of the search: `mode` with `num_prefill` + `num_decode` instances of `tp` GPUs each, every
+  instance running `policy` with this token budget, chunk size and sequence limit."""
+  policy: str
+  max_num_batched_tokens: int
+  chunk_size: int
+  max_num_seqs: int
+  mode: str
+  num_prefill: int
+  num_decode: int
+  tp: int
+
+  @property
+  def num_gpus(self) -> int:
+    return (self.num_prefill + self.num_decode) * self.tp
+
+  @property
+  def label(self) -> str:
+    shape = f"{self.num_prefill}P{self.num_decode}D" if self.mode == "disaggregated" else f"{self.num_decode}x"
+    return (f"{self.mode[:6]}-{shape}-tp{self.tp}-{self.policy}-b{self.max_num_batched_tokens}-c{self.chunk_size}"
+            f"-s{self.max_num_seqs}")
+
+  def deployments_spec(self) -> str:
+    """The candidate as `config.deployments` of `experiments.run`."""
+    if self.mode == "disaggregated":
+      return f"disaggregated:{self.num_prefill}:{self.num_decode}:{self.policy}:{self.tp}"
+    return f"colocated:{self.num_decode}:{self.policy}:{self.tp}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+  """What the search varies; a candidate uses at most `gpus` GPUs, and a colocated one its instances' count
+  from `replicas`, a disaggregated one its split from `splits` ((P, D) pairs)."""
+  policies: tuple[str, ...] = ("chunked", "prefill_first")
+  token_budgets: tuple[int, ...] = (512, 2048)
+  chunk_sizes: tuple[int, ...] = (256, 512)
+  max_num_seqs: tuple[int, ...] = (64, 128)
+  replicas: tuple[int, ...] = (1, 2, 4, 8)
+  splits: tuple[tuple[int, int], ...] = ((1, 1), (1, 2), (1, 3), (2, 2), (1, 7), (2, 6), (3, 5), (4, 4))
+  tps: tuple[int, ...] = (1, 2)
+  gpus: int = 8
+
+  def candidates(self) -> list[Candidate]:
+    out = []
+    for policy, budget, chunk, seqs, tp in itertools.product(self.policies, self.token_budgets, self.chunk_sizes,
+                                                             self.max_num_seqs, self.tps):
+      if chunk > budget:
+        continue
+      shapes = [("colocated", 0, n) for n in self.replicas] + [("disaggregated", p, d) for p, d in self.splits]
+      for mode, p, d in shapes:
+        c = Candidate(policy, budget, chunk, seqs, mode, p, d, tp)
+        if c.num_gpus <= self.gpus:
+          out.append(c)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """Everything an evaluation needs (picklable, for the worker processes).
+
+  Attributes:
+    model: the served model's shape.
+    engine: the engine settings candidates start from (page size, pool, buckets, ...).
+    step_cost: the cost model at tensor-parallel degree 1 (scaled for others with `allreduce`).
+    allreduce: tp -> the all-reduce model at that degree.
+    transfer: KV transfer between instances.
+    requests: the workload's requests, arrivals at `base_rate` req/s.
+    base_rate: the workload's mean rate.
+    slo: the SLO; `attainment`: the share of requests that must meet it.
+    rate_range: (low, high) req/s per GPU the bisection searches; `iterations` of it.
+  """
+  model: ModelConfig
+  engine: EngineConfig
+  step_cost: StepCostModel
+  allreduce: dict[int, AllReduce]
+  transfer: TransferModel
+  requests: tuple[WorkloadRequest, ...]
+  base_rate: float
+  slo: Slo
+  attainment: float = 0.9
+  rate_range: tuple[float, float] = (0.25, 256.0)
+  iterations: int = 6
+
+
+def _at_rate(problem: Problem, rate: float) -> Workload:
+  scale = problem.base_rate / rate
+  requests = tuple(dataclasses.replace(r, arrival_time=r.arrival_time * scale) for r in problem.requests)
+  return Workload(name=f"search@{rate:g}", requests=requests, num_clamped=0, mean_rate=rate)
+
+
+def evaluate(problem: Problem, candidate: Candidate) -> dict[str, Any]:
+  """The candidate's goodput per GPU: the highest rate (req/s, by bisection over `rate_range` times its GPUs)
+  at which `attainment` of the requests meet the SLO, over its GPUs; with that run's latencies."""
+  engine = dataclasses.replace(problem.engine, policy=candidate.policy, chunk_size=candidate.chunk_size,
+                               max_num_batched_tokens=candidate.max_num_batched_tokens,
+                               max_num_seqs=candidate.max_num_seqs, token_buckets=None, seq_buckets=None)
+  config = DeploymentConfig(mode=candidate.mode, num_prefill=candidate.num_prefill or None,
+                            num_decode=candidate.num_decode, devices_per_instance=candidate.tp, engine=engine)
+  cost = problem.step_cost.with_tensor_parallel(candidate.tp, problem.allreduce.get(candidate.tp)) \
+      if candidate.tp != problem.step_cost.sizes.tensor_parallel else problem.step_cost
+
+  max_misses = int((1 - problem.attainment) * len(problem.requests))
+
+  def run(rate: float):
+    """The metrics at `rate`, or None once too many requests miss the SLO for the target to be met."""
+    result = simulate_deployment(config, problem.model, lambda role: cost, problem.transfer, _at_rate(problem, rate),
+                                 slo=problem.slo, max_misses=max_misses)
+    if result.stopped:
+      return None
+    m = compute_metrics(result.records, slo=problem.slo, duration=result.duration)
+    return m if m.slo_attainment >= problem.attainment else None
+
+  low, high = (r * candidate.num_gpus for r in problem.rate_range)
+  best = None
+  for _ in range(problem.iterations):
+    rate = (low * high) ** 0.5  # Bisection in log space: the range spans orders of magnitude.
+    m = run(rate)
+    if m is not None:
+      low, best = rate, (rate, m)
+    else:
+      high = rate
+  if best is None:
+    m = run(low)
+    if m is None:
+      return {"label": candidate.label, "candidate": dataclasses.asdict(candidate), "num_gpus": candidate.num_gpus,
+              "goodput_per_gpu": 0.0, "rate": 0.0, "slo_attainment": 0.0, "p99_ttft_ms": float("nan"),
+              "p99_tpot_ms": float("nan"), "median_ttft_ms": float("nan"), "median_tpot_ms": float("nan"),
+              "step_cost": cost.source, "step_cost_kind": cost.kind}
+    best = (low, m)
+  rate, m = best
+  return {"label": candidate.label, "candidate": dataclasses.asdict(candidate), "num_gpus": candidate.num_gpus,
+          "goodput_per_gpu": rate / candidate.num_gpus, "rate": rate, "slo_attainment": m.slo_attainment,
+          "p99_ttft_ms": m.p99_ttft_ms, "p99_tpot_ms": m.p99_tpot_ms, "median_ttft_ms": m.median_ttft_ms,
+          "median_tpot_ms": m.median_tpot_ms, "step_cost": cost.source, "step_cost_kind": cost.kind}
+
+
+def search(problem: Problem, candidates: Sequence[Candidate], results_file: pathlib.Path, workers: int = 2,
+           progress: Callable[[Iterator], Iterator] = lambda it: it) -> list[dict[str, Any]]:
+  """Evaluates every candidate not yet in `results_file` (one JSON line each, appended as they finish) and
+  returns all results, best goodput per GPU first."""
+  done = {}
+  if results_file.exists():
+    for line in results_file.read_text().splitlines():
+      if line.strip():
+        entry = json.loads(line)
+        done[entry["label"]] = entry
+  todo = [c for c in candidates if c.label not in done]
+  with results_file.open("a", encoding="utf-8") as out, contextlib.ExitStack() as stack:
+    if workers > 1:  # Fresh interpreters: forking a process that runs JAX's threads could deadlock.
+      pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
+          workers, mp_context=multiprocessing.get_context("spawn")))
+      entries = (f.result() for f in concurrent.futures.as_completed([pool.submit(evaluate, problem, c) for c in todo]))
+    else:
+      entries = (evaluate(problem, c) for c in todo)
+    for entry in progress(entries):
+      done[entry["label"]] = entry
+      out.write(json.dumps(entry) + "\n")
+      out.flush()
+  wanted = {c.label for c in candidates}
+  return sorted((e for label, e in done.items() if label in wanted), key=lambda e: -e["goodput_per_gpu"])

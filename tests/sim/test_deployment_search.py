@@ -1,0 +1,139 @@
+"""Simulated deployments (`pdopt.sim.deployment`) and the deployment search (`pdopt.sim.search`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+
+import pytest
+
+import pdopt
+from pdopt import benchmark, deploy, sim, workloads
+from pdopt.benchmark import config as config_lib
+from pdopt.benchmark import deployment_search
+from pdopt.engine.costs import model_sizes
+from pdopt.metrics import parse_slo
+from pdopt.scheduling.step_cost import AllReduce, DeviceSpec, StepCostModel
+from pdopt.sim import search as search_lib
+from pdopt.sim.deployment import TransferModel, simulate_deployment
+
+MODEL = pdopt.preset("tiny")
+ENGINE = pdopt.EngineConfig(page_size=8, num_pages=96, max_num_batched_tokens=64, max_num_seqs=8, max_model_len=256,
+                            token_buckets=(16, 64), seq_buckets=(4, 8), page_buckets=(8, 32))
+COST = StepCostModel(model_sizes(MODEL), DeviceSpec("test", 1e9, 1e11), (2e-3, 5e-5, 1e-4, 1.5, 2.0, 1.2, 0.3, 1e-4),
+                     source="test")
+
+
+def _workload(n: int = 40, rate: float = 25.0) -> workloads.Workload:
+  return workloads.make_workload(workloads.WorkloadConfig(kind="synthetic", num_requests=n, rate=rate, prompt_len=60,
+                                                          output_len=20, length_distribution="uniform",
+                                                          range_ratio=0.9, seed=3),
+                                 max_model_len=256, vocab_size=MODEL.vocab_size)
+
+
+def _timeline(records):
+  return [(r.request_id, r.status, r.output_len, r.first_scheduled_time, r.first_token_time, r.token_times,
+           r.finish_time) for r in records]
+
+
+def test_one_replica_is_the_simulated_engine():
+  w = _workload()
+  clock = sim.VirtualClock()
+  engine = sim.simulated_engine(MODEL, ENGINE, COST, clock, arrivals=[r.arrival_time for r in w])
+  alone = benchmark.replay(engine, w, progress=False)
+  result = simulate_deployment(deploy.DeploymentConfig(mode="colocated", num_decode=1, engine=ENGINE), MODEL,
+                               lambda role: COST, TransferModel(1e9), w)
+  assert _timeline(result.records) == _timeline(alone.records)
+
+
+def test_disaggregated_moves_every_request_once_and_ends_it():
+  w = _workload()
+  xfer = TransferModel(1e8, 1e-3, "test")
+  result = simulate_deployment(deploy.DeploymentConfig(mode="disaggregated", num_prefill=1, num_decode=2,
+                                                       engine=ENGINE), MODEL, lambda role: COST, xfer, w)
+  assert result.num_transfers == len(w) and not result.stopped
+  assert [r.request_id for r in result.records] == [r.request_id for r in w]
+  kv_token = COST.sizes.kv_bytes_per_token
+  for req, rec in zip(w, result.records):
+    assert rec.status == "finished" and rec.output_len == req.max_tokens
+    assert rec.kv_transfer_bytes == math.ceil(req.prompt_len / 8) * 8 * kv_token  # The prompt's pages.
+    assert rec.kv_transfer_s == pytest.approx(xfer.seconds(rec.kv_transfer_bytes))
+    assert rec.token_times[1] - rec.token_times[0] >= rec.kv_transfer_s  # The second token waits for the move.
+
+
+def test_stops_once_the_target_cannot_be_met():
+  w = _workload(60, rate=400.0)  # Far beyond what the model serves within the SLO.
+  slo = parse_slo("ttft:50 tpot:50")
+  config = deploy.DeploymentConfig(mode="colocated", num_decode=1, engine=ENGINE)
+  full = simulate_deployment(config, MODEL, lambda role: COST, TransferModel(1e9), w)
+  stopped = simulate_deployment(config, MODEL, lambda role: COST, TransferModel(1e9), w, slo=slo, max_misses=6)
+  assert stopped.stopped and len(stopped.records) < len(full.records) == len(w)
+
+
+def test_tensor_parallel_scaling_divides_the_work_and_adds_the_all_reduces():
+  allreduce = AllReduce(per_step=4, bytes_per_token=256, bandwidth=1e10, latency=1e-5, source="test")
+  tp2 = COST.with_tensor_parallel(2, allreduce)
+  assert tp2.kind == "scaled" and "TP 2" in tp2.source and tp2.sizes.tensor_parallel == 2
+  assert tp2.sizes.weight_bytes == COST.sizes.weight_bytes / 2
+  q, kv = [64], [64]
+  assert tp2.seconds(q, kv) == pytest.approx(COST.seconds(q, kv) - _device_share(COST, q, kv) / 2
+                                             + allreduce.seconds(64))
+  assert COST.with_tensor_parallel(1, allreduce) is COST
+
+
+def _device_share(cost, q, kv):
+  """The terms that scale with the shard's size (all but the fixed, per-token and per-sequence ones)."""
+  f = cost.features(q, kv)
+  return sum(c * x for c, x in zip(cost.coefficients[3:7], f[3:7]))
+
+
+def _problem(n: int = 30) -> search_lib.Problem:
+  w = _workload(n, rate=10.0)
+  allreduce = {2: AllReduce(per_step=4, bytes_per_token=256, bandwidth=1e10, latency=1e-5, source="test")}
+  return search_lib.Problem(MODEL, dataclasses.replace(ENGINE, token_buckets=None, seq_buckets=None), COST, allreduce,
+                            TransferModel(1e9, 1e-4), w.requests, w.mean_rate, parse_slo("ttft:500 tpot:100"),
+                            attainment=0.9, rate_range=(0.5, 64.0), iterations=4)
+
+
+def test_search_ranks_candidates_and_resumes(tmp_path):
+  space = search_lib.SearchSpace(policies=("chunked",), token_budgets=(64,), chunk_sizes=(32,), max_num_seqs=(8,),
+                                 replicas=(1, 2), splits=((1, 1),), tps=(1, 2), gpus=2)
+  candidates = space.candidates()
+  assert {c.label for c in candidates} == {"coloca-1x-tp1-chunked-b64-c32-s8", "coloca-2x-tp1-chunked-b64-c32-s8",
+                                           "disagg-1P1D-tp1-chunked-b64-c32-s8", "coloca-1x-tp2-chunked-b64-c32-s8"}
+  results_file = tmp_path / "results.jsonl"
+  first = search_lib.search(_problem(), candidates[:2], results_file, workers=1)
+  results = search_lib.search(_problem(), candidates, results_file, workers=1)  # Resumes: 2 more.
+  assert len(results_file.read_text().splitlines()) == 4
+  assert {r["label"] for r in first} <= {r["label"] for r in results}
+  assert [r["goodput_per_gpu"] for r in results] == sorted((r["goodput_per_gpu"] for r in results), reverse=True)
+  assert all(r["goodput_per_gpu"] > 0 and r["slo_attainment"] >= 0.9 for r in results)
+  tp2 = next(r for r in results if r["candidate"]["tp"] == 2)
+  assert tp2["step_cost_kind"] == "scaled"
+
+
+def test_search_writes_a_best_config_that_the_runner_reads(tmp_path):
+  config = deployment_search.default_search_config()
+  config.run_name, config.results_dir, config.model, config.dtype = "s", str(tmp_path), "tiny", "float32"
+  config.cost_model = str(tmp_path / "cost.json")
+  COST.save(config.cost_model)
+  config.workload.kind, config.workload.name = "synthetic", "synthetic"
+  config.workload.num_requests, config.workload.rate = 20, 10.0
+  config.workload.prompt_len, config.workload.output_len = 40, 10
+  config.engine.num_pages, config.engine.max_model_len = 96, 256
+  config.space.policies, config.space.token_budgets, config.space.chunk_sizes = ["chunked"], [64], [32]
+  config.space.max_num_seqs, config.space.replicas, config.space.splits, config.space.tps = [8], [1, 2], [[1, 1]], [1]
+  config.gpus, config.iterations, config.rate_range, config.workers = 2, 3, (0.5, 32.0), 1
+  results = deployment_search.run_search(config, print_fn=None)
+  assert len(results) == 3
+  out = tmp_path / "s"
+  assert (out / "frontier.png").exists() and (out / "top.md").exists()
+  spec = importlib.util.spec_from_file_location("best", out / "best_config.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  best = config_lib.as_config(module.get_config())
+  assert best.deployments == search_lib.Candidate(**results[0]["candidate"]).deployments_spec()
+  assert best.rate == pytest.approx(results[0]["rate"])
+  assert json.loads((out / "search_config.json").read_text())["run_name"] == "s"
