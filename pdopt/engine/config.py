@@ -16,6 +16,11 @@ from pdopt.scheduling import POLICIES, SchedulingConfig
 AttentionBackend = Literal["auto", "reference", "pallas"]
 ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 
+# How a preempted request gives its pages back: "recompute" drops its K/V (it is prefilled again when it
+# resumes); "swap" copies its pages to host memory and back when it resumes (no recomputation).
+PreemptionMode = Literal["recompute", "swap"]
+PREEMPTION_MODES: tuple[str, ...] = get_args(PreemptionMode)
+
 # "auto" stores K/V in the model's dtype; the others quantize them (`pdopt.cache.kv_cache`).
 KVCacheDtype = Literal["auto", "int8", "fp8"]
 KV_CACHE_DTYPES: tuple[str, ...] = get_args(KVCacheDtype)
@@ -53,6 +58,8 @@ class EngineConfig:
       and does its bookkeeping while the new step runs. Outputs are identical to the synchronous engine; a
       request that stops on a stop token has one more token computed and dropped. Not with `speculative`,
       `handoff_after_prefill` or a mesh.
+    preemption_mode: "recompute" (vLLM's default) or "swap" (`PREEMPTION_MODES`): a preempted request's pages
+      go to host memory and come back when it resumes, where the copy is cheaper than the prefill again.
     num_scheduler_steps: with `async_decode`, the chained steps of steady decoding run this many decode
       steps in one device program, so the host's work per step is paid once per that many tokens. A block
       runs only when every request has room for all its tokens (max_tokens, max_model_len) and the pool has
@@ -84,6 +91,7 @@ class EngineConfig:
   speculative: SpeculativeConfig | None = None
   async_decode: bool = False
   num_scheduler_steps: int = 1
+  preemption_mode: PreemptionMode = "recompute"
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -106,6 +114,8 @@ class EngineConfig:
     if self.attention_backend not in ATTENTION_BACKENDS:
       raise ValueError(f"EngineConfig.attention_backend={self.attention_backend!r}; valid: "
                        f"{', '.join(ATTENTION_BACKENDS)}")
+    if self.preemption_mode not in PREEMPTION_MODES:
+      raise ValueError(f"EngineConfig.preemption_mode={self.preemption_mode!r}; valid: {', '.join(PREEMPTION_MODES)}")
     if self.kv_cache_dtype not in KV_CACHE_DTYPES:
       raise ValueError(f"EngineConfig.kv_cache_dtype={self.kv_cache_dtype!r}; valid: {', '.join(KV_CACHE_DTYPES)}")
     for name in ("token_buckets", "seq_buckets", "page_buckets"):

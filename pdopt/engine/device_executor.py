@@ -6,8 +6,12 @@ program, and reads the sampled tokens back. The asynchronous and speculative exe
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import time
 from typing import Sequence
+
+import jax
 
 from pdopt.cache.block_manager import BlockManager
 from pdopt.engine import batch as batch_lib
@@ -15,6 +19,15 @@ from pdopt.engine import runner as runner_lib
 from pdopt.engine.batch import Buckets, ChunkSpec, StepBatch
 from pdopt.engine.executor import StepOutcome, StepPlan, Work, WorkResult
 from pdopt.engine.runner import ModelRunner
+
+
+@dataclasses.dataclass(frozen=True)
+class Swapped:
+  """A preempted request's pages on the host: per layer the cache arrays cut to its pages (padded to a power
+  of two), how many are real, and the bytes."""
+  kv: list
+  num_pages: int
+  num_bytes: int
 
 
 class DeviceExecutor:
@@ -33,6 +46,7 @@ class DeviceExecutor:
     self.buckets = buckets
     self.max_num_seqs = max_num_seqs
     self.page_size = block_manager.page_size
+    self.swap_counters = {"swap_out_bytes": 0, "swap_out_s": 0.0, "swap_in_bytes": 0, "swap_in_s": 0.0}
 
   in_flight: StepPlan | None = None
   num_lookahead_tokens = 0
@@ -72,11 +86,34 @@ class DeviceExecutor:
   def release(self, request_id: str) -> None:
     pass
 
+  def swap_out(self, request_id: str, num_tokens: int) -> Swapped:
+    start = time.perf_counter()
+    pages = self.block_manager.page_table(request_id)[:math.ceil(num_tokens / self.page_size)]
+    host = jax.device_get(self.runner.gather_pages(pages))
+    num_bytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(host))
+    self.swap_counters["swap_out_bytes"] += num_bytes
+    self.swap_counters["swap_out_s"] += time.perf_counter() - start
+    return Swapped(host, len(pages), num_bytes)
+
+  def swap_in(self, request_id: str, swapped: Swapped) -> None:
+    start = time.perf_counter()
+    pages = self.block_manager.page_table(request_id)[:swapped.num_pages]
+    shardings = jax.tree_util.tree_map(lambda a: a.sharding, self.runner.cache)
+    self.runner.scatter_pages(pages, jax.device_put(swapped.kv, shardings))
+    jax.block_until_ready(self.runner.cache)
+    self.swap_counters["swap_in_bytes"] += swapped.num_bytes
+    self.swap_counters["swap_in_s"] += time.perf_counter() - start
+
   def check_no_leaks(self, idle: bool) -> None:
     pass
 
   def stats(self) -> dict[str, float]:
-    return {}
+    """Swapping's bytes and seconds each way, and the bandwidths they give (GB/s), once it has happened."""
+    c = dict(self.swap_counters)
+    for way in ("out", "in"):
+      if c[f"swap_{way}_s"] > 0:
+        c[f"swap_{way}_gbps"] = c[f"swap_{way}_bytes"] / c[f"swap_{way}_s"] / 1e9
+    return c if c["swap_out_bytes"] else {}
 
   def warmup_calls(self) -> list[runner_lib.WarmupCall]:
     """The step program for every shape bucket and, where the runner compiles it, the decode-only variant

@@ -34,7 +34,9 @@ from pdopt.engine.config import EngineConfig
 from pdopt.engine.costs import default_step_cost
 from pdopt.engine.executor import Executor, StepOutcome, StepPlan, Work
 from pdopt.engine.executors import make_executor
-from pdopt.engine.request import Request, RequestOutput, RequestStatus, SamplingParams, validate_request
+from pdopt.engine.handoff import Handoffs
+from pdopt.engine.request import (Request, RequestOutput, RequestStatus, SamplingParams, checked_int,
+                                  validate_request)
 from pdopt.metrics import RequestRecord
 from pdopt.models.config import ModelConfig
 from pdopt.models.transformer import Transformer
@@ -42,7 +44,7 @@ from pdopt.scheduling import Plan, SchedulerView, make_scheduler
 from pdopt.scheduling.step_cost import StepCostModel
 
 
-class Engine:
+class Engine(Handoffs):
   """Serves requests on one model with continuous batching over a paged KV cache.
 
   Args:
@@ -89,7 +91,8 @@ class Engine:
   # ------------------------------------------------------------------ API
 
   def add_request(self, prompt_token_ids: Sequence[int], sampling_params: SamplingParams | None = None,
-                  request_id: str | None = None, arrival_time: float | None = None) -> str:
+                  request_id: str | None = None, arrival_time: float | None = None, priority: int = 0,
+                  client: str = "") -> str:
     """Queues a request.
 
     Args:
@@ -97,6 +100,7 @@ class Engine:
       sampling_params: defaults to SamplingParams().
       request_id: unique id; generated when None.
       arrival_time: its arrival on the engine clock (seconds); now when None.
+      priority, client: its class (0 interactive, 1 batch) and sender, for policies and metrics.
 
     Returns:
       The request id.
@@ -112,7 +116,8 @@ class Engine:
     if rid in self.requests:
       raise ValueError(f"request_id {rid!r} is already in use")
     seed = params.seed if params.seed is not None else int(self._seed_rng.integers(0, 2**32))
-    self.requests[rid] = Request(rid, prompt, params, seed, self.clock() if arrival_time is None else arrival_time)
+    self.requests[rid] = Request(rid, prompt, params, seed, self.clock() if arrival_time is None else arrival_time,
+                                 checked_int("priority", priority, low=0), str(client))
     self.waiting.append(rid)
     return rid
 
@@ -142,10 +147,13 @@ class Engine:
     work = self._carry_out(self.policy.schedule(self._view(now)), now, touched)
     if work:
       budget_left = self.config.max_num_batched_tokens - sum(w.num_tokens for w in work)
-      plan = StepPlan(work, token_budget_left=budget_left, num_waiting=len(self.waiting))
-      outcome = self.executor.execute(plan)
+      decoding = [self.requests[r] for r in self.running if self.requests[r].is_decoding]
+      outcome = self.executor.execute(StepPlan(work, token_budget_left=budget_left, num_waiting=len(self.waiting)))
       if outcome is not None:
         self._apply(outcome, touched)
+      if any(not w.is_decode for w in work):  # Decoding requests waited on prompt tokens for this step.
+        for req in decoding:
+          req.decode_stall_s += self.clock() - now
     self.num_steps += 1
     return [RequestOutput.of(r) for r in touched.values()]
 
@@ -181,36 +189,6 @@ class Engine:
       self.block_manager.assert_no_leaks()
     self.executor.check_no_leaks(idle)
 
-  # ------------------------------------------------------------------ disaggregated serving
-
-  def take_handoffs(self) -> list[Request]:
-    """Requests prefilled since the last call (with `handoff_after_prefill`); they still hold their pages
-    until `release_handoff`."""
-    out, self._handoffs = self._handoffs, []
-    return out
-
-  def release_handoff(self, request_id: str) -> None:
-    """Frees the pages of a handed-off request once its K/V has been copied elsewhere."""
-    if self.requests[request_id].status is not RequestStatus.HANDED_OFF:
-      raise ValueError(f"request {request_id!r} was not handed off")
-    self.block_manager.free(request_id)
-
-  def import_request(self, request: Request, kv: list, num_pages: int) -> bool:
-    """Continues a request prefilled elsewhere (one token generated): allocates pages, writes its K/V (`kv`,
-    `num_pages` real pages, from `export_pages` of an executor with the same cache layout, already on this
-    engine's devices) and starts decoding it. Returns False (nothing changed) if the pool cannot hold it now."""
-    rid = request.request_id
-    if rid in self.requests:
-      raise ValueError(f"request_id {rid!r} is already in use")
-    if not self.block_manager.allocate(rid, request.num_computed_tokens):
-      return False
-    self.executor.import_pages(rid, kv, num_pages)
-    request.status = RequestStatus.RUNNING
-    self.requests[rid] = request
-    self.running.append(rid)
-    self.block_manager.commit(rid, request.all_token_ids, request.num_computed_tokens)
-    return True
-
   # ------------------------------------------------------------------ internals
 
   def _view(self, now: float, ahead: int = 0) -> SchedulerView:
@@ -240,17 +218,20 @@ class Engine:
       if req.status.done:
         continue
       admitting = req.status is RequestStatus.WAITING
-      if admitting:
+      if admitting and req.swapped is None:
         req.num_computed_tokens = self.block_manager.match_prefix(req.request_id, req.all_token_ids)
         req.num_cached_tokens = req.num_computed_tokens
       n = min(chunk.num_tokens, req.num_pending_tokens)
       if n < 1 or not self.block_manager.allocate(req.request_id, req.num_computed_tokens + n):
         if admitting:
           self.block_manager.free(req.request_id)
-          req.num_computed_tokens = 0
+          req.num_computed_tokens = req.num_computed_tokens if req.swapped is not None else 0
         else:
           self._preempt(req)
         continue
+      if req.swapped is not None:  # Back from host memory into its new pages.
+        self.executor.swap_in(req.request_id, req.swapped)
+        req.swapped = None
       if admitting:
         self.waiting.remove(req.request_id)
         self.running.append(req.request_id)
@@ -291,16 +272,18 @@ class Engine:
 
   def _preempt(self, req: Request) -> None:
     if req.status is RequestStatus.RUNNING:
+      if self.config.preemption_mode == "swap":  # Its pages to host memory; it resumes where it stopped.
+        req.swapped = self.executor.swap_out(req.request_id, req.num_computed_tokens)
       self._release(req)
       req.status = RequestStatus.WAITING
-      req.num_computed_tokens = 0
+      req.num_computed_tokens = req.num_computed_tokens if req.swapped is not None else 0
       req.num_preemptions += 1
       self.num_preemptions += 1
       self.waiting.appendleft(req.request_id)
 
   def _end(self, req: Request, status: RequestStatus, now: float, reason: str) -> None:
     self._release(req)
-    req.status, req.finish_time, req.finish_reason = status, now, reason
+    req.status, req.finish_time, req.finish_reason, req.swapped = status, now, reason, None
 
   def _release(self, req: Request) -> None:
     """Takes the request out of the queues and frees its pages and its executor state."""

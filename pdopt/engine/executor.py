@@ -20,7 +20,7 @@ block manager (a speculative guess's); `release` drops them when a request ends 
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+from typing import Any, Protocol
 
 from pdopt.engine.request import Request
 
@@ -124,6 +124,13 @@ class Executor(Protocol):
 
   def release(self, request_id: str) -> None:
     """The request ended or was preempted: drop whatever the executor keeps for it."""
+
+  def swap_out(self, request_id: str, num_tokens: int) -> Any:
+    """Copies the K/V of the request's first `num_tokens` tokens to host memory (before the engine frees its
+    pages, to preempt it by swapping); returns what `swap_in` needs."""
+
+  def swap_in(self, request_id: str, swapped: Any) -> None:
+    """Writes `swapped` (from `swap_out`) back into the request's newly allocated pages."""
 
   def warmup(self) -> int:
     """Compiles every program serving can run; returns how many were compiled."""

@@ -7,7 +7,7 @@ import enum
 import functools
 import math
 import numbers
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -106,6 +106,8 @@ class Request:
   sampling: SamplingParams
   seed: int
   arrival_time: float
+  priority: int = 0  # Its class: 0 interactive, 1 batch (policies may order by it).
+  client: str = ""  # Who sent it (fairness across clients).
   all_token_ids: list[int] = dataclasses.field(default_factory=list)  # Prompt, then generated tokens.
   status: RequestStatus = RequestStatus.WAITING
   num_computed_tokens: int = 0
@@ -117,6 +119,8 @@ class Request:
   token_times: list[float] = dataclasses.field(default_factory=list)
   finish_time: float | None = None
   finish_reason: str | None = None
+  decode_stall_s: float = 0.0  # Seconds it spent decoding in steps that also ran prompt tokens, or waited on them.
+  swapped: Any = None  # Its K/V on the host while it is preempted by swapping (`EngineConfig.preemption_mode`).
 
   def __post_init__(self):
     if not self.all_token_ids:
@@ -154,11 +158,13 @@ class Request:
     """The request as a policy sees it: waiting (no pages held), or running with `num_pages_held` pages and
     shown `ahead` decode tokens further than it is (the steps in flight of an asynchronous executor)."""
     running = self.status is RequestStatus.RUNNING
+    # A request swapped out comes back with its computed tokens (their pages must fit again).
+    computed = self.num_computed_tokens + ahead if running or self.swapped is not None else 0
     return RequestView(
         request_id=self.request_id, arrival_time=self.arrival_time, prompt_len=self.prompt_len,
-        num_tokens=self.num_tokens + ahead, num_computed_tokens=self.num_computed_tokens + ahead if running else 0,
-        num_pages_held=num_pages_held, num_generated=self.num_generated + ahead,
-        max_tokens=self.sampling.max_tokens, is_running=running, first_token_time=self.first_token_time)
+        num_tokens=self.num_tokens + ahead, num_computed_tokens=computed, num_pages_held=num_pages_held,
+        num_generated=self.num_generated + ahead, max_tokens=self.sampling.max_tokens, is_running=running,
+        first_token_time=self.first_token_time, priority=self.priority, client=self.client)
 
   def stop(self, tokens: Sequence[int], eos: frozenset[int], max_model_len: int) -> tuple[int, str | None]:
     """Where the request ends among `tokens`, its next output tokens: (index of the last token it keeps, why)
@@ -185,7 +191,8 @@ class Request:
         arrival_time=self.arrival_time, first_scheduled_time=self.first_scheduled_time,
         first_token_time=self.first_token_time, token_times=tuple(self.token_times),
         finish_time=self.finish_time, status=status, reason=self.finish_reason,
-        slo_miss=self.status is RequestStatus.REJECTED)
+        slo_miss=self.status is RequestStatus.REJECTED, priority=self.priority, client=self.client,
+        decode_stall_s=self.decode_stall_s)
 
 
 @dataclasses.dataclass(frozen=True)

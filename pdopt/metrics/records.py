@@ -34,6 +34,10 @@ class RequestRecord:
       missing every SLO.
     kv_transfer_bytes: bytes of KV pages moved between instances for it (disaggregated serving; 0 if none).
     kv_transfer_s: seconds the move took (from the decode instance's pull to its arrival), or None.
+    priority: its class (0 interactive, 1 batch).
+    client: who sent it ("" if unknown).
+    decode_stall_s: seconds it spent decoding in steps that also ran prompt tokens, or waiting while such steps
+      ran (time behind prefills).
 
   Raises:
     ValueError: an unknown status (valid ones listed) or inconsistent fields, named.
@@ -51,6 +55,9 @@ class RequestRecord:
   slo_miss: bool = False
   kv_transfer_bytes: int = 0
   kv_transfer_s: float | None = None
+  priority: int = 0
+  client: str = ""
+  decode_stall_s: float = 0.0
 
   def __post_init__(self):
     rid = self.request_id

@@ -1,6 +1,6 @@
 """Scheduling policies behind one protocol; `make_scheduler(SchedulingConfig(policy=...))` picks one."""
 
-from pdopt.scheduling import chunked, decode_first, prefill_first, slo_aware  # noqa: F401  (register the policies)
+from pdopt.scheduling import chunked, decode_first, fair, prefill_first, slo_aware  # noqa: F401  (register them)
 from pdopt.scheduling.policy import (POLICIES, Plan, RequestView, ScheduledChunk, Scheduler, SchedulerView,
                                      SchedulingConfig, StepBuilder, is_decoding, make_scheduler,
                                      register)

@@ -38,6 +38,8 @@ class RequestView:
     max_tokens: generation limit.
     is_running: admitted and holding pages (False while waiting, including after preemption).
     first_token_time: when its first token came out, or None.
+    priority: its class (0 interactive, 1 batch).
+    client: who sent it ("" if unknown).
   """
   request_id: str
   arrival_time: float
@@ -49,6 +51,8 @@ class RequestView:
   max_tokens: int
   is_running: bool
   first_token_time: float | None = None
+  priority: int = 0
+  client: str = ""
 
   @property
   def num_pending(self) -> int:

@@ -71,11 +71,14 @@ class ModelSizes:
 @dataclasses.dataclass(frozen=True)
 class DeviceSpec:
   """A device's roofline: `memory_bandwidth` in bytes/s and `matmul_flops` in FLOP/s (dense bf16 matmuls on
-  accelerators, float32 on CPUs); `source` says where the numbers come from (a datasheet, a measurement)."""
+  accelerators, float32 on CPUs); `host_bandwidth` in bytes/s between the device and host memory (swapping
+  pages out and in; the default is PCIe 5.0 x16's usable rate, about 25 GB/s each way, where unmeasured);
+  `source` says where the numbers come from (a datasheet, a measurement)."""
   name: str
   memory_bandwidth: float
   matmul_flops: float
   source: str = "datasheet"
+  host_bandwidth: float = 25e9
 
 
 # Vendors' datasheets (dense, no sparsity), keyed by `jax.Device.device_kind`.
@@ -200,6 +203,18 @@ class StepCostModel:
     n = len(kv_lens)
     per_step = c[4] * m.attention_flops * n / d.matmul_flops + c[5] * m.kv_bytes_per_token * n / d.memory_bandwidth
     return first + per_step * np.arange(num_steps)
+
+  def alone_seconds(self, prompt_len: int, output_len: int, chunk: int) -> float:
+    """A request's end-to-end seconds alone on an idle engine: its prompt in chunks of at most `chunk` tokens
+    (the first token at the end of the last), then `output_len - 1` decode steps of one sequence."""
+    seconds, done = 0.0, 0
+    while done < prompt_len:
+      q = min(chunk, prompt_len - done)
+      seconds += self.seconds([q], [done + q])
+      done += q
+    if output_len > 1:
+      seconds += float(self.decode_block_seconds([prompt_len + 1], output_len - 1).sum())
+    return seconds
 
   def with_tensor_parallel(self, tp: int, allreduce: AllReduce) -> StepCostModel:
     """The model of the same shape sharded `tp` ways: weights, FLOPs and KV bytes per shard divided accordingly

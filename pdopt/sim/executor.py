@@ -147,6 +147,16 @@ class SimExecutor:
   def release(self, request_id: str) -> None:
     pass
 
+  def swap_out(self, request_id: str, num_tokens: int) -> int:
+    """Prices the copy of the request's pages to host memory (`DeviceSpec.host_bandwidth`); returns its bytes."""
+    pages = -(-num_tokens // self.page_size)
+    num_bytes = pages * self.page_size * self.step_cost.sizes.kv_bytes_per_token * self.step_cost.sizes.tensor_parallel
+    self._advance(num_bytes / self.step_cost.device.host_bandwidth, steps=0)
+    return num_bytes
+
+  def swap_in(self, request_id: str, swapped: int) -> None:
+    self._advance(swapped / self.step_cost.device.host_bandwidth, steps=0)
+
   def import_pages(self, request_id: str, kv, num_pages: int) -> None:
     """A request handed over from another simulated instance: its pages are allocated; there is no K/V."""
 

@@ -22,6 +22,8 @@ from pdopt.workloads.request import Workload, WorkloadRequest, mean_rate
 _ARRIVAL_STREAM = 0
 _PROMPT_LEN_STREAM = 1
 _OUTPUT_LEN_STREAM = 2
+_CLASS_STREAM = 3
+_CLIENT_STREAM = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,9 +119,18 @@ def make_workload(config: WorkloadConfig, *, max_model_len: int, vocab_size: int
                                     config.shared_prefix_len)
   name = config.name or config.kind
   order = np.argsort(times, kind="stable")
+  batch = np.random.default_rng([config.seed, _CLASS_STREAM]).random(n) < config.batch_fraction
+  if config.batch_min_prompt_len is not None:
+    batch |= p >= config.batch_min_prompt_len
+  clients = [""] * n
+  if config.num_clients:
+    weights = 1.0 / np.arange(1, config.num_clients + 1) ** config.client_skew
+    rng = np.random.default_rng([config.seed, _CLIENT_STREAM])
+    drawn = rng.choice(config.num_clients, n, p=weights / weights.sum())
+    clients = [f"client-{int(c)}" for c in drawn]
   requests = tuple(
       WorkloadRequest(request_id=f"{name}-{int(rows.row_ids[i])}", arrival_time=float(times[i]),
-                      prompt_token_ids=ids[i], max_tokens=int(o[i]))
+                      prompt_token_ids=ids[i], max_tokens=int(o[i]), priority=int(batch[i]), client=clients[i])
       for i in order)
   return Workload(name=name, requests=requests, num_clamped=num_clamped, mean_rate=mean_rate(times[order]),
                   source=rows.source)

@@ -42,6 +42,11 @@ class WorkloadConfig:
     low_token_id: prompt ids are drawn from [low_token_id, vocab_size), keeping special ids out.
     shared_prefix_fraction, num_shared_prefixes, shared_prefix_len: that fraction of requests start with one
       of the shared prefixes of that many tokens (prefix-cache experiments).
+    batch_fraction: that fraction of requests, drawn at random, are of the batch class (priority 1); the rest
+      are interactive (priority 0).
+    batch_min_prompt_len: requests with prompts of at least this many tokens are batch too (None: none by length).
+    num_clients: requests come from this many clients ("client-0", ...; 0: none), drawn with a Zipf-like skew
+      `client_skew` (0: uniform; 1: client k sends in proportion to 1 / (k + 1)).
   """
   kind: WorkloadKind = "synthetic"
   name: str | None = None
@@ -63,6 +68,10 @@ class WorkloadConfig:
   shared_prefix_fraction: float = 0.0
   num_shared_prefixes: int = 1
   shared_prefix_len: int = 0
+  batch_fraction: float = 0.0
+  batch_min_prompt_len: int | None = None
+  num_clients: int = 0
+  client_skew: float = 0.0
 
   def __post_init__(self):
     if self.kind not in WORKLOAD_KINDS:
@@ -115,6 +124,14 @@ class WorkloadConfig:
       raise ValueError(f"num_shared_prefixes must be >= 1, got {self.num_shared_prefixes!r}")
     if self.shared_prefix_len < 0:
       raise ValueError(f"shared_prefix_len must be >= 0, got {self.shared_prefix_len!r}")
+    if not 0.0 <= self.batch_fraction <= 1.0:
+      raise ValueError(f"batch_fraction must be in [0, 1], got {self.batch_fraction!r}")
+    if self.batch_min_prompt_len is not None and self.batch_min_prompt_len < 1:
+      raise ValueError(f"batch_min_prompt_len must be >= 1 or None, got {self.batch_min_prompt_len!r}")
+    if self.num_clients < 0:
+      raise ValueError(f"num_clients must be >= 0, got {self.num_clients!r}")
+    if not (self.client_skew >= 0 and math.isfinite(self.client_skew)):
+      raise ValueError(f"client_skew must be >= 0, got {self.client_skew!r}")
 
   @property
   def arrival_process(self) -> Arrival:

@@ -7,6 +7,10 @@ import dataclasses
 import numpy as np
 
 
+# Priority classes, by `WorkloadRequest.priority`: lower runs first where a policy orders by class.
+PRIORITY_CLASSES: tuple[str, ...] = ("interactive", "batch")
+
+
 @dataclasses.dataclass(frozen=True)
 class WorkloadRequest:
   """One request of a workload.
@@ -17,11 +21,15 @@ class WorkloadRequest:
     arrival_time: seconds from the start of the run (the first request of a workload arrives at 0.0).
     prompt_token_ids: the prompt, `prompt_len` token ids.
     max_tokens: how many tokens to generate (the trace's output length, after clamping).
+    priority: its class: 0 interactive, 1 batch (`PRIORITY_CLASSES`).
+    client: who sent it ("" when the workload has no clients).
   """
   request_id: str
   arrival_time: float
   prompt_token_ids: tuple[int, ...]
   max_tokens: int
+  priority: int = 0
+  client: str = ""
 
   @property
   def prompt_len(self) -> int:

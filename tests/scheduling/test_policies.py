@@ -411,6 +411,8 @@ SIM_CASES = [
     dict(policy="prefill_first"),
     dict(policy="slo_aware"),
     dict(policy="slo_aware", tpot_slo_ms=5.0),
+    dict(policy="fair"),
+    dict(policy="fair", chunk_size=16),
 ]
 
 

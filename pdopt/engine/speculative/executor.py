@@ -146,7 +146,7 @@ class SpeculativeExecutor(DeviceExecutor):
     self.proposer.check_no_leaks(idle)
 
   def stats(self) -> dict[str, float]:
-    return self.spec_stats.as_dict()
+    return {**super().stats(), **self.spec_stats.as_dict()}
 
   def warmup_calls(self) -> list[runner_lib.WarmupCall]:
     """Verification (greedy and sampled) and the draft's passes for every shape bucket, besides the step."""
