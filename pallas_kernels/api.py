@@ -10,7 +10,8 @@
   reference runs instead). On CPU, "auto" is the reference.
 
 Kernels per platform: on GPU a mixed batch goes to the decode and prefill kernels (`mixed_batch`), on TPU to
-one ragged paged attention kernel (`ragged_paged`). Under `tpu_interpret_mode` the platform is "tpu" whatever
+one ragged paged attention kernel (`ragged_paged`), which under a mesh (`jax.set_mesh`) that splits the heads
+runs on each device's heads (`sharded`). Under `tpu_interpret_mode` the platform is "tpu" whatever
 the device, and the TPU kernels run in JAX's TPU interpreter: the engine's TPU path, tested on a CPU.
 
 The choice is made at trace time, so it costs nothing per step.
@@ -117,8 +118,10 @@ def _mixed_kernel() -> Callable:
 
 
 def _tpu_kernel() -> Callable:
-  from pallas_kernels.ragged_paged import ragged_paged_attention  # pylint: disable=import-outside-toplevel
-  return ragged_paged_attention
+  # pylint: disable=import-outside-toplevel
+  from pallas_kernels import ragged_paged
+  from pallas_kernels.sharded import per_device_heads
+  return per_device_heads(ragged_paged.ragged_paged_attention)
 
 
 ATTENTION_KERNELS: Mapping[str, Loader] = {"gpu": _mixed_kernel, "tpu": _tpu_kernel}
