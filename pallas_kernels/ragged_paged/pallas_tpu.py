@@ -499,6 +499,7 @@ def ragged_paged_attention(
                            v_scales=v_scales, compiled=compiled)
   sizes = block_sizes or tuning.lookup(tuning.current_generation(), q.dtype, k_pages.dtype, q.shape[2])
   plan = make_plan(q.shape, q.dtype, k_pages.shape, k_pages.dtype, page_table.shape[1], sizes, scales)
+  # Twice the plan leaves Mosaic room for its own scratch; the tuning budgets keep it under each chip's VMEM.
   vmem_limit = max(32 * 1024 * 1024, 2 * vmem_bytes(plan, q.dtype, k_pages.dtype))
   return _forward(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, k_scales, v_scales,
                   sm_scale=float(sm_scale), sliding_window=sliding_window, decode_only=bool(decode_only),

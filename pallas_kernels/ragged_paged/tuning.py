@@ -97,14 +97,17 @@ def build_table(entries: Iterable[tuple[TuningKey, BlockSizes]]) -> Mapping[Tuni
   return table
 
 
-# Per generation: (block_rows, block_kv, VMEM planned). Rows match the MXU (128 wide on v5e, 256 on v6e and
-# v7); 512-key steps give a prompt chunk 128-256 x 512 score tiles and a decode 32 pages of 16 tokens per DMA
-# wave; v7 (3.7 TB/s per TensorCore) takes 1024-key steps so a decode step's fixed cost stays small against
-# its copy time. The VMEM plan stays under the smallest scoped default (16 MiB on v5e).
+# Per generation: (block_rows, block_kv, VMEM planned). A query block re-reads its sequences' K/V, and does R
+# FLOPs per byte of bf16 K/V it reads (4 * D FLOPs per row and key against 2 * D * 2 bytes): a prompt chunk is
+# compute-bound only with R above the chip's ridge point (bf16 FLOP/s over HBM B/s per TensorCore: v5e 240,
+# v6e 561, v7 312), so R is the next power of two above it. Decodes take sub-tiles whatever R is. 512-key steps
+# move 2 MB of bf16 K/V per DMA wave at 8 KV heads; v7 (3.7 TB/s per TensorCore) takes 1024 so that a step's
+# fixed cost stays small against its copy time. The VMEM plan leaves Mosaic room under each chip's capacity
+# (128 MiB on v5e and v6e, 64 MiB on v7).
 _PER_GENERATION = {
-    Generation.V5E: (128, 512, 12 * 1024 * 1024),
-    Generation.V6E: (256, 512, 24 * 1024 * 1024),
-    Generation.V7: (256, 1024, 24 * 1024 * 1024),
+    Generation.V5E: (256, 512, 24 * 1024 * 1024),
+    Generation.V6E: (1024, 512, 48 * 1024 * 1024),
+    Generation.V7: (512, 1024, 24 * 1024 * 1024),
 }
 
 
