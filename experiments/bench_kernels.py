@@ -1,7 +1,8 @@
-"""Kernel benchmarks on one accelerator: `python -m experiments.bench_kernels {prefill,decode} --out=FILE.json`.
+"""Kernel benchmarks on one accelerator: `python -m experiments.bench_kernels {prefill,decode,tpu} --out=FILE.json`.
 
 Each subcommand times pdopt's kernel and its peers in one run on one card, checks correctness against the
-`jnp` reference in the same run, prints a table and writes every number to `--out`.
+`jnp` reference in the same run, prints a table and writes every number to `--out`. `prefill` and `decode`
+need a GPU; `tpu` (ragged paged attention) a TPU, and without one prints the expected rooflines.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ _QUICK = flags.DEFINE_bool("quick", False, "Fewer shapes and repetitions (smoke 
 
 
 def main(argv: list[str]) -> None:
-  commands = ("prefill", "decode")
+  commands = ("prefill", "decode", "tpu")
   if len(argv) != 2 or argv[1] not in commands:
     raise app.UsageError(f"usage: python -m experiments.bench_kernels {{{','.join(commands)}}} --out=FILE.json")
   if argv[1] == "prefill":
     from pdopt.benchmark import prefill_attention as bench  # pylint: disable=import-outside-toplevel
+  elif argv[1] == "tpu":
+    from pdopt.benchmark import tpu_attention as bench  # pylint: disable=import-outside-toplevel
   else:
     from pdopt.benchmark import decode_attention as bench  # pylint: disable=import-outside-toplevel
   bench.run(out=_OUT.value, quick=_QUICK.value)

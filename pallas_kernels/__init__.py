@@ -5,6 +5,9 @@ Layout:
     reference.py    the `jnp` references: the semantics each kernel reproduces (and pdopt's attention on CPU)
     api.py          `ragged_paged_attention`, the model's attention, and the choice of backend (`dispatch`)
     mixed_batch.py  a ragged batch of prompt chunks and decodes through the two attention kernels in one call
+                    (GPU)
+    ragged_paged/   the same batch in one kernel on TPU (`pallas_tpu.py`: Mosaic TPU, also run in TPU
+                    interpret mode on CPU; `tuning.py`: block sizes by TPU generation)
     flash_prefill/  one folder per kernel, one file per backend (`pallas_triton.py`: Triton lowering, also
     paged_decode/   run by the Pallas interpreter; `pallas_mgpu.py`: Mosaic GPU); `__init__` is the entry
     fused_layer/    point and picks the backend where there are two; `paged_decode/common.py` holds what its

@@ -10,6 +10,7 @@ shape buckets; `num_compilations` counts the shapes compiled so far.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import os
@@ -186,6 +187,7 @@ class ModelRunner:
     self.attention_backend = attention_backend
     self.cache = empty_cache(model.config, num_pages, page_size, kv_quant=kv_quant)
     self._batch_sharding = None
+    self._mesh = mesh
     self._fn = _shared_jit(_step_impl)
     if mesh is None:
       # One plain placement for state and cache: parameters restored by orbax carry a mesh sharding, and a
@@ -238,7 +240,8 @@ class ModelRunner:
     """
     step = batch if isinstance(batch, TransferredStep) else self.put(batch)
     fn, args = self._program(step)
-    (tokens, logits, sampling), self.cache = fn(*args)
+    with self._mesh_context():
+      (tokens, logits, sampling), self.cache = fn(*args)
     return _sample(logits, sampling) if step.samples else tokens
 
   def call(self, program, batch: StepBatch, fetch: bool = True):
@@ -266,11 +269,18 @@ class ModelRunner:
     if program is not None:
       self._check_variants()
     fn, args = self._program(self.put(batch), program)
-    return fn.lower(*args)
+    with self._mesh_context():
+      return fn.lower(*args)
 
   def _check_variants(self) -> None:
     if self._batch_sharding is not None:
       raise NotImplementedError("step variants (speculative decoding, chained decode steps) do not run on a mesh yet")
+
+  def _mesh_context(self):
+    """The runner's mesh as the context of its sharded steps (`jax.set_mesh`), so that their attention kernels
+    run on each device's heads (`pallas_kernels.sharded`); jit's shardings alone do not tell a traced function
+    its mesh, and a Pallas kernel's operands would be gathered onto one device."""
+    return jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext()
 
   def _program(self, step: TransferredStep, program=None):
     """The jitted function and its arguments that run a transferred batch: the step (`program` None) or

@@ -175,13 +175,15 @@ def fused_backend(meta: AttentionMetadata, attention_backend: str, num_tokens: i
 
   Decode steps only: there a step is the weights' bytes plus a launch per kernel, and the fusion saves
   launches; a prompt's matmuls are compute-bound and XLA's GEMMs run them faster. Inputs the kernel does not
-  serve (quantized caches) fall back to the reference whatever the attention backend.
+  serve (quantized caches) fall back to the reference whatever the attention backend. The kernel is a GPU
+  kernel: on TPU `dispatch` finds none for the platform and the model takes its unfused path, which XLA fuses
+  on its own, while attention still goes to the TPU kernel.
   """
   reference = attention_api.Backend.parse(attention_backend) is attention_api.Backend.REFERENCE
   return "auto" if meta.decode_only and num_tokens <= FUSED_MAX_TOKENS and not reference else "reference"
 
 
-def _fused_qkv_kernel():
+def _fused_qkv_kernel():  # a bare loader is a GPU kernel's (`attention_api.dispatch`)
   from pallas_kernels.fused_layer import norm_qkv_rope_write as kernel  # pylint: disable=import-outside-toplevel
   return kernel
 
