@@ -7,7 +7,7 @@ tensor-parallel degree 2 with the all-reduce bandwidth measured on the lent 2-GP
 of the Azure LLM inference trace (2023, conversation) with their arrival pattern scaled to each rate the
 bisection tries, TTFT 2 s and TPOT 100 ms for 90% of the requests. The space: `chunked` and `prefill_first`,
 token budgets 512 and 2048, chunks 256 and 512, 64 or 128 sequences, 1-8 replicas or 1P1D-4P4D splits,
-TP 1 and 2 (232 candidates). Fields: `pdopt/benchmark/deployment_search.py`.
+TP 1 and 2 (304 candidates). Fields: `pdopt/benchmark/deployment_search.py`.
 """
 
 from pdopt.benchmark.deployment_search import default_search_config

@@ -124,12 +124,12 @@ def replay_deployment(deployment: deploy.Deployment, workload: Workload, *, prog
         deployment.poll(min(poll, max(0.0, arrival - clock())))
       try:
         deployment.add_request(request.prompt_token_ids, sampling_params(request), request_id=request.request_id,
-                               arrival_time=arrival)
+                               arrival_time=arrival, priority=request.priority, client=request.client)
       except ValueError as e:
         refused[request.request_id] = RequestRecord(
             request_id=request.request_id, prompt_len=request.prompt_len, output_len=0, arrival_time=arrival,
             finish_time=max(arrival, clock()), status="rejected", reason=f"refused at submission: {e}",
-            slo_miss=True)
+            slo_miss=True, priority=request.priority, client=request.client)
       bar.n = len(deployment.ended) + len(refused)
       bar.refresh()
     while deployment.has_unfinished():

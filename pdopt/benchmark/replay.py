@@ -114,12 +114,14 @@ def replay(engine: Engine, workload: Workload, *, progress: bool = True, desc: s
         try:
           rid = engine.add_request(request.prompt_token_ids,
                                    sampling_params(request, temperature=temperature, ignore_eos=ignore_eos),
-                                   request_id=request.request_id, arrival_time=arrival)
+                                   request_id=request.request_id, arrival_time=arrival,
+                                   priority=request.priority, client=request.client)
         except ValueError as e:
           num_refused += 1
           slots.append(RequestRecord(request_id=request.request_id, prompt_len=request.prompt_len, output_len=0,
                                      arrival_time=arrival, finish_time=max(arrival, clock()), status="rejected",
-                                     reason=f"refused at submission: {e}", slo_miss=True))
+                                     reason=f"refused at submission: {e}", slo_miss=True,
+                                     priority=request.priority, client=request.client))
           bar.update(1)
           continue
         slots.append(rid)
@@ -165,6 +167,7 @@ def _abort_rest(engine: Engine, unsubmitted, start: float, now: float, slots: li
     arrival = start + request.arrival_time
     slots.append(RequestRecord(request_id=request.request_id, prompt_len=request.prompt_len, output_len=0,
                                arrival_time=arrival, finish_time=max(arrival, now), status="aborted",
-                               reason=f"{reason} before it was submitted", slo_miss=True))
+                               reason=f"{reason} before it was submitted", slo_miss=True,
+                               priority=request.priority, client=request.client))
     count += 1
   return count

@@ -127,7 +127,8 @@ class Instance:
         self._ids[rid] = payload["rid"]
         arrival = min(payload["arrival_time"], self.engine.clock())  # Another host's clock may run ahead.
         try:
-          self.engine.add_request(payload["prompt"], payload["params"], request_id=rid, arrival_time=arrival)
+          self.engine.add_request(payload["prompt"], payload["params"], request_id=rid, arrival_time=arrival,
+                                  priority=payload["priority"], client=payload["client"])
         except ValueError as e:
           self._send("ended", [{"rid": payload["rid"], "refused": str(e)}])
       case "import":

@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 from pdopt.deploy.config import DeploymentConfig, Role, host_of
 from pdopt.deploy.instance import AUTHKEY_ENV, InstanceSpec
 from pdopt.deploy.routing import Routing
-from pdopt.engine.request import SamplingParams, validate_request
+from pdopt.engine.request import SamplingParams, checked_int, validate_request
 from pdopt.metrics import RequestRecord
 from pdopt.models.source import ModelSource
 
@@ -45,6 +45,8 @@ class _Request:
   prompt: tuple[int, ...]
   params: SamplingParams
   arrival_time: float
+  priority: int = 0
+  client: str = ""
   instance: int = -1  # where it is now (a prefill instance until its handoff is imported)
   engine_id: str = ""  # its id on that instance's engine
   attempts: int = 0
@@ -197,8 +199,10 @@ class Deployment:
   # ------------------------------------------------------------------ requests
 
   def add_request(self, prompt_token_ids: Sequence[int], sampling_params: SamplingParams | None = None,
-                  request_id: str | None = None, arrival_time: float | None = None) -> str:
-    """Routes a request to a front instance (replicas, or prefill instances).
+                  request_id: str | None = None, arrival_time: float | None = None, priority: int = 0,
+                  client: str = "") -> str:
+    """Routes a request to a front instance (replicas, or prefill instances); `priority` and `client` as in
+    `Engine.add_request`.
 
     Raises:
       ValueError: bad input (as `Engine.add_request` names it), a duplicate id, or no live front instance.
@@ -209,7 +213,8 @@ class Deployment:
     rid = str(request_id) if request_id is not None else f"r{len(self.requests) + len(self.ended)}"
     if rid in self.requests or rid in self.ended:
       raise ValueError(f"request_id {rid!r} is already in use")
-    req = _Request(rid, prompt, params, self.clock() if arrival_time is None else arrival_time)
+    req = _Request(rid, prompt, params, self.clock() if arrival_time is None else arrival_time,
+                   checked_int("priority", priority, low=0), str(client))
     self.requests[rid] = req
     self._start(req)
     return rid
@@ -240,7 +245,7 @@ class Deployment:
     req.instance, req.engine_id, req.importing_to = inst.index, f"{req.rid}#{req.attempts}", -1
     inst.load.add(req.rid)
     self._send(inst, "add", {"rid": req.rid, "engine_id": req.engine_id, "prompt": req.prompt, "params": req.params,
-                             "arrival_time": req.arrival_time})
+                             "arrival_time": req.arrival_time, "priority": req.priority, "client": req.client})
 
   def _end(self, req: _Request, status: str, reason: str, record: RequestRecord | None = None,
            tokens: Sequence[int] = ()) -> None:
@@ -250,7 +255,8 @@ class Deployment:
     if record is None:
       record = RequestRecord(request_id=req.rid, prompt_len=len(req.prompt), output_len=0,
                              arrival_time=req.arrival_time, finish_time=max(req.arrival_time, self.clock()),
-                             status=status, reason=reason, slo_miss=True)
+                             status=status, reason=reason, slo_miss=True, priority=req.priority,
+                             client=req.client)
     else:
       moved = self.transfers.get(req.rid)
       record = dataclasses.replace(record, request_id=req.rid, kv_transfer_bytes=moved[0] if moved else 0,

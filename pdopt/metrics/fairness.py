@@ -14,14 +14,17 @@ Only finished requests have a slowdown; requests that did not finish are counted
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from pdopt.metrics.latency import request_latency
 from pdopt.metrics.records import RequestRecord
+from pdopt.metrics.serving import compute_metrics, metrics_to_dict
+from pdopt.metrics.slo import Slo
+from pdopt.workloads.request import PRIORITY_CLASSES
 
-CLASS_NAMES: dict[int, str] = {0: "interactive", 1: "batch"}
+CLASS_NAMES: dict[int, str] = dict(enumerate(PRIORITY_CLASSES))
 
 
 def jain_index(values: Sequence[float]) -> float:
@@ -81,3 +84,22 @@ def fairness_metrics(records: Sequence[RequestRecord], ideal_e2el: Mapping[str, 
 def class_of(record: RequestRecord) -> str:
   """The name of the record's priority class."""
   return CLASS_NAMES.get(record.priority, f"priority-{record.priority}")
+
+
+def ideal_latencies(records: Sequence[RequestRecord], alone: Callable[[int, int], float]) -> dict[str, float]:
+  """{request_id: seconds} of each finished request alone on an idle engine: `alone(prompt_len, output_len)`,
+  e.g. `lambda p, o: step_cost.alone_seconds(p, o, chunk)`."""
+  return {r.request_id: alone(r.prompt_len, r.output_len) for r in records if r.status == "finished"}
+
+
+def class_metrics(records: Sequence[RequestRecord], slo: str | Slo | None, duration: float,
+                  class_slos: Mapping[int, str | Slo] | None = None) -> dict[str, dict[str, Any]]:
+  """{class name: every serving metric of that class's requests (vLLM's names)}, each class judged against its
+  own SLO (`class_slos`, else `slo`), throughputs over the whole run's `duration`; classes in priority order."""
+  class_slos = class_slos or {}
+  out = {}
+  for priority in sorted({r.priority for r in records}):
+    subset = [r for r in records if r.priority == priority]
+    m = compute_metrics(subset, slo=class_slos.get(priority, slo), duration=duration)
+    out[class_of(subset[0])] = metrics_to_dict(m)
+  return out

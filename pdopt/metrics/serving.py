@@ -113,13 +113,16 @@ def run_duration(records: Sequence[RequestRecord]) -> float:
 
 
 def compute_metrics(records: Sequence[RequestRecord], slo: str | Mapping[str, float] | Slo | None = None,
-                    duration: float | None = None) -> ServingMetrics:
+                    duration: float | None = None,
+                    class_slos: Mapping[int, str | Mapping[str, float] | Slo] | None = None) -> ServingMetrics:
   """Aggregates a run's request records.
 
   Args:
     records: every request submitted in the run, whatever its status.
     slo: the SLO for goodput and attainment ("ttft:2000 tpot:100", ms; see `parse_slo`), or None.
     duration: the run's length in seconds; None measures it from the records (`run_duration`).
+    class_slos: {priority: SLO} for classes judged against their own SLO (e.g. {1: "e2el:600000"} for batch
+      requests); the others are judged against `slo`. `slo` in the result names `slo` alone.
 
   Returns:
     The metrics; throughputs are 0.0 when the duration is 0.
@@ -128,6 +131,7 @@ def compute_metrics(records: Sequence[RequestRecord], slo: str | Mapping[str, fl
     ValueError: a bad SLO (named) or a negative duration.
   """
   bounds = parse_slo(slo)
+  class_bounds = {int(k): parse_slo(v) for k, v in (class_slos or {}).items()}
   if duration is None:
     duration = run_duration(records)
   if duration < 0:
@@ -138,7 +142,7 @@ def compute_metrics(records: Sequence[RequestRecord], slo: str | Mapping[str, fl
   total_input = total_output = 0
   for record in records:
     latency = request_latency(record)
-    good += bounds.met_by(record, latency)
+    good += class_bounds.get(record.priority, bounds).met_by(record, latency)
     if record.status == "aborted":
       aborted += 1
     elif record.status == "rejected":

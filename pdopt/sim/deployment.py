@@ -182,12 +182,13 @@ def simulate_deployment(config: DeploymentConfig, model: ModelConfig, step_cost:
       params = SamplingParams(max_tokens=request.max_tokens, ignore_eos=True)
       try:
         inst.engine.add_request(request.prompt_token_ids, params, request_id=request.request_id,
-                                arrival_time=t_arrival)
+                                arrival_time=t_arrival, priority=request.priority, client=request.client)
         inst.ids[request.request_id] = request.request_id
       except ValueError as e:
         ended[request.request_id] = RequestRecord(
             request_id=request.request_id, prompt_len=request.prompt_len, output_len=0, arrival_time=t_arrival,
-            finish_time=t_arrival, status="rejected", reason=f"refused at submission: {e}", slo_miss=True)
+            finish_time=t_arrival, status="rejected", reason=f"refused at submission: {e}", slo_miss=True,
+            priority=request.priority, client=request.client)
     elif t_delivery <= t_step:
       t, _, dst, req, rid, pages, seconds = heapq.heappop(deliveries)
       inst = instances[dst]

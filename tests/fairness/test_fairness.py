@@ -11,7 +11,8 @@ import pytest
 import pdopt
 from pdopt import workloads
 from pdopt.metrics import RequestRecord
-from pdopt.metrics.fairness import fairness_metrics, jain_index, slowdowns
+from pdopt.metrics import compute_metrics
+from pdopt.metrics.fairness import class_metrics, fairness_metrics, ideal_latencies, jain_index, slowdowns
 from pdopt.scheduling import RequestView, SchedulerView, SchedulingConfig, make_scheduler
 
 VOCAB = 512
@@ -45,6 +46,21 @@ def test_fairness_metrics_by_hand():
   assert m["jain_slowdown_by_client"] == {"x": pytest.approx(36 / 40), "y": 1.0}
   assert m["jain_slowdown_across_clients"] == pytest.approx(25 / (2 * 13))
   assert m["decode_stall_s_mean"] == pytest.approx(0.75 / 4) and m["unfinished"] == 1
+
+
+def test_class_slos_and_class_metrics_by_hand():
+  # a: 2 s, b: 4 s (interactive); c: 2 s, d: 1 s (batch). Interactive SLO e2el 3 s, batch 1.5 s.
+  records = [_record("a", 0.0, 2.0, 0), _record("b", 0.0, 4.0, 0), _record("c", 1.0, 3.0, 1), _record("d", 1.0, 2.0, 1)]
+  overall = compute_metrics(records, slo="e2el:3000", duration=4.0, class_slos={1: "e2el:1500"})
+  assert overall.request_goodput == pytest.approx(2 / 4.0)  # a and d.
+  assert compute_metrics(records, slo="e2el:3000", duration=4.0).request_goodput == pytest.approx(3 / 4.0)
+  by_class = class_metrics(records, "e2el:3000", 4.0, {1: "e2el:1500"})
+  assert list(by_class) == ["interactive", "batch"]
+  assert by_class["interactive"]["completed"] == 2 and by_class["interactive"]["slo_attainment"] == 0.5
+  assert by_class["batch"]["slo"] == "e2el:1500" and by_class["batch"]["slo_attainment"] == 0.5
+  assert by_class["batch"]["median_e2el_ms"] == pytest.approx(1500.0)
+  ideal = ideal_latencies(records, lambda prompt_len, output_len: 0.5 * prompt_len + output_len)
+  assert ideal == {"a": 4.0, "b": 4.0, "c": 4.0, "d": 4.0}
 
 
 def test_workload_classes_and_clients():
