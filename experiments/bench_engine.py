@@ -17,6 +17,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 from absl import app, flags  # noqa: E402
 
+from pdopt.benchmark import cli  # noqa: E402
 from pdopt.benchmark import engine_speed as bench  # noqa: E402
 from pdopt.scheduling import POLICIES  # noqa: E402
 
@@ -37,16 +38,16 @@ _STEPS = flags.DEFINE_integer("num_scheduler_steps", 1,
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}; valid: flags only")
   unknown = [p for p in _POLICIES.value if p not in POLICIES]
   if unknown:
-    raise app.UsageError(f"--serving_policies: unknown policy {unknown[0]!r}; valid: {', '.join(sorted(POLICIES))}")
+    cli.fail(f"--serving_policies: unknown policy {unknown[0]!r}; valid: {', '.join(sorted(POLICIES))}")
   try:
     batches = tuple(int(b) for b in _BATCHES.value)
   except ValueError:
-    raise app.UsageError(f"--decode_batches={','.join(_BATCHES.value)}: not integers") from None
+    cli.fail(f"--decode_batches={','.join(_BATCHES.value)}: not integers")
   if len(set(batches)) != len(batches) or min(batches, default=0) < 1:
-    raise app.UsageError(f"--decode_batches={','.join(_BATCHES.value)}: valid: distinct integers >= 1")
+    cli.fail(f"--decode_batches={','.join(_BATCHES.value)}; valid: distinct integers >= 1")
   settings = bench.Settings(
       models=tuple(_MODELS.value), parts=tuple(_PARTS.value),
       decode_batches=batches, context=_CONTEXT.value,
@@ -61,4 +62,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser())
