@@ -282,7 +282,7 @@ def bench_generate(model, s: Settings, hf_model) -> list[dict[str, Any]]:
   for batch in s.hf_batches:
     prompts = _random_prompts(rng, batch, s.hf_prompt_len, c.vocab_size)
     # 8192 tokens per step (vLLM's default budget): the batch-64 prompts take 4 steps instead of 16, which
-    # measured 0.60 vs 0.70 s for the whole 1B run (BENCHMARKS.md, (d)).
+    # measured 0.60 vs 0.70 s for the whole 1B run on an H200 (2026-11-28).
     engine = _engine(model, batch, s.hf_prompt_len + s.hf_new_tokens, budget=max(8192, s.hf_prompt_len),
                      policy="chunked", async_decode=s.async_decode, scheduler_steps=s.scheduler_steps)
     params = pdopt.SamplingParams(max_tokens=s.hf_new_tokens, ignore_eos=True)
