@@ -269,7 +269,10 @@ def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
   say = print_fn if print_fn is not None and writing else (lambda _: None)
   run_dir = pathlib.Path(config.results_dir) / config.run_name
   if writing:
-    run_dir = results.prepare_run_dir(config.results_dir, config.run_name, overwrite)
+    try:
+      run_dir = results.prepare_run_dir(config.results_dir, config.run_name, overwrite)
+    except ValueError as e:
+      raise config_lib.ConfigError(str(e)) from e
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str) + "\n")
   origin = results.provenance()
 
