@@ -8,6 +8,7 @@ from __future__ import annotations
 from absl import app, flags
 
 import pdopt
+from pdopt.benchmark import cli
 from pdopt.models import pretrained
 
 _PROMPT = flags.DEFINE_string("prompt", "def fib(n):", "Text to complete.")
@@ -19,11 +20,11 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}; valid: flags only (--prompt=..., --max_tokens=...)")
   try:
     model = pretrained.load_pretrained(_MODEL.value)
   except ValueError as e:
-    raise app.UsageError(str(e)) from e
+    cli.fail(f"--model: {e}")
   tok = pretrained.tokenizer(_MODEL.value)
   prompt = tok.encode(_PROMPT.value, add_bos=True)
   engine = pdopt.Engine(model, pdopt.EngineConfig(policy="chunked", page_size=16, num_pages=64,
@@ -35,4 +36,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser())

@@ -13,6 +13,7 @@ import json
 from absl import app, logging
 from ml_collections import config_flags
 
+from pdopt.benchmark import cli
 from pdopt.training import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (configs/train_tiny.py).",
@@ -21,14 +22,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (conf
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}; valid: flags only")
   if _CONFIG.value is None:
-    raise app.UsageError("--config=configs/train_tiny.py is required")
-  logging.set_verbosity(logging.INFO)
+    cli.fail("--config is required; valid: configs/train_tiny.py")
+  logging.set_verbosity(logging.INFO)  # the training's progress lines
   summaries = train.run(_CONFIG.value)
   print(json.dumps({name: {k: s[k] for k in ("num_params", "final_train_loss_last20_mean", "eval", "verify")}
                     for name, s in summaries.items()}, indent=2))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser(documented_in="configs/train_tiny.py"))

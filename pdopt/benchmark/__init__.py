@@ -11,7 +11,7 @@ against their peers), `engine_speed` (the engine against its roofline and `trans
 from pdopt import benchmark
 out = benchmark.run_experiment({"run_name": "demo", "policies": "chunked,prefill_first",
                                 "workload": {"kind": "synthetic", "num_requests": 20, "rate": 4.0}})
-out["metrics"]["chunked"]["p99_itl_ms"]
+out["metrics"]["chunked"]["p99_itl_ms"]   # with config "rates": "2,4", out["metrics"]["chunked@4"]
 ```
 
 or, piece by piece (what `notebooks/policy_comparison.ipynb` does):
@@ -24,17 +24,17 @@ run = benchmark.run_policy(model, workload, benchmark.engine_config(config, "chu
 ```
 """
 
-from pdopt.benchmark.config import (as_config, default_config, engine_config, parse_policies, parse_rates,
-                                    workload_config)
+from pdopt.benchmark.config import (ConfigError, as_config, default_config, engine_config, parse_policies,
+                                    parse_rates, workload_config)
 from pdopt.benchmark.experiment import (ENGINE_STATS_KEYS, PolicyRun, build_model, build_workload, compare,
                                         enable_compilation_cache, rate_key, run_experiment, run_policy,
-                                        serve_remote_instances)
+                                        serve_remote_instances, validate_config)
 from pdopt.benchmark.replay import ReplayResult, replay, sampling_params
 from pdopt.sim.clock import VirtualClock
 
 __all__ = [
-    "ENGINE_STATS_KEYS", "PolicyRun", "ReplayResult", "VirtualClock", "as_config", "build_model", "build_workload",
-    "compare", "default_config", "enable_compilation_cache", "engine_config", "parse_policies",
-    "parse_rates", "rate_key", "replay", "run_experiment", "run_policy", "sampling_params",
-    "serve_remote_instances", "workload_config",
+    "ConfigError", "ENGINE_STATS_KEYS", "PolicyRun", "ReplayResult", "VirtualClock", "as_config", "build_model",
+    "build_workload", "compare", "default_config", "enable_compilation_cache", "engine_config", "parse_policies",
+    "parse_rates", "rate_key", "replay", "run_experiment", "run_policy", "sampling_params", "serve_remote_instances",
+    "validate_config", "workload_config",
 ]

@@ -61,6 +61,7 @@ milliseconds, sizes in tokens unless said otherwise):
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from typing import Any, Mapping
 
 import ml_collections
@@ -71,6 +72,11 @@ from pdopt.engine.speculative import SpeculativeConfig
 from pdopt.metrics import Slo, parse_slo
 from pdopt.scheduling import POLICIES
 from pdopt.workloads import WorkloadConfig
+from pdopt.workloads import traces
+
+
+class ConfigError(ValueError):
+  """An experiment config that cannot run; the message names the field, its value and what is valid."""
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -233,6 +239,30 @@ def workload_config(config: ml_collections.ConfigDict, rate: float | None = None
   if fields.get("time_window") is not None:
     fields["time_window"] = tuple(fields["time_window"])
   return WorkloadConfig(**fields)
+
+
+def check_paths(config: ml_collections.ConfigDict) -> None:
+  """Checks that the files the config names exist: `hf_dir`, `workload.path` and `cost_model`.
+
+  Raises:
+    ValueError: a missing file or directory, named with what would be valid.
+  """
+  if config.hf_dir and not (pathlib.Path(config.hf_dir).expanduser() / "config.json").is_file():
+    what = "has no config.json" if pathlib.Path(config.hf_dir).expanduser().is_dir() else "does not exist"
+    raise ValueError(f"config.hf_dir={config.hf_dir!r} {what}; valid: a Hugging Face checkpoint directory "
+                     "(config.json and *.safetensors), or '' to use config.model")
+  if config.workload.path:
+    try:
+      traces.resolve_trace_path(config.workload.path)
+    except ValueError:
+      shipped = ", ".join(sorted(str(f.relative_to(traces.REPO_ROOT))
+                                 for f in traces.DEFAULT_TRACE_DIR.glob("*.csv")))
+      raise ValueError(f"config.workload.path={config.workload.path!r}: no such file; valid: a trace file, "
+                       f"absolute or relative to the working directory or the repository (shipped: {shipped})"
+                       ) from None
+  if config.cost_model and not pathlib.Path(config.cost_model).expanduser().is_file():
+    raise ValueError(f"config.cost_model={config.cost_model!r}: no such file; valid: a step-cost file of "
+                     "`python -m experiments.profile_steps` (shipped: pdopt/step_costs/*.json), or ''")
 
 
 BACKENDS = ("real", "sim")

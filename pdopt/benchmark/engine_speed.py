@@ -65,10 +65,17 @@ class Settings:
   scheduler_steps: int = 1  # EngineConfig.num_scheduler_steps (with async_decode) for every engine
 
 
+QUICK_DECODE_BATCHES = (1, 4)  # decode batch sizes of a smoke run unless others are asked for
+
+
 def quick(s: Settings) -> Settings:
-  """A smoke-run version of `s`: the `tiny` preset, short contexts and generations, few requests."""
-  return dataclasses.replace(s, models=("tiny",), decode_batches=tuple(min(b, 4) for b in s.decode_batches),
-                             context=128,
+  """A smoke-run version of `s`: the `tiny` preset, short contexts and generations, few requests.
+
+  Decode batch sizes other than the default ones are kept as asked; the default ones become
+  `QUICK_DECODE_BATCHES`.
+  """
+  batches = QUICK_DECODE_BATCHES if s.decode_batches == Settings.decode_batches else s.decode_batches
+  return dataclasses.replace(s, models=("tiny",), decode_batches=tuple(batches), context=128,
                              decode_steps=4, hf_batches=(1, 2), hf_prompt_len=32, hf_new_tokens=8,
                              serving_requests=12, serving_rate=4.0, quick=True)
 
@@ -275,7 +282,7 @@ def bench_generate(model, s: Settings, hf_model) -> list[dict[str, Any]]:
   for batch in s.hf_batches:
     prompts = _random_prompts(rng, batch, s.hf_prompt_len, c.vocab_size)
     # 8192 tokens per step (vLLM's default budget): the batch-64 prompts take 4 steps instead of 16, which
-    # measured 0.60 vs 0.70 s for the whole 1B run (BENCHMARKS.md, (d)).
+    # measured 0.60 vs 0.70 s for the whole 1B run on an H200 (2026-11-28).
     engine = _engine(model, batch, s.hf_prompt_len + s.hf_new_tokens, budget=max(8192, s.hf_prompt_len),
                      policy="chunked", async_decode=s.async_decode, scheduler_steps=s.scheduler_steps)
     params = pdopt.SamplingParams(max_tokens=s.hf_new_tokens, ignore_eos=True)
@@ -317,14 +324,21 @@ def bench_serving(model, s: Settings) -> Iterator[tuple[str, dict[str, Any]]]:
   """The Azure conversation trace, time-scaled, under each of `s.serving_policies` (`chunked` and
   `prefill_first` by default): yields (policy, metrics entry) as each run ends, so that the caller can save
   what a run cut short finished."""
-  max_len = min(4096, model.config.max_position_embeddings)
+  if s.quick:
+    # On a CPU the reference attention gathers every query token's context: at the full run's 2048-token
+    # steps over 4096-token contexts that is gigabytes. A smoke run keeps steps and contexts small.
+    max_len, workload = 512, dict(max_prompt_len=384, max_output_len=64)
+    engine = dict(num_pages=1024, max_num_batched_tokens=256, chunk_size=128, max_num_seqs=16,
+                  token_buckets=(64, 256), seq_buckets=(16,), page_buckets=(32,))
+  else:
+    max_len, workload = min(4096, model.config.max_position_embeddings), {}
+    engine = dict(num_pages=8192, max_num_batched_tokens=2048, chunk_size=512, max_num_seqs=128,
+                  token_buckets=(64, 256, 2048), seq_buckets=(16, 64, 128), page_buckets=(64, 256))
   config = config_lib.as_config(dict(
       dtype="bfloat16", rate=s.serving_rate, slo="ttft:2000 tpot:100",
-      workload=dict(kind="azure", name="azure_conv", num_requests=s.serving_requests, seed=0),
-      engine=dict(page_size=16, num_pages=8192, max_model_len=max_len, max_num_batched_tokens=2048,
-                  chunk_size=512, max_num_seqs=128, token_buckets=(64, 256, 2048), seq_buckets=(16, 64, 128),
-                  page_buckets=(64, 256), enable_prefix_caching=True, async_decode=s.async_decode,
-                  num_scheduler_steps=s.scheduler_steps)))
+      workload=dict(kind="azure", name="azure_conv", num_requests=s.serving_requests, seed=0, **workload),
+      engine=dict(page_size=16, max_model_len=max_len, enable_prefix_caching=True, async_decode=s.async_decode,
+                  num_scheduler_steps=s.scheduler_steps, **engine)))
   workload = experiment.build_workload(config, model)
   for policy in s.serving_policies:
     engine_config = config_lib.engine_config(config, policy)
@@ -350,8 +364,8 @@ def run(out: str | None, settings: Settings) -> dict[str, Any]:
     versions, with_hf = {}, False
   meta = dict(date=datetime.date.today().isoformat(), device=device.device_kind, jax=jax.__version__,
               copy_tbps=copy, matmul_tflops=mm_rates, settings=dataclasses.asdict(settings), **versions)
-  print(f"{device.device_kind}, jax {jax.__version__}, {versions}; copy {copy_tbps:.2f} TB/s, "
-        f"bf16 matmul {mm:.0f} TFLOP/s ({', '.join(f'{k} {v:.0f}' for k, v in mm_rates.items())})")
+  print(f"{device.device_kind}, jax {jax.__version__}, {versions}; copy {copy_tbps:.3g} TB/s, "
+        f"bf16 matmul {mm:.3g} TFLOP/s ({', '.join(f'{k} {v:.3g}' for k, v in mm_rates.items())})")
   results: dict[str, Any] = dict(meta=meta)
 
   def save():  # after every part, so that a run cut short keeps what it measured

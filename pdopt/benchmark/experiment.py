@@ -1,22 +1,26 @@
 """The experiment runner: one workload replayed against each policy on the real engine.
 
-`run_experiment(config)` builds the model once, then for every policy (and every rate of a sweep) a fresh
-`Engine` on that same model object, compiles its shape buckets, replays the workload (`replay.replay`),
-computes the serving metrics under the run's SLO, prints vLLM's "Serving Benchmark Result" block and
-finally one comparison table, and writes `<results_dir>/<run_name>/`:
+`run_experiment(config)` validates the whole config (an invalid field raises `config.ConfigError`, naming
+it, before anything is written or loaded: a missing trace or checkpoint is found before the model loads),
+builds the model once, then for every policy (and every rate of a sweep) a fresh `Engine` on that same
+model object, compiles its shape buckets, replays the workload (`replay.replay`), computes the serving
+metrics under the run's SLO, prints vLLM's "Serving Benchmark Result" block and finally one comparison
+table, and writes a run directory of its own (`results.prepare_run_dir`: `<results_dir>/<run_name>/`, or
+`<run_name>_2`, ... when that one holds an earlier run):
 
   config.json          the full config (`default_config()` with the run's values).
-  metrics.json         one entry per policy: `{policy: entry}`; with a rate sweep `{policy: {rate: entry}}`,
-                       rates keyed as `f"{rate:g}"` ("0.5", "2"). An entry is every `ServingMetrics` field
-                       under vLLM's names (`completed`, `failed`, `request_throughput`, `median_ttft_ms`,
-                       `p99_itl_ms`, ..., `request_goodput`, `slo_attainment`) plus `ENGINE_STATS_KEYS`;
-                       and the executor's `stats()` (with speculative decoding `SpecStats.as_dict()`:
-                       `spec_acceptance_rate`, `spec_mean_accepted_length`, `spec_tokens_per_forward` and the
-                       counters).
-  requests.csv         one row per request (`pdopt.metrics.REQUEST_COLUMNS`) with a leading "policy" column;
-                       with a sweep the column reads "policy@rate".
-  ttft_cdf.png, tpot_cdf.png   latency CDFs, one line per policy (the highest rate of a sweep).
+  metrics.json         `{run: entry}`, one entry per policy, or per "policy@rate" in a rate sweep. An entry
+                       is every `ServingMetrics` field under vLLM's names (`completed`, `failed`,
+                       `request_throughput`, `median_ttft_ms`, `p99_itl_ms`, ..., `request_goodput`,
+                       `slo_attainment`), the `ENGINE_STATS_KEYS`, the executor's `stats()` (with speculative
+                       decoding `SpecStats.as_dict()`: `spec_acceptance_rate`, ...) and the run's provenance
+                       (`results.PROVENANCE_KEYS`: date, git commit and dirty flag, devices, versions, host).
+  requests.csv         one row per request of every run ("run", "policy", "rate", then
+                       `pdopt.metrics.REQUEST_COLUMNS`; arrival times from the run's start).
+  ttft_cdf.png, tpot_cdf.png   latency CDFs over every request, one curve per policy (one panel per rate).
   goodput_vs_rate.png  with a sweep: request goodput against the offered rate, one line per policy.
+
+Every field and unit is defined in `docs/results.md`.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from pdopt import metrics as metrics_lib
 from pdopt import workloads
 from pdopt.benchmark import config as config_lib
 from pdopt.benchmark import deployments as deployments_lib
+from pdopt.benchmark import results
 from pdopt.benchmark.replay import ReplayResult, replay
 from pdopt import deploy, sim
 from pdopt.engine.config import EngineConfig
@@ -218,9 +223,7 @@ def run_policy(model: Transformer | ModelConfig, workload: workloads.Workload, e
   return PolicyRun(policy=engine_config.policy, replay=result, metrics=m, stats=stats)
 
 
-def rate_key(rate: float) -> str:
-  """How a sweep rate is spelled in metrics.json and requests.csv ("0.5", "2")."""
-  return f"{rate:g}"
+rate_key = results.rate_key
 
 
 def enable_compilation_cache(path: str) -> None:
@@ -236,8 +239,8 @@ def enable_compilation_cache(path: str) -> None:
 
 
 def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
-                   print_fn: Callable[[str], None] | None = print, deploy_listen: tuple[str, int] | None = None,
-                   deploy_hosts: int = 1) -> dict[str, Any]:
+                   print_fn: Callable[[str], None] | None = print, overwrite: bool = False,
+                   deploy_listen: tuple[str, int] | None = None, deploy_hosts: int = 1) -> dict[str, Any]:
   """Runs every policy and deployment (at every rate of a sweep), prints the reports and writes the run
   directory.
 
@@ -245,20 +248,122 @@ def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
     config: the experiment (see `pdopt.benchmark.config`): a ConfigDict, or a nested dict of the fields that
       differ from `default_config()`.
     print_fn: where the reports go (None: nowhere).
+    overwrite: write into `<results_dir>/<run_name>/` even if it holds an earlier run (whose files are
+      removed first); otherwise such a run goes to the first free `<run_name>_<i>/`.
     deploy_listen: where the deployments' router listens ((host, port); None: the loopback, any port).
     deploy_hosts: the hosts a deployment's instances spread over (the others run `serve_remote_instances`).
 
   Returns:
-    {"run_dir": pathlib.Path, "metrics": the metrics.json content, "runs": {policy: PolicyRun} or, with a
-    sweep, {policy: {rate_key: PolicyRun}}, "table": the comparison table text (one table per rate,
-    concatenated, with a sweep)}.
+    {"run_dir": pathlib.Path, "metrics": the metrics.json content ({run: entry}), "runs": {policy: PolicyRun}
+    or, with a sweep, {policy: {rate_key: PolicyRun}}, "table": the comparison table text (one table per
+    rate, concatenated, with a sweep)}.
 
   Raises:
-    ValueError: an invalid field (unknown policy, bad rate or SLO, invalid workload or engine field), named,
-      before anything runs.
+    ConfigError: an invalid field (unknown policy, bad rate or SLO, invalid workload or engine field, a
+      missing trace, checkpoint or cost file), named, before anything is written or loaded.
   """
   config = config_lib.as_config(config)
-  # Validate everything before spending time on a model.
+  plan = _checked_plan(config, deploy_hosts)
+  if config.compilation_cache_dir and not plan["simulate"]:
+    enable_compilation_cache(config.compilation_cache_dir)
+
+  simulate, rates, policies = plan["simulate"], plan["rates"], plan["policies"]
+  # Every process runs the same replay; process 0 reports and writes. Deployments' routers never start JAX
+  # here (the instances' processes use the devices).
+  writing = not policies or jax.process_index() == 0
+  say = print_fn if print_fn is not None and writing else (lambda _: None)
+  run_dir = pathlib.Path(config.results_dir) / config.run_name
+  if writing:
+    try:
+      run_dir = results.prepare_run_dir(config.results_dir, config.run_name, overwrite)
+    except ValueError as e:
+      raise config_lib.ConfigError(str(e)) from e
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str) + "\n")
+  origin = results.provenance(devices=None if policies else (plan["platform"], len(plan["devices"]) * deploy_hosts))
+
+  model = plan["model_config"] if simulate or not policies else build_model(config)
+  draft = build_draft(config)
+  runs: dict[str, Any] = {p: {} for p in policies}
+  by_label: dict[str, PolicyRun] = {}
+  tables = []
+  for rate, workload in zip(rates or (None,), plan["workloads"]):
+    say(f"workload {workload.name}: {len(workload)} requests, mean rate {workload.mean_rate:.2f} req/s over "
+        f"{workload.duration:.1f} s, {workload.total_prompt_tokens} prompt + {workload.total_output_tokens} "
+        f"output tokens, {workload.num_clamped} clamped")
+    by_policy = {}
+    for policy in policies:
+      run = run_policy(model, workload, plan["engine_configs"][policy], slo=plan["slo"], warmup=config.warmup,
+                       progress=config.progress and writing, max_duration=config.max_duration,
+                       clock=plan["clock"], rate=rate if rate is not None else _offered_rate(config, workload),
+                       draft_model=draft, mesh=plan["mesh"], step_cost=plan["step_costs"][policy],
+                       simulate=simulate)
+      by_policy[policy] = run
+      say(metrics_lib.format_benchmark_result(run.metrics, policy=_report_label(policy, rate)))
+    for deployment in plan["deployments"]:
+      run = deployments_lib.run_deployment(
+          model_source(config), workload, deployment, config_lib.engine_config(config, deployment.policy),
+          devices=plan["devices"], platform=plan["platform"], slo=plan["slo"], warmup=config.warmup,
+          progress=config.progress, router=config.router, transfer_timeout_s=config.transfer_timeout_s,
+          listen=deploy_listen or ("127.0.0.1", 0), hosts=deploy_hosts)
+      # The offered rate, as for the policies (the deployment's own stats hold the workload's measured one).
+      run.stats["rate"] = rate if rate is not None else _offered_rate(config, workload)
+      by_policy[deployment.label] = run
+      runs.setdefault(deployment.label, {})
+      say(metrics_lib.format_benchmark_result(run.metrics, policy=_report_label(deployment.label, rate)))
+    table = metrics_lib.format_comparison_table({p: r.metrics for p, r in by_policy.items()})
+    if rate is not None:
+      table = f"rate {rate_key(rate)} req/s\n{table}"
+    tables.append(table)
+    for policy, run in by_policy.items():
+      run.stats.update(origin)
+      by_label[results.run_label(policy, rate)] = run
+      if rate is None:
+        runs[policy] = run
+      else:
+        runs[policy][rate_key(rate)] = run
+  say("\n\n".join(tables))
+
+  metrics_json = {label: run.entry() for label, run in by_label.items()}
+  if writing:
+    results.write_run(run_dir, by_label, sweep=bool(rates), slo=plan["slo"],
+                      model=config.hf_dir or config.model, workload=plan["workloads"][0].name)
+    say(results.say_where(run_dir, config.results_dir, config.run_name))
+  return {"run_dir": run_dir, "metrics": metrics_json, "runs": runs, "table": "\n\n".join(tables)}
+
+
+def validate_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """Checks an experiment config as `run_experiment` does before it writes or loads anything.
+
+  Args:
+    config: the experiment (a ConfigDict, or a nested dict of the fields that differ from the defaults).
+
+  Returns:
+    The resolved config (`default_config()` with the given values).
+
+  Raises:
+    ConfigError: an invalid field, named, with what would be valid.
+  """
+  config = config_lib.as_config(config)
+  _checked_plan(config)
+  return config
+
+
+def _checked_plan(config: ml_collections.ConfigDict, deploy_hosts: int = 1) -> dict[str, Any]:
+  try:
+    return _plan(config, deploy_hosts)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from e
+
+
+def _plan(config: ml_collections.ConfigDict, deploy_hosts: int) -> dict[str, Any]:
+  """Everything of the run that can be checked without loading the model: the validated fields, the model's
+  shape, the step-cost models, the devices and the workloads (which reads the trace files).
+
+  Raises:
+    ValueError: an invalid field, named.
+  """
+  results.check_run_name(config.run_name)
+  config_lib.check_paths(config)
   deployments = deployments_lib.parse_deployments(config.deployments)
   policies = config_lib.parse_policies(config.policies, allow_none=bool(deployments))
   rates = config_lib.parse_rates(config.rates)
@@ -274,75 +379,19 @@ def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
   step_costs = {p: build_step_cost(config, model_config, engine_configs[p]) for p in policies}
   devices, platform = _deployment_devices(config, deployments, model_config, deploy_hosts)
   mesh, clock = _policy_mesh(config, deployments) if policies else (None, time.perf_counter)
-  if config.compilation_cache_dir and not simulate:
-    enable_compilation_cache(config.compilation_cache_dir)
-
-  # Every process runs the same replay; process 0 reports and writes. Deployments' routers never start JAX
-  # here (the instances' processes use the devices).
-  writing = not policies or jax.process_index() == 0
-  say = print_fn if print_fn is not None and writing else (lambda _: None)
-  run_dir = pathlib.Path(config.results_dir) / config.run_name
-  if writing:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str) + "\n")
-
-  model = model_config if simulate or not policies else build_model(config)
-  draft = build_draft(config)
-  runs: dict[str, Any] = {p: {} for p in policies}
-  tables = []
+  workloads_ = []
   for rate in rates or (None,):
-    workload = build_workload(config, model, rate)
-    say(f"workload {workload.name}: {len(workload)} requests, mean rate {workload.mean_rate:.2f} req/s over "
-        f"{workload.duration:.1f} s, {workload.total_prompt_tokens} prompt + {workload.total_output_tokens} "
-        f"output tokens, {workload.num_clamped} clamped")
-    by_policy = {}
-    for policy in policies:
-      run = run_policy(model, workload, engine_configs[policy], slo=slo, warmup=config.warmup,
-                       progress=config.progress and writing, max_duration=config.max_duration, clock=clock,
-                       rate=rate if rate is not None else _offered_rate(config, workload), draft_model=draft,
-                       mesh=mesh, step_cost=step_costs[policy], simulate=simulate)
-      by_policy[policy] = run
-      label = policy if rate is None else f"{policy} @ {rate_key(rate)} req/s"
-      say(metrics_lib.format_benchmark_result(run.metrics, policy=label))
-    for deployment in deployments:
-      run = deployments_lib.run_deployment(
-          model_source(config), workload, deployment, config_lib.engine_config(config, deployment.policy),
-          devices=devices, platform=platform, slo=slo, warmup=config.warmup, progress=config.progress,
-          router=config.router, transfer_timeout_s=config.transfer_timeout_s,
-          listen=deploy_listen or ("127.0.0.1", 0), hosts=deploy_hosts)
-      by_policy[deployment.label] = run
-      runs.setdefault(deployment.label, {})
-      label = deployment.label if rate is None else f"{deployment.label} @ {rate_key(rate)} req/s"
-      say(metrics_lib.format_benchmark_result(run.metrics, policy=label))
-    table = metrics_lib.format_comparison_table({p: r.metrics for p, r in by_policy.items()})
-    if rate is not None:
-      table = f"rate {rate_key(rate)} req/s\n{table}"
-    tables.append(table)
-    for policy, run in by_policy.items():
-      if rate is None:
-        runs[policy] = run
-      else:
-        runs[policy][rate_key(rate)] = run
-  say("\n\n".join(tables))
+    try:
+      workloads_.append(build_workload(config, model_config, rate))
+    except ValueError as e:
+      raise ValueError(f"config.workload: {e}") from None
+  return dict(policies=policies, rates=rates, slo=slo, engine_configs=engine_configs, deployments=deployments,
+              simulate=simulate, model_config=model_config, step_costs=step_costs, devices=devices,
+              platform=platform, mesh=mesh, clock=clock, workloads=workloads_)
 
-  if rates:
-    metrics_json = {p: {k: r.entry() for k, r in by_rate.items()} for p, by_rate in runs.items()}
-    records = {f"{p}@{k}": r.records for p, by_rate in runs.items() for k, r in by_rate.items()}
-    last = {p: by_rate[rate_key(max(rates))].records for p, by_rate in runs.items()}
-    if writing:
-      metrics_lib.plot_goodput_vs_rate(
-          {p: [(float(k), r.metrics.request_goodput) for k, r in by_rate.items()] for p, by_rate in runs.items()},
-          run_dir / "goodput_vs_rate.png", title=f"goodput vs rate ({str(slo) or 'no SLO'})")
-  else:
-    metrics_json = {p: r.entry() for p, r in runs.items()}
-    records = last = {p: r.records for p, r in runs.items()}
-  if writing:
-    (run_dir / "metrics.json").write_text(json.dumps(metrics_json, indent=2) + "\n")
-    metrics_lib.write_requests_csv(records, run_dir / "requests.csv")
-    metrics_lib.plot_latency_cdf(last, run_dir / "ttft_cdf.png", metric="ttft")
-    metrics_lib.plot_latency_cdf(last, run_dir / "tpot_cdf.png", metric="tpot")
-  say(f"wrote {run_dir}/")
-  return {"run_dir": run_dir, "metrics": metrics_json, "runs": runs, "table": "\n\n".join(tables)}
+
+def _report_label(policy: str, rate: float | None) -> str:
+  return policy if rate is None else f"{policy} @ {rate_key(rate)} req/s"
 
 
 def _deployment_devices(config: ml_collections.ConfigDict, deployments, model_config: ModelConfig,

@@ -137,10 +137,20 @@ def format_comparison_table(results: Mapping[str, ServingMetrics | Mapping[str, 
 REQUEST_COLUMNS: tuple[str, ...] = ("request_id", "status", "reason", "prompt_len", "output_len",
                                     "arrival_time", "ttft_ms", "tpot_ms", "mean_itl_ms", "max_itl_ms",
                                     "e2el_ms", "slo_miss", "kv_transfer_bytes", "kv_transfer_ms")
+# Leading columns of requests.csv: the run's name (its metrics.json key), its policy and offered rate (req/s).
+RUN_COLUMNS: tuple[str, ...] = ("run", "policy", "rate")
 
 
-def request_rows(records: Sequence[RequestRecord]) -> list[dict[str, Any]]:
-  """One row per request with its latencies in ms ("" where undefined), keys `REQUEST_COLUMNS`."""
+def request_rows(records: Sequence[RequestRecord], start: float = 0.0) -> list[dict[str, Any]]:
+  """One row per request with its latencies in ms ("" where undefined), keys `REQUEST_COLUMNS`.
+
+  Args:
+    records: the run's requests.
+    start: the run's start on the records' clock (s); `arrival_time` is given from there.
+
+  Returns:
+    The rows.
+  """
 
   def ms(x: float | None) -> float | str:
     return "" if x is None else x * 1e3
@@ -150,7 +160,7 @@ def request_rows(records: Sequence[RequestRecord]) -> list[dict[str, Any]]:
     lat = request_latency(r)
     rows.append({
         "request_id": r.request_id, "status": r.status, "reason": r.reason or "", "prompt_len": r.prompt_len,
-        "output_len": r.output_len, "arrival_time": r.arrival_time, "ttft_ms": ms(lat.ttft),
+        "output_len": r.output_len, "arrival_time": r.arrival_time - start, "ttft_ms": ms(lat.ttft),
         "tpot_ms": ms(lat.tpot), "mean_itl_ms": ms(sum(lat.itls) / len(lat.itls) if lat.itls else None),
         "max_itl_ms": ms(max(lat.itls) if lat.itls else None), "e2el_ms": ms(lat.e2el),
         "slo_miss": int(r.slo_miss), "kv_transfer_bytes": r.kv_transfer_bytes, "kv_transfer_ms": ms(r.kv_transfer_s),
@@ -158,23 +168,29 @@ def request_rows(records: Sequence[RequestRecord]) -> list[dict[str, Any]]:
   return rows
 
 
-def write_requests_csv(records_by_policy: Mapping[str, Sequence[RequestRecord]],
-                       path: str | pathlib.Path) -> pathlib.Path:
-  """Writes every policy's `request_rows` to one csv file, with a leading "policy" column.
+def write_requests_csv(records_by_run: Mapping[str, Sequence[RequestRecord]], path: str | pathlib.Path, *,
+                       policy: Mapping[str, str] | None = None, rate: Mapping[str, float] | None = None,
+                       start: Mapping[str, float] | None = None) -> pathlib.Path:
+  """Writes every run's `request_rows` to one csv file, columns `RUN_COLUMNS` then `REQUEST_COLUMNS`.
 
   Args:
-    records_by_policy: policy name -> the run's requests.
+    records_by_run: run name (a policy, or "policy@rate" in a sweep) -> the run's requests.
     path: the csv file to write (parent directories are created).
+    policy: run name -> its policy (default: the run name).
+    rate: run name -> its offered rate in req/s (default: empty).
+    start: run name -> the run's start on its records' clock (s), so that arrival times count from it
+      (default: 0, the records' own times).
 
   Returns:
     The path written.
   """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
+  policy, rate, start = policy or {}, rate or {}, start or {}
   with open(path, "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=["policy", *REQUEST_COLUMNS])
+    writer = csv.DictWriter(f, fieldnames=[*RUN_COLUMNS, *REQUEST_COLUMNS])
     writer.writeheader()
-    for policy, records in records_by_policy.items():
-      for row in request_rows(records):
-        writer.writerow({"policy": policy, **row})
+    for run, records in records_by_run.items():
+      for row in request_rows(records, start.get(run, 0.0)):
+        writer.writerow({"run": run, "policy": policy.get(run, run), "rate": rate.get(run, ""), **row})
   return path

@@ -31,3 +31,9 @@ def test_decode_part_reports_floor_device_and_host_time(async_decode):
   for key in ("floor_ms", "device_ms", "engine_step_ms", "put_ms", "launch_ms"):
     assert row[key] > 0, key
   assert abs(row["host_overhead_ms"] - (row["engine_step_ms"] - row["device_ms"])) < 1e-9
+
+
+def test_quick_keeps_the_decode_batches_asked_for():
+  assert bench.quick(bench.Settings()).decode_batches == bench.QUICK_DECODE_BATCHES
+  assert bench.quick(bench.Settings(decode_batches=(2, 8))).decode_batches == (2, 8)
+  assert len(set(bench.QUICK_DECODE_BATCHES)) == len(bench.QUICK_DECODE_BATCHES)

@@ -1,6 +1,7 @@
 """The replay and the experiment runner: greedy outputs across policies, metrics.json, the quickstart config,
 an overload run that loses nothing, and config validation."""
 
+import csv
 import importlib.util
 import json
 import pathlib
@@ -12,6 +13,7 @@ import pdopt
 from pdopt import benchmark
 from pdopt import metrics
 from pdopt.benchmark import deployments as deployments_lib
+from pdopt.benchmark import results
 from pdopt.scheduling import POLICIES
 from pdopt.workloads import Workload, WorkloadConfig, WorkloadRequest, make_workload
 
@@ -62,9 +64,14 @@ def test_quickstart_writes_every_file(quickstart):
   assert json.loads((run_dir / "config.json").read_text())["workload"]["num_requests"] == 6
   policies = benchmark.parse_policies(config.policies)
   assert policies == ("chunked", "prefill_first", "decode_first", "slo_aware")
-  rows = (run_dir / "requests.csv").read_text().strip().splitlines()
-  assert len(rows) == 1 + 6 * len(policies)
+  rows = list(csv.DictReader(open(run_dir / "requests.csv")))
+  assert len(rows) == 6 * len(policies)
+  assert list(rows[0])[:4] == ["run", "policy", "rate", "request_id"]
+  assert {r["run"] for r in rows} == set(policies) and {float(r["rate"]) for r in rows} == {20.0}
+  # Arrival times count from the start of the run: the first request arrives at 0.
+  assert min(float(r["arrival_time"]) for r in rows if r["run"] == "chunked") == 0.0
   assert "chunked" in out["table"] and "P99 ITL (ms)" in out["table"]
+  assert not (run_dir / "goodput_vs_rate.png").exists()
 
 
 def test_metrics_json_holds_every_field(quickstart):
@@ -72,9 +79,16 @@ def test_metrics_json_holds_every_field(quickstart):
   written = json.loads((pathlib.Path(config.results_dir) / "quickstart_short" / "metrics.json").read_text())
   assert written == out["metrics"]
   assert list(written) == list(benchmark.parse_policies(config.policies))
-  expected = set(metrics.metrics_to_dict(metrics.compute_metrics([]))) | set(benchmark.ENGINE_STATS_KEYS)
+  expected = (set(metrics.metrics_to_dict(metrics.compute_metrics([]))) | set(benchmark.ENGINE_STATS_KEYS)
+              | set(results.PROVENANCE_KEYS))
   for policy, entry in written.items():
     assert set(entry) == expected, policy
+    assert entry["device_count"] >= 1 and entry["jax_version"] and entry["date"].endswith("Z")
+    assert entry["git_dirty"] in (True, False, None) and isinstance(entry["git_commit"], str)
+    # One vocabulary of failures: failed = aborted + rejected; the runner's own counts are parts of them.
+    assert entry["failed"] == entry["aborted"] + entry["rejected"]
+    assert entry["rejected"] >= entry["num_rejected_at_submit"]
+    assert entry["aborted"] >= entry["num_aborted_at_deadline"]
     for stat in metrics.STATISTICS:
       for latency in metrics.LATENCY_METRICS:
         assert f"{stat}_{latency}_ms" in entry
@@ -174,11 +188,54 @@ def test_rate_sweep_layout(tmp_path):
   run_dir = tmp_path / "sweep"
   assert (run_dir / "goodput_vs_rate.png").stat().st_size > 0
   written = json.loads((run_dir / "metrics.json").read_text())
-  assert {p: sorted(v) for p, v in written.items()} == {"chunked": ["100", "50"], "prefill_first": ["100", "50"]}
-  assert written["chunked"]["50"]["rate"] == 50.0 and written["prefill_first"]["100"]["completed"] == 3
-  policies = {row.split(",")[0] for row in (run_dir / "requests.csv").read_text().splitlines()[1:]}
-  assert policies == {"chunked@50", "chunked@100", "prefill_first@50", "prefill_first@100"}
+  # The same shape as a single-rate run: {run: entry}, each entry naming its policy and rate.
+  assert list(written) == ["chunked@50", "prefill_first@50", "chunked@100", "prefill_first@100"]
+  assert written == out["metrics"]
+  assert written["chunked@50"]["rate"] == 50.0 and written["chunked@50"]["policy"] == "chunked"
+  assert written["prefill_first@100"]["completed"] == 3
+  assert set(written["chunked@50"]) == set(written["prefill_first@100"])
+  rows = list(csv.DictReader(open(run_dir / "requests.csv")))
+  assert {r["run"] for r in rows} == set(written)
+  assert {(r["policy"], float(r["rate"])) for r in rows} == {(p, r) for p in ("chunked", "prefill_first")
+                                                            for r in (50.0, 100.0)}
   assert "rate 50 req/s" in out["table"]
+  assert out["runs"]["chunked"]["50"].stats["rate"] == 50.0
+
+
+def test_rerun_never_mixes_files(tmp_path):
+  config = {
+      "run_name": "again", "results_dir": str(tmp_path), "policies": "chunked", "rates": "50,100",
+      "progress": False, "workload": {"kind": "synthetic", "num_requests": 2, "prompt_len": 20, "output_len": 2},
+      "engine": dict(SMALL_ENGINE),
+  }
+  first = benchmark.run_experiment(config, print_fn=None)["run_dir"]
+  assert first == tmp_path / "again" and (first / "goodput_vs_rate.png").exists()
+  # A rerun goes to a fresh directory; the earlier one is untouched.
+  single = {**config, "rates": "", "rate": 50.0}
+  second = benchmark.run_experiment(single, print_fn=None)["run_dir"]
+  assert second == tmp_path / "again_2" and not (second / "goodput_vs_rate.png").exists()
+  assert (first / "goodput_vs_rate.png").exists()
+  # Overwriting replaces the earlier run's files: no stale sweep plot is left.
+  third = benchmark.run_experiment(single, print_fn=None, overwrite=True)["run_dir"]
+  assert third == first and not (first / "goodput_vs_rate.png").exists()
+  assert list(json.loads((first / "metrics.json").read_text())) == ["chunked"]
+  (first / "notes.txt").write_text("mine")
+  with pytest.raises(ValueError, match="notes.txt"):
+    results.prepare_run_dir(tmp_path, "again", overwrite=True)
+
+
+def test_invalid_config_writes_nothing(tmp_path):
+  base = {"results_dir": str(tmp_path / "results"), "workload": {"num_requests": 2}, "rate": 1.0}
+  for bad, match in [({"policies": "fcfs"}, "unknown policy 'fcfs'"),
+                     ({"hf_dir": str(tmp_path / "none")}, "config.hf_dir=.* does not exist"),
+                     ({"workload": {"kind": "azure", "path": "nope.csv"}}, "config.workload.path='nope.csv'"),
+                     ({"run_name": "../up"}, "config.run_name"),
+                     ({"cost_model": "none.json"}, "config.cost_model")]:
+    with pytest.raises(benchmark.ConfigError, match=match):
+      benchmark.run_experiment({**base, **bad}, print_fn=None)
+    with pytest.raises(benchmark.ConfigError, match=match):
+      benchmark.validate_config({**base, **bad})
+  assert not (tmp_path / "results").exists()
 
 
 def test_config_validation():

@@ -57,10 +57,18 @@ def test_comparison_table():
 def test_requests_csv(tmp_path):
   path = metrics.write_requests_csv({"chunked": _run(), "decode_first": _run()}, tmp_path / "r" / "requests.csv")
   rows = list(csv.DictReader(open(path)))
+  assert list(rows[0]) == [*metrics.RUN_COLUMNS, *metrics.REQUEST_COLUMNS]
   assert len(rows) == 6 and rows[0]["policy"] == "chunked" and rows[3]["policy"] == "decode_first"
+  assert rows[0]["run"] == "chunked" and rows[0]["rate"] == ""
   assert float(rows[0]["ttft_ms"]) == pytest.approx(200.0)
   assert float(rows[0]["tpot_ms"]) == pytest.approx(150.0)
   assert rows[2]["status"] == "rejected" and rows[2]["reason"] == "too long" and rows[2]["ttft_ms"] == ""
+  # A sweep's runs: their name, policy and rate; arrival times from each run's start.
+  path = metrics.write_requests_csv({"chunked@4": _run(5.0)}, tmp_path / "sweep.csv", policy={"chunked@4": "chunked"},
+                                    rate={"chunked@4": 4.0}, start={"chunked@4": -5.0})
+  row = next(csv.DictReader(open(path)))
+  assert (row["run"], row["policy"], float(row["rate"])) == ("chunked@4", "chunked", 4.0)
+  assert float(row["arrival_time"]) == 5.0 and float(row["ttft_ms"]) == pytest.approx(5200.0)
 
 
 def _is_png(path):
@@ -78,6 +86,36 @@ def test_plots_write_pngs(tmp_path):
                                               tmp_path / "sub" / "goodput_vs_rate.png"))
   with pytest.raises(ValueError, match="unknown latency metric 'ttf'"):
     metrics.plot_latency_cdf(runs, tmp_path / "x.png", metric="ttf")
+  panels = {"1 req/s": runs, "2 req/s": {"chunked": _run(0.3)}}
+  assert _is_png(metrics.plot_latency_cdfs(panels, tmp_path / "panels.png", metric="tpot", log_x=None,
+                                           slo_ms=100.0, title="TPOT CDF: tiny, synthetic"))
+
+
+def test_cdf_counts_every_request():
+  """Rejected and unfinished requests keep the CDF below 1.0; a one-token output has no TPOT to count."""
+  run = _run()  # two finished (3 and 2 tokens), one rejected
+  assert metrics.cdf_population(run, "ttft") == metrics.cdf_population(run, "e2el") == 3
+  assert metrics.latency_values_ms(run, "ttft").size == 2
+  one_token = RequestRecord("d", 4, 1, arrival_time=0.0, first_token_time=0.1, token_times=(0.1,), finish_time=0.1)
+  assert metrics.cdf_population([*run, one_token], "tpot") == 3
+  assert metrics.cdf_population(run, "itl") == 3  # token gaps of the finished requests
+
+
+def test_cdf_plot_tops_out_below_one_with_slo_line(tmp_path, monkeypatch):
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  figures = []
+  monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figures.append(self))
+  records = [RequestRecord(f"r{i}", 4, 2, arrival_time=0.0, first_token_time=t, token_times=(t, t + 0.1),
+                           finish_time=t + 0.1) for i, t in enumerate((0.01, 0.1, 1.0, 3.0))]
+  records.append(RequestRecord("x", 4, 0, arrival_time=0.0, finish_time=1.0, status="rejected", reason="r"))
+  metrics.plot_latency_cdf({"chunked": records}, tmp_path / "t.png", metric="ttft", log_x=None, slo_ms=2000.0)
+  (ax,) = figures[0].axes
+  curve, slo_line = ax.get_lines()
+  assert curve.get_ydata()[-1] == pytest.approx(4 / 5) and "n=5, 4 finished" in curve.get_label()
+  assert list(slo_line.get_xdata()) == [2000.0, 2000.0]
+  assert ax.get_xscale() == "log"  # 10 ms to 3 s: more than 50x
+  labels = [ax.xaxis.get_major_formatter()(v, 0) for v in (10.0, 200.0, 5000.0)]
+  assert labels == ["10", "200", "5000"]
 
 
 def test_import_has_no_matplotlib_side_effects():
