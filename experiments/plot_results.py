@@ -9,8 +9,9 @@ Writes four PNG files:
                           datasheet (decode_attention_h200.json).
   engine_decode.png       the engine's decode step against its floor (engine_decode_h200.json).
   policies_azure.png      the scheduling policies on the Azure conversation trace: goodput, SLO attainment and
-                          P99 TTFT against the offered rate (policies_azure_cpu.json, the metrics.json of a rate
-                          sweep of `configs/quickstart.py`).
+                          P99 TTFT against the offered rate (policies_azure_sim.json, the metrics.json of a rate
+                          sweep of `configs/validate_gpu.py` in the simulator with the shipped H100 step costs;
+                          command in BENCHMARKS.md).
 
 Each JSON names its card, versions, date, commit and command; each chart's title names the card and date.
 BENCHMARKS.md holds the same numbers as tables.
@@ -129,9 +130,11 @@ def policies_chart(metrics: dict[str, dict[str, Any]], path: pathlib.Path) -> pa
     ax.set_ylabel(label)
     ax.grid(True, alpha=0.3)
   axes[0].legend(fontsize=8)
-  fig.suptitle(f"Scheduling policies on the Azure conversation trace (tiny-code, SLO {first['slo']} ms)\n"
-               f"{first['device_kind']} x{first['device_count']}, JAX {first['jax_version']}, {first['date'][:10]}, "
-               f"commit {first['git_commit'][:7]}", fontsize=10)
+  where = (f"simulated with {pathlib.Path(first['step_cost']).name}" if first["backend"] == "sim"
+           else f"{first['device_kind']} x{first['device_count']}")
+  fig.suptitle(f"Scheduling policies on the Azure conversation trace (SLO {first['slo']} ms)\n"
+               f"{where}, JAX {first['jax_version']}, {first['date'][:10]}, commit {first['git_commit'][:7]}",
+               fontsize=10)
   return _save(fig, path)
 
 
@@ -151,7 +154,7 @@ def plot_all(data_dir: pathlib.Path, out_dir: pathlib.Path) -> list[pathlib.Path
       prefill_chart(load("prefill_attention_h200.json"), out_dir / "prefill_attention.png"),
       decode_chart(load("decode_attention_h200.json"), out_dir / "decode_attention.png"),
       engine_chart(load("engine_decode_h200.json"), out_dir / "engine_decode.png"),
-      policies_chart(load("policies_azure_cpu.json"), out_dir / "policies_azure.png"),
+      policies_chart(load("policies_azure_sim.json"), out_dir / "policies_azure.png"),
   ]
 
 

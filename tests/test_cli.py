@@ -111,3 +111,13 @@ def test_a_config_file_registers_its_own_policy(tmp_path):
   written = json.loads((tmp_path / "results" / "mine" / "metrics.json").read_text())
   assert list(written) == ["shortest_first", "chunked"]
   assert written["shortest_first"]["completed"] == 12 and written["shortest_first"]["backend"] == "sim"
+
+
+def test_plot_results_draws_the_readme_charts_from_the_kept_data(tmp_path):
+  """Every chart of the README's Results section is drawn from the JSON files kept in docs/benchmarks/."""
+  from experiments import plot_results  # pylint: disable=import-outside-toplevel
+  paths = plot_results.plot_all(REPO / "docs" / "benchmarks", tmp_path)
+  assert [p.name for p in paths] == ["prefill_attention.png", "decode_attention.png", "engine_decode.png",
+                                     "policies_azure.png"]
+  for path in paths:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (REPO / "docs" / "benchmarks" / path.name).is_file()

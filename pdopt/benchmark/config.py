@@ -12,12 +12,16 @@ milliseconds, sizes in tokens unless said otherwise):
   hf_dir              a Hugging Face checkpoint directory; when set it replaces `model` / `model_seed`.
   dtype               parameter dtype: "float32", "bfloat16" or "float16".
   policies            comma-separated policy names ("chunked,prefill_first"); see `pdopt.scheduling.POLICIES`.
+                      "NAME+MODE" runs a policy with preemption MODE ("recompute" or "swap",
+                      `pdopt.EngineConfig.preemption_mode`), so "fair+recompute,fair+swap" sweeps the knob.
   rate                mean arrival rate (req/s) that replaces `workload.rate`; None keeps `workload.rate`
                       (for an Azure trace with trace arrivals, None with `workload.rate` None is real time).
   rates               comma-separated rates ("1,2,4") for a sweep: every policy runs at every rate; "" runs
                       once at `rate`.
   slo                 "ttft:MS tpot:MS" (vLLM's `--goodput`): goodput, SLO attainment, and the targets of
                       `slo_aware` unless `engine.ttft_slo_ms` / `engine.tpot_slo_ms` are set.
+  batch_slo           the SLO of batch requests (`workload.batch_fraction`), e.g. "e2el:60000"; "" judges
+                      them against `slo`. Every report splits its metrics by priority class.
   warmup              compile every shape bucket of each fresh engine before its timed replay.
   progress            tqdm progress bars.
   max_duration        seconds after which a replay aborts what is left (recorded, never lost); None waits.
@@ -50,12 +54,14 @@ milliseconds, sizes in tokens unless said otherwise):
                       ("NVIDIA H200", "cpu"); "" is this machine's.
   workload.*          fields of `pdopt.workloads.WorkloadConfig` (kind, path, start, num_requests, time_window,
                       rate, arrival, cv, prompt_len, output_len, length_distribution, range_ratio,
-                      max_prompt_len, max_output_len, seed, low_token_id, shared_prefix_*); prompts and
-                      outputs are also clamped to `engine.max_model_len`.
+                      max_prompt_len, max_output_len, seed, low_token_id, shared_prefix_*, batch_fraction,
+                      batch_min_prompt_len, num_clients, client_skew); prompts and outputs are also clamped
+                      to `engine.max_model_len`.
   engine.*            fields of `pdopt.EngineConfig` except `policy` (page_size, num_pages,
                       max_num_batched_tokens, max_num_seqs, chunk_size, max_model_len, enable_prefix_caching,
-                      ttft_slo_ms, tpot_slo_ms, attention_backend, seed, token_buckets, seq_buckets,
-                      page_buckets). Few buckets keep the warm-up short on CPU.
+                      ttft_slo_ms, tpot_slo_ms, attention_backend, kv_cache_dtype, seed, async_decode,
+                      num_scheduler_steps, preemption_mode, token_buckets, seq_buckets, page_buckets). Few
+                      buckets keep the warm-up short on CPU.
 """
 
 from __future__ import annotations
@@ -67,11 +73,12 @@ from typing import Any, Mapping
 import ml_collections
 from ml_collections import config_dict
 
-from pdopt.engine.config import EngineConfig
+from pdopt.engine.config import PREEMPTION_MODES, EngineConfig
 from pdopt.engine.speculative import SpeculativeConfig
 from pdopt.metrics import Slo, parse_slo
 from pdopt.scheduling import POLICIES
 from pdopt.workloads import WorkloadConfig
+from pdopt.workloads.request import PRIORITY_CLASSES
 from pdopt.workloads import traces
 
 
@@ -93,6 +100,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.rate = config_dict.placeholder(float)
   c.rates = ""
   c.slo = "ttft:2000 tpot:100"
+  c.batch_slo = ""
   c.warmup = True
   c.progress = True
   c.max_duration = config_dict.placeholder(float)
@@ -131,6 +139,10 @@ def default_config() -> ml_collections.ConfigDict:
   w.shared_prefix_fraction = 0.0
   w.num_shared_prefixes = 1
   w.shared_prefix_len = 0
+  w.batch_fraction = 0.0
+  w.batch_min_prompt_len = config_dict.placeholder(int)
+  w.num_clients = 0
+  w.client_skew = 0.0
   c.workload = w
 
   e = ml_collections.ConfigDict()
@@ -144,9 +156,11 @@ def default_config() -> ml_collections.ConfigDict:
   e.ttft_slo_ms = config_dict.placeholder(float)
   e.tpot_slo_ms = config_dict.placeholder(float)
   e.attention_backend = "auto"
+  e.kv_cache_dtype = "auto"
   e.seed = 0
   e.async_decode = False
   e.num_scheduler_steps = 1
+  e.preemption_mode = "recompute"
   e.token_buckets = config_dict.placeholder(tuple)
   e.seq_buckets = config_dict.placeholder(tuple)
   e.page_buckets = config_dict.placeholder(tuple)
@@ -179,25 +193,41 @@ def _update(target: ml_collections.ConfigDict, values: Mapping[str, Any], prefix
 
 
 def parse_policies(spec: str | tuple[str, ...] | list[str], allow_none: bool = False) -> tuple[str, ...]:
-  """Policy names from "a,b" (or a sequence), in order, each checked against the registry.
+  """Policy names from "a,b" (or a sequence), in order, each checked against the registry; a name may carry a
+  preemption mode ("fair+swap").
 
   Args:
     spec: the names.
     allow_none: an empty list is allowed (a run of deployments only).
 
   Raises:
-    ValueError: an empty list (unless allowed), a repeated name, or an unknown name (listing the valid ones).
+    ValueError: an empty list (unless allowed), a repeated name, or an unknown name or mode (listing the valid
+      ones).
   """
   names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec)]
   names = [n for n in names if n]
   if not names and not allow_none:
     raise ValueError(f"config.policies is empty; valid: {', '.join(sorted(POLICIES))}")
   for name in names:
-    if name not in POLICIES:
-      raise ValueError(f"config.policies: unknown policy {name!r}; valid: {', '.join(sorted(POLICIES))}")
+    split_policy(name)
   if len(set(names)) != len(names):
     raise ValueError(f"config.policies names a policy twice: {spec!r}")
   return tuple(names)
+
+
+def split_policy(name: str) -> tuple[str, str | None]:
+  """("fair", "swap") from "fair+swap", ("fair", None) from "fair".
+
+  Raises:
+    ValueError: an unknown policy or preemption mode (listing the valid ones).
+  """
+  policy, _, mode = name.partition("+")
+  if policy not in POLICIES:
+    raise ValueError(f"config.policies: unknown policy {policy!r}; valid: {', '.join(sorted(POLICIES))}")
+  if mode and mode not in PREEMPTION_MODES:
+    raise ValueError(f"config.policies: {name!r} has preemption mode {mode!r}; valid: "
+                     f"{', '.join(PREEMPTION_MODES)}")
+  return policy, mode or None
 
 
 def parse_rates(spec: str | float | tuple[float, ...] | list[float] | None) -> tuple[float, ...]:
@@ -293,6 +323,16 @@ def slo(config: ml_collections.ConfigDict) -> Slo:
     raise ValueError(f"config.slo: {e}") from None
 
 
+def class_slos(config: ml_collections.ConfigDict) -> dict[int, Slo]:
+  """{priority: SLO} of the classes judged against their own SLO (`config.batch_slo`), validated."""
+  if not config.batch_slo:
+    return {}
+  try:
+    return {PRIORITY_CLASSES.index("batch"): parse_slo(config.batch_slo)}
+  except ValueError as e:
+    raise ValueError(f"config.batch_slo: {e}") from None
+
+
 def engine_config(config: ml_collections.ConfigDict, policy: str) -> EngineConfig:
   """The `EngineConfig` of `config.engine` for one policy; SLO targets default to `config.slo`'s.
 
@@ -311,7 +351,9 @@ def engine_config(config: ml_collections.ConfigDict, policy: str) -> EngineConfi
   unknown = set(fields) - {f.name for f in dataclasses.fields(EngineConfig)}
   if unknown:
     raise ValueError(f"config.engine has fields EngineConfig lacks: {sorted(unknown)}")
-  parse_policies(policy)
+  policy, mode = split_policy(policy)
+  if mode is not None:
+    fields["preemption_mode"] = mode
   return EngineConfig(policy=policy, speculative=speculative_config(config), **fields)
 
 

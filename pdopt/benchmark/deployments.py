@@ -103,6 +103,16 @@ def local_devices(platform: str) -> list[int]:
   return list(range(len(list(gpus.iterdir())))) if gpus.is_dir() else []
 
 
+def gpu_kind() -> str:
+  """The model name of this host's first GPU as the driver reports it ("NVIDIA H100 80GB HBM3", JAX's
+  `device_kind`), found without starting JAX; "" when there is none."""
+  for info in sorted(pathlib.Path("/proc/driver/nvidia/gpus").glob("*/information")):
+    for line in info.read_text().splitlines():
+      if line.startswith("Model:"):
+        return line.split(":", 1)[1].strip()
+  return ""
+
+
 def replay_deployment(deployment: deploy.Deployment, workload: Workload, *, progress: bool = True,
                       desc: str | None = None, poll: float = 0.002) -> ReplayResult:
   """Submits each request when the clock passes its arrival time, handling what the instances report in

@@ -14,7 +14,10 @@ table, and writes a run directory of its own (`results.prepare_run_dir`: `<resul
                        `request_throughput`, `median_ttft_ms`, `p99_itl_ms`, ..., `request_goodput`,
                        `slo_attainment`), the `ENGINE_STATS_KEYS`, the executor's `stats()` (with speculative
                        decoding `SpecStats.as_dict()`: `spec_acceptance_rate`, ...) and the run's provenance
-                       (`results.PROVENANCE_KEYS`: date, git commit and dirty flag, devices, versions, host).
+                       (`results.PROVENANCE_KEYS`: date, git commit and dirty flag, devices, versions, host),
+                       the fairness metrics (`pdopt.metrics.fairness`: slowdown against each request alone on
+                       an idle engine as the step-cost model predicts it, Jain's index, decode stall) and
+                       `by_class`: every serving metric of each priority class under its own SLO.
   requests.csv         one row per request of every run ("run", "policy", "rate", then
                        `pdopt.metrics.REQUEST_COLUMNS`; arrival times from the run's start).
   ttft_cdf.png, tpot_cdf.png   latency CDFs over every request, one curve per policy (one panel per rate).
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import time
@@ -38,6 +42,7 @@ import ml_collections
 import pdopt
 from pdopt import sharding
 from pdopt import metrics as metrics_lib
+from pdopt.metrics import fairness as fairness_lib
 from pdopt import workloads
 from pdopt.benchmark import config as config_lib
 from pdopt.benchmark import deployments as deployments_lib
@@ -72,6 +77,7 @@ ENGINE_STATS_KEYS: tuple[str, ...] = (
     "backend",  # "real" (the engine on the devices) or "sim" (the simulator, `pdopt.sim`).
     "step_cost",  # the step-cost model `slo_aware` (and the simulator) predicted with: its file, or a roofline.
     "step_cost_kind",  # "fitted" or "roofline".
+    "preemption_mode",  # "recompute" or "swap" (`EngineConfig.preemption_mode`).
 )
 
 
@@ -84,19 +90,39 @@ class PolicyRun:
     replay: what the replay produced (records, outputs, counters).
     metrics: the serving metrics of its records.
     stats: the `ENGINE_STATS_KEYS` facts.
+    fairness: `pdopt.metrics.fairness.fairness_metrics` of its records, with `slowdown_reference` (the
+      step-cost model that predicted each request alone); empty until `judge`d.
+    by_class: {priority class: its serving metrics (dict form)}; empty until `judge`d.
   """
   policy: str
   replay: ReplayResult
   metrics: metrics_lib.ServingMetrics
   stats: dict[str, Any]
+  fairness: dict[str, Any] = dataclasses.field(default_factory=dict)
+  by_class: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
   @property
   def records(self) -> tuple[metrics_lib.RequestRecord, ...]:
     return self.replay.records
 
   def entry(self) -> dict[str, Any]:
-    """The metrics.json entry: every metric under vLLM's names plus the engine stats."""
-    return {**metrics_lib.metrics_to_dict(self.metrics), **self.stats}
+    """The metrics.json entry: every metric under vLLM's names, the fairness metrics, the metrics of each
+    class (`by_class`) and the engine stats."""
+    return {**metrics_lib.metrics_to_dict(self.metrics), **self.fairness, "by_class": self.by_class, **self.stats}
+
+  def judge(self, slo: str | metrics_lib.Slo | None, class_slos: Mapping[int, Any] | None,
+            alone: StepCostModel, chunk: int) -> PolicyRun:
+    """This run with its metrics under `slo` and per-class `class_slos`, its fairness metrics (each request's
+    slowdown against `alone.alone_seconds(prompt, output, chunk)`) and the metrics of each class."""
+    records, duration = self.records, self.replay.duration
+    m = metrics_lib.compute_metrics(records, slo=slo, duration=duration, class_slos=class_slos)
+    ideal = fairness_lib.ideal_latencies(records, lambda p, o: alone.alone_seconds(p, o, chunk))
+    # Undefined statistics (an empty class) are null in metrics.json, not NaN (which JSON lacks).
+    fairness = {k: None if isinstance(v, float) and math.isnan(v) else v
+                for k, v in fairness_lib.fairness_metrics(records, ideal).items()}
+    fairness["slowdown_reference"] = alone.source
+    by_class = fairness_lib.class_metrics(records, slo, duration, class_slos)
+    return dataclasses.replace(self, metrics=m, fairness=fairness, by_class=by_class)
 
 
 def model_source(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ModelSource:
@@ -163,7 +189,8 @@ def run_policy(model: Transformer | ModelConfig, workload: workloads.Workload, e
                slo: str | metrics_lib.Slo | None = None, warmup: bool = True, progress: bool = True,
                max_duration: float | None = None, clock: Callable[[], float] = time.perf_counter,
                rate: float | None = None, draft_model: Transformer | None = None,
-               mesh: Any = None, step_cost: StepCostModel | None = None, simulate: bool = False) -> PolicyRun:
+               mesh: Any = None, step_cost: StepCostModel | None = None, simulate: bool = False,
+               class_slos: Mapping[int, str | metrics_lib.Slo] | None = None) -> PolicyRun:
   """Replays `workload` against a fresh engine with `engine_config` on `model`.
 
   Args:
@@ -181,9 +208,11 @@ def run_policy(model: Transformer | ModelConfig, workload: workloads.Workload, e
     mesh: a device mesh for tensor parallelism (`pdopt.sharding.make_mesh`); None runs on one device.
     step_cost: the step-cost model (required with `simulate`); None lets the engine choose its own.
     simulate: run the engine on the simulator (`pdopt.sim`) instead of the devices.
+    class_slos: {priority: SLO} of the classes judged against their own SLO (`PolicyRun.judge`).
 
   Returns:
-    The `PolicyRun`. The engine is checked for leaked pages after the replay.
+    The `PolicyRun`, judged (`PolicyRun.judge`) against the engine's own step-cost model with prompts in one
+    step of up to `max_num_batched_tokens`. The engine is checked for leaked pages after the replay.
   """
   if simulate:
     model_config = model if isinstance(model, ModelConfig) else model.config
@@ -216,11 +245,13 @@ def run_policy(model: Transformer | ModelConfig, workload: workloads.Workload, e
       "backend": "sim" if simulate else "real",
       "step_cost": engine.step_cost.source,
       "step_cost_kind": engine.step_cost.kind,
+      "preemption_mode": engine_config.preemption_mode,
   }
   assert tuple(stats) == ENGINE_STATS_KEYS
   stats.update(engine.executor.stats())
   m = metrics_lib.compute_metrics(result.records, slo=slo, duration=result.duration)
-  return PolicyRun(policy=engine_config.policy, replay=result, metrics=m, stats=stats)
+  run = PolicyRun(policy=engine_config.policy, replay=result, metrics=m, stats=stats)
+  return run.judge(slo, class_slos, engine.step_cost, engine_config.max_num_batched_tokens)
 
 
 rate_key = results.rate_key
@@ -279,7 +310,9 @@ def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
     except ValueError as e:
       raise config_lib.ConfigError(str(e)) from e
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str) + "\n")
-  origin = results.provenance(devices=None if policies else (plan["platform"], len(plan["devices"]) * deploy_hosts))
+  router_devices = (deployments_lib.gpu_kind() if plan["platform"] == "gpu" else "cpu",
+                    len(plan["devices"]) * deploy_hosts)
+  origin = results.provenance(devices=None if policies else router_devices)
 
   model = plan["model_config"] if simulate or not policies else build_model(config)
   draft = build_draft(config)
@@ -296,9 +329,10 @@ def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
                        progress=config.progress and writing, max_duration=config.max_duration,
                        clock=plan["clock"], rate=rate if rate is not None else _offered_rate(config, workload),
                        draft_model=draft, mesh=plan["mesh"], step_cost=plan["step_costs"][policy],
-                       simulate=simulate)
+                       simulate=simulate, class_slos=plan["class_slos"])
       by_policy[policy] = run
       say(metrics_lib.format_benchmark_result(run.metrics, policy=_report_label(policy, rate)))
+      say(_format_fairness(run))
     for deployment in plan["deployments"]:
       run = deployments_lib.run_deployment(
           model_source(config), workload, deployment, config_lib.engine_config(config, deployment.policy),
@@ -307,9 +341,13 @@ def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
           listen=deploy_listen or ("127.0.0.1", 0), hosts=deploy_hosts)
       # The offered rate, as for the policies (the deployment's own stats hold the workload's measured one).
       run.stats["rate"] = rate if rate is not None else _offered_rate(config, workload)
+      engine_config = config_lib.engine_config(config, deployment.policy)
+      run = run.judge(plan["slo"], plan["class_slos"], _deployment_step_cost(config, plan, engine_config),
+                      engine_config.max_num_batched_tokens)
       by_policy[deployment.label] = run
       runs.setdefault(deployment.label, {})
       say(metrics_lib.format_benchmark_result(run.metrics, policy=_report_label(deployment.label, rate)))
+      say(_format_fairness(run))
     table = metrics_lib.format_comparison_table({p: r.metrics for p, r in by_policy.items()})
     if rate is not None:
       table = f"rate {rate_key(rate)} req/s\n{table}"
@@ -368,6 +406,7 @@ def _plan(config: ml_collections.ConfigDict, deploy_hosts: int) -> dict[str, Any
   policies = config_lib.parse_policies(config.policies, allow_none=bool(deployments))
   rates = config_lib.parse_rates(config.rates)
   slo = config_lib.slo(config)
+  class_slos = config_lib.class_slos(config)
   engine_configs = {p: config_lib.engine_config(config, p) for p in policies}
   for rate in rates or (None,):
     config_lib.workload_config(config, rate)
@@ -385,9 +424,43 @@ def _plan(config: ml_collections.ConfigDict, deploy_hosts: int) -> dict[str, Any
       workloads_.append(build_workload(config, model_config, rate))
     except ValueError as e:
       raise ValueError(f"config.workload: {e}") from None
-  return dict(policies=policies, rates=rates, slo=slo, engine_configs=engine_configs, deployments=deployments,
-              simulate=simulate, model_config=model_config, step_costs=step_costs, devices=devices,
-              platform=platform, mesh=mesh, clock=clock, workloads=workloads_)
+  return dict(policies=policies, rates=rates, slo=slo, class_slos=class_slos, engine_configs=engine_configs,
+              deployments=deployments, simulate=simulate, model_config=model_config, step_costs=step_costs,
+              devices=devices, platform=platform, mesh=mesh, clock=clock, workloads=workloads_)
+
+
+def _deployment_step_cost(config: ml_collections.ConfigDict, plan: Mapping[str, Any],
+                          engine_config: EngineConfig) -> StepCostModel:
+  """The step-cost model that predicts a request alone for a deployment's slowdowns: `config.cost_model`, else
+  the shipped model (or datasheet roofline) of one instance device (`config.sim_device`, else the devices the
+  deployment runs on, found without starting JAX)."""
+  cost = build_step_cost(config, plan["model_config"], engine_config)
+  if cost is not None:
+    return cost
+  kind = config.sim_device or (deployments_lib.gpu_kind() if plan["platform"] == "gpu" else "cpu")
+  return default_step_cost(plan["model_config"], engine_config.kv_cache_dtype, 1, kind)
+
+
+def _format_fairness(run: PolicyRun) -> str:
+  """Slowdown, Jain's index and decode stall of a run, and a table of its classes when it has several."""
+  def num(key: str, scale: float = 1.0, digits: int = 2) -> str:
+    value = run.fairness[key]
+    return "-" if value is None else f"{scale * value:.{digits}f}"
+
+  lines = [f"slowdown P50 {num('slowdown_p50')}  P99 {num('slowdown_p99')}  Jain {num('jain_slowdown', digits=3)}"
+           f"  (across clients {num('jain_slowdown_across_clients', digits=3)})  decode stall P99 "
+           f"{num('decode_stall_s_p99', 1e3, 1)} ms  (alone: {run.fairness['slowdown_reference']})"]
+  if len(run.by_class) > 1:
+    lines.append(metrics_lib.format_comparison_table(run.by_class, CLASS_COLUMNS))
+  return "\n".join(lines)
+
+
+# The rows of the per-class table printed after each run with several priority classes.
+CLASS_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("completed", "completed"), ("failed", "failed"), ("slo", "SLO"), ("request_goodput", "goodput (req/s)"),
+    ("slo_attainment", "SLO attainment"), ("median_ttft_ms", "median TTFT (ms)"), ("p99_ttft_ms", "P99 TTFT (ms)"),
+    ("median_tpot_ms", "median TPOT (ms)"), ("p99_tpot_ms", "P99 TPOT (ms)"), ("median_e2el_ms", "median E2EL (ms)"),
+    ("p99_e2el_ms", "P99 E2EL (ms)"))
 
 
 def _report_label(policy: str, rate: float | None) -> str:

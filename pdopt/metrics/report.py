@@ -125,7 +125,7 @@ def format_comparison_table(results: Mapping[str, ServingMetrics | Mapping[str, 
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
   label_width = max(len("metric"), *(len(label) for _, label in columns))
-  widths = {name: max(10, len(name)) for name in dicts}
+  widths = {name: max(10, len(name), *(len(cell(d[key])) for key, _ in columns)) for name, d in dicts.items()}
   header = f"{'metric':<{label_width}}  " + "  ".join(f"{name:>{widths[name]}}" for name in dicts)
   lines = [header, "-" * len(header)]
   for key, label in columns:
@@ -136,7 +136,8 @@ def format_comparison_table(results: Mapping[str, ServingMetrics | Mapping[str, 
 
 REQUEST_COLUMNS: tuple[str, ...] = ("request_id", "status", "reason", "prompt_len", "output_len",
                                     "arrival_time", "ttft_ms", "tpot_ms", "mean_itl_ms", "max_itl_ms",
-                                    "e2el_ms", "slo_miss", "kv_transfer_bytes", "kv_transfer_ms")
+                                    "e2el_ms", "slo_miss", "kv_transfer_bytes", "kv_transfer_ms", "priority",
+                                    "client", "decode_stall_ms")
 # Leading columns of requests.csv: the run's name (its metrics.json key), its policy and offered rate (req/s).
 RUN_COLUMNS: tuple[str, ...] = ("run", "policy", "rate")
 
@@ -164,6 +165,7 @@ def request_rows(records: Sequence[RequestRecord], start: float = 0.0) -> list[d
         "tpot_ms": ms(lat.tpot), "mean_itl_ms": ms(sum(lat.itls) / len(lat.itls) if lat.itls else None),
         "max_itl_ms": ms(max(lat.itls) if lat.itls else None), "e2el_ms": ms(lat.e2el),
         "slo_miss": int(r.slo_miss), "kv_transfer_bytes": r.kv_transfer_bytes, "kv_transfer_ms": ms(r.kv_transfer_s),
+        "priority": r.priority, "client": r.client, "decode_stall_ms": ms(r.decode_stall_s),
     })
   return rows
 

@@ -6,8 +6,8 @@ got: each token of its requests a step runs adds 1 for a prompt token and 2 for 
 default weights: output tokens cost more), divided by its class's weight (interactive 4, batch 1), so an
 interactive client may get four times a batch client's service before it counts as served as much. Each step:
 
-1. every running decode gets its token (newest running requests preempted when pages run out), so no admitted
-   request starves;
+1. every running decode gets its token (when pages run out, batch requests are preempted before interactive
+   ones, newest first within a class), so no admitted request starves;
 2. the token budget left goes to prompt chunks of at most `chunk_size` tokens: running partial prefills and
    waiting requests, the least-served client's oldest request first, counters updated as chunks are added;
 3. a client that comes back after having nothing queued starts at the least counter of the clients that are
@@ -56,7 +56,8 @@ class Fair:
     self._active = active
 
     step = StepBuilder(view, self.config.max_num_batched_tokens, self.config.max_num_seqs)
-    step.schedule_decodes(view.running)
+    running = sorted(view.running, key=lambda r: r.priority)  # Stable: arrival order within a class.
+    step.schedule_decodes(running)
     for chunk in step.chunks:
       self._charge(next(r for r in view.running if r.request_id == chunk.request_id), chunk.num_tokens)
     limit = self.config.chunk_size or self.config.max_num_batched_tokens
@@ -71,5 +72,5 @@ class Fair:
         self._charge(request, n)
       elif not request.is_running:
         break  # The least-served client's request does not fit: nothing skips ahead of it.
-    step.ensure_progress(view.running, limit)
+    step.ensure_progress(running, limit)
     return step.plan()

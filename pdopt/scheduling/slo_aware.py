@@ -8,7 +8,8 @@ device (`pdopt.scheduling.step_cost`: roofline terms fitted to profiled steps, o
 same model the simulator runs on.
 
 Each step:
-1. every running decode gets its token (newest running requests preempted when pages run out);
+1. every running decode gets its token (when pages run out, batch requests are preempted before interactive
+   ones, newest first within a class);
 2. prompt chunks may add as many tokens as keep the step's predicted time within `tpot_slo_ms` (the
    decodes already in it, plus one chunk of fresh prompt tokens), at most what the token budget leaves;
    without a TPOT target, the whole token budget. When the decodes alone take the TPOT, prompts wait;
@@ -19,7 +20,8 @@ Each step:
    chunks as large as an empty step may hold, would end after the deadline. Later chunks attend to more
    keys and share steps with decodes, so this is a lower bound on its TTFT under the cost model: only
    requests that cannot make it are rejected. Requests preempted after their first token are never
-   rejected;
+   rejected, nor are batch requests (`priority` 1): they have no TTFT deadline, come after every
+   interactive request, in arrival order, and their prompt tokens do not count as queued ahead;
 4. prompt chunks fill the prompt budget: first running partial prefills, then waiting requests,
    each in deadline order (preempted requests that already emitted a token go first); a prompt takes
    all of the budget left (no per-prompt cap), and admission stops at the first request that does not fit
@@ -40,6 +42,8 @@ rejects; without `tpot_slo_ms` it uses the plain budget. Uses `max_num_batched_t
 """
 
 from __future__ import annotations
+
+import math
 
 from pdopt.scheduling.policy import Plan, RequestView, SchedulerView, SchedulingConfig, StepBuilder, register
 from pdopt.scheduling.step_cost import StepCostModel
@@ -83,7 +87,10 @@ class SloAware:
     return low
 
   def deadline(self, request: RequestView) -> float:
-    """The TTFT deadline in seconds on the engine clock (the arrival time without a TTFT target)."""
+    """The TTFT deadline in seconds on the engine clock (the arrival time without a TTFT target; infinite
+    for a batch request)."""
+    if request.priority > 0:
+      return math.inf
     slo_s = (self.config.ttft_slo_ms or 0.0) / 1e3
     return request.arrival_time + slo_s
 
@@ -92,7 +99,8 @@ class SloAware:
 
   def schedule(self, view: SchedulerView) -> Plan:
     step = StepBuilder(view, self.config.max_num_batched_tokens, self.config.max_num_seqs)
-    step.schedule_decodes(view.running)
+    running = sorted(view.running, key=lambda r: r.priority)  # Stable: arrival order within a class.
+    step.schedule_decodes(running)
     decoding = {c.request_id for c in step.chunks}
     decode_kv = [r.num_computed_tokens + 1 for r in view.running if r.request_id in decoding]
     prompt_budget = self.prompt_budget(decode_kv, step.tokens_left)
@@ -113,7 +121,7 @@ class SloAware:
         if not step.add(request, n):
           break
         prompt_budget -= n
-    step.ensure_progress(view.running, max(1, self.prompt_budget([], self.config.max_num_batched_tokens)))
+    step.ensure_progress(running, max(1, self.prompt_budget([], self.config.max_num_batched_tokens)))
     return step.plan()
 
   def _reject(self, view: SchedulerView, partial: list[RequestView], waiting: list[RequestView],
@@ -136,6 +144,8 @@ class SloAware:
         ahead += request.num_pending
         continue
       deadline = self.deadline(request)
+      if deadline == math.inf:
+        continue
       eta = view.now + prefill_seconds(ahead + request.num_pending)
       if deadline <= view.now:
         reason = (f"TTFT deadline missed: deadline {deadline:.3f} s (arrival {request.arrival_time:.3f} s + "

@@ -5,6 +5,7 @@ import csv
 import importlib.util
 import json
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import pytest
 import pdopt
 from pdopt import benchmark
 from pdopt import metrics
+from pdopt.metrics import fairness
 from pdopt.benchmark import deployments as deployments_lib
 from pdopt.benchmark import results
 from pdopt.scheduling import POLICIES
@@ -80,9 +82,12 @@ def test_metrics_json_holds_every_field(quickstart):
   assert written == out["metrics"]
   assert list(written) == list(benchmark.parse_policies(config.policies))
   expected = (set(metrics.metrics_to_dict(metrics.compute_metrics([]))) | set(benchmark.ENGINE_STATS_KEYS)
-              | set(results.PROVENANCE_KEYS))
+              | set(results.PROVENANCE_KEYS) | set(fairness.fairness_metrics([], {}))
+              | {"slowdown_reference", "by_class"})
   for policy, entry in written.items():
     assert set(entry) == expected, policy
+    assert list(entry["by_class"]) == ["interactive"] and entry["by_class"]["interactive"]["num_requests"] == 6
+    assert entry["slowdown_p50"] >= 1.0 and 0.0 < entry["jain_slowdown"] <= 1.0
     assert entry["device_count"] >= 1 and entry["jax_version"] and entry["date"].endswith("Z")
     assert entry["git_dirty"] in (True, False, None) and isinstance(entry["git_commit"], str)
     # One vocabulary of failures: failed = aborted + rejected; the runner's own counts are parts of them.
@@ -97,6 +102,18 @@ def test_metrics_json_holds_every_field(quickstart):
     assert entry["num_compilations"] == 0, "the warm-up should compile every shape the replay uses"
     assert entry["num_steps"] > 0 and entry["rate"] == 20.0
     assert 0.0 <= entry["prefix_cache_hit_rate"] <= 1.0
+
+
+def test_docs_define_every_field(quickstart):
+  """docs/results.md defines every metrics.json field and requests.csv column a run writes."""
+  config, out = quickstart
+  doc = (pathlib.Path(__file__).parents[2] / "docs" / "results.md").read_text()
+  documented = set(re.findall(r"`([a-z0-9_{}]+)`", doc))
+  patterns = [re.compile("^" + d.replace("{stat}", "[a-z0-9]+") + "$") for d in documented if "{stat}" in d]
+  run_dir = pathlib.Path(config.results_dir) / "quickstart_short"
+  columns = next(csv.reader(open(run_dir / "requests.csv")))
+  for key in [*next(iter(out["metrics"].values())), *columns]:
+    assert key in documented or any(p.match(key) for p in patterns), f"{key} is not in docs/results.md"
 
 
 def test_greedy_outputs_identical_across_policies(quickstart):

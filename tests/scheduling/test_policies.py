@@ -294,6 +294,22 @@ def test_slo_aware_prompt_budget_is_the_largest_chunk_within_the_tpot():
   assert make_scheduler(SchedulingConfig(policy="slo_aware"), step_cost=_toy_cost()).prompt_budget([1], 33) == 33
 
 
+def test_slo_aware_never_rejects_batch_requests_and_serves_them_after_interactive_ones():
+  policy = make_scheduler(SchedulingConfig(policy="slo_aware", ttft_slo_ms=100.0, max_num_batched_tokens=64),
+                          step_cost=_toy_cost())
+
+  def waiting(rid, arrival, priority):
+    return RequestView(rid, arrival, 32, 32, 0, 0, 0, 8, False, priority=priority)
+
+  # At t=10 s every interactive deadline (arrival + 0.1 s) has passed; batch requests have none.
+  late = [waiting("b0", 0.0, 1), waiting("i0", 1.0, 0), waiting("b1", 2.0, 1), waiting("i1", 9.95, 0)]
+  plan = policy.schedule(SchedulerView(now=10.0, running=(), waiting=tuple(late), free_pages=100, page_size=16,
+                                       num_pages=200))
+  assert [rid for rid, _ in plan.reject] == ["i0"]
+  # The interactive request that can still make its deadline goes first; batch ones follow in arrival order.
+  assert [c.request_id for c in plan.chunks] == ["i1", "b0"]
+
+
 def test_slo_aware_needs_a_step_cost_model():
   with pytest.raises(ValueError, match="slo_aware.*step_cost"):
     make_scheduler(SchedulingConfig(policy="slo_aware"))
