@@ -17,7 +17,7 @@ from pdopt.cache.block_manager import BlockManager
 from pdopt.engine import batch as batch_lib
 from pdopt.engine import runner as runner_lib
 from pdopt.engine.batch import Buckets, ChunkSpec, StepBatch
-from pdopt.engine.executor import StepOutcome, StepPlan, Work, WorkResult
+from pdopt.engine.executor import StepOutcome, StepPlan, SwapCounters, Work, WorkResult
 from pdopt.engine.runner import ModelRunner
 
 
@@ -46,7 +46,7 @@ class DeviceExecutor:
     self.buckets = buckets
     self.max_num_seqs = max_num_seqs
     self.page_size = block_manager.page_size
-    self.swap_counters = {"swap_out_bytes": 0, "swap_out_s": 0.0, "swap_in_bytes": 0, "swap_in_s": 0.0}
+    self.swaps = SwapCounters()
 
   in_flight: StepPlan | None = None
   num_lookahead_tokens = 0
@@ -91,8 +91,8 @@ class DeviceExecutor:
     pages = self.block_manager.page_table(request_id)[:math.ceil(num_tokens / self.page_size)]
     host = jax.device_get(self.runner.gather_pages(pages))
     num_bytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(host))
-    self.swap_counters["swap_out_bytes"] += num_bytes
-    self.swap_counters["swap_out_s"] += time.perf_counter() - start
+    self.swaps.out_bytes += num_bytes
+    self.swaps.out_s += time.perf_counter() - start
     return Swapped(host, len(pages), num_bytes)
 
   def swap_in(self, request_id: str, swapped: Swapped) -> None:
@@ -101,19 +101,15 @@ class DeviceExecutor:
     shardings = jax.tree_util.tree_map(lambda a: a.sharding, self.runner.cache)
     self.runner.scatter_pages(pages, jax.device_put(swapped.kv, shardings))
     jax.block_until_ready(self.runner.cache)
-    self.swap_counters["swap_in_bytes"] += swapped.num_bytes
-    self.swap_counters["swap_in_s"] += time.perf_counter() - start
+    self.swaps.in_bytes += swapped.num_bytes
+    self.swaps.in_s += time.perf_counter() - start
 
   def check_no_leaks(self, idle: bool) -> None:
     pass
 
   def stats(self) -> dict[str, float]:
     """Swapping's bytes and seconds each way, and the bandwidths they give (GB/s), once it has happened."""
-    c = dict(self.swap_counters)
-    for way in ("out", "in"):
-      if c[f"swap_{way}_s"] > 0:
-        c[f"swap_{way}_gbps"] = c[f"swap_{way}_bytes"] / c[f"swap_{way}_s"] / 1e9
-    return c if c["swap_out_bytes"] else {}
+    return self.swaps.stats()
 
   def warmup_calls(self) -> list[runner_lib.WarmupCall]:
     """The step program for every shape bucket and, where the runner compiles it, the decode-only variant

@@ -144,3 +144,23 @@ class Executor(Protocol):
 
   def stats(self) -> dict[str, float]:
     """Counters for the run's results (e.g. speculation's acceptance rate); may be empty."""
+
+
+@dataclasses.dataclass
+class SwapCounters:
+  """Bytes and seconds of swap preemption's copies each way (device to host: out; back: in)."""
+  out_bytes: int = 0
+  out_s: float = 0.0
+  in_bytes: int = 0
+  in_s: float = 0.0
+
+  def stats(self) -> dict[str, float]:
+    """`swap_{out,in}_{bytes,s}` and the bandwidths `swap_{out,in}_gbps` (GB/s), once a swap happened; else {}."""
+    if not self.out_bytes:
+      return {}
+    out: dict[str, float] = {"swap_out_bytes": self.out_bytes, "swap_out_s": self.out_s,
+                             "swap_in_bytes": self.in_bytes, "swap_in_s": self.in_s}
+    for way, (num_bytes, seconds) in (("out", (self.out_bytes, self.out_s)), ("in", (self.in_bytes, self.in_s))):
+      if seconds > 0:
+        out[f"swap_{way}_gbps"] = num_bytes / seconds / 1e9
+    return out

@@ -1,22 +1,27 @@
-"""`fair`: virtual-token-counter fairness across clients and priority classes (VTC: Sheng et al., "Fairness in
-Serving Large Language Models", OSDI 2024), on top of stall-free chunked batching.
+"""`fair`: virtual-token-counter fairness between priority classes and across clients (VTC: Sheng et al.,
+"Fairness in Serving Large Language Models", OSDI 2024), on top of stall-free chunked batching.
 
-Every client (a request's `client`, or its priority class when it has none) has a counter of the service it
-got: each token of its requests a step runs adds 1 for a prompt token and 2 for an output token (VTC's
-default weights: output tokens cost more), divided by its class's weight (interactive 4, batch 1), so an
-interactive client may get four times a batch client's service before it counts as served as much. Each step:
+Service is counted in tokens a step runs for a request: 1 per prompt token, 2 per output token (VTC's default
+weights: output tokens cost more). Two families of counters add it up:
+- one per priority class, divided by the class's weight (interactive 4, batch 1): while both classes have work
+  queued, interactive requests get about four times the prompt service of batch ones, and batch requests still
+  progress (the weights are shares, not strict priorities);
+- one per client (a request's `client`, or its class when it has none), undivided: within a class, the client
+  served least so far goes first, so a client that sends much cannot crowd out one that sends little.
 
+Each step:
 1. every running decode gets its token (when pages run out, batch requests are preempted before interactive
    ones, newest first within a class), so no admitted request starves;
 2. the token budget left goes to prompt chunks of at most `chunk_size` tokens: running partial prefills and
-   waiting requests, the least-served client's oldest request first, counters updated as chunks are added;
-3. a client that comes back after having nothing queued starts at the least counter of the clients that are
-   active, not with the credit it kept while away (VTC's lift), so idling earns no priority.
+   waiting requests, picked one at a time from the least-served class (ties: interactive), within it the
+   least-served client's oldest request (running ones before waiting ones), counters updated as chunks are
+   added; admission stops at the first pick that does not fit (no skipping ahead);
+3. a class or client that comes back after having nothing queued starts at the least counter of those that
+   are active, not with the credit it kept while away (VTC's lift), so idling earns no priority.
 
-Trade: a client that sends much cannot crowd out one that sends little (the counters), and interactive work is
-preferred without starving batch work (the weights are ratios, not strict priorities); the price is prefix
-and arrival order: a request may wait behind a later one of a less-served client. Uses
-`max_num_batched_tokens`, `max_num_seqs` and `chunk_size`.
+Trade: shares of service between classes and clients instead of SLOs: no request is rejected and none waits
+forever, but nothing bounds a TTFT under overload (`slo_aware` rejects to bound it), and a request may wait
+behind a later one of a less-served client. Uses `max_num_batched_tokens`, `max_num_seqs` and `chunk_size`.
 """
 
 from __future__ import annotations
@@ -36,24 +41,33 @@ class Fair:
 
   def __init__(self, config: SchedulingConfig):
     self.config = config
-    self.counters: dict[str, float] = {}
+    self.counters: dict[str, float] = {}  # client -> service
+    self.class_counters: dict[int, float] = {}  # priority -> service / the class's weight
     self._active: set[str] = set()
+    self._active_classes: set[int] = set()
 
   @staticmethod
   def client(request: RequestView) -> str:
     return request.client or f"class-{request.priority}"
 
   def _charge(self, request: RequestView, num_tokens: int) -> None:
-    cost = OUTPUT_TOKEN_COST if request.is_decoding else PROMPT_TOKEN_COST
-    key = self.client(request)
-    self.counters[key] += cost * num_tokens / CLASS_WEIGHTS.get(request.priority, 1.0)
+    cost = (OUTPUT_TOKEN_COST if request.is_decoding else PROMPT_TOKEN_COST) * num_tokens
+    self.counters[self.client(request)] += cost
+    self.class_counters[request.priority] += cost / CLASS_WEIGHTS.get(request.priority, 1.0)
+
+  @staticmethod
+  def _lift(counters: dict, was_active: set, active: set) -> None:
+    """Whoever is back (or new) starts at the least counter of those that stayed active."""
+    floor = min((counters[k] for k in was_active & active if k in counters), default=0.0)
+    for k in active - was_active:
+      counters[k] = max(counters.get(k, floor), floor)
 
   def schedule(self, view: SchedulerView) -> Plan:
-    active = {self.client(r) for r in (*view.running, *view.waiting)}
-    floor = min((self.counters[c] for c in self._active & active if c in self.counters), default=0.0)
-    for c in active - self._active:  # Back (or new): no credit for the time away.
-      self.counters[c] = max(self.counters.get(c, floor), floor)
-    self._active = active
+    queued = (*view.running, *view.waiting)
+    active, classes = {self.client(r) for r in queued}, {r.priority for r in queued}
+    self._lift(self.counters, self._active, active)
+    self._lift(self.class_counters, self._active_classes, classes)
+    self._active, self._active_classes = active, classes
 
     step = StepBuilder(view, self.config.max_num_batched_tokens, self.config.max_num_seqs)
     running = sorted(view.running, key=lambda r: r.priority)  # Stable: arrival order within a class.
@@ -65,12 +79,14 @@ class Fair:
     if not step.preempted:  # Admitting new work while evicting old would only thrash.
       candidates += list(view.waiting)
     while candidates and step.tokens_left > 0:
-      request = min(candidates, key=lambda r: (self.counters[self.client(r)], not r.is_running, r.arrival_time))
+      priority = min({r.priority for r in candidates}, key=lambda p: (self.class_counters[p], p))
+      request = min((r for r in candidates if r.priority == priority),
+                    key=lambda r: (self.counters[self.client(r)], not r.is_running, r.arrival_time))
       candidates.remove(request)
       n = step.fit_chunk(request, limit)
       if step.add(request, n):
         self._charge(request, n)
       elif not request.is_running:
-        break  # The least-served client's request does not fit: nothing skips ahead of it.
+        break  # The pick does not fit: nothing skips ahead of it.
     step.ensure_progress(running, limit)
     return step.plan()

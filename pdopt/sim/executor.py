@@ -27,7 +27,7 @@ import numpy as np
 
 from pdopt.cache.block_manager import BlockManager
 from pdopt.engine.batch import Buckets
-from pdopt.engine.executor import StepOutcome, StepPlan, WorkResult
+from pdopt.engine.executor import StepOutcome, StepPlan, SwapCounters, WorkResult
 from pdopt.scheduling.step_cost import StepCostModel
 from pdopt.sim.clock import VirtualClock
 
@@ -60,6 +60,7 @@ class SimExecutor:
     self._dispatched: collections.deque[StepOutcome] = collections.deque()
     self.num_steps = 0  # Steps simulated, those of chained blocks included.
     self.busy_seconds = 0.0  # Virtual seconds spent in steps.
+    self.swaps = SwapCounters()  # Swap preemption's copies, priced at the host bandwidth.
 
   num_lookahead_tokens = 0
 
@@ -151,11 +152,17 @@ class SimExecutor:
     """Prices the copy of the request's pages to host memory (`DeviceSpec.host_bandwidth`); returns its bytes."""
     pages = -(-num_tokens // self.page_size)
     num_bytes = pages * self.page_size * self.step_cost.sizes.kv_bytes_per_token * self.step_cost.sizes.tensor_parallel
-    self._advance(num_bytes / self.step_cost.device.host_bandwidth, steps=0)
+    seconds = num_bytes / self.step_cost.device.host_bandwidth
+    self._advance(seconds, steps=0)
+    self.swaps.out_bytes += num_bytes
+    self.swaps.out_s += seconds
     return num_bytes
 
   def swap_in(self, request_id: str, swapped: int) -> None:
-    self._advance(swapped / self.step_cost.device.host_bandwidth, steps=0)
+    seconds = swapped / self.step_cost.device.host_bandwidth
+    self._advance(seconds, steps=0)
+    self.swaps.in_bytes += swapped
+    self.swaps.in_s += seconds
 
   def import_pages(self, request_id: str, kv, num_pages: int) -> None:
     """A request handed over from another simulated instance: its pages are allocated; there is no K/V."""
@@ -170,7 +177,7 @@ class SimExecutor:
       raise AssertionError(f"{len(self._dispatched)} simulated steps were never collected")
 
   def stats(self) -> dict[str, float]:
-    return {"sim_steps": self.num_steps, "sim_busy_s": self.busy_seconds}
+    return {"sim_steps": self.num_steps, "sim_busy_s": self.busy_seconds, **self.swaps.stats()}
 
 
 def arrival_events(arrivals: Sequence[float]) -> Callable[[float], float | None]:

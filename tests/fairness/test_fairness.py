@@ -162,3 +162,19 @@ def test_fair_gives_no_credit_for_time_away():
   assert policy.counters["a"] > 0
   policy.schedule(_view([_waiting("a9", 9.0, "a"), _waiting("b0", 9.5, "b")]))
   assert policy.counters["b"] >= policy.counters["a"] - 32  # Starts at a's level, not at 0.
+
+
+def test_fair_shares_between_classes_hold_whatever_the_clients():
+  # Client "a" sends only interactive requests, client "b" only batch ones: the classes' 4:1 share decides, not
+  # the clients' counters (which alone would alternate a and b).
+  policy = make_scheduler(SchedulingConfig(policy="fair", max_num_batched_tokens=32, max_num_seqs=8))
+  waiting = [_waiting(f"i{i}", float(i), "a", priority=0) for i in range(20)] + \
+            [_waiting(f"b{i}", float(i), "b", priority=1) for i in range(20)]
+  order = []
+  for _ in range(20):
+    chunk, = policy.schedule(_view(waiting)).chunks
+    order.append(chunk.request_id)
+    waiting = [r for r in waiting if r.request_id != chunk.request_id]
+  assert sum(r[0] == "i" for r in order) == 16
+  # Within each class, arrival order (one client per class here).
+  assert [r for r in order if r[0] == "b"] == ["b0", "b1", "b2", "b3"]
