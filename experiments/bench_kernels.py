@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from pdopt.benchmark import cli
+
 _OUT = flags.DEFINE_string("out", None, "JSON file for the results.")
 _QUICK = flags.DEFINE_bool("quick", False, "Fewer shapes and repetitions (smoke run).")
 
@@ -16,7 +18,7 @@ _QUICK = flags.DEFINE_bool("quick", False, "Fewer shapes and repetitions (smoke 
 def main(argv: list[str]) -> None:
   commands = ("prefill", "decode", "tpu")
   if len(argv) != 2 or argv[1] not in commands:
-    raise app.UsageError(f"usage: python -m experiments.bench_kernels {{{','.join(commands)}}} --out=FILE.json")
+    cli.fail(f"usage: python -m experiments.bench_kernels {{{','.join(commands)}}} --out=FILE.json")
   if argv[1] == "prefill":
     from pdopt.benchmark import prefill_attention as bench  # pylint: disable=import-outside-toplevel
   elif argv[1] == "tpu":
@@ -27,4 +29,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser())

@@ -17,6 +17,7 @@ import platform
 import jax
 from absl import app, flags
 
+from pdopt.benchmark import cli
 from pdopt.benchmark import speculation_speed
 from pdopt.models import pretrained
 
@@ -33,7 +34,7 @@ _OUT = flags.DEFINE_string("out", None, "JSON file for the rows.")
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.fail(f"unexpected arguments: {argv[1:]}")
   ks = [int(k) for k in _KS.value]
   target = pretrained.load_pretrained(_TARGET.value)
   draft = pretrained.load_pretrained(_DRAFT.value) if _METHOD.value == "draft" else None
@@ -50,4 +51,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser())

@@ -7,6 +7,7 @@ import json
 
 from absl import app, flags
 
+from pdopt.benchmark import cli
 from pdopt.benchmark import transfer_speed
 
 _OUT = flags.DEFINE_string("out", None, "JSON file for the rows.")
@@ -16,7 +17,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Transfers per size.")
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.fail(f"unexpected arguments: {argv[1:]}")
   result = transfer_speed.run([int(p) for p in _PAGES.value], _REPEATS.value)
   print(f"{result['meta']['device']}, jax {result['meta']['jax']}")
   print(transfer_speed.format_table(result))
@@ -26,4 +27,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser())

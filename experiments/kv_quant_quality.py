@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from pdopt.benchmark import cli
 from pdopt.models import kv_quality, pretrained
 from pdopt.training import data
 
@@ -27,4 +28,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from pdopt.benchmark import cli
 from pdopt.benchmark import profile_steps
 
 _MODEL = flags.DEFINE_string("model", "tiny-code", "A shipped model or a pdopt.preset name.")
@@ -28,10 +29,10 @@ _PAGES = flags.DEFINE_list("page_buckets", None, "The engine's page buckets.")
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.fail(f"unexpected arguments: {argv[1:]}")
   given = [_TOKENS.value, _SEQS.value, _PAGES.value]
   if any(given) and not all(given):
-    raise app.UsageError("--token_buckets, --seq_buckets and --page_buckets go together")
+    cli.fail("--token_buckets, --seq_buckets and --page_buckets go together")
   buckets = tuple(tuple(int(b) for b in v) for v in given) if all(given) else None
   model = profile_steps.profile_and_fit(_MODEL.value, kv_cache_dtype=_KV.value, repeats=_REPEATS.value,
                                         max_batch=_MAX_BATCH.value, page_size=_PAGE_SIZE.value, buckets=buckets)
@@ -42,4 +43,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser())

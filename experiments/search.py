@@ -12,6 +12,7 @@ from __future__ import annotations
 from absl import app
 from ml_collections import config_flags
 
+from pdopt.benchmark import cli
 from pdopt.benchmark import deployment_search
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Search config file (configs/search_*.py).", lock_config=True)
@@ -19,14 +20,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Search config file (c
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.fail(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
-    raise app.UsageError("--config=configs/search_<name>.py is required")
+    cli.fail("--config=configs/search_<name>.py is required")
   try:
     deployment_search.run_search(_CONFIG.value)
   except ValueError as e:
-    raise app.UsageError(str(e)) from e
+    cli.fail(str(e))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser(documented_in="pdopt/benchmark/deployment_search.py"))

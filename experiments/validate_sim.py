@@ -14,6 +14,7 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
+from pdopt.benchmark import cli
 from pdopt.benchmark import validation
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<name>.py).",
@@ -23,17 +24,17 @@ _OUT = flags.DEFINE_string("out", None, "JSON file for both runs' metrics and th
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.fail(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
-    raise app.UsageError("--config=configs/<name>.py is required")
+    cli.fail("--config=configs/<name>.py is required")
   try:
     result = validation.validate(_CONFIG.value)
   except ValueError as e:
-    raise app.UsageError(str(e)) from e
+    cli.fail(str(e))
   if _OUT.value:
     with open(_OUT.value, "w", encoding="utf-8") as f:
       json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser(documented_in="pdopt/benchmark/config.py"))
