@@ -30,7 +30,8 @@ milliseconds, sizes in tokens unless said otherwise):
   deployments         multi-instance deployments run after the policies, one OS process per instance
                       (`pdopt.deploy`): "disaggregated:P:D[:policy[:tp]]" and "colocated:N[:policy[:tp]]",
                       comma-separated (see `pdopt.benchmark.deployments`); "" runs none. With deployments,
-                      `policies` may be "" (`colocated:1` is one engine in its own process).
+                      `policies` may be "" (`colocated:1` is one engine in its own process). With
+                      `backend="sim"` they run in the simulator instead (`pdopt.sim.deployment`).
   devices             the devices each deployment places its instances on (0 = all of this host's GPUs, or
                       CPU cores; on CPU each instance keeps to its cores).
   router              how a deployment routes new requests: "least_loaded", "round_robin", "prefix_affinity".
@@ -52,6 +53,11 @@ milliseconds, sizes in tokens unless said otherwise):
                       (`sim_device` with the simulator), else that device's datasheet roofline.
   sim_device          the device the simulator models when `cost_model` is "": a `jax.Device.device_kind`
                       ("NVIDIA H200", "cpu"); "" is this machine's.
+  sim_transfer_gbps, sim_transfer_latency_us   simulated deployments: the KV transfer between a prefill and a
+                      decode instance (`python -m experiments.bench_transfer` measures it).
+  sim_allreduce_gbps  simulated deployments whose instances span several devices: the all-reduce bus bandwidth
+                      that scales the step-cost model to their tensor-parallel degree (0: not given; such a
+                      deployment is then an error unless the cost file was profiled at that degree).
   workload.*          fields of `pdopt.workloads.WorkloadConfig` (kind, path, start, num_requests, time_window,
                       rate, arrival, cv, prompt_len, output_len, length_distribution, range_ratio,
                       max_prompt_len, max_output_len, seed, low_token_id, shared_prefix_*, batch_fraction,
@@ -117,6 +123,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.backend = "real"
   c.cost_model = ""
   c.sim_device = ""
+  c.sim_transfer_gbps = 100.0
+  c.sim_transfer_latency_us = 100.0
+  c.sim_allreduce_gbps = 0.0
 
   w = ml_collections.ConfigDict()
   w.kind = "synthetic"
@@ -309,7 +318,7 @@ def backend(config: ml_collections.ConfigDict) -> str:
   if config.backend == "sim":
     for field, value, off in (("speculative_method", config.speculative_method, ""),
                               ("engine.async_decode", config.engine.async_decode, False),
-                              ("deployments", config.deployments, ""), ("tensor_parallel", config.tensor_parallel, 1)):
+                              ("tensor_parallel", config.tensor_parallel, 1)):
       if value != off:
         raise ValueError(f"config.{field}={value!r} is not simulated; with config.backend='sim' it must be {off!r}")
   return config.backend

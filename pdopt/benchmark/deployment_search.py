@@ -18,8 +18,12 @@ Fields of a search config (`default_search_config()`; times in seconds, SLOs in 
   transfer_gbps, transfer_latency_us   KV transfer between a prefill and a decode instance.
   space.*                 `pdopt.sim.search.SearchSpace` fields (lists).
   rate_range, iterations  the bisection's range of req/s per GPU, and its steps.
-  engine.*                `EngineConfig` fields every candidate starts from (page_size, num_pages, max_model_len).
+  engine.*                `EngineConfig` fields every candidate starts from (page_size, num_pages, max_model_len,
+                          and any other, e.g. shape buckets), written into the best and median configs too.
   workers, top            worker processes, and how many results to print.
+
+Besides the best candidate, the median one (by goodput per GPU, among those that met the target at some
+rate) is written as median_config.py, so that the two can be run for real and their ranking checked.
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ import tqdm
 
 from pdopt import metrics as metrics_lib
 from pdopt.engine.config import EngineConfig
+from pdopt.engine import costs
 from pdopt.engine.costs import model_sizes, shipped
 from pdopt.models.source import ModelSource
-from pdopt.scheduling.step_cost import AllReduce, StepCostModel
+from pdopt.scheduling.step_cost import StepCostModel
 from pdopt.sim import search as search_lib
 from pdopt.sim.deployment import TransferModel
 from pdopt.workloads import WorkloadConfig, make_workload
@@ -92,8 +97,11 @@ def problem(config: ml_collections.ConfigDict) -> search_lib.Problem:
     ValueError: a bad field, or no cost model for the model's shape on `device` (named).
   """
   model = ModelSource(name=config.model, dtype=config.dtype).config()
-  engine = EngineConfig(page_size=config.engine.page_size, num_pages=config.engine.num_pages,
-                        max_model_len=config.engine.max_model_len)
+  # The candidates replace the token budget, chunk and sequences; the base takes the space's smallest.
+  engine = EngineConfig(**{"max_num_batched_tokens": min(config.space.token_budgets),
+                           "max_num_seqs": min(config.space.max_num_seqs),
+                           **{k: tuple(v) if isinstance(v, (list, tuple)) else v
+                              for k, v in config.engine.to_dict().items()}})
   if config.cost_model:
     cost = StepCostModel.load(config.cost_model)
   else:
@@ -101,10 +109,7 @@ def problem(config: ml_collections.ConfigDict) -> search_lib.Problem:
     if cost is None:
       raise ValueError(f"no shipped step-cost file for {config.model} on {config.device!r}: profile one with "
                        "`python -m experiments.profile_steps` and pass it as config.cost_model")
-  dtype_bytes = 2 if config.dtype in ("bfloat16", "float16") else 4
-  allreduce = {int(tp): AllReduce(per_step=2 * model.num_layers, bytes_per_token=model.hidden_size * dtype_bytes,
-                                  bandwidth=float(gbps) * 1e9, latency=config.allreduce_latency_us * 1e-6,
-                                  source=f"{gbps} GB/s bus bandwidth at TP {tp}")
+  allreduce = {int(tp): costs.allreduce(model, float(gbps), config.allreduce_latency_us * 1e-6, int(tp))
                for tp, gbps in config.allreduce_gbps.items()}
   workload = make_workload(WorkloadConfig(**config.workload.to_dict()), max_model_len=config.engine.max_model_len,
                            vocab_size=model.vocab_size)
@@ -124,26 +129,26 @@ def space(config: ml_collections.ConfigDict) -> search_lib.SearchSpace:
       tps=tuple(s.tps), gpus=config.gpus)
 
 
-def best_config_text(config: ml_collections.ConfigDict, best: Mapping[str, Any]) -> str:
-  """A config file of `experiments.run` that runs `best` for real at the rate it was scored at."""
+def best_config_text(config: ml_collections.ConfigDict, best: Mapping[str, Any], which: str = "best") -> str:
+  """A config file of `experiments.run` that runs a search result (`which`: "best" or "median") for real at
+  the rate it was scored at."""
   c = best["candidate"]
   spec = search_lib.Candidate(**c).deployments_spec()
   w = config.workload.to_dict()
+  engine = {**config.engine.to_dict(), "max_num_batched_tokens": c["max_num_batched_tokens"],
+            "chunk_size": c["chunk_size"], "max_num_seqs": c["max_num_seqs"]}
   return "\n".join([
-      f'"""The best deployment of search {config.run_name!r} ({best["label"]}):',
+      f'"""The {which} deployment of search {config.run_name!r} ({best["label"]}):',
       f'{best["goodput_per_gpu"]:.3f} req/s per GPU simulated at {best["rate"]:.3g} req/s under "{config.slo}"',
       f'(attainment {best["slo_attainment"]:.2f}).',
       "",
       "  python -m experiments.run --config=THIS_FILE",
       '"""', "", "from pdopt.benchmark import default_config", "", "",
-      "def get_config():", "  c = default_config()", f"  c.run_name = {config.run_name + '-best'!r}",
+      "def get_config():", "  c = default_config()", f"  c.run_name = {config.run_name + '-' + which!r}",
       f"  c.model = {config.model!r}", f"  c.dtype = {config.dtype!r}", '  c.policies = ""',
       f"  c.deployments = {spec!r}", f"  c.rate = {best['rate']!r}", f"  c.slo = {config.slo!r}",
       *[f"  c.workload.{k} = {v!r}" for k, v in w.items() if k != "rate"],
-      f"  c.engine.page_size = {config.engine.page_size}", f"  c.engine.num_pages = {config.engine.num_pages}",
-      f"  c.engine.max_model_len = {config.engine.max_model_len}",
-      f"  c.engine.max_num_batched_tokens = {c['max_num_batched_tokens']}",
-      f"  c.engine.chunk_size = {c['chunk_size']}", f"  c.engine.max_num_seqs = {c['max_num_seqs']}",
+      *[f"  c.engine.{k} = {tuple(v) if isinstance(v, list) else v!r}" for k, v in engine.items()],
       "  return c", ""])
 
 
@@ -163,8 +168,10 @@ def run_search(config: ml_collections.ConfigDict,
   (out_dir / "top.md").write_text(table + "\n")
   plot_frontier(results, out_dir / "frontier.png",
                 title=f"{config.model}, {config.workload.name}, {config.slo}, up to {config.gpus} GPUs (simulated)")
-  if results and results[0]["goodput_per_gpu"] > 0:
-    (out_dir / "best_config.py").write_text(best_config_text(config, results[0]))
+  scored = [r for r in results if r["goodput_per_gpu"] > 0]
+  if scored:
+    (out_dir / "best_config.py").write_text(best_config_text(config, scored[0]))
+    (out_dir / "median_config.py").write_text(best_config_text(config, scored[len(scored) // 2], "median"))
   say(f"wrote {out_dir}/")
   (out_dir / "search_config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str) + "\n")
   return results

@@ -27,6 +27,10 @@ from pdopt.engine.config import EngineConfig
 from pdopt.metrics import RequestRecord
 from pdopt.models.source import ModelSource
 from pdopt.scheduling import POLICIES
+from pdopt.models.config import ModelConfig
+from pdopt.scheduling.step_cost import StepCostModel
+from pdopt.sim import deployment as sim_deployment
+from pdopt.sim.deployment import TransferModel
 from pdopt.workloads import Workload
 
 
@@ -171,17 +175,44 @@ def run_deployment(model: ModelSource, workload: Workload, deployment: Deploymen
     warmup_s = time.perf_counter() - t0
     result = replay_deployment(running, workload, progress=progress, desc=deployment.label)
     stats = running.close()
-  transfers = sorted(r.kv_transfer_s for r in result.records if r.kv_transfer_s is not None)
-  moved = sum(r.kv_transfer_bytes for r in result.records)
   result = dataclasses.replace(result, num_steps=sum(s.get("num_steps", 0) for s in stats.values()),
                                num_preemptions=sum(s.get("num_preemptions", 0) for s in stats.values()))
-  m = metrics_lib.compute_metrics(result.records, slo=slo, duration=result.duration)
-  entry = {
+  entry = _entry(deployment, workload, result)
+  entry.update(backend="real", warmup_s=warmup_s, instances_lost=sorted(i for i, s in stats.items() if "lost" in s or "error" in s))
+  return PolicyRun(policy=deployment.label, replay=result, metrics=metrics_lib.compute_metrics(
+      result.records, slo=slo, duration=result.duration), stats=entry)
+
+
+def simulate_run_deployment(model: ModelConfig, workload: Workload, deployment: Deployment, engine_config: EngineConfig,
+                            *, step_cost: StepCostModel, transfer: TransferModel, slo: Any = None,
+                            router: str = "least_loaded"):
+  """`run_deployment` in the simulator (`pdopt.sim.deployment`): the same deployment schema, its instances as
+  simulated engines on their own virtual clocks, `step_cost` at the instances' tensor-parallel degree, KV moves
+  priced by `transfer`; returns a `PolicyRun` whose stats name the cost and transfer models."""
+  from pdopt.benchmark.experiment import PolicyRun  # pylint: disable=import-outside-toplevel
+
+  config = deployment.config(engine_config, router, transfer_timeout_s=30.0)
+  sim = sim_deployment.simulate_deployment(config, model, lambda role: step_cost, transfer, workload)
+  start = workload.requests[0].arrival_time if len(workload) else 0.0
+  result = ReplayResult(records=sim.records, outputs={}, start=start, duration=sim.duration, num_steps=sim.num_steps,
+                        num_preemptions=sim.num_preemptions, num_compilations=0, num_rejected_at_submit=sum(
+                            r.status == "rejected" and (r.reason or "").startswith("refused at submission")
+                            for r in sim.records), num_aborted_at_deadline=0)
+  entry = _entry(deployment, workload, result)
+  entry.update(backend="sim", step_cost=step_cost.source, step_cost_kind=step_cost.kind, transfer_model=transfer.source)
+  return PolicyRun(policy=deployment.label, replay=result, metrics=metrics_lib.compute_metrics(
+      result.records, slo=slo, duration=result.duration), stats=entry)
+
+
+def _entry(deployment: Deployment, workload: Workload, result: ReplayResult) -> dict[str, Any]:
+  """The metrics.json facts of a deployment's run (its KV transfers included)."""
+  transfers = sorted(r.kv_transfer_s for r in result.records if r.kv_transfer_s is not None)
+  moved = sum(r.kv_transfer_bytes for r in result.records)
+  return {
       "policy": deployment.label,
       "rate": float(workload.mean_rate),
       "num_steps": result.num_steps,
       "num_preemptions": result.num_preemptions,
-      "warmup_s": warmup_s,
       "num_rejected_at_submit": result.num_rejected_at_submit,
       "num_clamped": workload.num_clamped,
       "num_instances": deployment.num_instances,
@@ -192,6 +223,4 @@ def run_deployment(model: ModelSource, workload: Workload, deployment: Deploymen
       "mean_transfer_ms": 1e3 * statistics.fmean(transfers) if transfers else 0.0,
       "p99_transfer_ms": 1e3 * transfers[min(len(transfers) - 1, int(0.99 * len(transfers)))] if transfers else 0.0,
       "transfer_gbps": moved / sum(transfers) / 1e9 if transfers and sum(transfers) > 0 else 0.0,
-      "instances_lost": sorted(i for i, s in stats.items() if "lost" in s or "error" in s),
   }
-  return PolicyRun(policy=deployment.label, replay=result, metrics=m, stats=entry)

@@ -50,6 +50,7 @@ from pdopt.benchmark import results
 from pdopt.benchmark.replay import ReplayResult, replay
 from pdopt import deploy, sim
 from pdopt.engine.config import EngineConfig
+from pdopt.engine import costs
 from pdopt.engine.costs import default_step_cost, model_sizes
 from pdopt.engine.engine import Engine
 from pdopt.models import pretrained
@@ -57,6 +58,7 @@ from pdopt.models.config import ModelConfig
 from pdopt.models.source import ModelSource
 from pdopt.models.transformer import Transformer
 from pdopt.scheduling.step_cost import StepCostModel
+from pdopt.sim.deployment import TransferModel
 
 # Engine and run facts stored next to the metrics of every policy entry in metrics.json.
 ENGINE_STATS_KEYS: tuple[str, ...] = (
@@ -334,14 +336,22 @@ def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
       say(metrics_lib.format_benchmark_result(run.metrics, policy=_report_label(policy, rate)))
       say(_format_fairness(run))
     for deployment in plan["deployments"]:
-      run = deployments_lib.run_deployment(
-          model_source(config), workload, deployment, config_lib.engine_config(config, deployment.policy),
-          devices=plan["devices"], platform=plan["platform"], slo=plan["slo"], warmup=config.warmup,
-          progress=config.progress, router=config.router, transfer_timeout_s=config.transfer_timeout_s,
-          listen=deploy_listen or ("127.0.0.1", 0), hosts=deploy_hosts)
+      engine_config = config_lib.engine_config(config, deployment.policy)
+      if simulate:
+        run = deployments_lib.simulate_run_deployment(
+            plan["model_config"], workload, deployment, engine_config,
+            step_cost=_simulated_step_cost(config, plan, engine_config, deployment.devices_per_instance),
+            transfer=TransferModel(config.sim_transfer_gbps * 1e9, config.sim_transfer_latency_us * 1e-6,
+                                       f"{config.sim_transfer_gbps} GB/s + {config.sim_transfer_latency_us} us"),
+            slo=plan["slo"], router=config.router)
+      else:
+        run = deployments_lib.run_deployment(
+            model_source(config), workload, deployment, engine_config, devices=plan["devices"],
+            platform=plan["platform"], slo=plan["slo"], warmup=config.warmup, progress=config.progress,
+            router=config.router, transfer_timeout_s=config.transfer_timeout_s,
+            listen=deploy_listen or ("127.0.0.1", 0), hosts=deploy_hosts)
       # The offered rate, as for the policies (the deployment's own stats hold the workload's measured one).
       run.stats["rate"] = rate if rate is not None else _offered_rate(config, workload)
-      engine_config = config_lib.engine_config(config, deployment.policy)
       run = run.judge(plan["slo"], plan["class_slos"], _deployment_step_cost(config, plan, engine_config),
                       engine_config.max_num_batched_tokens)
       by_policy[deployment.label] = run
@@ -416,7 +426,14 @@ def _plan(config: ml_collections.ConfigDict, deploy_hosts: int) -> dict[str, Any
   simulate = config_lib.backend(config) == "sim"
   model_config = build_model_config(config)
   step_costs = {p: build_step_cost(config, model_config, engine_configs[p]) for p in policies}
-  devices, platform = _deployment_devices(config, deployments, model_config, deploy_hosts)
+  if simulate:
+    for d in deployments:  # The schema of a real deployment; placed on no device.
+      d.config(config_lib.engine_config(config, d.policy), config.router, config.transfer_timeout_s)
+      _simulated_step_cost(config, dict(model_config=model_config, platform="sim"),
+                           config_lib.engine_config(config, d.policy), d.devices_per_instance)
+    devices, platform = [], "sim"
+  else:
+    devices, platform = _deployment_devices(config, deployments, model_config, deploy_hosts)
   mesh, clock = _policy_mesh(config, deployments) if policies else (None, time.perf_counter)
   workloads_ = []
   for rate in rates or (None,):
@@ -439,6 +456,23 @@ def _deployment_step_cost(config: ml_collections.ConfigDict, plan: Mapping[str, 
     return cost
   kind = config.sim_device or (deployments_lib.gpu_kind() if plan["platform"] == "gpu" else "cpu")
   return default_step_cost(plan["model_config"], engine_config.kv_cache_dtype, 1, kind)
+
+
+def _simulated_step_cost(config: ml_collections.ConfigDict, plan: Mapping[str, Any], engine_config: EngineConfig,
+                         tp: int) -> StepCostModel:
+  """The step-cost model of a simulated deployment's instance at tensor-parallel degree `tp`: the run's model
+  (`_deployment_step_cost`), scaled by `config.sim_allreduce_gbps` when its degree differs.
+
+  Raises:
+    ValueError: a degree the cost model was not profiled at and no all-reduce bandwidth to scale it by.
+  """
+  cost = _deployment_step_cost(config, plan, engine_config)
+  if tp == cost.sizes.tensor_parallel:
+    return cost
+  if config.sim_allreduce_gbps <= 0:
+    raise ValueError(f"a simulated deployment at tensor-parallel degree {tp} needs config.sim_allreduce_gbps > 0 "
+                     f"(the step-cost model {cost.source} is for degree {cost.sizes.tensor_parallel})")
+  return cost.with_tensor_parallel(tp, costs.allreduce(plan["model_config"], config.sim_allreduce_gbps, 10e-6, tp))
 
 
 def _format_fairness(run: PolicyRun) -> str:

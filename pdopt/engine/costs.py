@@ -10,7 +10,7 @@ import pathlib
 import jax.numpy as jnp
 
 from pdopt.models.config import ModelConfig
-from pdopt.scheduling.step_cost import DeviceSpec, ModelSizes, StepCostModel, datasheet
+from pdopt.scheduling.step_cost import AllReduce, DeviceSpec, ModelSizes, StepCostModel, datasheet
 
 # Fitted cost files that ship with pdopt (`python -m experiments.profile_steps`), one per model shape and device.
 SHIPPED_DIR = pathlib.Path(__file__).resolve().parent.parent / "step_costs"
@@ -53,3 +53,11 @@ def default_step_cost(config: ModelConfig, kv_cache_dtype: str, tensor_parallel:
 
 def _same(a: ModelSizes, b: ModelSizes) -> bool:
   return all(math.isclose(x, y, rel_tol=1e-9) for x, y in zip(vars(a).values(), vars(b).values()))
+
+
+def allreduce(config: ModelConfig, gbps: float, latency_s: float, tp: int) -> AllReduce:
+  """The all-reduces of a tensor-parallel step of `config` (two per layer, one hidden vector per token in the
+  model's dtype) at `gbps` bus bandwidth and `latency_s` each, for scaling a step-cost model to degree `tp`."""
+  return AllReduce(per_step=2 * config.num_layers,
+                   bytes_per_token=config.hidden_size * jnp.dtype(config.dtype).itemsize, bandwidth=gbps * 1e9,
+                   latency=latency_s, source=f"{gbps} GB/s bus bandwidth at TP {tp}")

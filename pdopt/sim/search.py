@@ -121,9 +121,13 @@ def _at_rate(problem: Problem, rate: float) -> Workload:
 def evaluate(problem: Problem, candidate: Candidate) -> dict[str, Any]:
   """The candidate's goodput per GPU: the highest rate (req/s, by bisection over `rate_range` times its GPUs)
   at which `attainment` of the requests meet the SLO, over its GPUs; with that run's latencies."""
-  engine = dataclasses.replace(problem.engine, policy=candidate.policy, chunk_size=candidate.chunk_size,
-                               max_num_batched_tokens=candidate.max_num_batched_tokens,
-                               max_num_seqs=candidate.max_num_seqs, token_buckets=None, seq_buckets=None)
+  # The problem's shape buckets where they cover the candidate's budgets (the real run pads to them too).
+  tokens, seqs = problem.engine.token_buckets, problem.engine.seq_buckets
+  engine = dataclasses.replace(
+      problem.engine, policy=candidate.policy, chunk_size=candidate.chunk_size,
+      max_num_batched_tokens=candidate.max_num_batched_tokens, max_num_seqs=candidate.max_num_seqs,
+      token_buckets=tokens if tokens and max(tokens) >= candidate.max_num_batched_tokens else None,
+      seq_buckets=seqs if seqs and max(seqs) >= candidate.max_num_seqs else None)
   config = DeploymentConfig(mode=candidate.mode, num_prefill=candidate.num_prefill or None,
                             num_decode=candidate.num_decode, devices_per_instance=candidate.tp, engine=engine)
   cost = problem.step_cost.with_tensor_parallel(candidate.tp, problem.allreduce.get(candidate.tp)) \

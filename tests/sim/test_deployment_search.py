@@ -136,4 +136,25 @@ def test_search_writes_a_best_config_that_the_runner_reads(tmp_path):
   best = config_lib.as_config(module.get_config())
   assert best.deployments == search_lib.Candidate(**results[0]["candidate"]).deployments_spec()
   assert best.rate == pytest.approx(results[0]["rate"])
+  assert best.engine.num_pages == 96 and best.engine.max_num_batched_tokens == 64
   assert json.loads((out / "search_config.json").read_text())["run_name"] == "s"
+  assert (out / "median_config.py").exists()
+  # The best config runs in the simulator through the runner, as a deployment of the same schema.
+  best.backend, best.cost_model, best.results_dir, best.progress = "sim", config.cost_model, str(tmp_path), False
+  entry = benchmark.run_experiment(best, print_fn=None)["metrics"]
+  (label, run), = entry.items()
+  assert run["backend"] == "sim" and run["completed"] == 20 and label.startswith(("colocated", "disagg"))
+
+
+def test_a_simulated_replica_through_the_runner_is_the_simulated_engine(tmp_path):
+  """`--config.backend=sim` with deployments: colocated:1 serves exactly as the policy's simulated engine."""
+  out = benchmark.run_experiment({
+      "run_name": "r", "results_dir": str(tmp_path), "model": "tiny-code", "backend": "sim", "progress": False,
+      "policies": "chunked", "deployments": "colocated:1,disaggregated:1:1", "rate": 8.0,
+      "workload": {"kind": "synthetic", "num_requests": 30, "prompt_len": 200, "output_len": 20},
+      "engine": {"max_model_len": 512}}, print_fn=None)
+  engine, replica = out["runs"]["chunked"], out["runs"]["colocated-1x-chunked"]
+  assert [(r.request_id, r.token_times) for r in engine.records] == \
+      [(r.request_id, r.token_times) for r in replica.records]
+  disagg = out["metrics"]["disagg-1P1D-chunked"]
+  assert disagg["num_transfers"] == 30 and disagg["completed"] == 30 and disagg["transfer_model"]
