@@ -18,6 +18,10 @@ Fields of a search config (`default_search_config()`; times in seconds, SLOs in 
   transfer_gbps, transfer_latency_us   KV transfer between a prefill and a decode instance.
   space.*                 `pdopt.sim.search.SearchSpace` fields (lists).
   rate_range, iterations  the bisection's range of req/s per GPU, and its steps.
+  min_requests, min_duration   a rate is judged on the workload's first max(min_requests, rate x min_duration)
+                          requests (`workload.num_requests` is the pool they come from), so that every rate is
+                          held for at least `min_duration` seconds: a burst absorbed within the SLO is not a
+                          sustained rate.
   engine.*                `EngineConfig` fields every candidate starts from (page_size, num_pages, max_model_len,
                           and any other, e.g. shape buckets), written into the best and median configs too.
   workers, top            worker processes, and how many results to print.
@@ -67,7 +71,7 @@ def default_search_config() -> ml_collections.ConfigDict:
   w = ml_collections.ConfigDict()
   w.kind = "azure"
   w.name = "azure_conv"
-  w.num_requests = 250
+  w.num_requests = 4000
   w.start = 0
   w.rate = 1.0
   w.seed = 0
@@ -80,6 +84,8 @@ def default_search_config() -> ml_collections.ConfigDict:
   c.space = s
   c.rate_range = (0.25, 256.0)
   c.iterations = 6
+  c.min_requests = 250
+  c.min_duration = 10.0
   e = ml_collections.ConfigDict()
   e.page_size = 16
   e.num_pages = 8192
@@ -118,7 +124,8 @@ def problem(config: ml_collections.ConfigDict) -> search_lib.Problem:
       transfer=TransferModel(config.transfer_gbps * 1e9, config.transfer_latency_us * 1e-6,
                              f"assumed {config.transfer_gbps} GB/s + {config.transfer_latency_us} us"),
       requests=workload.requests, base_rate=workload.mean_rate, slo=metrics_lib.parse_slo(config.slo),
-      attainment=config.attainment, rate_range=tuple(config.rate_range), iterations=config.iterations)
+      attainment=config.attainment, rate_range=tuple(config.rate_range), iterations=config.iterations,
+      min_requests=config.min_requests, min_duration=config.min_duration)
 
 
 def space(config: ml_collections.ConfigDict) -> search_lib.SearchSpace:
@@ -160,7 +167,7 @@ def run_search(config: ml_collections.ConfigDict,
   candidates = space(config).candidates()
   out_dir = pathlib.Path(config.results_dir) / config.run_name
   out_dir.mkdir(parents=True, exist_ok=True)
-  say(f"{len(candidates)} candidates, {len(p.requests)} requests each rate, step costs: {p.step_cost.source}")
+  say(f"{len(candidates)} candidates, up to {len(p.requests)} requests each rate, step costs: {p.step_cost.source}")
   results = search_lib.search(p, candidates, out_dir / "results.jsonl", workers=config.workers,
                               progress=lambda it: tqdm.tqdm(it, total=len(candidates), desc="search", leave=False))
   table = format_top(results[:config.top])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import math
 import itertools
 import json
 import multiprocessing
@@ -94,8 +95,11 @@ class Problem:
     step_cost: the cost model at tensor-parallel degree 1 (scaled for others with `allreduce`).
     allreduce: tp -> the all-reduce model at that degree.
     transfer: KV transfer between instances.
-    requests: the workload's requests, arrivals at `base_rate` req/s.
+    requests: the workload's requests, arrivals at `base_rate` req/s: the pool each rate draws from.
     base_rate: the workload's mean rate.
+    min_requests, min_duration: a run at rate r serves the pool's first max(`min_requests`, r x `min_duration`)
+      requests (at most the pool), so that a rate is judged over at least `min_duration` seconds of arrivals:
+      a short burst that the engine absorbs within the SLO is not a rate it sustains.
     slo: the SLO; `attainment`: the share of requests that must meet it.
     rate_range: (low, high) req/s per GPU the bisection searches; `iterations` of it.
   """
@@ -110,11 +114,17 @@ class Problem:
   attainment: float = 0.9
   rate_range: tuple[float, float] = (0.25, 256.0)
   iterations: int = 6
+  min_requests: int = 0
+  min_duration: float = 0.0
 
 
 def _at_rate(problem: Problem, rate: float) -> Workload:
+  """The requests a run at `rate` serves (see `Problem`), their arrivals scaled to it."""
+  n = len(problem.requests)
+  if problem.min_requests or problem.min_duration:
+    n = min(n, max(problem.min_requests, math.ceil(rate * problem.min_duration)))
   scale = problem.base_rate / rate
-  requests = tuple(dataclasses.replace(r, arrival_time=r.arrival_time * scale) for r in problem.requests)
+  requests = tuple(dataclasses.replace(r, arrival_time=r.arrival_time * scale) for r in problem.requests[:n])
   return Workload(name=f"search@{rate:g}", requests=requests, num_clamped=0, mean_rate=rate)
 
 
@@ -133,12 +143,11 @@ def evaluate(problem: Problem, candidate: Candidate) -> dict[str, Any]:
   cost = problem.step_cost.with_tensor_parallel(candidate.tp, problem.allreduce.get(candidate.tp)) \
       if candidate.tp != problem.step_cost.sizes.tensor_parallel else problem.step_cost
 
-  max_misses = int((1 - problem.attainment) * len(problem.requests))
-
   def run(rate: float):
     """The metrics at `rate`, or None once too many requests miss the SLO for the target to be met."""
-    result = simulate_deployment(config, problem.model, lambda role: cost, problem.transfer, _at_rate(problem, rate),
-                                 slo=problem.slo, max_misses=max_misses)
+    workload = _at_rate(problem, rate)
+    result = simulate_deployment(config, problem.model, lambda role: cost, problem.transfer, workload,
+                                 slo=problem.slo, max_misses=int((1 - problem.attainment) * len(workload)))
     if result.stopped:
       return None
     m = compute_metrics(result.records, slo=problem.slo, duration=result.duration)
