@@ -12,11 +12,14 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import math
 import itertools
 import json
+import math
 import multiprocessing
+import os
 import pathlib
+import threading
+import time
 from typing import Any, Callable, Iterator, Sequence
 
 from pdopt.deploy.config import DeploymentConfig
@@ -177,6 +180,17 @@ def evaluate(problem: Problem, candidate: Candidate) -> dict[str, Any]:
           "median_tpot_ms": m.median_tpot_ms, "step_cost": cost.source, "step_cost_kind": cost.kind}
 
 
+def _exit_with_parent(parent: int) -> None:
+  """In a worker: ends the process once `parent` is gone (killed, say), so no worker outlives its search."""
+
+  def watch() -> None:
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    os._exit(1)  # pylint: disable=protected-access
+
+  threading.Thread(target=watch, daemon=True).start()
+
+
 def search(problem: Problem, candidates: Sequence[Candidate], results_file: pathlib.Path, workers: int = 2,
            progress: Callable[[Iterator], Iterator] = lambda it: it) -> list[dict[str, Any]]:
   """Evaluates every candidate not yet in `results_file` (one JSON line each, appended as they finish) and
@@ -191,7 +205,8 @@ def search(problem: Problem, candidates: Sequence[Candidate], results_file: path
   with results_file.open("a", encoding="utf-8") as out, contextlib.ExitStack() as stack:
     if workers > 1:  # Fresh interpreters: forking a process that runs JAX's threads could deadlock.
       pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
-          workers, mp_context=multiprocessing.get_context("spawn")))
+          workers, mp_context=multiprocessing.get_context("spawn"), initializer=_exit_with_parent,
+          initargs=(os.getpid(),)))
       entries = (f.result() for f in concurrent.futures.as_completed([pool.submit(evaluate, problem, c) for c in todo]))
     else:
       entries = (evaluate(problem, c) for c in todo)

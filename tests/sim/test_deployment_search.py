@@ -6,6 +6,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import pathlib
 
 import pytest
 
@@ -158,3 +159,40 @@ def test_a_simulated_replica_through_the_runner_is_the_simulated_engine(tmp_path
       [(r.request_id, r.token_times) for r in replica.records]
   disagg = out["metrics"]["disagg-1P1D-chunked"]
   assert disagg["num_transfers"] == 30 and disagg["completed"] == 30 and disagg["transfer_model"]
+
+
+def test_no_worker_outlives_a_killed_search(tmp_path):
+  """SIGKILL of a search leaves none of its worker processes behind."""
+  import os, signal, subprocess, sys, time  # pylint: disable=import-outside-toplevel,multiple-imports
+  config = tmp_path / "search.py"
+  config.write_text(
+      "from configs import search_cpu\n"
+      "def get_config():\n"
+      "  c = search_cpu.get_config()\n"
+      f"  c.results_dir = {str(tmp_path)!r}\n"
+      "  c.workers = 2\n"
+      "  c.workload.num_requests = 4000\n"
+      "  c.min_duration = 600.0\n"  # Long runs: the workers are busy when the search dies.
+      "  return c\n")
+  repo = pathlib.Path(__file__).resolve().parents[2]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(repo)}
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.search", f"--config={config}"], cwd=repo, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+  def workers():
+    out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+  deadline = time.time() + 60
+  while len(workers()) < 2 and time.time() < deadline:
+    time.sleep(0.5)
+  children = workers()
+  assert len(children) >= 2, "the search did not start its workers"
+  time.sleep(3)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  deadline = time.time() + 20
+  while any(os.path.exists(f"/proc/{p}") for p in children) and time.time() < deadline:
+    time.sleep(0.5)
+  alive = [p for p in children if os.path.exists(f"/proc/{p}")]
+  assert not alive, f"workers {alive} outlived their search"
