@@ -1,7 +1,9 @@
 """The training corpus: Python source files of the standard library of the running interpreter.
 
 It is present on every machine without a download. Files are listed in sorted order of their path relative
-to the stdlib root (test suites, `site-packages` and `__pycache__` excluded) and a file is held out for
+to the stdlib root (test suites, `site-packages` and `__pycache__` excluded, and whatever matches the
+caller's `exclude` globs: the shipped models skip `encodings/*`, whose codec tables are mostly hex literals,
+and `pydoc_data/*`, which is prose) and a file is held out for
 evaluation when the sha256 of its relative path falls in `1 / holdout_every` of the hash space, so adding or
 removing other files (a different Python version) does not move files between the splits. Each file becomes
 `BOS bytes EOS`; the files of a split are concatenated into one token stream, from which training samples
@@ -14,6 +16,7 @@ each split's token stream so a run can tell whether it saw the same text as the 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import hashlib
 import re
 import pathlib
@@ -32,12 +35,22 @@ def stdlib_root() -> pathlib.Path:
   return pathlib.Path(sysconfig.get_paths()["stdlib"])
 
 
-def list_files(root: pathlib.Path) -> list[str]:
-  """Sorted relative paths (POSIX) of the `.py` files under `root`, test suites and packages excluded."""
+def list_files(root: pathlib.Path, exclude: tuple[str, ...] = ()) -> list[str]:
+  """Sorted relative paths (POSIX) of the `.py` files under `root`, test suites and packages excluded.
+
+  Args:
+    root: the stdlib directory.
+    exclude: `fnmatch` globs of relative paths to leave out as well ("encodings/*").
+
+  Returns:
+    The relative paths.
+  """
   out = []
   for path in root.rglob("*.py"):
     rel = path.relative_to(root)
     if _EXCLUDED_DIRS & set(rel.parts[:-1]) or not path.is_file():
+      continue
+    if any(fnmatch.fnmatchcase(rel.as_posix(), pattern) for pattern in exclude):
       continue
     out.append(rel.as_posix())
   return sorted(out)
@@ -80,6 +93,7 @@ class Corpus:
     train_files, eval_files: relative paths of each split, sorted.
     train_tokens, eval_tokens: [N] uint16 token streams.
     holdout_every: one file in about this many is held out.
+    exclude: the globs of relative paths left out (besides test suites and packages).
   """
   root: pathlib.Path
   train_files: list[str]
@@ -87,6 +101,7 @@ class Corpus:
   train_tokens: np.ndarray
   eval_tokens: np.ndarray
   holdout_every: int
+  exclude: tuple[str, ...] = ()
 
   def manifest(self) -> dict:
     """JSON-ready description: Python version, file lists, sizes (tokens) and sha256 of each stream."""
@@ -97,6 +112,7 @@ class Corpus:
         "holdout_rule": f"sha256(relative path) as a big-endian 64-bit int of its first 8 bytes "
                         f"% {self.holdout_every} == 0",
         "holdout_every": self.holdout_every,
+        "exclude": list(self.exclude),
         "train_num_files": len(self.train_files),
         "eval_num_files": len(self.eval_files),
         "train_num_tokens": int(self.train_tokens.size),
@@ -108,23 +124,27 @@ class Corpus:
     }
 
 
-def load_corpus(holdout_every: int = 20, root: pathlib.Path | None = None) -> Corpus:
+def load_corpus(holdout_every: int = 20, root: pathlib.Path | None = None,
+                exclude: tuple[str, ...] = ()) -> Corpus:
   """Reads the corpus from `root` (default: this interpreter's stdlib).
 
   Args:
     holdout_every: hold out about one file in this many for evaluation.
     root: the directory to read (a copy of some Python's stdlib, named `pythonX.Y`); None or empty: this
       interpreter's stdlib.
+    exclude: `fnmatch` globs of relative paths to leave out ("encodings/*"); the split of the others does not
+      change (it depends on each file's own path).
 
   Returns:
     The Corpus.
   """
   root = pathlib.Path(root) if root else stdlib_root()
-  files = list_files(root)
+  exclude = tuple(exclude)
+  files = list_files(root, exclude)
   eval_files = [f for f in files if is_heldout(f, holdout_every)]
   train_files = [f for f in files if not is_heldout(f, holdout_every)]
   return Corpus(root, train_files, eval_files, token_stream(root, train_files), token_stream(root, eval_files),
-                holdout_every)
+                holdout_every, exclude)
 
 
 def sample_batch(tokens: np.ndarray, batch_size: int, seq_len: int, rng: np.random.Generator) -> np.ndarray:

@@ -268,7 +268,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
   Returns:
     Model name -> summary (also written to `<run_dir>/<name>/summary.json` and the manifest).
   """
-  corpus = data.load_corpus(config.holdout_every, config.corpus_root or None)
+  corpus = data.load_corpus(config.holdout_every, config.corpus_root or None,
+                            exclude=tuple(g.strip() for g in config.exclude.split(",") if g.strip()))
   corpus_manifest = corpus.manifest()
   _warn_if_corpus_differs(config, corpus_manifest)
   run_dir = pathlib.Path(config.run_dir)

@@ -90,3 +90,12 @@ def test_three_steps_decrease_loss_on_a_fixed_batch():
   trained = trainer.sync()
   np.testing.assert_allclose(train.ragged_eval_loss(trained, batch[:1]), train.dense_eval_loss(trained, batch[:1]),
                              rtol=1e-5)
+
+
+def test_corpus_exclude_leaves_out_only_the_matching_files():
+  root = data.stdlib_root()
+  everything = data.list_files(root)
+  kept = data.list_files(root, exclude=("encodings/*", "pydoc_data/*"))
+  assert kept == [f for f in everything if not f.startswith(("encodings/", "pydoc_data/"))]
+  # The shipped models were trained without them, and their manifest says so.
+  assert pretrained.manifest("tiny-code")["corpus"]["exclude"] == ["encodings/*", "pydoc_data/*"]
