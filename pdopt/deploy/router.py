@@ -19,14 +19,15 @@ parallel degree), or waits for instances that other hosts start (`start_local=Fa
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import multiprocessing.connection
 import os
+import queue
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -126,27 +127,34 @@ class Deployment:
   def _connect(self, warmup: bool, timeout_s: float) -> None:
     """Accepts every instance's connection, sends its spec, and waits until all are ready."""
     deadline = time.monotonic() + timeout_s
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      for _ in self.instances:
-        accepted = pool.submit(self._listener.accept)
-        while not accepted.done():
-          if time.monotonic() > deadline:
-            raise RuntimeError(f"instances did not connect to the router at {self.address} within {timeout_s:g} s")
-          exited = [i for i in self.instances if i.process is not None and i.process.poll() is not None]
-          if exited:
-            raise RuntimeError(f"instance {exited[0].index} exited with code {exited[0].process.returncode} "
-                               "before it connected")
-          concurrent.futures.wait([accepted], timeout=0.2)
-        conn = accepted.result()
-        _, hello = conn.recv()
-        inst = self.instances[hello["index"]]
-        offset = 0.0 if hello["host"] == socket.gethostname() else self.clock() - hello["time"]
-        inst.conn = conn
-        conn.send(("spec", InstanceSpec(
-            index=inst.index, role=inst.role, model=self.model, engine=self.config.engine_of(inst.role),
-            tensor_parallel=self.config.devices_per_instance, clock_offset=offset,
-            transfer_host=self._listener.address[0], transfer_timeout_s=self.config.transfer_timeout_s,
-            warmup=warmup)))
+    for _ in self.instances:
+      # Accept in a daemon thread, so that an interrupt (Ctrl-C) while an instance is still starting leaves
+      # at once: nothing waits for a thread blocked in accept (close() then closes the listener).
+      accepted: queue.Queue = queue.Queue(1)
+      threading.Thread(target=lambda: accepted.put(_call(self._listener.accept)), daemon=True).start()
+      while True:
+        try:
+          conn = accepted.get(timeout=0.2)
+          break
+        except queue.Empty:
+          pass
+        if time.monotonic() > deadline:
+          raise RuntimeError(f"instances did not connect to the router at {self.address} within {timeout_s:g} s")
+        exited = [i for i in self.instances if i.process is not None and i.process.poll() is not None]
+        if exited:
+          raise RuntimeError(f"instance {exited[0].index} exited with code {exited[0].process.returncode} "
+                             "before it connected")
+      if isinstance(conn, BaseException):
+        raise conn
+      _, hello = conn.recv()
+      inst = self.instances[hello["index"]]
+      offset = 0.0 if hello["host"] == socket.gethostname() else self.clock() - hello["time"]
+      inst.conn = conn
+      conn.send(("spec", InstanceSpec(
+          index=inst.index, role=inst.role, model=self.model, engine=self.config.engine_of(inst.role),
+          tensor_parallel=self.config.devices_per_instance, clock_offset=offset,
+          transfer_host=self._listener.address[0], transfer_timeout_s=self.config.transfer_timeout_s,
+          warmup=warmup)))
     while not all(inst.ready for inst in self.instances):
       if time.monotonic() > deadline:
         raise RuntimeError(f"instances {[i.index for i in self.instances if not i.ready]} were not ready within "
@@ -161,21 +169,22 @@ class Deployment:
     if self._closed:
       return {i.index: i.stats or {} for i in self.instances}
     self._closed = True
-    for inst in self.instances:
-      if inst.alive and inst.conn is not None:
-        with contextlib.suppress(OSError):
-          inst.conn.send(("stop", {}))
+    # "stop" goes out from daemon threads while this thread drains what the instances still send: an instance
+    # blocked sending to a router that had stopped reading (Ctrl-C mid-run) could otherwise never read its stop,
+    # nor the router finish sending it.
+    waiting = {inst.conn: inst for inst in self.instances if inst.alive and inst.conn is not None}
+    for conn in waiting:
+      threading.Thread(target=_call, args=(lambda c=conn: c.send(("stop", {})),), daemon=True).start()
     deadline = time.monotonic() + 10.0
-    for inst in self.instances:
-      while inst.alive and inst.conn is not None and time.monotonic() < deadline and inst.stats is None:
-        if not inst.conn.poll(0.1):
-          continue
+    while waiting and time.monotonic() < deadline:
+      for conn in multiprocessing.connection.wait(list(waiting), 0.1):
         try:
-          kind, payload = inst.conn.recv()
+          kind, payload = conn.recv()
         except (EOFError, OSError):
-          break
+          waiting.pop(conn)
+          continue
         if kind == "stats":
-          inst.stats = payload
+          waiting.pop(conn).stats = payload
     for inst in self.instances:
       if inst.process is not None:
         with contextlib.suppress(ProcessLookupError):
@@ -383,6 +392,14 @@ def launch_host(router: str, host: int, hosts: int, config: DeploymentConfig, mo
     for p in procs:
       if p.poll() is None:
         p.kill()
+
+
+def _call(fn):
+  """fn(), or the exception it raised (for a result handed over between threads)."""
+  try:
+    return fn()
+  except BaseException as e:  # pylint: disable=broad-except
+    return e
 
 
 def _spawn(address: str, index: int, devices: list[int], platform: str, authkey: str,

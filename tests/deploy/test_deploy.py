@@ -120,8 +120,10 @@ _RUN = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl_c", "killed"])
-def test_ending_a_run_leaves_no_process_behind(tmp_path, sig):
+@pytest.mark.parametrize("sig,after", [(signal.SIGINT, 15.0), (signal.SIGKILL, 15.0), (signal.SIGINT, 0.0)],
+                         ids=["ctrl_c", "killed", "ctrl_c_while_starting"])
+def test_ending_a_run_leaves_no_process_behind(tmp_path, sig, after):
+  """Ctrl-C or SIGKILL of a run, serving or while its instances still start, leaves no process behind."""
   repo = pathlib.Path(__file__).resolve().parents[2]
   proc = subprocess.Popen([sys.executable, "-c", _RUN.format(out=tmp_path)], cwd=repo, start_new_session=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
@@ -132,7 +134,7 @@ def test_ending_a_run_leaves_no_process_behind(tmp_path, sig):
       time.sleep(0.5)
       instances = [p for p in _descendants(proc.pid) if b"pdopt.deploy" in _cmdline(p)]
     assert len(instances) == 2, "the instances did not start"
-    time.sleep(15.0)  # Compiled by now, serving.
+    time.sleep(after)  # 15 s: compiled by now, serving; 0 s: still starting (importing, not yet connected).
     proc.send_signal(sig)
     proc.wait(60)
   finally:
