@@ -111,8 +111,11 @@ def test_deployments_that_do_not_fit_fail_before_any_process(fields, devices, ma
   assert not _children()
 
 
+# Ctrl-C as an interactive shell delivers it: a job started in the background by a non-interactive shell (a CI
+# script's `cmd &`) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
 _RUN = textwrap.dedent("""
-    import sys
+    import signal, sys
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from experiments import run
     sys.argv = ["run", "--config=configs/disagg_cpu.py", "--config.results_dir={out}", "--config.rate=50",
                 "--config.workload.num_requests=400", "--config.deployments=colocated:2"]
