@@ -21,7 +21,6 @@ from typing import Any, Sequence
 import tqdm
 
 from pdopt import deploy
-from pdopt import metrics as metrics_lib
 from pdopt.benchmark.replay import ReplayResult, sampling_params
 from pdopt.engine.config import EngineConfig
 from pdopt.metrics import RequestRecord
@@ -162,12 +161,14 @@ def replay_deployment(deployment: deploy.Deployment, workload: Workload, *, prog
 
 
 def run_deployment(model: ModelSource, workload: Workload, deployment: Deployment, engine_config: EngineConfig, *,
-                   devices: Sequence[int], platform: str, slo: Any = None, warmup: bool = True,
+                   devices: Sequence[int], platform: str, warmup: bool = True,
                    progress: bool = True, router: str = "least_loaded", transfer_timeout_s: float = 30.0,
-                   listen: tuple[str, int] = ("127.0.0.1", 0), hosts: int = 1):
-  """Replays `workload` on fresh instance processes of `deployment` on `devices`; returns a `PolicyRun`."""
-  from pdopt.benchmark.experiment import PolicyRun  # pylint: disable=import-outside-toplevel
+                   listen: tuple[str, int] = ("127.0.0.1", 0), hosts: int = 1) -> tuple[ReplayResult, dict[str, Any]]:
+  """Replays `workload` on fresh instance processes of `deployment` on `devices`.
 
+  Returns:
+    (the replay's result, the deployment's metrics.json facts); `experiment.PolicyRun.judged` makes the run.
+  """
   config = deployment.config(engine_config, router, transfer_timeout_s)
   t0 = time.perf_counter()
   with deploy.Deployment(config, model, devices=devices, platform=platform, warmup=warmup, listen=listen,
@@ -178,30 +179,26 @@ def run_deployment(model: ModelSource, workload: Workload, deployment: Deploymen
   result = dataclasses.replace(result, num_steps=sum(s.get("num_steps", 0) for s in stats.values()),
                                num_preemptions=sum(s.get("num_preemptions", 0) for s in stats.values()))
   entry = _entry(deployment, workload, result)
-  entry.update(backend="real", warmup_s=warmup_s, instances_lost=sorted(i for i, s in stats.items() if "lost" in s or "error" in s))
-  return PolicyRun(policy=deployment.label, replay=result, metrics=metrics_lib.compute_metrics(
-      result.records, slo=slo, duration=result.duration), stats=entry)
+  lost = sorted(i for i, s in stats.items() if "lost" in s or "error" in s)
+  entry.update(backend="real", warmup_s=warmup_s, instances_lost=lost)
+  return result, entry
 
 
 def simulate_run_deployment(model: ModelConfig, workload: Workload, deployment: Deployment, engine_config: EngineConfig,
-                            *, step_cost: StepCostModel, transfer: TransferModel, slo: Any = None,
-                            router: str = "least_loaded"):
+                            *, step_cost: StepCostModel, transfer: TransferModel,
+                            router: str = "least_loaded") -> tuple[ReplayResult, dict[str, Any]]:
   """`run_deployment` in the simulator (`pdopt.sim.deployment`): the same deployment schema, its instances as
   simulated engines on their own virtual clocks, `step_cost` at the instances' tensor-parallel degree, KV moves
-  priced by `transfer`; returns a `PolicyRun` whose stats name the cost and transfer models."""
-  from pdopt.benchmark.experiment import PolicyRun  # pylint: disable=import-outside-toplevel
-
+  priced by `transfer`; returns what `run_deployment` does, the stats naming the cost and transfer models."""
   config = deployment.config(engine_config, router, transfer_timeout_s=30.0)
   sim = sim_deployment.simulate_deployment(config, model, lambda role: step_cost, transfer, workload)
   start = workload.requests[0].arrival_time if len(workload) else 0.0
   result = ReplayResult(records=sim.records, outputs={}, start=start, duration=sim.duration, num_steps=sim.num_steps,
-                        num_preemptions=sim.num_preemptions, num_compilations=0, num_rejected_at_submit=sum(
-                            r.status == "rejected" and (r.reason or "").startswith("refused at submission")
-                            for r in sim.records), num_aborted_at_deadline=0)
+                        num_preemptions=sim.num_preemptions, num_compilations=0,
+                        num_rejected_at_submit=sim.num_rejected_at_submit, num_aborted_at_deadline=0)
   entry = _entry(deployment, workload, result)
   entry.update(backend="sim", step_cost=step_cost.source, step_cost_kind=step_cost.kind, transfer_model=transfer.source)
-  return PolicyRun(policy=deployment.label, replay=result, metrics=metrics_lib.compute_metrics(
-      result.records, slo=slo, duration=result.duration), stats=entry)
+  return result, entry
 
 
 def _entry(deployment: Deployment, workload: Workload, result: ReplayResult) -> dict[str, Any]:

@@ -93,8 +93,8 @@ class PolicyRun:
     metrics: the serving metrics of its records.
     stats: the `ENGINE_STATS_KEYS` facts.
     fairness: `pdopt.metrics.fairness.fairness_metrics` of its records, with `slowdown_reference` (the
-      step-cost model that predicted each request alone); empty until `judge`d.
-    by_class: {priority class: its serving metrics (dict form)}; empty until `judge`d.
+      step-cost model that predicted each request alone).
+    by_class: {priority class: its serving metrics (dict form)}.
   """
   policy: str
   replay: ReplayResult
@@ -112,11 +112,13 @@ class PolicyRun:
     class (`by_class`) and the engine stats."""
     return {**metrics_lib.metrics_to_dict(self.metrics), **self.fairness, "by_class": self.by_class, **self.stats}
 
-  def judge(self, slo: str | metrics_lib.Slo | None, class_slos: Mapping[int, Any] | None,
-            alone: StepCostModel, chunk: int) -> PolicyRun:
-    """This run with its metrics under `slo` and per-class `class_slos`, its fairness metrics (each request's
-    slowdown against `alone.alone_seconds(prompt, output, chunk)`) and the metrics of each class."""
-    records, duration = self.records, self.replay.duration
+  @classmethod
+  def judged(cls, policy: str, replay_result: ReplayResult, stats: dict[str, Any],
+             slo: str | metrics_lib.Slo | None, class_slos: Mapping[int, Any] | None, alone: StepCostModel,
+             chunk: int) -> PolicyRun:
+    """The run of `policy` with its metrics under `slo` and per-class `class_slos`, its fairness metrics (each
+    request's slowdown against `alone.alone_seconds(prompt, output, chunk)`) and the metrics of each class."""
+    records, duration = replay_result.records, replay_result.duration
     m = metrics_lib.compute_metrics(records, slo=slo, duration=duration, class_slos=class_slos)
     ideal = fairness_lib.ideal_latencies(records, lambda p, o: alone.alone_seconds(p, o, chunk))
     # Undefined statistics (an empty class) are null in metrics.json, not NaN (which JSON lacks).
@@ -124,7 +126,7 @@ class PolicyRun:
                 for k, v in fairness_lib.fairness_metrics(records, ideal).items()}
     fairness["slowdown_reference"] = alone.source
     by_class = fairness_lib.class_metrics(records, slo, duration, class_slos)
-    return dataclasses.replace(self, metrics=m, fairness=fairness, by_class=by_class)
+    return cls(policy=policy, replay=replay_result, metrics=m, stats=stats, fairness=fairness, by_class=by_class)
 
 
 def model_source(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ModelSource:
@@ -213,7 +215,7 @@ def run_policy(model: Transformer | ModelConfig, workload: workloads.Workload, e
     class_slos: {priority: SLO} of the classes judged against their own SLO (`PolicyRun.judge`).
 
   Returns:
-    The `PolicyRun`, judged (`PolicyRun.judge`) against the engine's own step-cost model with prompts in one
+    The `PolicyRun`, judged (`PolicyRun.judged`) against the engine's own step-cost model with prompts in one
     step of up to `max_num_batched_tokens`. The engine is checked for leaked pages after the replay.
   """
   if simulate:
@@ -251,9 +253,8 @@ def run_policy(model: Transformer | ModelConfig, workload: workloads.Workload, e
   }
   assert tuple(stats) == ENGINE_STATS_KEYS
   stats.update(engine.executor.stats())
-  m = metrics_lib.compute_metrics(result.records, slo=slo, duration=result.duration)
-  run = PolicyRun(policy=engine_config.policy, replay=result, metrics=m, stats=stats)
-  return run.judge(slo, class_slos, engine.step_cost, engine_config.max_num_batched_tokens)
+  return PolicyRun.judged(engine_config.policy, result, stats, slo, class_slos, engine.step_cost,
+                          engine_config.max_num_batched_tokens)
 
 
 rate_key = results.rate_key
@@ -338,22 +339,22 @@ def run_experiment(config: ml_collections.ConfigDict | Mapping[str, Any], *,
     for deployment in plan["deployments"]:
       engine_config = config_lib.engine_config(config, deployment.policy)
       if simulate:
-        run = deployments_lib.simulate_run_deployment(
+        result, stats = deployments_lib.simulate_run_deployment(
             plan["model_config"], workload, deployment, engine_config,
             step_cost=_simulated_step_cost(config, plan, engine_config, deployment.devices_per_instance),
             transfer=TransferModel(config.sim_transfer_gbps * 1e9, config.sim_transfer_latency_us * 1e-6,
                                        f"{config.sim_transfer_gbps} GB/s + {config.sim_transfer_latency_us} us"),
-            slo=plan["slo"], router=config.router)
+            router=config.router)
       else:
-        run = deployments_lib.run_deployment(
+        result, stats = deployments_lib.run_deployment(
             model_source(config), workload, deployment, engine_config, devices=plan["devices"],
-            platform=plan["platform"], slo=plan["slo"], warmup=config.warmup, progress=config.progress,
+            platform=plan["platform"], warmup=config.warmup, progress=config.progress,
             router=config.router, transfer_timeout_s=config.transfer_timeout_s,
             listen=deploy_listen or ("127.0.0.1", 0), hosts=deploy_hosts)
       # The offered rate, as for the policies (the deployment's own stats hold the workload's measured one).
-      run.stats["rate"] = rate if rate is not None else _offered_rate(config, workload)
-      run = run.judge(plan["slo"], plan["class_slos"], _deployment_step_cost(config, plan, engine_config),
-                      engine_config.max_num_batched_tokens)
+      stats["rate"] = rate if rate is not None else _offered_rate(config, workload)
+      run = PolicyRun.judged(deployment.label, result, stats, plan["slo"], plan["class_slos"],
+                             _deployment_step_cost(config, plan, engine_config), engine_config.max_num_batched_tokens)
       by_policy[deployment.label] = run
       runs.setdefault(deployment.label, {})
       say(metrics_lib.format_benchmark_result(run.metrics, policy=_report_label(deployment.label, rate)))

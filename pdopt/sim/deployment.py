@@ -66,6 +66,7 @@ class SimDeploymentResult:
     num_steps: steps of all instances (blocks of steps counted step by step).
     num_preemptions: preemptions on all instances.
     num_transfers: requests moved from a prefill to a decode instance.
+    num_rejected_at_submit: requests an instance refused when they were submitted (their records say why).
     stopped: the run stopped early, once more requests than `max_misses` had missed the SLO (the records then
       hold only the requests that had ended).
   """
@@ -74,6 +75,7 @@ class SimDeploymentResult:
   num_steps: int
   num_preemptions: int
   num_transfers: int
+  num_rejected_at_submit: int = 0
   stopped: bool = False
 
 
@@ -131,7 +133,7 @@ def simulate_deployment(config: DeploymentConfig, model: ModelConfig, step_cost:
   page_size = config.engine.page_size
   ended: dict[str, RequestRecord] = {}
   transfers: dict[str, tuple[int, float]] = {}
-  next_arrival, num_transfers = 0, 0
+  next_arrival, num_transfers, num_refused = 0, 0, 0
   requests = workload.requests
 
   def collect(inst: _Instance, outputs) -> None:
@@ -189,6 +191,7 @@ def simulate_deployment(config: DeploymentConfig, model: ModelConfig, step_cost:
             request_id=request.request_id, prompt_len=request.prompt_len, output_len=0, arrival_time=t_arrival,
             finish_time=t_arrival, status="rejected", reason=f"refused at submission: {e}", slo_miss=True,
             priority=request.priority, client=request.client)
+        num_refused += 1
     elif t_delivery <= t_step:
       t, _, dst, req, rid, pages, seconds = heapq.heappop(deliveries)
       inst = instances[dst]
@@ -218,7 +221,7 @@ def simulate_deployment(config: DeploymentConfig, model: ModelConfig, step_cost:
   end = max((r.finish_time for r in records if r.finish_time is not None), default=0.0)
   return SimDeploymentResult(records, end - (requests[0].arrival_time if requests else 0.0),
                              sum(i.engine.executor.num_steps for i in instances),
-                             sum(i.engine.num_preemptions for i in instances), num_transfers, stopped)
+                             sum(i.engine.num_preemptions for i in instances), num_transfers, num_refused, stopped)
 
 
 def _executor_factory(cost: StepCostModel, clock: VirtualClock, token: int, events):
