@@ -22,10 +22,10 @@ def get_config(arg: str = "azure,loose"):
   c = search_azure.get_config()
   c.run_name = f"best8_{workload}_{slo}"
   c.slo = SLOS[slo]
-  c.space.policies = ["chunked", "prefill_first"]
-  c.space.token_budgets = [2048]
-  c.space.chunk_sizes = [512]
-  c.space.max_num_seqs = [128]
+  c.space.policies = ("chunked", "prefill_first")
+  c.space.token_budgets = (2048,)
+  c.space.chunk_sizes = (512,)
+  c.space.max_num_seqs = (128,)
   if workload == "arxiv":
     c.workload.kind, c.workload.name, c.workload.arrival, c.workload.max_output_len = "lengths", "arxiv", "poisson", 512
   return c

@@ -16,7 +16,8 @@ Fields of a search config (`default_search_config()`; times in seconds, SLOs in 
   allreduce_gbps          tp -> all-reduce bus bandwidth (GB/s) for candidates at tp > 1 (step costs scaled
                           from degree 1; the results say so); `allreduce_latency_us` per all-reduce.
   transfer_gbps, transfer_latency_us   KV transfer between a prefill and a decode instance.
-  space.*                 `pdopt.sim.search.SearchSpace` fields (lists).
+  space.*                 `pdopt.sim.search.SearchSpace` fields (tuples; on the command line
+                          `--config.space.policies=chunked --config.space.policies=prefill_first`).
   rate_range, iterations  the bisection's range of req/s per GPU, and its steps.
   min_requests, min_duration   a rate is judged on the workload's first max(min_requests, rate x min_duration)
                           requests (`workload.num_requests` is the pool they come from), so that every rate is
@@ -38,6 +39,7 @@ import pathlib
 from typing import Any, Callable, Mapping
 
 import ml_collections
+import numpy as np
 import tqdm
 
 from pdopt import metrics as metrics_lib
@@ -48,7 +50,7 @@ from pdopt.models.source import ModelSource
 from pdopt.scheduling.step_cost import StepCostModel
 from pdopt.sim import search as search_lib
 from pdopt.sim.deployment import TransferModel
-from pdopt.workloads import WorkloadConfig, make_workload
+from pdopt.workloads import WorkloadConfig, make_workload, mean_rate
 
 
 def default_search_config() -> ml_collections.ConfigDict:
@@ -80,7 +82,7 @@ def default_search_config() -> ml_collections.ConfigDict:
   space = search_lib.SearchSpace()
   for f in dataclasses.fields(space):
     value = getattr(space, f.name)
-    s[f.name] = [list(v) for v in value] if f.name == "splits" else (list(value) if isinstance(value, tuple) else value)
+    s[f.name] = value
   c.space = s
   c.rate_range = (0.25, 256.0)
   c.iterations = 6
@@ -136,24 +138,39 @@ def space(config: ml_collections.ConfigDict) -> search_lib.SearchSpace:
       tps=tuple(s.tps), gpus=config.gpus)
 
 
-def best_config_text(config: ml_collections.ConfigDict, best: Mapping[str, Any], which: str = "best") -> str:
+def run_rate(config: ml_collections.ConfigDict, problem: search_lib.Problem, result: Mapping[str, Any]) -> float:
+  """The `rate` at which `experiments.run`, serving the first `result["num_requests"]` requests of the search's
+  workload, gives them the arrival times the search judged `result["rate"]` on. Trace arrivals are scaled to
+  the requests' own mean rate (that of the window, not of the search's pool); generated arrivals are drawn at
+  the configured rate and stretched by the search's scaling."""
+  workload = WorkloadConfig(**config.workload.to_dict())
+  if workload.arrival_process == "trace":
+    judged = search_lib.at_rate(problem, result["rate"]).requests
+    return mean_rate(np.asarray([r.arrival_time for r in judged]))
+  return workload.rate * result["rate"] / problem.base_rate
+
+
+def best_config_text(config: ml_collections.ConfigDict, best: Mapping[str, Any], which: str = "best",
+                     rate: float | None = None) -> str:
   """A config file of `experiments.run` that runs a search result (`which`: "best" or "median") for real at
-  the rate it was scored at."""
+  the rate it was scored at, on the requests that rate was judged on (`rate`: `run_rate`'s, by default the
+  scored rate)."""
   c = best["candidate"]
   spec = search_lib.Candidate(**c).deployments_spec()
-  w = config.workload.to_dict()
+  w = {**config.workload.to_dict(), "num_requests": best.get("num_requests", config.workload.num_requests)}
   engine = {**config.engine.to_dict(), "max_num_batched_tokens": c["max_num_batched_tokens"],
             "chunk_size": c["chunk_size"], "max_num_seqs": c["max_num_seqs"]}
   return "\n".join([
       f'"""The {which} deployment of search {config.run_name!r} ({best["label"]}):',
       f'{best["goodput_per_gpu"]:.3f} req/s per GPU simulated at {best["rate"]:.3g} req/s under "{config.slo}"',
-      f'(attainment {best["slo_attainment"]:.2f}).',
+      f'(attainment {best["slo_attainment"]:.2f} of the workload\'s first {w["num_requests"]} requests; `rate` below',
+      "gives them the arrival times they had in the search).",
       "",
       "  python -m experiments.run --config=THIS_FILE",
       '"""', "", "from pdopt.benchmark import default_config", "", "",
       "def get_config():", "  c = default_config()", f"  c.run_name = {config.run_name + '-' + which!r}",
       f"  c.model = {config.model!r}", f"  c.dtype = {config.dtype!r}", '  c.policies = ""',
-      f"  c.deployments = {spec!r}", f"  c.rate = {best['rate']!r}", f"  c.slo = {config.slo!r}",
+      f"  c.deployments = {spec!r}", f"  c.rate = {rate or best['rate']!r}", f"  c.slo = {config.slo!r}",
       *[f"  c.workload.{k} = {v!r}" for k, v in w.items() if k != "rate"],
       *[f"  c.engine.{k} = {tuple(v) if isinstance(v, list) else v!r}" for k, v in engine.items()],
       "  return c", ""])
@@ -177,8 +194,8 @@ def run_search(config: ml_collections.ConfigDict,
                 title=f"{config.model}, {config.workload.name}, {config.slo}, up to {config.gpus} GPUs (simulated)")
   scored = [r for r in results if r["goodput_per_gpu"] > 0]
   if scored:
-    (out_dir / "best_config.py").write_text(best_config_text(config, scored[0]))
-    (out_dir / "median_config.py").write_text(best_config_text(config, scored[len(scored) // 2], "median"))
+    for which, result in (("best", scored[0]), ("median", scored[len(scored) // 2])):
+      (out_dir / f"{which}_config.py").write_text(best_config_text(config, result, which, run_rate(config, p, result)))
   say(f"wrote {out_dir}/")
   (out_dir / "search_config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str) + "\n")
   return results

@@ -216,8 +216,10 @@ def replay_steps(engine: pdopt.Engine, cost: StepCostModel, num_requests: int, r
     kv = [w.start + w.num_tokens for w in plan.work]
     shape = engine.buckets.pick(sum(q), len(q), max(-(-k // ps) for k in kv))
     features = cost.features(q, kv, shape[0], shape[1], shape[2] * ps)
-    steps.append(fit_lib.ProfiledStep({"replay": True, "tokens": sum(q), "seqs": len(q), "waiting": plan.num_waiting,
-                                       "padded": list(shape)}, tuple(float(f) for f in features), execute_s))
+    # The lengths themselves, so that a later fit can compute features this one does not have.
+    shape_record = {"replay": True, "tokens": sum(q), "seqs": len(q), "waiting": plan.num_waiting,
+                    "padded": list(shape), "q": q, "kv": kv}
+    steps.append(fit_lib.ProfiledStep(shape_record, tuple(float(f) for f in features), execute_s))
     rows.append((1.0, float(len(q)), float(plan.num_waiting)))
     host.append(starts[i + 1] - starts[i] - execute_s)
   coef = fit_lib.nnls(np.asarray(rows), np.asarray(host))

@@ -121,11 +121,17 @@ class Problem:
   min_duration: float = 0.0
 
 
-def _at_rate(problem: Problem, rate: float) -> Workload:
-  """The requests a run at `rate` serves (see `Problem`), their arrivals scaled to it."""
+def window(problem: Problem, rate: float) -> int:
+  """How many of the pool's first requests a run at `rate` serves (see `Problem`)."""
   n = len(problem.requests)
   if problem.min_requests or problem.min_duration:
     n = min(n, max(problem.min_requests, math.ceil(rate * problem.min_duration)))
+  return n
+
+
+def at_rate(problem: Problem, rate: float) -> Workload:
+  """The requests a run at `rate` serves (see `Problem`), their arrivals scaled to it."""
+  n = window(problem, rate)
   scale = problem.base_rate / rate
   requests = tuple(dataclasses.replace(r, arrival_time=r.arrival_time * scale) for r in problem.requests[:n])
   return Workload(name=f"search@{rate:g}", requests=requests, num_clamped=0, mean_rate=rate)
@@ -148,7 +154,7 @@ def evaluate(problem: Problem, candidate: Candidate) -> dict[str, Any]:
 
   def run(rate: float):
     """The metrics at `rate`, or None once too many requests miss the SLO for the target to be met."""
-    workload = _at_rate(problem, rate)
+    workload = at_rate(problem, rate)
     result = simulate_deployment(config, problem.model, lambda role: cost, problem.transfer, workload,
                                  slo=problem.slo, max_misses=int((1 - problem.attainment) * len(workload)))
     if result.stopped:
@@ -175,7 +181,8 @@ def evaluate(problem: Problem, candidate: Candidate) -> dict[str, Any]:
     best = (low, m)
   rate, m = best
   return {"label": candidate.label, "candidate": dataclasses.asdict(candidate), "num_gpus": candidate.num_gpus,
-          "goodput_per_gpu": rate / candidate.num_gpus, "rate": rate, "slo_attainment": m.slo_attainment,
+          "goodput_per_gpu": rate / candidate.num_gpus, "rate": rate, "num_requests": window(problem, rate),
+          "slo_attainment": m.slo_attainment,
           "p99_ttft_ms": m.p99_ttft_ms, "p99_tpot_ms": m.p99_tpot_ms, "median_ttft_ms": m.median_ttft_ms,
           "median_tpot_ms": m.median_tpot_ms, "step_cost": cost.source, "step_cost_kind": cost.kind}
 

@@ -13,7 +13,7 @@ import pytest
 import pdopt
 from pdopt import benchmark, deploy, sim, workloads
 from pdopt.benchmark import config as config_lib
-from pdopt.benchmark import deployment_search
+from pdopt.benchmark import deployment_search, experiment
 from pdopt.engine.costs import model_sizes
 from pdopt.metrics import parse_slo
 from pdopt.scheduling.step_cost import AllReduce, DeviceSpec, StepCostModel
@@ -121,11 +121,13 @@ def test_search_writes_a_best_config_that_the_runner_reads(tmp_path):
   config.cost_model = str(tmp_path / "cost.json")
   COST.save(config.cost_model)
   config.workload.kind, config.workload.name = "synthetic", "synthetic"
-  config.workload.num_requests, config.workload.rate = 20, 10.0
+  config.workload.num_requests, config.workload.rate = 40, 10.0
+  config.min_requests, config.min_duration = 20, 1.0  # A window of the 40-request pool, its first 20 or more.
   config.workload.prompt_len, config.workload.output_len = 40, 10
   config.engine.num_pages, config.engine.max_model_len = 96, 256
-  config.space.policies, config.space.token_budgets, config.space.chunk_sizes = ["chunked"], [64], [32]
-  config.space.max_num_seqs, config.space.replicas, config.space.splits, config.space.tps = [8], [1, 2], [[1, 1]], [1]
+  config.space.policies, config.space.token_budgets, config.space.chunk_sizes = ("chunked",), (64,), (32,)
+  config.space.max_num_seqs, config.space.replicas, config.space.tps = (8,), (1, 2), (1,)
+  config.space.splits = ((1, 1),)
   config.gpus, config.iterations, config.rate_range, config.workers = 2, 3, (0.5, 32.0), 1
   results = deployment_search.run_search(config, print_fn=None)
   assert len(results) == 3
@@ -136,7 +138,13 @@ def test_search_writes_a_best_config_that_the_runner_reads(tmp_path):
   spec.loader.exec_module(module)
   best = config_lib.as_config(module.get_config())
   assert best.deployments == search_lib.Candidate(**results[0]["candidate"]).deployments_spec()
-  assert best.rate == pytest.approx(results[0]["rate"])
+  # The config serves the requests the best rate was judged on, at the arrival times the search gave them.
+  n = results[0]["num_requests"]
+  assert 20 <= n <= 40 and best.workload.num_requests == n
+  judged = search_lib.at_rate(deployment_search.problem(config), results[0]["rate"]).requests
+  real = experiment.build_workload(best, experiment.build_model_config(best)).requests
+  assert [r.request_id for r in real] == [r.request_id for r in judged]
+  assert [r.arrival_time for r in real] == pytest.approx([r.arrival_time for r in judged], rel=1e-9, abs=1e-9)
   assert best.engine.num_pages == 96 and best.engine.max_num_batched_tokens == 64
   assert json.loads((out / "search_config.json").read_text())["run_name"] == "s"
   assert (out / "median_config.py").exists()
@@ -144,7 +152,26 @@ def test_search_writes_a_best_config_that_the_runner_reads(tmp_path):
   best.backend, best.cost_model, best.results_dir, best.progress = "sim", config.cost_model, str(tmp_path), False
   entry = benchmark.run_experiment(best, print_fn=None)["metrics"]
   (label, run), = entry.items()
-  assert run["backend"] == "sim" and run["completed"] == 20 and label.startswith(("colocated", "disagg"))
+  assert run["backend"] == "sim" and run["completed"] == n and label.startswith(("colocated", "disagg"))
+
+
+def test_a_best_config_replays_the_trace_window_it_was_judged_on(tmp_path):
+  """With trace arrivals the window is scaled to its own mean rate: `run_rate` gives it the search's times."""
+  config = deployment_search.default_search_config()
+  config.model, config.dtype, config.cost_model = "tiny", "float32", str(tmp_path / "cost.json")
+  COST.save(config.cost_model)
+  config.workload.num_requests, config.min_requests, config.min_duration = 200, 40, 2.0
+  config.engine.max_model_len = 512
+  problem = deployment_search.problem(config)
+  result = {"rate": 23.0, "num_requests": search_lib.window(problem, 23.0)}
+  rate = deployment_search.run_rate(config, problem, result)
+  run = config_lib.as_config({"model": "tiny", "dtype": "float32", "rate": rate, "engine": {"max_model_len": 512},
+                              "workload": {**config.workload.to_dict(), "num_requests": result["num_requests"]}})
+  real = experiment.build_workload(run, experiment.build_model_config(run)).requests
+  judged = search_lib.at_rate(problem, 23.0).requests
+  assert len(real) == 46
+  assert [r.request_id for r in real] == [r.request_id for r in judged]
+  assert [r.arrival_time for r in real] == pytest.approx([r.arrival_time for r in judged], rel=1e-9, abs=1e-9)
 
 
 def test_a_simulated_replica_through_the_runner_is_the_simulated_engine(tmp_path):
