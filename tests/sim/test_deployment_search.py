@@ -148,8 +148,10 @@ def test_search_writes_a_best_config_that_the_runner_reads(tmp_path):
   assert best.engine.num_pages == 96 and best.engine.max_num_batched_tokens == 64
   assert json.loads((out / "search_config.json").read_text())["run_name"] == "s"
   assert (out / "median_config.py").exists()
-  # The best config runs in the simulator through the runner, as a deployment of the same schema.
-  best.backend, best.cost_model, best.results_dir, best.progress = "sim", config.cost_model, str(tmp_path), False
+  # The best config runs in the simulator through the runner, as a deployment of the same schema, priced as
+  # the search priced it.
+  assert (best.cost_model, best.sim_device) == (config.cost_model, config.device)
+  best.backend, best.results_dir, best.progress = "sim", str(tmp_path), False
   entry = benchmark.run_experiment(best, print_fn=None)["metrics"]
   (label, run), = entry.items()
   assert run["backend"] == "sim" and run["completed"] == n and label.startswith(("colocated", "disagg"))
