@@ -318,10 +318,12 @@ class BlockManager:
       True on success. False if not enough pages are allocatable, in which
       case nothing changed (an unknown request is not created either).
     """
-    needed = self.num_pages_needed(request_id, num_tokens)
-    if needed > self.num_free_pages:
-      return False
     req = self._requests.get(request_id)
+    if num_tokens < 0:
+      raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+    needed = -(-num_tokens // self._page_size) - (len(req.pages) if req is not None else 0)
+    if needed > len(self._free) + len(self._lru):
+      return False
     if req is None:
       req = self._requests[request_id] = _RequestPages()
     for _ in range(needed):
@@ -363,10 +365,11 @@ class BlockManager:
     if num_computed_tokens > len(req.pages) * ps:
       raise ValueError(f"commit: num_computed_tokens={num_computed_tokens} "
                        f"exceeds the {len(req.pages)} pages of {request_id!r}")
-    if not self._enable_prefix_caching:
+    num_full = num_computed_tokens // ps
+    if not self._enable_prefix_caching or num_full <= len(req.keys):  # Most steps fill no page.
       return
     prev = req.keys[-1] if req.keys else _ROOT_KEY
-    for i in range(len(req.keys), num_computed_tokens // ps):
+    for i in range(len(req.keys), num_full):
       key = page_key(prev, token_ids[i * ps:(i + 1) * ps])
       req.keys.append(key)
       page = req.pages[i]
