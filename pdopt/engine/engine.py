@@ -40,7 +40,7 @@ from pdopt.engine.request import (Request, RequestOutput, RequestStatus, Samplin
 from pdopt.metrics import RequestRecord
 from pdopt.models.config import ModelConfig
 from pdopt.models.transformer import Transformer
-from pdopt.scheduling import Plan, SchedulerView, make_scheduler
+from pdopt.scheduling import Plan, RequestView, SchedulerView, make_scheduler
 from pdopt.scheduling.step_cost import StepCostModel
 
 
@@ -84,6 +84,9 @@ class Engine(Handoffs):
     self._seed_rng = np.random.default_rng(config.seed)
     self.requests: dict[str, Request] = {}
     self.waiting: collections.deque[str] = collections.deque()
+    # The policy's views of waiting requests, built once per stay in the queue: nothing a view shows changes
+    # while a request waits, and under overload the queue is long.
+    self._waiting_views: dict[str, RequestView] = {}
     self.running: list[str] = []
     self.num_steps = self.num_preemptions = 0
     self._handoffs: list[Request] = []
@@ -196,11 +199,12 @@ class Engine(Handoffs):
   def _view(self, now: float, ahead: int = 0) -> SchedulerView:
     """What the policy sees; `ahead` > 0 shows running requests as they will be after that many more decode
     tokens (the steps in flight)."""
-    bm, requests = self.block_manager, self.requests
+    bm, requests, views = self.block_manager, self.requests, self._waiting_views
     held = bm.num_pages_held
     return SchedulerView(
         now=now, running=tuple([requests[r].view(held(r), ahead) for r in self.running]),
-        waiting=tuple([requests[r].view() for r in self.waiting]), free_pages=bm.num_free_pages,
+        waiting=tuple([views.get(r) or views.setdefault(r, requests[r].view()) for r in self.waiting]),
+        free_pages=bm.num_free_pages,
         page_size=self.config.page_size, num_pages=self.config.num_pages,
         num_lookahead_tokens=self.executor.num_lookahead_tokens)
 
@@ -238,7 +242,7 @@ class Engine(Handoffs):
         self.executor.swap_in(req.request_id, req.swapped)
         req.swapped = None
       if admitting:
-        self.waiting.remove(req.request_id)
+        self._leave_waiting(req.request_id)
         self.running.append(req.request_id)
         req.status = RequestStatus.RUNNING
         if req.first_scheduled_time is None:
@@ -295,14 +299,20 @@ class Engine(Handoffs):
     if req.request_id in self.running:
       self.running.remove(req.request_id)
     elif req.request_id in self.waiting:
-      self.waiting.remove(req.request_id)
+      self._leave_waiting(req.request_id)
     self.block_manager.free(req.request_id)
     self.executor.release(req.request_id)
+
+  def _leave_waiting(self, request_id: str) -> None:
+    """Takes the request out of the waiting queue, and its view with it (it may come back changed)."""
+    self.waiting.remove(request_id)
+    self._waiting_views.pop(request_id, None)
 
   def _apply(self, outcome: StepOutcome, touched: dict[str, Request]) -> None:
     """Per work item of the outcome's plan: its tokens now in the KV cache and the tokens it emits. A request
     that ended while its step was in flight (aborted) drops its tokens."""
     bm, eos, max_model_len = self.block_manager, self._eos, self.max_model_len
+    handoff = self.config.handoff_after_prefill
     now = self.clock()
     for work, result in zip(outcome.plan.work, outcome.results):
       req, num_computed, tokens = work.request, result.num_computed, result.tokens
@@ -319,12 +329,17 @@ class Engine(Handoffs):
       req.num_computed_tokens = num_computed
       # The pages of every token but the last emitted one are computed: commit them with those tokens appended
       # (in place: a copy of the whole sequence per request per step would cost more than the rest).
-      ids = req.all_token_ids
-      ids.extend(tokens[:-1])
+      ids, num_tokens = req.all_token_ids, len(tokens)
+      if num_tokens > 1:
+        ids.extend(tokens[:-1])
       bm.commit(req.request_id, ids, num_computed)
-      if tokens:
+      if num_tokens:
         ids.append(tokens[-1])
-        times = result.times[:len(tokens)] if result.times is not None else [now] * len(tokens)
+        times = result.times
+        if times is None:
+          times = [now] * num_tokens
+        elif len(times) > num_tokens:
+          times = times[:num_tokens]
         req.token_times.extend(times)
         if req.first_token_time is None:
           req.first_token_time = times[0]
@@ -332,7 +347,7 @@ class Engine(Handoffs):
       if reason is not None:
         self._end(req, RequestStatus.FINISHED, req.token_times[-1], reason)
         continue
-      if tokens and self.config.handoff_after_prefill:
+      if num_tokens and handoff:
         self.running.remove(req.request_id)
         req.status = RequestStatus.HANDED_OFF
         self._handoffs.append(req)

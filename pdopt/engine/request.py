@@ -7,7 +7,7 @@ import enum
 import functools
 import math
 import numbers
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -88,10 +88,12 @@ class RequestStatus(enum.Enum):
 
   @property
   def done(self) -> bool:
-    return self in _ENDED
+    # By value: a string hashes at C speed, an enum member through `Enum.__hash__` (this runs per request at
+    # every step).
+    return self._value_ in _ENDED
 
 
-_ENDED = frozenset((RequestStatus.FINISHED, RequestStatus.ABORTED, RequestStatus.REJECTED))
+_ENDED = frozenset((RequestStatus.FINISHED.value, RequestStatus.ABORTED.value, RequestStatus.REJECTED.value))
 
 
 @dataclasses.dataclass
@@ -146,8 +148,9 @@ class Request:
   def is_decoding(self) -> bool:
     """Running and generating: every token but the last generated one has its K/V cached, so the next step
     computes one token (`pdopt.scheduling.is_decoding`, the one definition of a decode)."""
-    return is_decoding(self.status is RequestStatus.RUNNING, self.num_tokens, self.num_computed_tokens,
-                       self.num_generated)
+    num_tokens = len(self.all_token_ids)
+    return is_decoding(self.status is RequestStatus.RUNNING, num_tokens, self.num_computed_tokens,
+                       num_tokens - len(self.prompt_token_ids))
 
   @property
   def num_pending_tokens(self) -> int:
@@ -196,9 +199,9 @@ class Request:
         decode_stall_s=self.decode_stall_s)
 
 
-@dataclasses.dataclass(frozen=True)
-class RequestOutput:
-  """What `Engine.step` and `Engine.generate` return for a request.
+class RequestOutput(NamedTuple):
+  """What `Engine.step` and `Engine.generate` return for a request (a named tuple: `step` builds one per
+  request that got a token).
 
   Attributes:
     request_id: the id given to add_request.
@@ -217,8 +220,9 @@ class RequestOutput:
 
   @staticmethod
   def of(request: Request) -> "RequestOutput":
-    return RequestOutput(request.request_id, request.prompt_token_ids, request.output_token_ids,
-                         request.status.done, request.finish_reason, request.status)
+    status = request.status
+    return RequestOutput(request.request_id, request.prompt_token_ids, request.output_token_ids, status.done,
+                         request.finish_reason, status)
 
 
 def validate_prompt(prompt_token_ids: Sequence[int], vocab_size: int) -> tuple[int, ...]:
