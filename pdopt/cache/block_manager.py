@@ -65,8 +65,35 @@ def page_key(prev_key: bytes | None, token_ids: Sequence[int]) -> bytes:
   Returns:
     A 32-byte digest naming the whole prefix that ends with this page.
   """
-  h = hashlib.sha256(prev_key or _ROOT_KEY)
-  h.update(_int64s(len(token_ids)).pack(*token_ids))
+  return _digest(prev_key or _ROOT_KEY, _int64s(len(token_ids)).pack(*token_ids))
+
+
+def page_keys(prev_key: bytes | None, token_ids: Sequence[int], page_size: int) -> list[bytes]:
+  """Returns the prefix-cache keys of consecutive full pages: `page_key` of each page in turn, the tokens packed
+  once for all of them (a prompt chunk fills dozens of pages at once).
+
+  Args:
+    prev_key: key of the page before the first one, or None (or b"") for a sequence's first page.
+    token_ids: the pages' token ids; a trailing partial page gets no key.
+    page_size: tokens per page.
+
+  Returns:
+    One 32-byte digest per full page, in order.
+  """
+  num_pages = len(token_ids) // page_size
+  width = 8 * page_size  # Bytes of one page's tokens.
+  data = memoryview(_int64s(num_pages * page_size).pack(*token_ids[:num_pages * page_size]))
+  keys, key = [], prev_key or _ROOT_KEY
+  for start in range(0, num_pages * width, width):
+    key = _digest(key, data[start:start + width])
+    keys.append(key)
+  return keys
+
+
+def _digest(prev_key: bytes, packed: bytes | memoryview) -> bytes:
+  """SHA-256 of the previous page's key followed by a page's packed token ids."""
+  h = hashlib.sha256(prev_key)
+  h.update(packed)
   return h.digest()
 
 
@@ -318,10 +345,12 @@ class BlockManager:
       True on success. False if not enough pages are allocatable, in which
       case nothing changed (an unknown request is not created either).
     """
-    needed = self.num_pages_needed(request_id, num_tokens)
-    if needed > self.num_free_pages:
-      return False
     req = self._requests.get(request_id)
+    if num_tokens < 0:
+      raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+    needed = -(-num_tokens // self._page_size) - (len(req.pages) if req is not None else 0)
+    if needed > len(self._free) + len(self._lru):
+      return False
     if req is None:
       req = self._requests[request_id] = _RequestPages()
     for _ in range(needed):
@@ -363,17 +392,17 @@ class BlockManager:
     if num_computed_tokens > len(req.pages) * ps:
       raise ValueError(f"commit: num_computed_tokens={num_computed_tokens} "
                        f"exceeds the {len(req.pages)} pages of {request_id!r}")
-    if not self._enable_prefix_caching:
+    num_full = num_computed_tokens // ps
+    if not self._enable_prefix_caching or num_full <= len(req.keys):  # Most steps fill no page.
       return
-    prev = req.keys[-1] if req.keys else _ROOT_KEY
-    for i in range(len(req.keys), num_computed_tokens // ps):
-      key = page_key(prev, token_ids[i * ps:(i + 1) * ps])
+    first = len(req.keys)
+    for i, key in enumerate(page_keys(req.keys[-1] if req.keys else _ROOT_KEY,
+                                      token_ids[first * ps:num_full * ps], ps), first):
       req.keys.append(key)
       page = req.pages[i]
       if key not in self._key_to_page:
         self._key_to_page[key] = page
         self._page_to_key[page] = key
-      prev = key
 
   def free(self, request_id: str) -> None:
     """Drops all of the request's references (finish, abort, preemption).

@@ -40,7 +40,7 @@ from pdopt.engine.request import (Request, RequestOutput, RequestStatus, Samplin
 from pdopt.metrics import RequestRecord
 from pdopt.models.config import ModelConfig
 from pdopt.models.transformer import Transformer
-from pdopt.scheduling import Plan, SchedulerView, make_scheduler
+from pdopt.scheduling import Plan, RequestView, SchedulerView, make_scheduler
 from pdopt.scheduling.step_cost import StepCostModel
 
 
@@ -84,6 +84,9 @@ class Engine(Handoffs):
     self._seed_rng = np.random.default_rng(config.seed)
     self.requests: dict[str, Request] = {}
     self.waiting: collections.deque[str] = collections.deque()
+    # The policy's views of waiting requests, built once per stay in the queue: nothing a view shows changes
+    # while a request waits, and under overload the queue is long.
+    self._waiting_views: dict[str, RequestView] = {}
     self.running: list[str] = []
     self.num_steps = self.num_preemptions = 0
     self._handoffs: list[Request] = []
@@ -147,11 +150,13 @@ class Engine(Handoffs):
     work = self._carry_out(self.policy.schedule(self._view(now)), now, touched)
     if work:
       budget_left = self.config.max_num_batched_tokens - sum(w.num_tokens for w in work)
-      decoding = [self.requests[r] for r in self.running if self.requests[r].is_decoding]
+      # Decoding requests wait on the prompt tokens of a step that has some.
+      prefills = not all(w.is_decode for w in work)
+      decoding = [r for r in map(self.requests.__getitem__, self.running) if r.is_decoding] if prefills else []
       outcome = self.executor.execute(StepPlan(work, token_budget_left=budget_left, num_waiting=len(self.waiting)))
       if outcome is not None:
         self._apply(outcome, touched)
-      if any(not w.is_decode for w in work):  # Decoding requests waited on prompt tokens for this step.
+      if prefills:
         for req in decoding:
           req.decode_stall_s += self.clock() - now
     self.num_steps += 1
@@ -194,10 +199,12 @@ class Engine(Handoffs):
   def _view(self, now: float, ahead: int = 0) -> SchedulerView:
     """What the policy sees; `ahead` > 0 shows running requests as they will be after that many more decode
     tokens (the steps in flight)."""
-    bm = self.block_manager
+    bm, requests, views = self.block_manager, self.requests, self._waiting_views
+    held = bm.num_pages_held
     return SchedulerView(
-        now=now, running=tuple(self.requests[r].view(bm.num_pages_held(r), ahead) for r in self.running),
-        waiting=tuple(self.requests[r].view() for r in self.waiting), free_pages=bm.num_free_pages,
+        now=now, running=tuple([requests[r].view(held(r), ahead) for r in self.running]),
+        waiting=tuple([views.get(r) or views.setdefault(r, requests[r].view()) for r in self.waiting]),
+        free_pages=bm.num_free_pages,
         page_size=self.config.page_size, num_pages=self.config.num_pages,
         num_lookahead_tokens=self.executor.num_lookahead_tokens)
 
@@ -213,18 +220,20 @@ class Engine(Handoffs):
     for rid in plan.preempt:
       self._preempt(self.requests[rid])
     work = []
+    bm, requests = self.block_manager, self.requests
     for chunk in plan.chunks:
-      req = self.requests[chunk.request_id]
-      if req.status.done:
+      req = requests[chunk.request_id]
+      status = req.status
+      if status.done:
         continue
-      admitting = req.status is RequestStatus.WAITING
+      admitting = status is RequestStatus.WAITING
       if admitting and req.swapped is None:
-        req.num_computed_tokens = self.block_manager.match_prefix(req.request_id, req.all_token_ids)
+        req.num_computed_tokens = bm.match_prefix(req.request_id, req.all_token_ids)
         req.num_cached_tokens = req.num_computed_tokens
-      n = min(chunk.num_tokens, req.num_pending_tokens)
-      if n < 1 or not self.block_manager.allocate(req.request_id, req.num_computed_tokens + n):
+      n = min(chunk.num_tokens, len(req.all_token_ids) - req.num_computed_tokens)
+      if n < 1 or not bm.allocate(req.request_id, req.num_computed_tokens + n):
         if admitting:
-          self.block_manager.free(req.request_id)
+          bm.free(req.request_id)
           req.num_computed_tokens = req.num_computed_tokens if req.swapped is not None else 0
         else:
           self._preempt(req)
@@ -233,12 +242,12 @@ class Engine(Handoffs):
         self.executor.swap_in(req.request_id, req.swapped)
         req.swapped = None
       if admitting:
-        self.waiting.remove(req.request_id)
+        self._leave_waiting(req.request_id)
         self.running.append(req.request_id)
         req.status = RequestStatus.RUNNING
         if req.first_scheduled_time is None:
           req.first_scheduled_time = now
-      work.append(Work(req, req.num_computed_tokens, n, is_decode=req.is_decoding))
+      work.append(Work(req, req.num_computed_tokens, n, req.is_decoding))
     return tuple(work)
 
   def _chain(self, now: float) -> StepPlan | None:
@@ -290,14 +299,20 @@ class Engine(Handoffs):
     if req.request_id in self.running:
       self.running.remove(req.request_id)
     elif req.request_id in self.waiting:
-      self.waiting.remove(req.request_id)
+      self._leave_waiting(req.request_id)
     self.block_manager.free(req.request_id)
     self.executor.release(req.request_id)
+
+  def _leave_waiting(self, request_id: str) -> None:
+    """Takes the request out of the waiting queue, and its view with it (it may come back changed)."""
+    self.waiting.remove(request_id)
+    self._waiting_views.pop(request_id, None)
 
   def _apply(self, outcome: StepOutcome, touched: dict[str, Request]) -> None:
     """Per work item of the outcome's plan: its tokens now in the KV cache and the tokens it emits. A request
     that ended while its step was in flight (aborted) drops its tokens."""
-    bm = self.block_manager
+    bm, eos, max_model_len = self.block_manager, self._eos, self.max_model_len
+    handoff = self.config.handoff_after_prefill
     now = self.clock()
     for work, result in zip(outcome.plan.work, outcome.results):
       req, num_computed, tokens = work.request, result.num_computed, result.tokens
@@ -307,16 +322,24 @@ class Engine(Handoffs):
         req.num_prefill_tokens_computed += work.num_tokens
       # Tokens after a stop (later accepted guesses, the rest of a block of decode steps) are dropped, and so
       # is their K/V: the prefix cache only learns what the request keeps.
-      stop, reason = req.stop(tokens, self._eos, self.max_model_len)
+      stop, reason = req.stop(tokens, eos, max_model_len)
       if reason is not None:
         num_computed -= len(tokens) - stop - 1
         tokens = tokens[:stop + 1]
       req.num_computed_tokens = num_computed
-      bm.commit(req.request_id, req.all_token_ids + tokens[:-1] if len(tokens) > 1 else req.all_token_ids,
-                num_computed)
-      if tokens:
-        times = result.times[:len(tokens)] if result.times is not None else [now] * len(tokens)
-        req.all_token_ids.extend(tokens)
+      # The pages of every token but the last emitted one are computed: commit them with those tokens appended
+      # (in place: a copy of the whole sequence per request per step would cost more than the rest).
+      ids, num_tokens = req.all_token_ids, len(tokens)
+      if num_tokens > 1:
+        ids.extend(tokens[:-1])
+      bm.commit(req.request_id, ids, num_computed)
+      if num_tokens:
+        ids.append(tokens[-1])
+        times = result.times
+        if times is None:
+          times = [now] * num_tokens
+        elif len(times) > num_tokens:
+          times = times[:num_tokens]
         req.token_times.extend(times)
         if req.first_token_time is None:
           req.first_token_time = times[0]
@@ -324,7 +347,7 @@ class Engine(Handoffs):
       if reason is not None:
         self._end(req, RequestStatus.FINISHED, req.token_times[-1], reason)
         continue
-      if tokens and self.config.handoff_after_prefill:
+      if num_tokens and handoff:
         self.running.remove(req.request_id)
         req.status = RequestStatus.HANDED_OFF
         self._handoffs.append(req)

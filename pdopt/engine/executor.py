@@ -20,14 +20,14 @@ block manager (a speculative guess's); `release` drops them when a request ends 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from pdopt.engine.request import Request
 
 
-@dataclasses.dataclass(frozen=True)
-class Work:
-  """One request's part of a step: positions [start, start + num_tokens) of its sequence.
+class Work(NamedTuple):
+  """One request's part of a step: positions [start, start + num_tokens) of its sequence (a named tuple: one is
+  built per request at every step).
 
   Attributes:
     request: the request (read-only for executors, except through the engine's block manager).
@@ -77,9 +77,8 @@ class StepPlan:
     return bool(self.work) and all(w.is_decode for w in self.work)
 
 
-@dataclasses.dataclass(frozen=True)
-class WorkResult:
-  """What one `Work` left behind.
+class WorkResult(NamedTuple):
+  """What one `Work` left behind (a named tuple: one is built per request at every step).
 
   Attributes:
     num_computed: tokens of the sequence with K/V in the cache now.

@@ -7,7 +7,7 @@ import enum
 import functools
 import math
 import numbers
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -88,10 +88,12 @@ class RequestStatus(enum.Enum):
 
   @property
   def done(self) -> bool:
-    return self in _ENDED
+    # By value: a string hashes at C speed, an enum member through `Enum.__hash__` (this runs per request at
+    # every step).
+    return self._value_ in _ENDED
 
 
-_ENDED = frozenset((RequestStatus.FINISHED, RequestStatus.ABORTED, RequestStatus.REJECTED))
+_ENDED = frozenset((RequestStatus.FINISHED.value, RequestStatus.ABORTED.value, RequestStatus.REJECTED.value))
 
 
 @dataclasses.dataclass
@@ -146,8 +148,9 @@ class Request:
   def is_decoding(self) -> bool:
     """Running and generating: every token but the last generated one has its K/V cached, so the next step
     computes one token (`pdopt.scheduling.is_decoding`, the one definition of a decode)."""
-    return is_decoding(self.status is RequestStatus.RUNNING, self.num_tokens, self.num_computed_tokens,
-                       self.num_generated)
+    num_tokens = len(self.all_token_ids)
+    return is_decoding(self.status is RequestStatus.RUNNING, num_tokens, self.num_computed_tokens,
+                       num_tokens - len(self.prompt_token_ids))
 
   @property
   def num_pending_tokens(self) -> int:
@@ -160,23 +163,24 @@ class Request:
     running = self.status is RequestStatus.RUNNING
     # A request swapped out comes back with its computed tokens (their pages must fit again).
     computed = self.num_computed_tokens + ahead if running or self.swapped is not None else 0
-    return RequestView(
-        request_id=self.request_id, arrival_time=self.arrival_time, prompt_len=self.prompt_len,
-        num_tokens=self.num_tokens + ahead, num_computed_tokens=computed, num_pages_held=num_pages_held,
-        num_generated=self.num_generated + ahead, max_tokens=self.sampling.max_tokens, is_running=running,
-        first_token_time=self.first_token_time, priority=self.priority, client=self.client)
+    num_tokens, prompt_len = len(self.all_token_ids), len(self.prompt_token_ids)
+    # Positional, in `RequestView`'s field order: this runs for every request at every step.
+    return RequestView(self.request_id, self.arrival_time, prompt_len, num_tokens + ahead, computed, num_pages_held,
+                       num_tokens - prompt_len + ahead, self.sampling.max_tokens, running, self.first_token_time,
+                       self.priority, self.client)
 
   def stop(self, tokens: Sequence[int], eos: frozenset[int], max_model_len: int) -> tuple[int, str | None]:
     """Where the request ends among `tokens`, its next output tokens: (index of the last token it keeps, why)
     or (-1, None) if it goes on. Reasons: "stop" (a stop token), "eos" (one of `eos`, unless ignored),
     "length" (max_tokens or max_model_len)."""
-    room = min(self.sampling.max_tokens - self.num_generated, max_model_len - self.num_tokens)
-    stops = self.sampling.stop_token_ids
-    if stops or not self.sampling.ignore_eos:
+    sampling, num_tokens = self.sampling, len(self.all_token_ids)
+    room = min(sampling.max_tokens - num_tokens + len(self.prompt_token_ids), max_model_len - num_tokens)
+    stops = sampling.stop_token_ids
+    if stops or not sampling.ignore_eos:
       for i, token in enumerate(tokens[:room]):
         if token in stops:
           return i, "stop"
-        if not self.sampling.ignore_eos and token in eos:
+        if not sampling.ignore_eos and token in eos:
           return i, "eos"
     return (room - 1, "length") if len(tokens) >= room else (-1, None)
 
@@ -195,9 +199,9 @@ class Request:
         decode_stall_s=self.decode_stall_s)
 
 
-@dataclasses.dataclass(frozen=True)
-class RequestOutput:
-  """What `Engine.step` and `Engine.generate` return for a request.
+class RequestOutput(NamedTuple):
+  """What `Engine.step` and `Engine.generate` return for a request (a named tuple: `step` builds one per
+  request that got a token).
 
   Attributes:
     request_id: the id given to add_request.
@@ -216,8 +220,9 @@ class RequestOutput:
 
   @staticmethod
   def of(request: Request) -> "RequestOutput":
-    return RequestOutput(request.request_id, request.prompt_token_ids, request.output_token_ids,
-                         request.status.done, request.finish_reason, request.status)
+    status = request.status
+    return RequestOutput(request.request_id, request.prompt_token_ids, request.output_token_ids, status.done,
+                         request.finish_reason, status)
 
 
 def validate_prompt(prompt_token_ids: Sequence[int], vocab_size: int) -> tuple[int, ...]:

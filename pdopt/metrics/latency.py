@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 from pdopt.metrics.records import RequestRecord
 
@@ -41,5 +42,5 @@ def request_latency(record: RequestRecord) -> RequestLatency:
   if ttft is not None and e2el is not None and record.output_len > 1:
     tpot = (e2el - ttft) / (record.output_len - 1)
   times = record.token_times
-  itls = tuple(b - a for a, b in zip(times, times[1:]))
+  itls = tuple(map(operator.sub, times[1:], times))  # times[i + 1] - times[i], at C speed (one per token).
   return RequestLatency(request_id=record.request_id, ttft=ttft, tpot=tpot, itls=itls, e2el=e2el)

@@ -9,8 +9,7 @@ carries the plan out, so both drive the very same policy objects.
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Callable, Protocol, Sequence
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 from pdopt.scheduling.step_cost import StepCostModel
 
@@ -22,9 +21,9 @@ def is_decoding(running: bool, num_tokens: int, num_computed_tokens: int, num_ge
   return running and num_generated > 0 and num_computed_tokens == num_tokens - 1
 
 
-@dataclasses.dataclass(frozen=True)
-class RequestView:
-  """A request as a policy sees it.
+class RequestView(NamedTuple):
+  """A request as a policy sees it (a named tuple, read-only: the engine builds one per request at every step,
+  and a tuple is built about four times faster than a frozen dataclass).
 
   Attributes:
     request_id: id.
@@ -89,12 +88,10 @@ class SchedulerView:
 
   def pages_needed(self, request: RequestView, num_tokens: int) -> int:
     """Extra pages `request` needs to run `num_tokens` more tokens."""
-    total = math.ceil((request.num_computed_tokens + num_tokens) / self.page_size)
-    return max(0, total - request.num_pages_held)
+    return max(0, -(-(request.num_computed_tokens + num_tokens) // self.page_size) - request.num_pages_held)
 
 
-@dataclasses.dataclass(frozen=True)
-class ScheduledChunk:
+class ScheduledChunk(NamedTuple):
   """Run `num_tokens` tokens of `request_id` this step (a prompt chunk, or 1 for a decode)."""
   request_id: str
   num_tokens: int
@@ -210,7 +207,8 @@ class StepBuilder:
 
   def add(self, request: RequestView, num_tokens: int) -> bool:
     """Schedules `num_tokens` of `request` if budget, sequences and pages allow; returns whether it did."""
-    if num_tokens < 1 or num_tokens > self.tokens_left or self.seqs_left < 1 or self.scheduled(request.request_id):
+    rid = request.request_id
+    if num_tokens < 1 or num_tokens > self.tokens_left or self.seqs_left < 1 or rid in self._scheduled:
       return False
     need = self.view.pages_needed(request, num_tokens)
     if need > self.free_pages:
@@ -218,8 +216,8 @@ class StepBuilder:
     self.free_pages -= need
     self.tokens_left -= num_tokens
     self.seqs_left -= 1
-    self.chunks.append(ScheduledChunk(request.request_id, num_tokens))
-    self._scheduled.add(request.request_id)
+    self.chunks.append(ScheduledChunk(rid, num_tokens))
+    self._scheduled.add(rid)
     return True
 
   def fit_chunk(self, request: RequestView, limit: int) -> int:
@@ -239,23 +237,28 @@ class StepBuilder:
     `running` (lowest priority first) when pages run out, as vLLM does. With `view.num_lookahead_tokens`,
     each scheduled decode also keeps that much of the token budget (at most what it can still generate)
     unplanned, for speculative guesses; pages are not reserved (guesses only take pages left free)."""
-    queue = [r for r in running]
-    victims = [r for r in reversed(running)]
-    for request in queue:
-      if request.request_id in self.preempted or not request.is_decoding:
+    page_size, lookahead = self.view.page_size, self.view.num_lookahead_tokens
+    for request in running:
+      if not request.is_decoding or request.request_id in self.preempted:
         continue
-      while self.view.pages_needed(request, 1) > self.free_pages:
-        victim = next((v for v in victims if v.request_id not in self.preempted
-                       and not self.scheduled(v.request_id) and v.request_id != request.request_id), None)
-        if victim is None:
-          break
+      # The pages its token needs (`SchedulerView.pages_needed` of 1 token), inline: this runs per decode.
+      if -(-(request.num_computed_tokens + 1) // page_size) - request.num_pages_held > self.free_pages:
+        self._free_pages_for_decode(request, running)
+        if self.view.pages_needed(request, 1) > self.free_pages:
+          self.preempt(request)
+          continue
+      if self.add(request, 1) and lookahead:
+        self.tokens_left -= max(0, min(lookahead, request.max_tokens - request.num_generated - 1, self.tokens_left))
+
+  def _free_pages_for_decode(self, request: RequestView, running: Sequence[RequestView]) -> None:
+    """Preempts from the back of `running` (neither preempted nor scheduled, not `request`) until the pages of
+    `request`'s next token fit or no such request is left."""
+    for victim in reversed(running):
+      if self.view.pages_needed(request, 1) <= self.free_pages:
+        return
+      if (victim.request_id not in self.preempted and not self.scheduled(victim.request_id)
+          and victim.request_id != request.request_id):
         self.preempt(victim)
-      if self.view.pages_needed(request, 1) > self.free_pages:
-        self.preempt(request)
-        continue
-      if self.add(request, 1):
-        lookahead = min(self.view.num_lookahead_tokens, request.max_tokens - request.num_generated - 1)
-        self.tokens_left -= max(0, min(lookahead, self.tokens_left))
 
   def ensure_progress(self, running: Sequence[RequestView], limit: int) -> None:
     """If nothing is scheduled yet, runs up to `limit` tokens of the oldest running request that is not

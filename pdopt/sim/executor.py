@@ -125,10 +125,12 @@ class SimExecutor:
   def _step(self, plan: StepPlan) -> StepOutcome:
     q = [w.num_tokens for w in plan.work]
     kv = [w.start + w.num_tokens for w in plan.work]
-    t_pad, s_pad, p_pad = self.buckets.pick(sum(q), len(q), max(-(-k // self.page_size) for k in kv))
+    t_pad, s_pad, p_pad = self.buckets.pick(sum(q), len(q), -(-max(kv) // self.page_size))
     end = self._advance(self.step_cost.seconds(q, kv, t_pad, s_pad, p_pad * self.page_size, plan.num_waiting))
-    return StepOutcome(plan, tuple(WorkResult(k, [self.token_id], [end]) if w.samples_next else WorkResult(k, [])
-                                   for w, k in zip(plan.work, kv)))
+    token = self.token_id
+    # `Work.samples_next`, inline: this runs per request at every step.
+    return StepOutcome(plan, tuple([WorkResult(k, [token], [end]) if k >= len(w.request.all_token_ids)
+                                    else WorkResult(k, []) for w, k in zip(plan.work, kv)]))
 
   def _block(self, plan: StepPlan) -> StepOutcome:
     """`plan.num_steps` decode steps, each sequence one token per step (`chain_length` chose how many)."""

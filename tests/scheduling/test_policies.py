@@ -230,7 +230,7 @@ def test_prefill_first_runs_a_long_prompt_alone_in_budget_pieces():
   view = dataclasses.replace(view, free_pages=20)
   assert [(c.request_id, c.num_tokens) for c in policy.schedule(view).chunks] == [("d", 1)]
   # Started: it goes on alone before anything new is admitted.
-  started = dataclasses.replace(long, num_computed_tokens=32, num_pages_held=8, is_running=True)
+  started = long._replace(num_computed_tokens=32, num_pages_held=8, is_running=True)
   view = SchedulerView(now=3.0, running=(decode, started), waiting=(short,), free_pages=22, page_size=4,
                        num_pages=32)
   assert [(c.request_id, c.num_tokens) for c in policy.schedule(view).chunks] == [("a", 32)]
