@@ -1,0 +1,67 @@
+# python experiments/probes/step_trace.py configs/validate_gpu.py OUT.json chunked:15 chunked:60 ...
+"""Records every step of real serving runs: what each step held (query and key lengths per sequence, the
+padded shape, the queue) and how long its executor took, plus the time until the next step started. The
+step-cost model's errors on serving steps (not the profiled grid's) are read from these files offline."""
+import importlib.util
+import json
+import sys
+import time
+
+from pdopt.benchmark import config as config_lib
+from pdopt.benchmark import experiment
+from pdopt.benchmark.replay import replay
+from pdopt.benchmark.profile_steps import _TimedExecutor
+from pdopt.engine.engine import Engine
+
+
+def trace(config, policy: str, rate: float, model) -> dict:
+  engine_config = config_lib.engine_config(config, policy)
+  workload = experiment.build_workload(config, model, rate)
+  engine = Engine(model, engine_config)
+  engine.warmup()
+  engine.executor = timed = _TimedExecutor(engine.executor)
+  starts, calls_at, compiled = [], [], []
+  step = engine.step
+
+  def recorded_step():
+    starts.append(time.perf_counter())
+    calls_at.append(len(timed.calls))
+    n = engine.num_compilations
+    out = step()
+    compiled.append(engine.num_compilations != n)
+    return out
+
+  engine.step = recorded_step
+  replay(engine, workload, progress=False)
+  starts.append(time.perf_counter())
+  ps = engine_config.page_size
+  rows = []
+  for i, first in enumerate(calls_at):
+    end = calls_at[i + 1] if i + 1 < len(calls_at) else len(timed.calls)
+    for plan, seconds in timed.calls[first:end]:
+      q = [w.num_tokens for w in plan.work]
+      kv = [w.start + w.num_tokens for w in plan.work]
+      shape = engine.buckets.pick(sum(q), len(q), max(-(-k // ps) for k in kv))
+      rows.append({"step": i, "q": q, "kv": kv, "decode": [bool(w.is_decode) for w in plan.work],
+                   "padded": list(shape), "waiting": plan.num_waiting, "execute_s": seconds,
+                   "to_next_s": starts[i + 1] - starts[i], "compiled": compiled[i]})
+  return {"policy": policy, "rate": rate, "steps": rows}
+
+
+def main(path: str, out: str, *runs: str) -> None:
+  spec = importlib.util.spec_from_file_location("config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = config_lib.as_config(module.get_config())
+  model = experiment.build_model(config)
+  result = []
+  for run in runs:
+    policy, rate = run.split(":")
+    result.append(trace(config, policy, float(rate), model))
+    print(run, len(result[-1]["steps"]), "steps", flush=True)
+    with open(out, "w", encoding="utf-8") as f:  # After each run: a run cut short keeps the ones before.
+      json.dump(result, f)
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:])
