@@ -34,8 +34,11 @@ def main(argv: list[str]) -> None:
   if any(given) and not all(given):
     cli.fail("--token_buckets, --seq_buckets and --page_buckets go together")
   buckets = tuple(tuple(int(b) for b in v) for v in given) if all(given) else None
-  model = profile_steps.profile_and_fit(_MODEL.value, kv_cache_dtype=_KV.value, repeats=_REPEATS.value,
-                                        max_batch=_MAX_BATCH.value, page_size=_PAGE_SIZE.value, buckets=buckets)
+  try:
+    model = profile_steps.profile_and_fit(_MODEL.value, kv_cache_dtype=_KV.value, repeats=_REPEATS.value,
+                                          max_batch=_MAX_BATCH.value, page_size=_PAGE_SIZE.value, buckets=buckets)
+  except ValueError as e:
+    cli.fail(str(e))
   model.save(_OUT.value)
   r = model.metadata["residuals"]
   print(f"wrote {_OUT.value}: {r['num_steps']} steps, relative error median {100 * r['median_rel_error']:.1f}% "

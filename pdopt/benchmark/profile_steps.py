@@ -38,7 +38,7 @@ from pdopt.benchmark import timing
 from pdopt.benchmark.replay import replay
 from pdopt.engine import batch as batch_lib
 from pdopt.engine import runner as runner_lib
-from pdopt.scheduling.step_cost import FEATURES, DeviceSpec, StepCostModel
+from pdopt.scheduling.step_cost import FEATURES, DeviceSpec, ModelSizes, StepCostModel
 from pdopt.sim import fit as fit_lib
 from pdopt.workloads import WorkloadConfig, make_workload
 
@@ -235,6 +235,16 @@ def _git_commit() -> tuple[str, bool]:
     return "unknown", False
 
 
+def check_fits(num_pages: int, page_size: int, sizes: ModelSizes, memory_bytes: int | None, max_batch: int) -> None:
+  """Raises ValueError, before the KV pool is allocated, when the profile's KV pool (`num_pages` pages of
+  `page_size` tokens) and the weights need more than 90% of `memory_bytes` (None: unknown, not checked)."""
+  need = sizes.weight_bytes + num_pages * page_size * sizes.kv_bytes_per_token
+  if memory_bytes is not None and need > 0.9 * memory_bytes:
+    raise ValueError(f"profiling with --max_batch={max_batch} needs {need / 2**30:.1f} GiB for the weights and a "
+                     f"{num_pages}-page KV pool, more than 90% of the device's {memory_bytes / 2**30:.1f} GiB: "
+                     "valid: a smaller --max_batch (the grid's largest decode batch)")
+
+
 def profile_and_fit(model_name: str, *, kv_cache_dtype: str = "auto", grid: Sequence[GridPoint] | None = None,
                     repeats: int | None = None, max_batch: int = 128, page_size: int = 16,
                     buckets: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None = None,
@@ -268,6 +278,9 @@ def profile_and_fit(model_name: str, *, kv_cache_dtype: str = "auto", grid: Sequ
   budget = max(p.num_tokens for p in grid) if buckets is None else buckets[0][-1]
   # The pool holds one grid point at a time (each is freed after it is timed).
   pages = max(p.decodes * -(-p.context // page_size) + -(-(p.prefix + p.chunk) // page_size) for p in grid) + 16
+  sizes = model_sizes(config, kv_cache_dtype)
+  stats = jax.devices()[0].memory_stats()
+  check_fits(pages, page_size, sizes, (stats or {}).get("bytes_limit"), max_batch)
   seqs = max(max(p.decodes for p in grid) + 1, 8) if buckets is None else buckets[1][-1]
   token_buckets, seq_buckets, page_buckets = buckets or (None, None, None)
   engine_config = pdopt.EngineConfig(policy="chunked", page_size=page_size, num_pages=pages,
@@ -280,7 +293,6 @@ def profile_and_fit(model_name: str, *, kv_cache_dtype: str = "auto", grid: Sequ
   progress(f"measuring {jax.devices()[0].device_kind}")
   device = measure_device(dtype, on_accelerator)
   progress(f"copy {device.memory_bandwidth / 1e12:.3f} TB/s, matmul {device.matmul_flops / 1e12:.1f} TFLOP/s")
-  sizes = model_sizes(config, kv_cache_dtype)
   base = StepCostModel.roofline(sizes, device)
   steps = profile(engine, grid, base, repeats or (10 if on_accelerator else 5), progress)
   engine.warmup()  # The replay's steps take shapes the grid did not.
