@@ -345,12 +345,10 @@ class BlockManager:
       True on success. False if not enough pages are allocatable, in which
       case nothing changed (an unknown request is not created either).
     """
-    req = self._requests.get(request_id)
-    if num_tokens < 0:
-      raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
-    needed = -(-num_tokens // self._page_size) - (len(req.pages) if req is not None else 0)
-    if needed > len(self._free) + len(self._lru):
+    needed = self.num_pages_needed(request_id, num_tokens)
+    if needed > self.num_free_pages:
       return False
+    req = self._requests.get(request_id)
     if req is None:
       req = self._requests[request_id] = _RequestPages()
     for _ in range(needed):

@@ -237,12 +237,11 @@ class StepBuilder:
     `running` (lowest priority first) when pages run out, as vLLM does. With `view.num_lookahead_tokens`,
     each scheduled decode also keeps that much of the token budget (at most what it can still generate)
     unplanned, for speculative guesses; pages are not reserved (guesses only take pages left free)."""
-    page_size, lookahead = self.view.page_size, self.view.num_lookahead_tokens
+    lookahead = self.view.num_lookahead_tokens
     for request in running:
       if not request.is_decoding or request.request_id in self.preempted:
         continue
-      # The pages its token needs (`SchedulerView.pages_needed` of 1 token), inline: this runs per decode.
-      if -(-(request.num_computed_tokens + 1) // page_size) - request.num_pages_held > self.free_pages:
+      if self.view.pages_needed(request, 1) > self.free_pages:
         self._free_pages_for_decode(request, running)
         if self.view.pages_needed(request, 1) > self.free_pages:
           self.preempt(request)

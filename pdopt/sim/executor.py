@@ -128,9 +128,8 @@ class SimExecutor:
     t_pad, s_pad, p_pad = self.buckets.pick(sum(q), len(q), -(-max(kv) // self.page_size))
     end = self._advance(self.step_cost.seconds(q, kv, t_pad, s_pad, p_pad * self.page_size, plan.num_waiting))
     token = self.token_id
-    # `Work.samples_next`, inline: this runs per request at every step.
-    return StepOutcome(plan, tuple([WorkResult(k, [token], [end]) if k >= len(w.request.all_token_ids)
-                                    else WorkResult(k, []) for w, k in zip(plan.work, kv)]))
+    return StepOutcome(plan, tuple([WorkResult(k, [token], [end]) if w.samples_next else WorkResult(k, [])
+                                    for w, k in zip(plan.work, kv)]))
 
   def _block(self, plan: StepPlan) -> StepOutcome:
     """`plan.num_steps` decode steps, each sequence one token per step (`chain_length` chose how many)."""
