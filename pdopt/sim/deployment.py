@@ -163,6 +163,9 @@ def simulate_deployment(config: DeploymentConfig, model: ModelConfig, step_cost:
     return nonlocal_misses[0] + late
 
   stopped = False
+  # Instances whose last step could do nothing (a prefill instance whose pool is all pages that wait for a
+  # decode instance to take them): they wait, their clocks running, until the next event elsewhere.
+  blocked: set[int] = set()
   while next_arrival < len(requests) or deliveries or any(i.engine.has_unfinished() or i.imports
                                                             for i in instances):
     if max_misses is not None and next(check) % 64 == 0:
@@ -172,8 +175,12 @@ def simulate_deployment(config: DeploymentConfig, model: ModelConfig, step_cost:
         break
     t_arrival = requests[next_arrival].arrival_time if next_arrival < len(requests) else math.inf
     t_delivery = deliveries[0][0] if deliveries else math.inf
-    ready = [i for i in instances if i.engine.has_unfinished()]
+    ready = [i for i in instances if i.index not in blocked and i.engine.has_unfinished()]
     t_step, stepper = min(((i.clock.now, i.index) for i in ready), default=(math.inf, -1))
+    t_next = min(t_arrival, t_delivery, t_step)
+    if t_next == math.inf:
+      raise RuntimeError(f"simulated deployment stalled: instances {sorted(blocked)} hold requests they cannot "
+                         "schedule and nothing else is left to happen")
     if t_arrival <= min(t_delivery, t_step):
       request = requests[next_arrival]
       next_arrival += 1
@@ -201,8 +208,14 @@ def simulate_deployment(config: DeploymentConfig, model: ModelConfig, step_cost:
       _import_ready(inst, instances, transfers)
     else:
       inst = instances[stepper]
-      collect(inst, inst.engine.step())
-      for req in inst.engine.take_handoffs():
+      preemptions = inst.engine.num_preemptions
+      outputs = inst.engine.step()
+      collect(inst, outputs)
+      handoffs = inst.engine.take_handoffs()
+      if not outputs and not handoffs and inst.clock.now == t_step and inst.engine.num_preemptions == preemptions:
+        blocked.add(inst.index)  # Nothing changed: it waits for something else to happen.
+        continue
+      for req in handoffs:
         rid = inst.ids.pop(req.request_id)
         pages = -(-req.num_computed_tokens // page_size)
         num_bytes = pages * page_size * kv_token_bytes
@@ -214,6 +227,9 @@ def simulate_deployment(config: DeploymentConfig, model: ModelConfig, step_cost:
         num_transfers += 1
       if inst.role == "decode":
         _import_ready(inst, instances, transfers)
+    for b in blocked:  # Something happened: the waiting instances look again, at its time.
+      instances[b].clock.advance_to(t_next)
+    blocked.clear()
   if not stopped:
     for inst in instances:
       inst.engine.check_no_leaks()

@@ -3,14 +3,16 @@
 Every candidate (policy x token budget x chunk size x max sequences x P:D split x tensor-parallel degree,
 within a GPU budget) is simulated (`simulate_deployment`) on the workload with its arrivals scaled to a rate;
 its score is the highest rate at which the share of requests meeting the SLO (TTFT and TPOT) reaches the
-attainment target, found by bisection on the rate, divided by its GPUs. Candidates run in parallel processes;
+attainment target, divided by its GPUs. The rate is found on a geometric grid by bisection, or, for a
+candidate whose one-instance counterpart (`anchor`: same engine settings, one colocated instance) was
+evaluated, by a galloping search from that one's goodput per GPU: both find the same grid rate when attainment
+falls with the rate, and a close start needs 2-3 simulations instead of 6-7. Candidates run in parallel processes;
 every result is appended to a file as it comes, so a search that stops resumes where it was.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import itertools
 import json
@@ -137,9 +139,48 @@ def at_rate(problem: Problem, rate: float) -> Workload:
   return Workload(name=f"search@{rate:g}", requests=requests, num_clamped=0, mean_rate=rate)
 
 
-def evaluate(problem: Problem, candidate: Candidate) -> dict[str, Any]:
-  """The candidate's goodput per GPU: the highest rate (req/s, by bisection over `rate_range` times its GPUs)
-  at which `attainment` of the requests meet the SLO, over its GPUs; with that run's latencies."""
+def rate_grid(problem: Problem, num_gpus: int) -> list[float]:
+  """The rates a candidate of `num_gpus` GPUs may score: 2**`iterations` steps in log space from the low end
+  of `rate_range` (times its GPUs) towards the high end (the bisection's resolution: 11% steps for the default
+  range and 6 iterations)."""
+  low, high = (r * num_gpus for r in problem.rate_range)
+  n = 2 ** problem.iterations
+  return [low * (high / low) ** (k / n) for k in range(n)]
+
+
+def highest_passing(n: int, passes: Callable[[int], bool], start: int | None = None) -> int:
+  """The highest k in [0, n) with passes(k), -1 if none, for a `passes` that holds up to some k and fails
+  above it: bisection, or from `start` a galloping search (steps 1, 2, 4, ... away from it until the answer is
+  bracketed, then bisection), which asks about log2(distance) points instead of log2(n) when `start` is
+  close. Both find the same k; `passes` is asked at most once per point."""
+  lo, hi = -1, n  # passes(lo) (or lo == -1), not passes(hi) (or hi == n).
+  if start is not None:
+    k = min(max(start, 0), n - 1)
+    step, up = 1, passes(k)
+    lo, hi = (k, n) if up else (-1, k)
+    while hi - lo > 1:
+      probe = k + step if up else k - step
+      if not lo < probe < hi:
+        break
+      if passes(probe):
+        lo = probe
+        if not up:
+          break
+      else:
+        hi = probe
+        if up:
+          break
+      step *= 2
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    lo, hi = (mid, hi) if passes(mid) else (lo, mid)
+  return lo
+
+
+def evaluate(problem: Problem, candidate: Candidate, guess: float | None = None) -> dict[str, Any]:
+  """The candidate's goodput per GPU: the highest rate of its `rate_grid` at which `attainment` of the
+  requests meet the SLO (by bisection, or by a galloping search from `guess`, a goodput per GPU expected to
+  be close), over its GPUs; with that run's latencies and the number of rates simulated (`probes`)."""
   # The problem's shape buckets where they cover the candidate's budgets (the real run pads to them too).
   tokens, seqs = problem.engine.token_buckets, problem.engine.seq_buckets
   engine = dataclasses.replace(
@@ -151,40 +192,37 @@ def evaluate(problem: Problem, candidate: Candidate) -> dict[str, Any]:
                             num_decode=candidate.num_decode, devices_per_instance=candidate.tp, engine=engine)
   cost = problem.step_cost.with_tensor_parallel(candidate.tp, problem.allreduce.get(candidate.tp)) \
       if candidate.tp != problem.step_cost.sizes.tensor_parallel else problem.step_cost
+  rates = rate_grid(problem, candidate.num_gpus)
+  runs: dict[int, Any] = {}
 
-  def run(rate: float):
-    """The metrics at `rate`, or None once too many requests miss the SLO for the target to be met."""
-    workload = at_rate(problem, rate)
+  def passes(k: int) -> bool:
+    """Whether `attainment` of the requests meet the SLO at rates[k] (the run stops once they cannot)."""
+    workload = at_rate(problem, rates[k])
     result = simulate_deployment(config, problem.model, lambda role: cost, problem.transfer, workload,
                                  slo=problem.slo, max_misses=int((1 - problem.attainment) * len(workload)))
-    if result.stopped:
-      return None
-    m = compute_metrics(result.records, slo=problem.slo, duration=result.duration)
-    return m if m.slo_attainment >= problem.attainment else None
+    m = None if result.stopped else compute_metrics(result.records, slo=problem.slo, duration=result.duration)
+    runs[k] = m if m is not None and m.slo_attainment >= problem.attainment else None
+    return runs[k] is not None
 
-  low, high = (r * candidate.num_gpus for r in problem.rate_range)
-  best = None
-  for _ in range(problem.iterations):
-    rate = (low * high) ** 0.5  # Bisection in log space: the range spans orders of magnitude.
-    m = run(rate)
-    if m is not None:
-      low, best = rate, (rate, m)
-    else:
-      high = rate
-  if best is None:
-    m = run(low)
-    if m is None:
-      return {"label": candidate.label, "candidate": dataclasses.asdict(candidate), "num_gpus": candidate.num_gpus,
-              "goodput_per_gpu": 0.0, "rate": 0.0, "slo_attainment": 0.0, "p99_ttft_ms": float("nan"),
-              "p99_tpot_ms": float("nan"), "median_ttft_ms": float("nan"), "median_tpot_ms": float("nan"),
-              "step_cost": cost.source, "step_cost_kind": cost.kind}
-    best = (low, m)
-  rate, m = best
-  return {"label": candidate.label, "candidate": dataclasses.asdict(candidate), "num_gpus": candidate.num_gpus,
-          "goodput_per_gpu": rate / candidate.num_gpus, "rate": rate, "num_requests": window(problem, rate),
-          "slo_attainment": m.slo_attainment,
-          "p99_ttft_ms": m.p99_ttft_ms, "p99_tpot_ms": m.p99_tpot_ms, "median_ttft_ms": m.median_ttft_ms,
-          "median_tpot_ms": m.median_tpot_ms, "step_cost": cost.source, "step_cost_kind": cost.kind}
+  start = None
+  if guess is not None and guess > 0:
+    start = min(range(len(rates)), key=lambda k: abs(math.log(rates[k] / (guess * candidate.num_gpus))))
+  k = highest_passing(len(rates), passes, start)
+  entry = {"label": candidate.label, "candidate": dataclasses.asdict(candidate), "num_gpus": candidate.num_gpus,
+           "probes": len(runs), "step_cost": cost.source, "step_cost_kind": cost.kind}
+  if k < 0:
+    return {**entry, "goodput_per_gpu": 0.0, "rate": 0.0, "slo_attainment": 0.0, "p99_ttft_ms": float("nan"),
+            "p99_tpot_ms": float("nan"), "median_ttft_ms": float("nan"), "median_tpot_ms": float("nan")}
+  rate, m = rates[k], runs[k]
+  return {**entry, "goodput_per_gpu": rate / candidate.num_gpus, "rate": rate, "num_requests": window(problem, rate),
+          "slo_attainment": m.slo_attainment, "p99_ttft_ms": m.p99_ttft_ms, "p99_tpot_ms": m.p99_tpot_ms,
+          "median_ttft_ms": m.median_ttft_ms, "median_tpot_ms": m.median_tpot_ms}
+
+
+def anchor(candidate: Candidate) -> Candidate:
+  """The one-instance colocated candidate with the same engine settings and TP degree: its goodput per GPU is
+  where the search starts looking for the candidate's."""
+  return dataclasses.replace(candidate, mode="colocated", num_prefill=0, num_decode=1)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -201,7 +239,9 @@ def _exit_with_parent(parent: int) -> None:
 def search(problem: Problem, candidates: Sequence[Candidate], results_file: pathlib.Path, workers: int = 2,
            progress: Callable[[Iterator], Iterator] = lambda it: it) -> list[dict[str, Any]]:
   """Evaluates every candidate not yet in `results_file` (one JSON line each, appended as they finish) and
-  returns all results, best goodput per GPU first."""
+  returns all results, best goodput per GPU first. A candidate whose `anchor` is evaluated too starts from
+  the anchor's goodput per GPU, so it waits for it; which guess each gets does not depend on which worker
+  finishes first."""
   done = {}
   if results_file.exists():
     for line in results_file.read_text().splitlines():
@@ -209,16 +249,42 @@ def search(problem: Problem, candidates: Sequence[Candidate], results_file: path
         entry = json.loads(line)
         done[entry["label"]] = entry
   todo = [c for c in candidates if c.label not in done]
-  with results_file.open("a", encoding="utf-8") as out, contextlib.ExitStack() as stack:
-    if workers > 1:  # Fresh interpreters: forking a process that runs JAX's threads could deadlock.
-      pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
-          workers, mp_context=multiprocessing.get_context("spawn"), initializer=_exit_with_parent,
-          initargs=(os.getpid(),)))
-      entries = (f.result() for f in concurrent.futures.as_completed([pool.submit(evaluate, problem, c) for c in todo]))
-    else:
-      entries = (evaluate(problem, c) for c in todo)
-    for entry in progress(entries):
-      done[entry["label"]] = entry
+  todo_labels = {c.label for c in todo}
+  after: dict[str, list[Candidate]] = {}  # anchor label -> candidates waiting for its result
+  ready = []
+  for c in todo:
+    a = anchor(c).label
+    (after.setdefault(a, []) if a != c.label and a in todo_labels else ready).append(c)
+
+  def guess(c: Candidate) -> float | None:
+    a = done.get(anchor(c).label)
+    return a["goodput_per_gpu"] if a is not None and a["label"] != c.label else None
+
+  def entries() -> Iterator[dict[str, Any]]:
+    if workers <= 1:
+      queue = list(ready)
+      while queue:
+        c = queue.pop(0)
+        entry = evaluate(problem, c, guess(c))
+        done[c.label] = entry
+        queue += after.pop(c.label, [])
+        yield entry
+      return
+    # Fresh interpreters: forking a process that runs JAX's threads could deadlock.
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
+      running = {pool.submit(evaluate, problem, c, guess(c)): c for c in ready}
+      while running:
+        finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in finished:
+          c = running.pop(future)
+          entry = future.result()
+          done[c.label] = entry
+          running.update({pool.submit(evaluate, problem, d, guess(d)): d for d in after.pop(c.label, [])})
+          yield entry
+
+  with results_file.open("a", encoding="utf-8") as out:
+    for entry in progress(entries()):
       out.write(json.dumps(entry) + "\n")
       out.flush()
   wanted = {c.label for c in candidates}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import math
 import pathlib
+import signal
 
 import pytest
 
@@ -64,6 +66,31 @@ def test_disaggregated_moves_every_request_once_and_ends_it():
     assert rec.token_times[1] - rec.token_times[0] >= rec.kv_transfer_s  # The second token waits for the move.
 
 
+def test_a_prefill_instance_full_of_pages_for_a_full_decode_instance_waits_for_it():
+  # Long outputs at a high rate: the decode pool fills, the handed-off requests wait on the prefill side and
+  # their pages fill its pool, so the prefill instance's steps can do nothing until the decode side takes some.
+  w = workloads.make_workload(workloads.WorkloadConfig(kind="synthetic", num_requests=60, rate=200.0, prompt_len=60,
+                                                       output_len=60, length_distribution="uniform", range_ratio=0.9,
+                                                       seed=3), max_model_len=256, vocab_size=MODEL.vocab_size)
+  config = deploy.DeploymentConfig(mode="disaggregated", num_prefill=1, num_decode=1, engine=ENGINE)
+  with _time_limit(30):  # It used to step the waiting prefill instance forever, its clock standing still.
+    result = simulate_deployment(config, MODEL, lambda role: COST, TransferModel(1e8, 1e-3, "test"), w)
+  assert result.num_transfers == len(w) and [r.status for r in result.records] == ["finished"] * len(w)
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: int):
+  def fail(*_):
+    raise TimeoutError(f"over {seconds} s")
+  previous = signal.signal(signal.SIGALRM, fail)
+  signal.alarm(seconds)
+  try:
+    yield
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
 def test_stops_once_the_target_cannot_be_met():
   w = _workload(60, rate=400.0)  # Far beyond what the model serves within the SLO.
   slo = parse_slo("ttft:50 tpot:50")
@@ -113,6 +140,28 @@ def test_search_ranks_candidates_and_resumes(tmp_path):
   assert all(r["goodput_per_gpu"] > 0 and r["slo_attainment"] >= 0.9 for r in results)
   tp2 = next(r for r in results if r["candidate"]["tp"] == 2)
   assert tp2["step_cost_kind"] == "scaled"
+  for r in results:  # Started from its anchor's goodput per GPU or not, a candidate scores the same rate.
+    alone = search_lib.evaluate(_problem(), search_lib.Candidate(**r["candidate"]))
+    assert (r["goodput_per_gpu"], r["slo_attainment"]) == (alone["goodput_per_gpu"], alone["slo_attainment"])
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64])
+def test_galloping_from_any_start_finds_what_bisection_finds(n):
+  for answer in range(-1, n):
+    asked = []
+
+    def passes(k):
+      asked.append(k)
+      return k <= answer
+
+    assert search_lib.highest_passing(n, passes) == answer
+    assert len(asked) <= math.ceil(math.log2(n + 1))
+    for start in range(n):
+      asked.clear()
+      assert search_lib.highest_passing(n, passes, start) == answer
+      assert len(asked) == len(set(asked)) and all(0 <= k < n for k in asked)
+      if abs(start - answer) <= 1:
+        assert len(asked) <= 3
 
 
 def test_search_writes_a_best_config_that_the_runner_reads(tmp_path):
