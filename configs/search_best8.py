@@ -6,8 +6,8 @@
 replicas or P:D splits, tensor-parallel degree 1 or 2, `chunked` or `prefill_first`) at a vLLM-like engine
 (2048-token budget, 512-token chunks, 128 sequences): 38 candidates. Workloads: the Azure conversation trace
 (its own arrival pattern scaled) or the arXiv length trace (Poisson arrivals, outputs capped at 512 tokens),
-each rate held for at least 10 s. SLOs, for 90% of requests: loose TTFT 2 s and TPOT 100 ms, tight TTFT 500 ms
-and TPOT 50 ms.
+each rate held for at least 10 s, rates 2.7% apart (8 bisection steps over the range, not 6: at 11% apart many
+candidates tie). SLOs, for 90% of requests: loose TTFT 2 s and TPOT 100 ms, tight TTFT 500 ms and TPOT 50 ms.
 """
 
 from configs import search_azure
@@ -26,6 +26,7 @@ def get_config(arg: str = "azure,loose"):
   c.space.token_budgets = (2048,)
   c.space.chunk_sizes = (512,)
   c.space.max_num_seqs = (128,)
+  c.iterations = 8
   if workload == "arxiv":
     c.workload.kind, c.workload.name, c.workload.arrival, c.workload.max_output_len = "lengths", "arxiv", "poisson", 512
   return c

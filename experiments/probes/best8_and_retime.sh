@@ -1,12 +1,12 @@
 #!/bin/bash
-# One GPU machine, one call: the four searches of the README's 8-GPU table on the machine's CPUs (cores 2-15,
-# resumable: results/best8_*/results.jsonl), while cores 0-1 and the GPU record real serving steps and time
-# them again alone (experiments/probes/retime_steps.py). Everything ends up in $OUT/b.tgz.
+# One GPU machine, one call: cores 0-1 and the GPU record real serving steps and time them again alone
+# (experiments/probes/retime_steps.py); with SEARCH=1, the four searches of the README's 8-GPU table run
+# meanwhile on cores 2-15 (resumable: results/best8_*/results.jsonl). Everything ends up in $OUT/b.tgz.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export TF_CPP_MIN_LOG_LEVEL=2
 mkdir -p $OUT/b
-for arg in azure,loose azure,tight arxiv,loose arxiv,tight; do
+for arg in $([ -n "$SEARCH" ] && echo azure,loose azure,tight arxiv,loose arxiv,tight); do
   ( time JAX_PLATFORMS=cpu taskset -c 2-15 timeout ${SEARCH_S:-520} python3 -m experiments.search \
       --config=configs/search_best8.py:$arg --config.workers=4 ) > $OUT/b/search_${arg/,/_}.log 2>&1 &
 done
