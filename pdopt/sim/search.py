@@ -4,10 +4,11 @@ Every candidate (policy x token budget x chunk size x max sequences x P:D split 
 within a GPU budget) is simulated (`simulate_deployment`) on the workload with its arrivals scaled to a rate;
 its score is the highest rate at which the share of requests meeting the SLO (TTFT and TPOT) reaches the
 attainment target, divided by its GPUs. The rate is found on a geometric grid by bisection, or, for a
-candidate whose one-instance counterpart (`anchor`: same engine settings, one colocated instance) was
-evaluated, by a galloping search from that one's goodput per GPU: both find the same grid rate when attainment
-falls with the rate, and a close start needs 2-3 simulations instead of 6-7. Candidates run in parallel processes;
-every result is appended to a file as it comes, so a search that stops resumes where it was.
+candidate with an `anchor` (the colocated candidate with the same engine settings and the next fewer
+instances), by a galloping search from the anchor's goodput per GPU: both find the same grid rate when
+attainment falls with the rate, and a close start needs 2-3 simulations instead of 6-9. Candidates run in
+parallel processes; every result is appended to a file as it comes, so a search that stops resumes where it
+was.
 """
 
 from __future__ import annotations
@@ -219,10 +220,16 @@ def evaluate(problem: Problem, candidate: Candidate, guess: float | None = None)
           "median_ttft_ms": m.median_ttft_ms, "median_tpot_ms": m.median_tpot_ms}
 
 
-def anchor(candidate: Candidate) -> Candidate:
-  """The one-instance colocated candidate with the same engine settings and TP degree: its goodput per GPU is
-  where the search starts looking for the candidate's."""
-  return dataclasses.replace(candidate, mode="colocated", num_prefill=0, num_decode=1)
+def anchor(candidate: Candidate, candidates: Sequence[Candidate]) -> Candidate | None:
+  """The candidate whose goodput per GPU the search starts `candidate` from: among `candidates`, the colocated
+  one with the same engine settings and TP degree and the most instances below its own (a disaggregated
+  one: up to its own), whose score is usually a rate step or two away; None if there is none."""
+  n = candidate.num_prefill + candidate.num_decode
+  most = n - 1 if candidate.mode == "colocated" else n
+  key = dataclasses.replace(candidate, mode="colocated", num_prefill=0, num_decode=0)
+  same = [c for c in candidates if c.mode == "colocated" and c.num_decode <= most
+          and dataclasses.replace(c, num_decode=0) == key]
+  return max(same, key=lambda c: c.num_decode, default=None)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -239,9 +246,8 @@ def _exit_with_parent(parent: int) -> None:
 def search(problem: Problem, candidates: Sequence[Candidate], results_file: pathlib.Path, workers: int = 2,
            progress: Callable[[Iterator], Iterator] = lambda it: it) -> list[dict[str, Any]]:
   """Evaluates every candidate not yet in `results_file` (one JSON line each, appended as they finish) and
-  returns all results, best goodput per GPU first. A candidate whose `anchor` is evaluated too starts from
-  the anchor's goodput per GPU, so it waits for it; which guess each gets does not depend on which worker
-  finishes first."""
+  returns all results, best goodput per GPU first. A candidate with an `anchor` starts from the anchor's
+  goodput per GPU, so it waits for it; which guess each gets does not depend on which worker finishes first."""
   done = {}
   if results_file.exists():
     for line in results_file.read_text().splitlines():
@@ -250,15 +256,16 @@ def search(problem: Problem, candidates: Sequence[Candidate], results_file: path
         done[entry["label"]] = entry
   todo = [c for c in candidates if c.label not in done]
   todo_labels = {c.label for c in todo}
+  anchors = {c.label: anchor(c, candidates) for c in todo}
   after: dict[str, list[Candidate]] = {}  # anchor label -> candidates waiting for its result
   ready = []
   for c in todo:
-    a = anchor(c).label
-    (after.setdefault(a, []) if a != c.label and a in todo_labels else ready).append(c)
+    a = anchors[c.label]
+    (after.setdefault(a.label, []) if a is not None and a.label in todo_labels else ready).append(c)
 
   def guess(c: Candidate) -> float | None:
-    a = done.get(anchor(c).label)
-    return a["goodput_per_gpu"] if a is not None and a["label"] != c.label else None
+    a = anchors[c.label]
+    return done[a.label]["goodput_per_gpu"] if a is not None and a.label in done else None
 
   def entries() -> Iterator[dict[str, Any]]:
     if workers <= 1:

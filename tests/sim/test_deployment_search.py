@@ -274,3 +274,20 @@ def test_no_worker_outlives_a_killed_search(tmp_path):
     time.sleep(0.5)
   alive = [p for p in children if os.path.exists(f"/proc/{p}")]
   assert not alive, f"workers {alive} outlived their search"
+
+
+def test_a_candidate_starts_from_the_colocated_one_with_the_next_fewer_instances():
+  space = search_lib.SearchSpace(policies=("chunked",), token_budgets=(64,), chunk_sizes=(32,), max_num_seqs=(8,),
+                                 replicas=(1, 2, 4, 8), splits=((1, 1), (2, 2), (4, 4)), tps=(1, 2), gpus=8)
+  candidates = space.candidates()
+  by_label = {c.label: c for c in candidates}
+
+  def anchor(label):
+    a = search_lib.anchor(by_label[label], candidates)
+    return a.label if a is not None else None
+
+  assert anchor("coloca-1x-tp1-chunked-b64-c32-s8") is None
+  assert anchor("coloca-8x-tp1-chunked-b64-c32-s8") == "coloca-4x-tp1-chunked-b64-c32-s8"
+  assert anchor("coloca-4x-tp2-chunked-b64-c32-s8") == "coloca-2x-tp2-chunked-b64-c32-s8"
+  assert anchor("disagg-2P2D-tp1-chunked-b64-c32-s8") == "coloca-4x-tp1-chunked-b64-c32-s8"
+  assert anchor("disagg-1P1D-tp2-chunked-b64-c32-s8") == "coloca-2x-tp2-chunked-b64-c32-s8"
