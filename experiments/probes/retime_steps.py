@@ -3,7 +3,6 @@
 query and key lengths (fresh pages, random tokens) and run through the same executor, three times after an
 untimed run. A step that takes while serving what it takes alone is priced by its composition, so a cost
 model's error on it is the fit's; one that takes longer while serving is slowed by the serving around it."""
-import importlib.util
 import json
 import statistics
 import sys
@@ -12,19 +11,16 @@ import time
 import numpy as np
 
 from pdopt.benchmark import config as config_lib
-from pdopt.benchmark import experiment
 from pdopt.benchmark.profile_steps import _work
 from pdopt.engine.engine import Engine
 from pdopt.engine.executor import StepPlan
 from pdopt.scheduling.step_cost import StepCostModel
 
+import step_trace  # Beside this file.
+
 
 def main(path: str, trace_path: str, out: str, cost_path: str = "", max_steps: str = "300") -> None:
-  spec = importlib.util.spec_from_file_location("config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = config_lib.as_config(module.get_config())
-  model = experiment.build_model(config)
+  config, model = step_trace.load(path)
   cost = StepCostModel.load(cost_path) if cost_path else None
   rng = np.random.default_rng(0)
   result = []

@@ -48,12 +48,17 @@ def trace(config, policy: str, rate: float, model) -> dict:
   return {"policy": policy, "rate": rate, "steps": rows}
 
 
-def main(path: str, out: str, *runs: str) -> None:
+def load(path: str):
+  """The experiment config in the file at `path`, and its model."""
   spec = importlib.util.spec_from_file_location("config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = config_lib.as_config(module.get_config())
-  model = experiment.build_model(config)
+  return config, experiment.build_model(config)
+
+
+def main(path: str, out: str, *runs: str) -> None:
+  config, model = load(path)
   result = []
   for run in runs:
     policy, rate = run.split(":")

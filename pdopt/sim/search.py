@@ -156,22 +156,17 @@ def highest_passing(n: int, passes: Callable[[int], bool], start: int | None = N
   close. Both find the same k; `passes` is asked at most once per point."""
   lo, hi = -1, n  # passes(lo) (or lo == -1), not passes(hi) (or hi == n).
   if start is not None:
-    k = min(max(start, 0), n - 1)
-    step, up = 1, passes(k)
-    lo, hi = (k, n) if up else (-1, k)
-    while hi - lo > 1:
-      probe = k + step if up else k - step
-      if not lo < probe < hi:
-        break
-      if passes(probe):
-        lo = probe
-        if not up:
-          break
-      else:
-        hi = probe
-        if up:
-          break
-      step *= 2
+    k, step = min(max(start, 0), n - 1), 1
+    if passes(k):
+      lo = k
+      while k + step < n and passes(k + step):
+        lo, step = k + step, 2 * step
+      hi = min(k + step, n)
+    else:
+      hi = k
+      while k - step >= 0 and not passes(k - step):
+        hi, step = k - step, 2 * step
+      lo = max(k - step, -1)
   while hi - lo > 1:
     mid = (lo + hi) // 2
     lo, hi = (mid, hi) if passes(mid) else (lo, mid)
