@@ -3,12 +3,13 @@
 Every candidate (policy x token budget x chunk size x max sequences x P:D split x tensor-parallel degree,
 within a GPU budget) is simulated (`simulate_deployment`) on the workload with its arrivals scaled to a rate;
 its score is the highest rate at which the share of requests meeting the SLO (TTFT and TPOT) reaches the
-attainment target, divided by its GPUs. The rate is found on a geometric grid by bisection, or, for a
-candidate with an `anchor` (the colocated candidate with the same engine settings and the next fewer
-instances), by a galloping search from the anchor's goodput per GPU: both find the same grid rate when
-attainment falls with the rate, and a close start needs 2-3 simulations instead of 6-9. Candidates run in
-parallel processes; every result is appended to a file as it comes, so a search that stops resumes where it
-was.
+attainment target, divided by its GPUs. The rate is found on a geometric grid by bisection, or by a galloping
+search from a guess (`start_guess`): both find the same grid rate when attainment falls with the rate, and a
+close start needs 2-3 simulations instead of 6-9. The guess comes from the candidate's `anchor` (the colocated
+candidate with the same engine settings and the next fewer instances), scaled by what the same change of
+deployment did to the `reference` candidates (those with the first candidate's engine settings). Candidates
+run in parallel processes; every result is appended to a file as it comes, so a search that stops resumes
+where it was.
 """
 
 from __future__ import annotations
@@ -227,6 +228,37 @@ def anchor(candidate: Candidate, candidates: Sequence[Candidate]) -> Candidate |
   return max(same, key=lambda c: c.num_decode, default=None)
 
 
+def reference(candidate: Candidate, candidates: Sequence[Candidate]) -> Candidate | None:
+  """The candidate with the engine settings (policy, budget, chunk, sequences) of `candidates[0]` and the
+  deployment (mode, split, TP degree) of `candidate`, if it is among `candidates` and is not `candidate`."""
+  first = candidates[0]
+  ref = dataclasses.replace(candidate, policy=first.policy, max_num_batched_tokens=first.max_num_batched_tokens,
+                            chunk_size=first.chunk_size, max_num_seqs=first.max_num_seqs)
+  return ref if ref != candidate and ref in candidates else None
+
+
+def dependencies(candidate: Candidate, candidates: Sequence[Candidate]) -> list[Candidate]:
+  """The candidates whose scores `start_guess` reads for `candidate`: its anchor, and the reference candidates
+  of itself and of its anchor."""
+  a = anchor(candidate, candidates)
+  out = [a, reference(candidate, candidates), reference(a, candidates) if a is not None else None]
+  return list(dict.fromkeys(c for c in out if c is not None))
+
+
+def start_guess(candidate: Candidate, candidates: Sequence[Candidate], scores: dict[str, float]) -> float | None:
+  """The goodput per GPU `candidate`'s search starts from, given the `scores` (label -> goodput per GPU) of its
+  `dependencies`: its anchor's, times the ratio of its reference's to its anchor's reference's (a change of
+  deployment scales the goodput per GPU of different engine settings alike, within a rate step or two on the
+  shipped workloads); without those, the anchor's alone, else the reference's; None without any."""
+  a = anchor(candidate, candidates)
+  ref = reference(candidate, candidates)
+  ref_a = reference(a, candidates) if a is not None else None
+  g_a, g_ref, g_ref_a = (scores.get(c.label) if c is not None else None for c in (a, ref, ref_a))
+  if g_a and g_ref and g_ref_a:
+    return g_a * g_ref / g_ref_a
+  return g_a or g_ref or None
+
+
 def _exit_with_parent(parent: int) -> None:
   """In a worker: ends the process once `parent` is gone (killed, say), so no worker outlives its search."""
 
@@ -241,8 +273,8 @@ def _exit_with_parent(parent: int) -> None:
 def search(problem: Problem, candidates: Sequence[Candidate], results_file: pathlib.Path, workers: int = 2,
            progress: Callable[[Iterator], Iterator] = lambda it: it) -> list[dict[str, Any]]:
   """Evaluates every candidate not yet in `results_file` (one JSON line each, appended as they finish) and
-  returns all results, best goodput per GPU first. A candidate with an `anchor` starts from the anchor's
-  goodput per GPU, so it waits for it; which guess each gets does not depend on which worker finishes first."""
+  returns all results, best goodput per GPU first. A candidate starts from `start_guess`, so it waits for its
+  `dependencies`; which guess each gets does not depend on which worker finishes first."""
   done = {}
   if results_file.exists():
     for line in results_file.read_text().splitlines():
@@ -251,16 +283,24 @@ def search(problem: Problem, candidates: Sequence[Candidate], results_file: path
         done[entry["label"]] = entry
   todo = [c for c in candidates if c.label not in done]
   todo_labels = {c.label for c in todo}
-  anchors = {c.label: anchor(c, candidates) for c in todo}
-  after: dict[str, list[Candidate]] = {}  # anchor label -> candidates waiting for its result
-  ready = []
+  waiting = {c.label: {d.label for d in dependencies(c, candidates) if d.label in todo_labels} for c in todo}
+  dependents: dict[str, list[Candidate]] = {}  # label -> candidates waiting for its result
   for c in todo:
-    a = anchors[c.label]
-    (after.setdefault(a.label, []) if a is not None and a.label in todo_labels else ready).append(c)
+    for label in waiting[c.label]:
+      dependents.setdefault(label, []).append(c)
+  ready = [c for c in todo if not waiting[c.label]]
+
+  def unblocked(label: str) -> list[Candidate]:
+    """The candidates that wait for nothing more once `label` is done."""
+    out = []
+    for c in dependents.pop(label, []):
+      waiting[c.label].discard(label)
+      if not waiting[c.label]:
+        out.append(c)
+    return out
 
   def guess(c: Candidate) -> float | None:
-    a = anchors[c.label]
-    return done[a.label]["goodput_per_gpu"] if a is not None and a.label in done else None
+    return start_guess(c, candidates, {label: e["goodput_per_gpu"] for label, e in done.items()})
 
   def entries() -> Iterator[dict[str, Any]]:
     if workers <= 1:
@@ -269,7 +309,7 @@ def search(problem: Problem, candidates: Sequence[Candidate], results_file: path
         c = queue.pop(0)
         entry = evaluate(problem, c, guess(c))
         done[c.label] = entry
-        queue += after.pop(c.label, [])
+        queue += unblocked(c.label)
         yield entry
       return
     # Fresh interpreters: forking a process that runs JAX's threads could deadlock.
@@ -282,7 +322,7 @@ def search(problem: Problem, candidates: Sequence[Candidate], results_file: path
           c = running.pop(future)
           entry = future.result()
           done[c.label] = entry
-          running.update({pool.submit(evaluate, problem, d, guess(d)): d for d in after.pop(c.label, [])})
+          running.update({pool.submit(evaluate, problem, d, guess(d)): d for d in unblocked(c.label)})
           yield entry
 
   with results_file.open("a", encoding="utf-8") as out:

@@ -291,3 +291,43 @@ def test_a_candidate_starts_from_the_colocated_one_with_the_next_fewer_instances
   assert anchor("coloca-4x-tp2-chunked-b64-c32-s8") == "coloca-2x-tp2-chunked-b64-c32-s8"
   assert anchor("disagg-2P2D-tp1-chunked-b64-c32-s8") == "coloca-4x-tp1-chunked-b64-c32-s8"
   assert anchor("disagg-1P1D-tp2-chunked-b64-c32-s8") == "coloca-2x-tp2-chunked-b64-c32-s8"
+
+
+def test_a_candidate_starts_from_its_anchor_scaled_as_the_reference_candidates_scaled():
+  space = search_lib.SearchSpace(policies=("chunked", "prefill_first"), token_budgets=(64,), chunk_sizes=(32,),
+                                 max_num_seqs=(8,), replicas=(1, 2, 4), splits=((2, 2),), tps=(1,), gpus=4)
+  candidates = space.candidates()
+  by_label = {c.label: c for c in candidates}
+  c4, c2, c1 = (f"coloca-{n}x-tp1-chunked-b64-c32-s8" for n in (4, 2, 1))
+  p4, p2, p1 = (f"coloca-{n}x-tp1-prefill_first-b64-c32-s8" for n in (4, 2, 1))
+  pd = "disagg-2P2D-tp1-prefill_first-b64-c32-s8"
+
+  def labels(cs):
+    return [c.label for c in cs]
+
+  assert labels(search_lib.dependencies(by_label[c4], candidates)) == [c2]  # The reference's own: its anchor.
+  assert labels(search_lib.dependencies(by_label[p4], candidates)) == [p2, c4, c2]
+  assert labels(search_lib.dependencies(by_label[pd], candidates)) == [p4, "disagg-2P2D-tp1-chunked-b64-c32-s8", c4]
+  assert labels(search_lib.dependencies(by_label[p1], candidates)) == [c1]
+  scores = {c1: 40.0, c2: 36.0, c4: 30.0, p1: 20.0, p2: 16.0}
+
+  def guess(label, known=scores):
+    return search_lib.start_guess(by_label[label], candidates, known)
+
+  assert guess(c4) == 36.0  # The reference candidates: their anchor's score.
+  assert guess(p4) == pytest.approx(16.0 * 30.0 / 36.0)  # Its anchor's, scaled as 2x -> 4x scaled the reference.
+  assert guess(p1) == 40.0  # No anchor: the reference's score.
+  assert guess(p4, {p2: 16.0}) == 16.0 and guess(p4, {c4: 30.0}) == 30.0 and guess(p1, {}) is None
+  assert guess(p4, {**scores, c2: 0.0}) == 16.0  # A reference that served nothing gives no ratio.
+
+
+def test_guesses_do_not_depend_on_the_workers_and_leave_every_score_unchanged(tmp_path):
+  space = search_lib.SearchSpace(policies=("chunked", "prefill_first"), token_budgets=(64,), chunk_sizes=(32,),
+                                 max_num_seqs=(8,), replicas=(1, 2), splits=((1, 1),), tps=(1,), gpus=2)
+  candidates = space.candidates()
+  one = search_lib.search(_problem(), candidates, tmp_path / "one.jsonl", workers=1)
+  two = search_lib.search(_problem(), candidates, tmp_path / "two.jsonl", workers=2)
+  assert sorted(map(json.dumps, one)) == sorted(map(json.dumps, two))  # Probes included.
+  for r in one:
+    alone = search_lib.evaluate(_problem(), search_lib.Candidate(**r["candidate"]))
+    assert (r["goodput_per_gpu"], r["slo_attainment"]) == (alone["goodput_per_gpu"], alone["slo_attainment"])
