@@ -248,8 +248,9 @@ def dependencies(candidate: Candidate, candidates: Sequence[Candidate]) -> list[
 def start_guess(candidate: Candidate, candidates: Sequence[Candidate], scores: dict[str, float]) -> float | None:
   """The goodput per GPU `candidate`'s search starts from, given the `scores` (label -> goodput per GPU) of its
   `dependencies`: its anchor's, times the ratio of its reference's to its anchor's reference's (a change of
-  deployment scales the goodput per GPU of different engine settings alike, within a rate step or two on the
-  shipped workloads); without those, the anchor's alone, else the reference's; None without any."""
+  deployment scales the goodput per GPU of different engine settings alike: on the shipped workloads most such
+  guesses land within two rate steps of the answer); without those, the anchor's alone, else the reference's;
+  None without any."""
   a = anchor(candidate, candidates)
   ref = reference(candidate, candidates)
   ref_a = reference(a, candidates) if a is not None else None
