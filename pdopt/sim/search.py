@@ -237,12 +237,16 @@ def reference(candidate: Candidate, candidates: Sequence[Candidate]) -> Candidat
   return ref if ref != candidate and ref in candidates else None
 
 
+def _guess_sources(candidate: Candidate, candidates: Sequence[Candidate]) -> tuple[Candidate | None, ...]:
+  """(its anchor, its reference, its anchor's reference), each None where there is none."""
+  a = anchor(candidate, candidates)
+  return a, reference(candidate, candidates), reference(a, candidates) if a is not None else None
+
+
 def dependencies(candidate: Candidate, candidates: Sequence[Candidate]) -> list[Candidate]:
   """The candidates whose scores `start_guess` reads for `candidate`: its anchor, and the reference candidates
   of itself and of its anchor."""
-  a = anchor(candidate, candidates)
-  out = [a, reference(candidate, candidates), reference(a, candidates) if a is not None else None]
-  return list(dict.fromkeys(c for c in out if c is not None))
+  return list(dict.fromkeys(c for c in _guess_sources(candidate, candidates) if c is not None))
 
 
 def start_guess(candidate: Candidate, candidates: Sequence[Candidate], scores: dict[str, float]) -> float | None:
@@ -251,10 +255,8 @@ def start_guess(candidate: Candidate, candidates: Sequence[Candidate], scores: d
   deployment scales the goodput per GPU of different engine settings alike: on the shipped workloads most such
   guesses land within two rate steps of the answer); without those, the anchor's alone, else the reference's;
   None without any."""
-  a = anchor(candidate, candidates)
-  ref = reference(candidate, candidates)
-  ref_a = reference(a, candidates) if a is not None else None
-  g_a, g_ref, g_ref_a = (scores.get(c.label) if c is not None else None for c in (a, ref, ref_a))
+  g_a, g_ref, g_ref_a = (scores.get(c.label) if c is not None else None
+                         for c in _guess_sources(candidate, candidates))
   if g_a and g_ref and g_ref_a:
     return g_a * g_ref / g_ref_a
   return g_a or g_ref or None
