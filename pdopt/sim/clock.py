@@ -34,3 +34,9 @@ class VirtualClock:
   def advance_to(self, t: float) -> None:
     """Moves to time `t` (seconds) if that is later than now."""
     self.now = max(self.now, float(t))
+
+  def rewind_to(self, t: float) -> None:
+    """Moves back to time `t` (seconds): the simulator taking back steps it ran ahead that never happened."""
+    if t > self.now:
+      raise ValueError(f"rewind_to({t!r}) is later than now ({self.now!r})")
+    self.now = float(t)

@@ -6,7 +6,8 @@ exists). One event loop runs them in time order: an arrival goes to a front inst
 (`pdopt.deploy.routing`, the real router's code), an instance with work takes its next step at its own
 clock's time, and a request a prefill instance hands off reaches the least-loaded decode instance after its
 KV transfer time (`TransferModel`), whose pages are freed on the prefill side when they arrive. An instance's
-blocks of steady decoding stop before the next event that could reach it.
+blocks of steady decoding run until the next event that reaches it (`SimExecutor.interrupt`), or, where its
+free pool runs short, stop before the next event that could reach it.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class SimDeploymentResult:
 
 def simulate_deployment(config: DeploymentConfig, model: ModelConfig, step_cost: Callable[[str], StepCostModel],
                         transfer: TransferModel, workload: Workload, slo: Slo | None = None,
-                        max_misses: int | None = None) -> SimDeploymentResult:
+                        max_misses: int | None = None, chain: bool = True) -> SimDeploymentResult:
   """Serves `workload` on the simulated instances of `config` (see the module docstring).
 
   Args:
@@ -93,6 +94,7 @@ def simulate_deployment(config: DeploymentConfig, model: ModelConfig, step_cost:
     slo, max_misses: stop as soon as more than `max_misses` requests miss `slo` (ended without meeting it, or
       still without a first token past the TTFT bound): the question "does this rate meet the target?" has
       its answer then (a search's bisection asks it).
+    chain: run steady decoding in blocks (`SimExecutor`); False runs every step on its own.
 
   Returns:
     The records and counters. Every request ends exactly once (unless the run stopped early).
@@ -122,7 +124,7 @@ def simulate_deployment(config: DeploymentConfig, model: ModelConfig, step_cost:
     cost = step_cost(role)
     events = (lambda r: lambda t: next_event(t, r))(role)
     engine = Engine(model, config.engine_of(role), clock=clock, step_cost=cost,
-                    executor=_executor_factory(cost, clock, token, events))
+                    executor=_executor_factory(cost, clock, token, events, chain))
     instances.append(_Instance(index, role, engine, clock))
 
   routing = Routing(config.router, config.engine.page_size)
@@ -188,6 +190,7 @@ def simulate_deployment(config: DeploymentConfig, model: ModelConfig, step_cost:
                                     request.prompt_token_ids)]
       if not inst.engine.has_unfinished():
         inst.clock.advance_to(t_arrival)
+      inst.engine.executor.interrupt(t_arrival)
       params = SamplingParams(max_tokens=request.max_tokens, ignore_eos=True)
       try:
         inst.engine.add_request(request.prompt_token_ids, params, request_id=request.request_id,
@@ -205,7 +208,7 @@ def simulate_deployment(config: DeploymentConfig, model: ModelConfig, step_cost:
       if not inst.engine.has_unfinished():
         inst.clock.advance_to(t)
       inst.imports.append((req, rid, pages, seconds))
-      _import_ready(inst, instances, transfers)
+      _import_ready(inst, instances, transfers, t)
     else:
       inst = instances[stepper]
       preemptions = inst.engine.num_preemptions
@@ -226,7 +229,7 @@ def simulate_deployment(config: DeploymentConfig, model: ModelConfig, step_cost:
         heapq.heappush(deliveries, (inst.clock.now + seconds, next(seq), dst, moved, rid, num_bytes, seconds))
         num_transfers += 1
       if inst.role == "decode":
-        _import_ready(inst, instances, transfers)
+        _import_ready(inst, instances, transfers, t_step)
     for b in blocked:  # Something happened: the waiting instances look again, at its time.
       instances[b].clock.advance_to(t_next)
     blocked.clear()
@@ -240,13 +243,16 @@ def simulate_deployment(config: DeploymentConfig, model: ModelConfig, step_cost:
                              sum(i.engine.num_preemptions for i in instances), num_transfers, num_refused, stopped)
 
 
-def _executor_factory(cost: StepCostModel, clock: VirtualClock, token: int, events):
-  return lambda bm, buckets: SimExecutor(cost, clock, bm, buckets, token, events)
+def _executor_factory(cost: StepCostModel, clock: VirtualClock, token: int, events, chain: bool):
+  return lambda bm, buckets: SimExecutor(cost, clock, bm, buckets, token, events, chain, interrupts=True)
 
 
-def _import_ready(inst: _Instance, instances: list[_Instance], transfers: dict) -> None:
-  """Moves delivered requests into the decode engine while its pool holds them, freeing their pages on the
-  prefill side."""
+def _import_ready(inst: _Instance, instances: list[_Instance], transfers: dict, now: float) -> None:
+  """Moves delivered requests into the decode engine while its pool holds them (at time `now`), freeing their
+  pages on the prefill side."""
+  if not inst.imports:
+    return
+  inst.engine.executor.interrupt(now)
   waiting = []
   for req, rid, num_bytes, seconds in inst.imports:
     if inst.engine.import_request(req, None, -(-req.num_computed_tokens // inst.engine.config.page_size)):
@@ -255,6 +261,7 @@ def _import_ready(inst: _Instance, instances: list[_Instance], transfers: dict) 
       for src in instances:
         if src.role == "prefill" and req.request_id in src.engine.requests \
             and src.engine.requests[req.request_id].status is RequestStatus.HANDED_OFF:
+          src.engine.executor.interrupt(now)
           src.engine.release_handoff(req.request_id)
           break
     else:

@@ -15,12 +15,19 @@ another instance), when the first request reaches its length, or
 where the pool runs out of pages. Every step gets its own predicted time and every token the end of its step,
 so the outcome, the block manager's state included, is the one the synchronous engine reaches step by step
 (`chain=False` runs it so; a test compares the two bit for bit).
+
+In a simulated deployment most events reach other instances (an arrival goes to one replica of eight), so
+with `interrupts` a block runs past `next_event` as far as the free pool holds its pages, and the deployment
+calls `interrupt(t)` when something reaches this engine at time t: the block's steps that start at or after t
+are taken back (their pages go back to the free pool; none were taken from the prefix cache) and the engine
+decides at the step boundary after t, as it would have step by step.
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
+import dataclasses
 from typing import Callable, Sequence
 
 import numpy as np
@@ -45,10 +52,13 @@ class SimExecutor:
       `arrival_events` makes one from a list of arrival times. None: nothing will.
     chain: run steady decoding in blocks; False runs every step on its own (the reference the blocks must
       reproduce, and much slower).
+    interrupts: the caller calls `interrupt(t)` before anything reaches the engine from outside at time t, so
+      blocks may run past `next_event` (see the module docstring).
   """
 
   def __init__(self, step_cost: StepCostModel, clock: VirtualClock, block_manager: BlockManager, buckets: Buckets,
-               token_id: int = 0, next_event: Callable[[float], float | None] | None = None, chain: bool = True):
+               token_id: int = 0, next_event: Callable[[float], float | None] | None = None, chain: bool = True,
+               interrupts: bool = False):
     self.step_cost = step_cost
     self.clock = clock
     self.block_manager = block_manager
@@ -57,7 +67,10 @@ class SimExecutor:
     self.token_id = token_id
     self.next_event = next_event or (lambda t: None)
     self.chain = chain
-    self._dispatched: collections.deque[StepOutcome] = collections.deque()
+    self.interrupts = interrupts
+    # Outcomes dispatched and not collected, each with its steps' seconds (counted when collected: an
+    # interrupted block counts only the steps it kept).
+    self._dispatched: collections.deque[tuple[StepOutcome, np.ndarray]] = collections.deque()
     self.num_steps = 0  # Steps simulated, those of chained blocks included.
     self.busy_seconds = 0.0  # Virtual seconds spent in steps.
     self.swaps = SwapCounters()  # Swap preemption's copies, priced at the host bandwidth.
@@ -66,26 +79,46 @@ class SimExecutor:
 
   @property
   def in_flight(self) -> StepPlan | None:
-    return self._dispatched[-1].plan if self._dispatched else None
+    return self._dispatched[-1][0].plan if self._dispatched else None
 
   def chain_length(self, room: int) -> int:
     """Every step until the first request ends (`room`), until the next arrival, and as far as the pool holds
     the steps' pages: exactly the steps the synchronous engine would run before its next decision that could
-    differ, so the engine allocates exactly their pages."""
+    differ, so the engine allocates exactly their pages. With `interrupts`, past the next arrival too, as far
+    as the free pool alone holds the pages (an interrupt gives them back; evicted cached pages could not be)."""
+    bm = self.block_manager
     positions = [(w.request.request_id, w.start + w.num_tokens) for w in self.in_flight.work]  # Next positions.
-    steps = min(room, self._steps_before_arrival([pos + 1 for _, pos in positions], room))
-    free = self.block_manager.num_free_pages
 
     def pages(k: int) -> int:  # Pages a block of k steps takes on top of what the requests hold.
-      return sum(self.block_manager.num_pages_needed(rid, pos + k) for rid, pos in positions)
+      return sum(bm.num_pages_needed(rid, pos + k) for rid, pos in positions)
 
-    if pages(steps) <= free:
-      return steps
-    low, high = 1, steps  # The longest block whose pages fit (1 if none does: the engine then tries one step).
-    while low < high:
-      mid = (low + high + 1) // 2
-      low, high = (mid, high) if pages(mid) <= free else (low, mid - 1)
-    return low
+    steps = min(room, self._steps_before_arrival([pos + 1 for _, pos in positions], room))
+    # The longest block whose pages fit (1 if none does: the engine then tries one step).
+    steps = _longest(lambda k: pages(k) <= bm.num_free_pages, 1, steps)
+    if self.interrupts and steps < room:
+      unused = bm.stats().free
+      if pages(steps + 1) <= unused:
+        steps = _longest(lambda k: pages(k) <= unused, steps + 1, room)
+    return steps
+
+  def interrupt(self, t: float) -> None:
+    """Something reaches the engine from outside at time t (`interrupts`): the steps of the block in flight
+    that start at or after t are taken back, with their pages, time and tokens; its first step stays (it
+    started before anything at t could be seen)."""
+    if not self._dispatched or not self._dispatched[-1][0].plan.chained:
+      return
+    outcome, seconds = self._dispatched[-1]
+    plan, times = outcome.plan, outcome.results[0].times
+    keep = 1 + bisect.bisect_left(times, t)  # Step i > 0 starts when step i - 1 ends, at times[i - 1].
+    if keep >= plan.num_steps:
+      return
+    for w in plan.work:
+      self.block_manager.truncate(w.request.request_id, w.start + keep)
+    times = times[:keep]
+    plan = dataclasses.replace(plan, work=tuple(w._replace(num_tokens=keep) for w in plan.work), num_steps=keep)
+    self._dispatched[-1] = (StepOutcome(plan, tuple(WorkResult(w.start + keep, [self.token_id] * keep, times)
+                                                    for w in plan.work)), seconds[:keep])
+    self.clock.rewind_to(times[-1])  # The end of the last step kept.
 
   def _block_seconds(self, kv0: list[int], steps: int) -> np.ndarray:
     """[steps] seconds of consecutive decode steps of sequences with `kv0` keys at the first, one more each
@@ -113,38 +146,39 @@ class SimExecutor:
       return None
     if self._dispatched:
       raise RuntimeError("only a chained plan may run while another is in flight; collect it first")
-    outcome = self._step(plan)
+    outcome, seconds = self._step(plan)
     if plan.decode_only and self.chain:  # "Dispatched", so that the engine may chain the steps after it.
-      self._dispatched.append(outcome)
+      self._dispatched.append((outcome, np.asarray([seconds])))
       return None
+    self._count(1, seconds)
     return outcome
 
   def collect(self) -> StepOutcome:
-    return self._dispatched.popleft()
+    outcome, seconds = self._dispatched.popleft()
+    self._count(len(seconds), float(seconds.sum()))
+    return outcome
 
-  def _step(self, plan: StepPlan) -> StepOutcome:
+  def _step(self, plan: StepPlan) -> tuple[StepOutcome, float]:
     q = [w.num_tokens for w in plan.work]
     kv = [w.start + w.num_tokens for w in plan.work]
     t_pad, s_pad, p_pad = self.buckets.pick(sum(q), len(q), -(-max(kv) // self.page_size))
-    end = self._advance(self.step_cost.seconds(q, kv, t_pad, s_pad, p_pad * self.page_size, plan.num_waiting))
-    token = self.token_id
+    seconds = self.step_cost.seconds(q, kv, t_pad, s_pad, p_pad * self.page_size, plan.num_waiting)
+    self.clock.advance_to(self.clock.now + seconds)
+    end, token = self.clock.now, self.token_id
     return StepOutcome(plan, tuple([WorkResult(k, [token], [end]) if w.samples_next else WorkResult(k, [])
-                                    for w, k in zip(plan.work, kv)]))
+                                    for w, k in zip(plan.work, kv)])), seconds
 
-  def _block(self, plan: StepPlan) -> StepOutcome:
+  def _block(self, plan: StepPlan) -> tuple[StepOutcome, np.ndarray]:
     """`plan.num_steps` decode steps, each sequence one token per step (`chain_length` chose how many)."""
     seconds = self._block_seconds([w.start + 1 for w in plan.work], plan.num_steps)
     times = np.cumsum(np.concatenate([[self.clock.now], seconds]))[1:].tolist()  # Added in turn, as step by step.
-    self._advance(float(seconds.sum()), plan.num_steps, end=times[-1])
+    self.clock.advance_to(times[-1])
     return StepOutcome(plan, tuple(WorkResult(w.start + plan.num_steps, [self.token_id] * plan.num_steps, times)
-                                   for w in plan.work))
+                                   for w in plan.work)), seconds
 
-  def _advance(self, seconds: float, steps: int = 1, end: float | None = None) -> float:
-    """Counts `steps` steps of `seconds` in all and moves the clock to their end (default: now + seconds)."""
+  def _count(self, steps: int, seconds: float) -> None:
     self.num_steps += steps
     self.busy_seconds += seconds
-    self.clock.advance_to(self.clock.now + seconds if end is None else end)
-    return self.clock.now
 
   def release(self, request_id: str) -> None:
     pass
@@ -154,16 +188,21 @@ class SimExecutor:
     pages = -(-num_tokens // self.page_size)
     num_bytes = pages * self.page_size * self.step_cost.sizes.kv_bytes_per_token * self.step_cost.sizes.tensor_parallel
     seconds = num_bytes / self.step_cost.device.host_bandwidth
-    self._advance(seconds, steps=0)
+    self._swap(seconds)
     self.swaps.out_bytes += num_bytes
     self.swaps.out_s += seconds
     return num_bytes
 
   def swap_in(self, request_id: str, swapped: int) -> None:
     seconds = swapped / self.step_cost.device.host_bandwidth
-    self._advance(seconds, steps=0)
+    self._swap(seconds)
     self.swaps.in_bytes += swapped
     self.swaps.in_s += seconds
+
+  def _swap(self, seconds: float) -> None:
+    """A copy to or from host memory: busy time, no step."""
+    self._count(0, seconds)
+    self.clock.advance_to(self.clock.now + seconds)
 
   def import_pages(self, request_id: str, kv, num_pages: int) -> None:
     """A request handed over from another simulated instance: its pages are allocated; there is no K/V."""
@@ -179,6 +218,17 @@ class SimExecutor:
 
   def stats(self) -> dict[str, float]:
     return {"sim_steps": self.num_steps, "sim_busy_s": self.busy_seconds, **self.swaps.stats()}
+
+
+def _longest(fits: Callable[[int], bool], low: int, high: int) -> int:
+  """The largest k in [low, high] with fits(k), for a `fits` that holds up to some k and fails above it; low if
+  none does."""
+  if fits(high):
+    return high
+  while low < high:
+    mid = (low + high + 1) // 2
+    low, high = (mid, high) if fits(mid) else (low, mid - 1)
+  return low
 
 
 def arrival_events(arrivals: Sequence[float]) -> Callable[[float], float | None]:

@@ -100,6 +100,33 @@ def test_stops_once_the_target_cannot_be_met():
   assert stopped.stopped and len(stopped.records) < len(full.records) == len(w)
 
 
+@pytest.mark.parametrize("policy", sorted(pdopt.scheduling.POLICIES))
+@pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
+def test_blocks_that_run_past_other_instances_events_change_nothing(policy, mode, monkeypatch):
+  # Round robin: where a request goes does not depend on when the instances' earlier requests ended, which
+  # a step applies at its start and a block at its end. The decode pools never fill, so a request handed over
+  # moves when it arrives, whatever the decode instance is doing.
+  w = _workload(60, rate=60.0)
+  config = deploy.DeploymentConfig(mode=mode, num_prefill=1 if mode == "disaggregated" else None,
+                                   num_decode=2 if mode == "disaggregated" else 3, router="round_robin",
+                                   engine=dataclasses.replace(ENGINE, policy=policy))
+  cut = []
+  interrupt = sim.SimExecutor.interrupt
+
+  def counted(self, t):
+    steps = self.in_flight.num_steps if self.in_flight is not None else 0
+    interrupt(self, t)
+    if self.in_flight is not None and self.in_flight.num_steps < steps:
+      cut.append(steps - self.in_flight.num_steps)
+
+  monkeypatch.setattr(sim.SimExecutor, "interrupt", counted)
+  blocks = simulate_deployment(config, MODEL, lambda role: COST, TransferModel(1e8, 1e-3), w)
+  single = simulate_deployment(config, MODEL, lambda role: COST, TransferModel(1e8, 1e-3), w, chain=False)
+  assert _timeline(blocks.records) == _timeline(single.records)  # Bit for bit.
+  assert blocks.num_steps == single.num_steps and blocks.num_preemptions == single.num_preemptions
+  assert cut  # Blocks ran past events elsewhere and were cut back where one reached their instance.
+
+
 def test_tensor_parallel_scaling_divides_the_work_and_adds_the_all_reduces():
   allreduce = AllReduce(per_step=4, bytes_per_token=256, bandwidth=1e10, latency=1e-5, source="test")
   tp2 = COST.with_tensor_parallel(2, allreduce)
