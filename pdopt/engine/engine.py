@@ -145,7 +145,7 @@ class Engine(Handoffs):
       self._apply(self.executor.collect(), touched)
       if chained is not None:
         self.num_steps += 1
-        return [RequestOutput.of(r) for r in touched.values()]
+        return [RequestOutput(r) for r in touched.values()]
     now = self.clock()
     work = self._carry_out(self.policy.schedule(self._view(now)), now, touched)
     if work:
@@ -160,7 +160,7 @@ class Engine(Handoffs):
         for req in decoding:
           req.decode_stall_s += self.clock() - now
     self.num_steps += 1
-    return [RequestOutput.of(r) for r in touched.values()]
+    return [RequestOutput(r) for r in touched.values()]
 
   def generate(self, prompts: Sequence[Sequence[int]],
                sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
@@ -172,7 +172,7 @@ class Engine(Handoffs):
     ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
     while self.has_unfinished():
       self.step()
-    return [RequestOutput.of(self.requests[i]) for i in ids]
+    return [RequestOutput(self.requests[i]) for i in ids]
 
   def warmup(self) -> int:
     """Compiles every program the executor can run; returns how many were compiled."""

@@ -7,7 +7,7 @@ import enum
 import functools
 import math
 import numbers
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -199,30 +199,35 @@ class Request:
         decode_stall_s=self.decode_stall_s)
 
 
-class RequestOutput(NamedTuple):
-  """What `Engine.step` and `Engine.generate` return for a request (a named tuple: `step` builds one per
-  request that got a token).
+class RequestOutput:
+  """What `Engine.step` and `Engine.generate` return for a request, as it was when returned.
+
+  `step` builds one per request that got a token, so the generated ids are read only when asked for: the
+  request's token list only grows, and a copy of every output at every step would cost its length each time.
 
   Attributes:
     request_id: the id given to add_request.
     prompt_token_ids: the prompt.
-    token_ids: generated ids so far.
+    token_ids: generated ids so far (a new list at each read).
     finished: the request has ended (finished, aborted or rejected).
     finish_reason: "length", "stop", "eos", "abort", or the rejection reason.
     status: the request status.
   """
-  request_id: str
-  prompt_token_ids: tuple[int, ...]
-  token_ids: list[int]
-  finished: bool
-  finish_reason: str | None
-  status: RequestStatus
+  __slots__ = ("request_id", "prompt_token_ids", "finished", "finish_reason", "status", "_ids", "_num_tokens")
 
-  @staticmethod
-  def of(request: Request) -> "RequestOutput":
+  def __init__(self, request: Request):
     status = request.status
-    return RequestOutput(request.request_id, request.prompt_token_ids, request.output_token_ids, status.done,
-                         request.finish_reason, status)
+    self.request_id, self.prompt_token_ids = request.request_id, request.prompt_token_ids
+    self.finished, self.finish_reason, self.status = status.done, request.finish_reason, status
+    self._ids, self._num_tokens = request.all_token_ids, len(request.all_token_ids)
+
+  @property
+  def token_ids(self) -> list[int]:
+    return self._ids[len(self.prompt_token_ids):self._num_tokens]
+
+  def __repr__(self) -> str:
+    return (f"RequestOutput(request_id={self.request_id!r}, token_ids={self.token_ids!r}, "
+            f"finished={self.finished}, finish_reason={self.finish_reason!r}, status={self.status.value!r})")
 
 
 def validate_prompt(prompt_token_ids: Sequence[int], vocab_size: int) -> tuple[int, ...]:

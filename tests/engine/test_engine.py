@@ -266,6 +266,18 @@ def test_timestamps_are_ordered(model):
     assert rec.finish_time == rec.token_times[-1]
 
 
+def test_a_step_output_keeps_what_it_showed_when_returned(model):
+  engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=32, max_model_len=256))
+  rid = engine.add_request([2, 3, 4], pdopt.SamplingParams(max_tokens=5, ignore_eos=True))
+  outputs = []
+  while engine.has_unfinished():
+    outputs += engine.step()
+  final = engine.requests[rid].output_token_ids
+  assert [o.token_ids for o in outputs] == [final[:n] for n in range(1, 6)]
+  assert [o.finished for o in outputs] == [False] * 4 + [True] and outputs[-1].finish_reason == "length"
+  assert outputs[0].status is RequestStatus.RUNNING and outputs[-1].status is RequestStatus.FINISHED
+
+
 def test_stop_tokens_and_eos(model):
   expected = _alone(model, [10, 11, 12], 8)
   engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=32, max_model_len=256))
