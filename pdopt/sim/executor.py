@@ -28,7 +28,7 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -37,6 +37,16 @@ from pdopt.engine.batch import Buckets
 from pdopt.engine.executor import StepOutcome, StepPlan, SwapCounters, WorkResult
 from pdopt.scheduling.step_cost import StepCostModel
 from pdopt.sim.clock import VirtualClock
+
+
+class _Dispatched(NamedTuple):
+  """A plan run ahead of the engine: its steps' seconds (counted when collected: an interrupted block counts
+  only the steps it kept) and end times, and its outcome (a block's is built when collected, after any
+  interrupt)."""
+  plan: StepPlan
+  seconds: np.ndarray
+  times: list[float]
+  outcome: StepOutcome | None = None
 
 
 class SimExecutor:
@@ -68,9 +78,7 @@ class SimExecutor:
     self.next_event = next_event or (lambda t: None)
     self.chain = chain
     self.interrupts = interrupts
-    # Outcomes dispatched and not collected, each with its steps' seconds (counted when collected: an
-    # interrupted block counts only the steps it kept).
-    self._dispatched: collections.deque[tuple[StepOutcome, np.ndarray]] = collections.deque()
+    self._dispatched: collections.deque[_Dispatched] = collections.deque()
     self.num_steps = 0  # Steps simulated, those of chained blocks included.
     self.busy_seconds = 0.0  # Virtual seconds spent in steps.
     self.swaps = SwapCounters()  # Swap preemption's copies, priced at the host bandwidth.
@@ -79,7 +87,7 @@ class SimExecutor:
 
   @property
   def in_flight(self) -> StepPlan | None:
-    return self._dispatched[-1][0].plan if self._dispatched else None
+    return self._dispatched[-1].plan if self._dispatched else None
 
   def chain_length(self, room: int) -> int:
     """Every step until the first request ends (`room`), until the next arrival, and as far as the pool holds
@@ -105,20 +113,17 @@ class SimExecutor:
     """Something reaches the engine from outside at time t (`interrupts`): the steps of the block in flight
     that start at or after t are taken back, with their pages, time and tokens; its first step stays (it
     started before anything at t could be seen)."""
-    if not self._dispatched or not self._dispatched[-1][0].plan.chained:
+    if not self._dispatched or not self._dispatched[-1].plan.chained:
       return
-    outcome, seconds = self._dispatched[-1]
-    plan, times = outcome.plan, outcome.results[0].times
+    plan, seconds, times, _ = self._dispatched[-1]
     keep = 1 + bisect.bisect_left(times, t)  # Step i > 0 starts when step i - 1 ends, at times[i - 1].
     if keep >= plan.num_steps:
       return
     for w in plan.work:
       self.block_manager.truncate(w.request.request_id, w.start + keep)
-    times = times[:keep]
     plan = dataclasses.replace(plan, work=tuple(w._replace(num_tokens=keep) for w in plan.work), num_steps=keep)
-    self._dispatched[-1] = (StepOutcome(plan, tuple(WorkResult(w.start + keep, [self.token_id] * keep, times)
-                                                    for w in plan.work)), seconds[:keep])
-    self.clock.rewind_to(times[-1])  # The end of the last step kept.
+    self._dispatched[-1] = _Dispatched(plan, seconds[:keep], times[:keep])
+    self.clock.rewind_to(times[keep - 1])  # The end of the last step kept.
 
   def _block_seconds(self, kv0: list[int], steps: int) -> np.ndarray:
     """[steps] seconds of consecutive decode steps of sequences with `kv0` keys at the first, one more each
@@ -148,14 +153,17 @@ class SimExecutor:
       raise RuntimeError("only a chained plan may run while another is in flight; collect it first")
     outcome, seconds = self._step(plan)
     if plan.decode_only and self.chain:  # "Dispatched", so that the engine may chain the steps after it.
-      self._dispatched.append((outcome, np.asarray([seconds])))
+      self._dispatched.append(_Dispatched(plan, np.asarray([seconds]), [self.clock.now], outcome))
       return None
     self._count(1, seconds)
     return outcome
 
   def collect(self) -> StepOutcome:
-    outcome, seconds = self._dispatched.popleft()
+    plan, seconds, times, outcome = self._dispatched.popleft()
     self._count(len(seconds), float(seconds.sum()))
+    if outcome is None:  # A block: its tokens, one per step, each at the end of its step.
+      n, token = plan.num_steps, self.token_id
+      outcome = StepOutcome(plan, tuple(WorkResult(w.start + n, [token] * n, times) for w in plan.work))
     return outcome
 
   def _step(self, plan: StepPlan) -> tuple[StepOutcome, float]:
@@ -168,13 +176,12 @@ class SimExecutor:
     return StepOutcome(plan, tuple([WorkResult(k, [token], [end]) if w.samples_next else WorkResult(k, [])
                                     for w, k in zip(plan.work, kv)])), seconds
 
-  def _block(self, plan: StepPlan) -> tuple[StepOutcome, np.ndarray]:
+  def _block(self, plan: StepPlan) -> _Dispatched:
     """`plan.num_steps` decode steps, each sequence one token per step (`chain_length` chose how many)."""
     seconds = self._block_seconds([w.start + 1 for w in plan.work], plan.num_steps)
     times = np.cumsum(np.concatenate([[self.clock.now], seconds]))[1:].tolist()  # Added in turn, as step by step.
     self.clock.advance_to(times[-1])
-    return StepOutcome(plan, tuple(WorkResult(w.start + plan.num_steps, [self.token_id] * plan.num_steps, times)
-                                   for w in plan.work)), seconds
+    return _Dispatched(plan, seconds, times)
 
   def _count(self, steps: int, seconds: float) -> None:
     self.num_steps += steps
