@@ -174,10 +174,8 @@ def highest_passing(n: int, passes: Callable[[int], bool], start: int | None = N
   return lo
 
 
-def evaluate(problem: Problem, candidate: Candidate, guess: float | None = None) -> dict[str, Any]:
-  """The candidate's goodput per GPU: the highest rate of its `rate_grid` at which `attainment` of the
-  requests meet the SLO (by bisection, or by a galloping search from `guess`, a goodput per GPU expected to
-  be close), over its GPUs; with that run's latencies and the number of rates simulated (`probes`)."""
+def deployment_of(problem: Problem, candidate: Candidate) -> tuple[DeploymentConfig, StepCostModel]:
+  """The candidate's deployment and its instances' step-cost model (scaled to its tensor-parallel degree)."""
   # The problem's shape buckets where they cover the candidate's budgets (the real run pads to them too).
   tokens, seqs = problem.engine.token_buckets, problem.engine.seq_buckets
   engine = dataclasses.replace(
@@ -189,6 +187,14 @@ def evaluate(problem: Problem, candidate: Candidate, guess: float | None = None)
                             num_decode=candidate.num_decode, devices_per_instance=candidate.tp, engine=engine)
   cost = problem.step_cost.with_tensor_parallel(candidate.tp, problem.allreduce.get(candidate.tp)) \
       if candidate.tp != problem.step_cost.sizes.tensor_parallel else problem.step_cost
+  return config, cost
+
+
+def evaluate(problem: Problem, candidate: Candidate, guess: float | None = None) -> dict[str, Any]:
+  """The candidate's goodput per GPU: the highest rate of its `rate_grid` at which `attainment` of the
+  requests meet the SLO (by bisection, or by a galloping search from `guess`, a goodput per GPU expected to
+  be close), over its GPUs; with that run's latencies and the number of rates simulated (`probes`)."""
+  config, cost = deployment_of(problem, candidate)
   rates = rate_grid(problem, candidate.num_gpus)
   runs: dict[int, Any] = {}
 
