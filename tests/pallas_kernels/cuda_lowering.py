@@ -1,4 +1,4 @@
-"""Lowering a Mosaic GPU kernel for CUDA on any host, for the kernels' CPU tests."""
+"""Lowering a Pallas GPU kernel (Mosaic GPU or Triton) for CUDA on any host, for the kernels' CPU tests."""
 
 from __future__ import annotations
 
@@ -12,4 +12,4 @@ def lower_for_cuda(fn, args) -> str:
   try:
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   except (ImportError, RuntimeError) as e:  # pragma: no cover - depends on the installed jaxlib
-    pytest.skip(f"this jax cannot lower Mosaic GPU kernels for cuda here: {e}")
+    pytest.skip(f"this jax cannot lower Pallas GPU kernels for cuda here: {e}")

@@ -19,6 +19,7 @@ import pytest
 from pallas_kernels import reference
 from pallas_kernels.flash_prefill import flash_prefill
 from pallas_kernels.flash_prefill import tuning
+from cuda_lowering import lower_for_cuda
 from ragged_inputs import Case, make_inputs
 
 _ON_GPU = jax.default_backend() == "gpu"
@@ -132,21 +133,9 @@ def test_card_from_device_kind():
   assert tuning.Card.from_device_kind("cpu") is tuning.Card.OTHER
 
 
-def _cuda_lowering_available() -> tuple[bool, str]:
-  try:
-    # pylint: disable-next=import-outside-toplevel,unused-import
-    from jax._src.pallas.triton import pallas_call_registration
-  except ImportError as e:
-    return False, f"this jax cannot lower Pallas Triton kernels: {e}"
-  return True, ""
-
-
 @pytest.mark.parametrize("group,dtype", [(4, jnp.bfloat16), (1, jnp.float16)])
 def test_lowers_for_cuda(group, dtype):
   """Lowers the real (non-interpreted) kernel to a Triton custom call for CUDA, on any machine."""
-  ok, reason = _cuda_lowering_available()
-  if not ok:
-    pytest.skip(reason)
   num_tokens, num_kv_heads, head_dim, page_size, num_slots, max_pages = 256, 2, 128, 16, 3, 8
   sds = jax.ShapeDtypeStruct
   kv = sds((num_kv_heads, 32, page_size, head_dim), dtype)
@@ -154,13 +143,7 @@ def test_lowers_for_cuda(group, dtype):
           sds((num_slots, max_pages), jnp.int32), sds((num_slots + 1,), jnp.int32), sds((1,), jnp.int32))
   fn = functools.partial(flash_prefill, sm_scale=head_dim ** -0.5, block_q=128 // group, block_k=64,
                          num_warps=8, num_stages=3)
-  try:
-    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
-  except (NotImplementedError, RuntimeError) as e:  # pragma: no cover - depends on the installed jax
-    if "cuda" in str(e).lower() and "platform" in str(e).lower():
-      pytest.skip(f"this jax cannot lower for cuda without a GPU: {e}")
-    raise
-  assert "__gpu$xla.gpu.triton" in lowered.as_text()
+  assert "__gpu$xla.gpu.triton" in lower_for_cuda(fn, args)
 
 
 @pytest.mark.gpu
