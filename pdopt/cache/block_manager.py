@@ -345,10 +345,15 @@ class BlockManager:
       True on success. False if not enough pages are allocatable, in which
       case nothing changed (an unknown request is not created either).
     """
-    needed = self.num_pages_needed(request_id, num_tokens)
-    if needed > self.num_free_pages:
-      return False
+    if num_tokens < 0:
+      raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
     req = self._requests.get(request_id)
+    # Inlined `num_pages_needed`: most calls (a decode's next token) need no page.
+    needed = -(-num_tokens // self._page_size) - (len(req.pages) if req is not None else 0)
+    if needed <= 0 and req is not None:
+      return True
+    if needed > len(self._free) + len(self._lru):
+      return False
     if req is None:
       req = self._requests[request_id] = _RequestPages()
     for _ in range(needed):
@@ -384,14 +389,11 @@ class BlockManager:
     if req is None:
       raise KeyError(f"commit: unknown request {request_id!r}")
     ps = self._page_size
-    if not 0 <= num_computed_tokens <= len(token_ids):
-      raise ValueError(f"commit: num_computed_tokens={num_computed_tokens} "
-                       f"outside [0, len(token_ids)={len(token_ids)}]")
-    if num_computed_tokens > len(req.pages) * ps:
-      raise ValueError(f"commit: num_computed_tokens={num_computed_tokens} "
-                       f"exceeds the {len(req.pages)} pages of {request_id!r}")
+    if not 0 <= num_computed_tokens <= len(token_ids) or num_computed_tokens > len(req.pages) * ps:
+      raise ValueError(f"commit: num_computed_tokens={num_computed_tokens} outside [0, min(len(token_ids)="
+                       f"{len(token_ids)}, the {len(req.pages)} pages of {request_id!r} x {ps})]")
     num_full = num_computed_tokens // ps
-    if not self._enable_prefix_caching or num_full <= len(req.keys):  # Most steps fill no page.
+    if num_full <= len(req.keys) or not self._enable_prefix_caching:  # Most steps fill no page.
       return
     first = len(req.keys)
     for i, key in enumerate(page_keys(req.keys[-1] if req.keys else _ROOT_KEY,

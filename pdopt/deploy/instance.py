@@ -112,7 +112,7 @@ class Instance:
           break
       self._advance_imports()
       if self.engine.has_unfinished():
-        self.engine.step()
+        self.engine.advance()
         self._report()
 
   # ------------------------------------------------------------------ messages

@@ -139,28 +139,34 @@ class Engine(Handoffs):
     """Runs one scheduling decision and at most one step; returns the outputs of the requests that got a token
     or ended. With an executor that dispatches steps (`async_decode`), a call may instead collect the outcome
     of the step dispatched by the previous call (after chaining the next one, or before scheduling again)."""
+    return [RequestOutput(r) for r in self.advance()]
+
+  def advance(self) -> Sequence[Request]:
+    """`step`, returning the engine's own requests that got a token or ended (read-only for the caller) instead
+    of their outputs: for callers in this process that look at few of them (a simulated deployment)."""
     touched: dict[str, Request] = {}
     if self.executor.in_flight is not None:
       chained = self._chain(self.clock())
       self._apply(self.executor.collect(), touched)
       if chained is not None:
         self.num_steps += 1
-        return [RequestOutput(r) for r in touched.values()]
+        return list(touched.values())
     now = self.clock()
     work = self._carry_out(self.policy.schedule(self._view(now)), now, touched)
     if work:
       budget_left = self.config.max_num_batched_tokens - sum(w.num_tokens for w in work)
       # Decoding requests wait on the prompt tokens of a step that has some.
       prefills = not all(w.is_decode for w in work)
-      decoding = [r for r in map(self.requests.__getitem__, self.running) if r.is_decoding] if prefills else []
+      decoding = self._decoding(work) if prefills else []
       outcome = self.executor.execute(StepPlan(work, token_budget_left=budget_left, num_waiting=len(self.waiting)))
       if outcome is not None:
         self._apply(outcome, touched)
       if prefills:
+        stall = self.clock() - now
         for req in decoding:
-          req.decode_stall_s += self.clock() - now
+          req.decode_stall_s += stall
     self.num_steps += 1
-    return [RequestOutput(r) for r in touched.values()]
+    return list(touched.values())
 
   def generate(self, prompts: Sequence[Sequence[int]],
                sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
@@ -249,6 +255,16 @@ class Engine(Handoffs):
           req.first_scheduled_time = now
       work.append(Work(req, req.num_computed_tokens, n, req.is_decoding))
     return tuple(work)
+
+  def _decoding(self, work: Sequence[Work]) -> list[Request]:
+    """The running requests that decode (`Request.is_decoding`) once `work` is carried out: its decodes, and
+    any running request it left out that decodes (`work` holds running requests only, one item each)."""
+    decoding = [w.request for w in work if w.is_decode]
+    if len(work) < len(self.running):
+      scheduled = {w.request.request_id for w in work}
+      decoding += [r for r in map(self.requests.__getitem__, self.running)
+                   if r.request_id not in scheduled and r.is_decoding]
+    return decoding
 
   def _chain(self, now: float) -> StepPlan | None:
     """Hands the executor the decode steps after the ones in flight if the policy, shown the state after

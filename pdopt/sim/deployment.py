@@ -17,7 +17,7 @@ import dataclasses
 import heapq
 import itertools
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 from pdopt.deploy.config import DeploymentConfig
 from pdopt.deploy.routing import Routing
@@ -138,9 +138,9 @@ def simulate_deployment(config: DeploymentConfig, model: ModelConfig, step_cost:
   next_arrival, num_transfers, num_refused = 0, 0, 0
   requests = workload.requests
 
-  def collect(inst: _Instance, outputs) -> None:
-    for out in outputs:
-      if out.finished and out.request_id in inst.ids:
+  def collect(inst: _Instance, touched: Sequence[Request]) -> None:
+    for out in touched:
+      if out.status.done and out.request_id in inst.ids:
         rid = inst.ids.pop(out.request_id)
         record = inst.engine.requests[out.request_id].to_record()
         moved = transfers.get(rid)
@@ -212,7 +212,7 @@ def simulate_deployment(config: DeploymentConfig, model: ModelConfig, step_cost:
     else:
       inst = instances[stepper]
       preemptions = inst.engine.num_preemptions
-      outputs = inst.engine.step()
+      outputs = inst.engine.advance()
       collect(inst, outputs)
       handoffs = inst.engine.take_handoffs()
       if not outputs and not handoffs and inst.clock.now == t_step and inst.engine.num_preemptions == preemptions:
