@@ -207,11 +207,11 @@ class StepBuilder:
 
   def add(self, request: RequestView, num_tokens: int) -> bool:
     """Schedules `num_tokens` of `request` if budget, sequences and pages allow; returns whether it did."""
-    rid = request.request_id
-    if num_tokens < 1 or num_tokens > self.tokens_left or self.seqs_left < 1 or rid in self._scheduled:
-      return False
-    need = self.view.pages_needed(request, num_tokens)
-    if need > self.free_pages:
+    return num_tokens >= 1 and self._place(request.request_id, num_tokens, self.view.pages_needed(request, num_tokens))
+
+  def _place(self, rid: str, num_tokens: int, need: int) -> bool:
+    """`add` of a request that needs `need` more pages for its `num_tokens` (>= 1) tokens."""
+    if num_tokens > self.tokens_left or self.seqs_left < 1 or rid in self._scheduled or need > self.free_pages:
       return False
     self.free_pages -= need
     self.tokens_left -= num_tokens
@@ -237,16 +237,18 @@ class StepBuilder:
     `running` (lowest priority first) when pages run out, as vLLM does. With `view.num_lookahead_tokens`,
     each scheduled decode also keeps that much of the token budget (at most what it can still generate)
     unplanned, for speculative guesses; pages are not reserved (guesses only take pages left free)."""
-    lookahead = self.view.num_lookahead_tokens
+    view, preempted = self.view, self.preempted
+    lookahead = view.num_lookahead_tokens
     for request in running:
-      if not request.is_decoding or request.request_id in self.preempted:
+      if not request.is_decoding or (preempted and request.request_id in preempted):
         continue
-      if self.view.pages_needed(request, 1) > self.free_pages:
+      need = view.pages_needed(request, 1)  # Preempting others frees pages, not this request's need.
+      if need > self.free_pages:
         self._free_pages_for_decode(request, running)
-        if self.view.pages_needed(request, 1) > self.free_pages:
+        if need > self.free_pages:
           self.preempt(request)
           continue
-      if self.add(request, 1) and lookahead:
+      if self._place(request.request_id, 1, need) and lookahead:
         self.tokens_left -= max(0, min(lookahead, request.max_tokens - request.num_generated - 1, self.tokens_left))
 
   def _free_pages_for_decode(self, request: RequestView, running: Sequence[RequestView]) -> None:

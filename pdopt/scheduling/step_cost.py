@@ -288,13 +288,15 @@ class StepCostModel:
 
 def _totals(query_lens: Sequence[int], kv_lens: Sequence[int], num_tokens: int | None, num_seqs: int | None,
             max_keys: int | None) -> tuple[float, float, float, float, float]:
-  """A step's totals (`StepCostModel.totals_features`) from its sequences and padded sizes."""
-  q = np.asarray(query_lens, np.float64)
-  kv = np.asarray(kv_lens, np.float64)
-  t = float(q.sum()) if num_tokens is None else float(num_tokens)
-  keys = (float(kv.max()) if kv.size else 0.0) if max_keys is None else float(max_keys)
-  return (t, float(len(q)) if num_seqs is None else float(num_seqs), float(np.dot(q, kv - (q - 1) / 2)),
-          float(kv.sum()), t * keys)
+  """A step's totals (`StepCostModel.totals_features`) from its sequences (token counts) and padded sizes.
+
+  In Python's arithmetic: a step has tens of sequences, too few for NumPy to pay, and every total of integer
+  counts is exact (the pairs too: q * (q - 1) / 2 is a whole number), whatever the order of the sums."""
+  t = float(sum(query_lens)) if num_tokens is None else float(num_tokens)
+  keys = float(max(kv_lens, default=0)) if max_keys is None else float(max_keys)
+  pairs = sum([q * kv - q * (q - 1) // 2 for q, kv in zip(query_lens, kv_lens)])
+  return (t, float(len(query_lens)) if num_seqs is None else float(num_seqs), float(pairs), float(sum(kv_lens)),
+          t * keys)
 
 
 def _finite(value) -> bool:

@@ -162,8 +162,8 @@ class SimExecutor:
     plan, seconds, times, outcome = self._dispatched.popleft()
     self._count(len(seconds), float(seconds.sum()))
     if outcome is None:  # A block: its tokens, one per step, each at the end of its step.
-      n, token = plan.num_steps, self.token_id
-      outcome = StepOutcome(plan, tuple(WorkResult(w.start + n, [token] * n, times) for w in plan.work))
+      n, tokens = plan.num_steps, [self.token_id] * plan.num_steps  # Shared, as in `_step`.
+      outcome = StepOutcome(plan, tuple([WorkResult(w.start + n, tokens, times) for w in plan.work]))
     return outcome
 
   def _step(self, plan: StepPlan) -> tuple[StepOutcome, float]:
@@ -172,8 +172,9 @@ class SimExecutor:
     t_pad, s_pad, p_pad = self.buckets.pick(sum(q), len(q), -(-max(kv) // self.page_size))
     seconds = self.step_cost.seconds(q, kv, t_pad, s_pad, p_pad * self.page_size, plan.num_waiting)
     self.clock.advance_to(self.clock.now + seconds)
-    end, token = self.clock.now, self.token_id
-    return StepOutcome(plan, tuple([WorkResult(k, [token], [end]) if w.samples_next else WorkResult(k, [])
+    # One token at the step's end for every request that samples: the lists are shared (the engine only reads them).
+    sampled, none, times = [self.token_id], [], [self.clock.now]
+    return StepOutcome(plan, tuple([WorkResult(k, sampled, times) if w.samples_next else WorkResult(k, none)
                                     for w, k in zip(plan.work, kv)])), seconds
 
   def _block(self, plan: StepPlan) -> _Dispatched:
