@@ -68,6 +68,38 @@ def test_same_seed_same_result():
   assert a.duration == b.duration
 
 
+@pytest.mark.parametrize("policy, leaves_decodes_out", [("chunked", False), ("prefill_first", True)])
+def test_decode_stall_is_the_time_of_prompt_steps_while_decoding(policy, leaves_decodes_out):
+  """Every step that runs prompt tokens adds its time to the stall of every request decoding then, whether
+  the step decodes it (`chunked`) or leaves it out (`prefill_first`)."""
+  workload = _workload(num_requests=24, rate=60.0)
+  clock = sim.VirtualClock()
+  config = pdopt.EngineConfig(policy=policy, **{**CONFIG, "max_num_seqs": 3})
+  engine = sim.simulated_engine(MODEL, config, _cost(), clock, arrivals=[r.arrival_time for r in workload],
+                                chain=False)
+  expected: dict[str, float] = {}
+  left_out = 0
+  execute = engine.executor.execute
+
+  def observed(plan):
+    start = clock.now
+    decoding = [rid for rid in engine.running if engine.requests[rid].is_decoding]
+    outcome = execute(plan)
+    if not plan.decode_only:
+      nonlocal left_out
+      left_out += len(set(decoding) - {w.request.request_id for w in plan.work})
+      for rid in decoding:
+        expected[rid] = expected.get(rid, 0.0) + (clock.now - start)
+    return outcome
+
+  engine.executor.execute = observed
+  result = benchmark.replay(engine, workload, progress=False)
+  assert (left_out > 0) == leaves_decodes_out  # Found among the running requests, not in the step's work.
+  stalls = {r.request_id: r.decode_stall_s for r in result.records}
+  assert any(stalls.values())
+  assert stalls == pytest.approx({rid: expected.get(rid, 0.0) for rid in stalls}, rel=1e-12, abs=0.0)
+
+
 class _ClockedByCost:
   """The real engine's executor, with the virtual clock advanced by each step's predicted time (as the
   simulator advances it), so that a real run has known step times."""
