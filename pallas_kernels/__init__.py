@@ -11,7 +11,8 @@ Layout:
     flash_prefill/  one folder per kernel, one file per backend (`pallas_triton.py`: Triton lowering, also
     paged_decode/   run by the Pallas interpreter; `pallas_mgpu.py`: Mosaic GPU); `__init__` is the entry
     fused_layer/    point and picks the backend where there are two; `paged_decode/common.py` holds what its
-                    two backends share, `flash_prefill/tuning.py` the Triton prefill kernel's tuning table
+    fused_mlp/      two backends share, `flash_prefill/tuning.py` the Triton prefill kernel's tuning table;
+                    `fused_mlp` is not used by the model yet (NOTES.md)
     gpu_info.py     what the kernels ask of the GPU (SM count, sm_90)
     mosaic_util.py  sm_90 facts and helpers of the Mosaic GPU kernels; triton_util.py, of the Triton ones
     sizes.py        power-of-two block sizes

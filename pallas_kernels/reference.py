@@ -230,3 +230,32 @@ def norm_qkv_rope_write(
     return flat.at[:, slots].set(new, mode="drop").reshape(pages.shape)
 
   return q, (write(k_pages, k), write(v_pages, v))
+
+
+def norm_gate_up_silu(x: jax.Array, norm_weight: jax.Array, gate_up_proj: jax.Array, *, eps: float) -> jax.Array:
+  """silu(gate) * up of RMSNorm(x) for T tokens (`pdopt.models.layers.MLP` before its down projection).
+
+  Args:
+    x: [T, E], the residual stream before the norm; norm_weight [E] and eps: the RMSNorm.
+    gate_up_proj: [E, 2, F], gate then up.
+
+  Returns:
+    [T, F] in x's dtype, computed in float32 (matmul at HIGHEST precision) and rounded once.
+  """
+  xf = x.astype(jnp.float32)
+  normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps) * norm_weight.astype(jnp.float32)
+  gate_up = jnp.einsum("TE,ECF->TCF", normed, gate_up_proj.astype(jnp.float32), precision=_HIGHEST)
+  return (jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]).astype(x.dtype)
+
+
+def matmul_add(a: jax.Array, w: jax.Array, residual: jax.Array) -> jax.Array:
+  """residual + a @ w (a layer's o or down projection with its residual add).
+
+  Args:
+    a: [T, K]; w: [K, N]; residual: [T, N].
+
+  Returns:
+    [T, N] in the residual's dtype, computed in float32 (matmul at HIGHEST precision) and rounded once.
+  """
+  out = jnp.dot(a.astype(jnp.float32), w.astype(jnp.float32), precision=_HIGHEST)
+  return (residual.astype(jnp.float32) + out).astype(residual.dtype)
