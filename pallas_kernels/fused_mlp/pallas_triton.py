@@ -75,16 +75,20 @@ def _block(size: int, wanted: int, what: str, name: str) -> int:
 # `fused_layer`: the Pallas interpreter stores masked lanes as a scatter that drops indices past the end).
 
 
+def _tile(num_tokens: int, rows: int, cols: int, block_k: int):
+  """A program's rows and columns: (its output rows, which are real, the rows to load (clamped), the mask of
+  a [rows, block_k] load, its first output column, the column offsets of a k step)."""
+  out_row = pl.program_id(0) * rows + lax.broadcasted_iota(jnp.int32, (rows,), 0)
+  row_ok = out_row < num_tokens
+  return (out_row, row_ok, jnp.minimum(out_row, num_tokens - 1), jnp.broadcast_to(row_ok[:, None], (rows, block_k)),
+          pl.program_id(1) * cols, lax.broadcasted_iota(jnp.int32, (1, block_k), 1))
+
+
 def _gate_up_kernel(x_ref, g_ref, w_ref, o_ref, *, num_tokens: int, rows: int, cols: int, block_k: int,
                     eps: float, precision):
   # x_ref [T, E], g_ref [E], w_ref [E, 2 * F] (gate columns, then up columns), o_ref [T, F]
   hidden, width = x_ref.shape[1], o_ref.shape[1]
-  out_row = pl.program_id(0) * rows + lax.broadcasted_iota(jnp.int32, (rows,), 0)
-  row_ok = out_row < num_tokens
-  row = jnp.minimum(out_row, num_tokens - 1)
-  x_mask = jnp.broadcast_to(row_ok[:, None], (rows, block_k))
-  first = pl.program_id(1) * cols
-  kk = lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+  out_row, row_ok, row, x_mask, first, kk = _tile(num_tokens, rows, cols, block_k)
   dims = (((1,), (0,)), ((), ()))
 
   def body(i, carry):
@@ -111,12 +115,7 @@ def _gate_up_kernel(x_ref, g_ref, w_ref, o_ref, *, num_tokens: int, rows: int, c
 def _matmul_add_kernel(a_ref, w_ref, r_ref, o_ref, *, num_tokens: int, rows: int, cols: int, block_k: int,
                        precision):
   # a_ref [T, K], w_ref [K, N], r_ref [T, N], o_ref [T, N]
-  out_row = pl.program_id(0) * rows + lax.broadcasted_iota(jnp.int32, (rows,), 0)
-  row_ok = out_row < num_tokens
-  row = jnp.minimum(out_row, num_tokens - 1)
-  a_mask = jnp.broadcast_to(row_ok[:, None], (rows, block_k))
-  first = pl.program_id(1) * cols
-  kk = lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+  out_row, row_ok, row, a_mask, first, kk = _tile(num_tokens, rows, cols, block_k)
 
   def body(i, acc):
     start = pl.multiple_of(i * block_k, block_k)
