@@ -139,10 +139,10 @@ def simulate_deployment(config: DeploymentConfig, model: ModelConfig, step_cost:
   requests = workload.requests
 
   def collect(inst: _Instance, touched: Sequence[Request]) -> None:
-    for out in touched:
-      if out.status.done and out.request_id in inst.ids:
-        rid = inst.ids.pop(out.request_id)
-        record = inst.engine.requests[out.request_id].to_record()
+    for req in touched:
+      if req.status.done and req.request_id in inst.ids:
+        rid = inst.ids.pop(req.request_id)
+        record = req.to_record()
         moved = transfers.get(rid)
         ended[rid] = dataclasses.replace(record, request_id=rid, kv_transfer_bytes=moved[0] if moved else 0,
                                          kv_transfer_s=moved[1] if moved else None)
@@ -212,10 +212,10 @@ def simulate_deployment(config: DeploymentConfig, model: ModelConfig, step_cost:
     else:
       inst = instances[stepper]
       preemptions = inst.engine.num_preemptions
-      outputs = inst.engine.advance()
-      collect(inst, outputs)
+      touched = inst.engine.advance()
+      collect(inst, touched)
       handoffs = inst.engine.take_handoffs()
-      if not outputs and not handoffs and inst.clock.now == t_step and inst.engine.num_preemptions == preemptions:
+      if not touched and not handoffs and inst.clock.now == t_step and inst.engine.num_preemptions == preemptions:
         blocked.add(inst.index)  # Nothing changed: it waits for something else to happen.
         continue
       for req in handoffs:
