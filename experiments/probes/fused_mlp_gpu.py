@@ -19,6 +19,7 @@ import numpy as np
 
 from pallas_kernels import reference
 from pallas_kernels.fused_mlp import SkinnyConfig, matmul_add, norm_gate_up_silu
+from pallas_kernels.triton_util import dot_rows
 from pdopt.benchmark.timing import device_profile, time_jax_per_call
 from pdopt.models import layers
 
@@ -87,7 +88,7 @@ def main(out_path: str):
       row["down_rel_err"] = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)))
                                   / jnp.max(jnp.abs(want.astype(jnp.float32))))
       # 2. Launch parameters (one token and 16 share the row block of 16, so 16 reuses one token's).
-      rows = max(16, min(64, 1 << (tokens - 1).bit_length()))
+      rows = dot_rows(tokens, 64)
       if tokens != 16:
         best[rows] = (
             sweep(lambda c: norm_gate_up_silu(x, norm_w, gu_w, eps=EPS, config=c),

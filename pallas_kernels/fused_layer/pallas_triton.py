@@ -30,11 +30,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
-from pallas_kernels.sizes import is_power_of_2, next_power_of_2, power_of_2_divisor
-from pallas_kernels.triton_util import CompilerParams
+from pallas_kernels.sizes import is_power_of_2, power_of_2_divisor
+from pallas_kernels.triton_util import MATMUL_DTYPES, MIN_DOT, CompilerParams, dot_rows
 
-_MIN_DOT = 16  # smallest dimension of a Triton dot
-_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,13 +61,9 @@ class FusedConfig:
 def default_config(num_tokens: int) -> FusedConfig:
   """Measured on an H200 at the Llama-3.2-1B shape (E = 2048, 3072 projection columns; NOTES.md,
   ## engine): one token is fastest with 8 splits and 3 stages, 64 tokens with 4 splits and 4 stages."""
-  if num_tokens <= _MIN_DOT:
+  if num_tokens <= MIN_DOT:
     return FusedConfig(splits=8, num_stages=3)
   return FusedConfig()
-
-
-def _rows(num_tokens: int, at_most: int) -> int:
-  return max(_MIN_DOT, min(at_most, next_power_of_2(num_tokens)))
 
 
 # A masked-out row of a store gets an index past the array, never one that another row writes. The GPU
@@ -230,7 +224,7 @@ def norm_qkv_rope_write(
   k_pages, v_pages = cache
   hidden, num_kv_heads, parts, head_dim = qkv_proj.shape
   config = config or default_config(x.shape[0])
-  if x.ndim != 2 or x.dtype not in _DTYPES or {norm_weight.dtype, qkv_proj.dtype} != {x.dtype}:
+  if x.ndim != 2 or x.dtype not in MATMUL_DTYPES or {norm_weight.dtype, qkv_proj.dtype} != {x.dtype}:
     raise NotImplementedError(f"x must be [T, E] float32/bfloat16/float16 like the weights, got x {x.shape} "
                               f"{x.dtype}, norm weight {norm_weight.dtype}, qkv_proj {qkv_proj.dtype}")
   if not (is_power_of_2(config.block_rows) and is_power_of_2(config.epilogue_rows)):
@@ -245,18 +239,18 @@ def norm_qkv_rope_write(
   half = head_dim // 2
   cols = power_of_2_divisor(width, config.block_cols)
   splits = config.splits
-  if (half < _MIN_DOT or not is_power_of_2(half) or cols < _MIN_DOT or k_pages.shape[0] != num_kv_heads
+  if (half < MIN_DOT or not is_power_of_2(half) or cols < MIN_DOT or k_pages.shape[0] != num_kv_heads
       or k_pages.shape[-1] != head_dim or v_pages.shape != k_pages.shape or k_pages.dtype != v_pages.dtype):
     raise NotImplementedError(f"unsupported shapes: qkv_proj {qkv_proj.shape}, pages {k_pages.shape} "
                               f"{v_pages.shape}")
   block_k = power_of_2_divisor(hidden // splits, config.block_k) if hidden % splits == 0 else 0
-  if block_k < _MIN_DOT:
-    raise NotImplementedError(f"hidden size {hidden} in {splits} splits has no power-of-two block of >= {_MIN_DOT}")
+  if block_k < MIN_DOT:
+    raise NotImplementedError(f"hidden size {hidden} in {splits} splits has no power-of-two block of >= {MIN_DOT}")
   _, num_pages, page_size, _ = k_pages.shape
   num_slots = num_pages * page_size
-  rows = _rows(num_tokens, config.block_rows)
+  rows = dot_rows(num_tokens, config.block_rows)
   row_blocks = pl.cdiv(num_tokens, rows)
-  epilogue_rows = min(rows, _rows(num_tokens, config.epilogue_rows))  # divides rows: both powers of two
+  epilogue_rows = min(rows, dot_rows(num_tokens, config.epilogue_rows))  # divides rows: both powers of two
   part, ss = pl.pallas_call(
       functools.partial(_qkv_matmul_kernel, num_tokens=num_tokens, rows=rows, cols=cols, block_k=block_k,
                         precision=lax.Precision.HIGHEST if x.dtype == jnp.float32 else None),

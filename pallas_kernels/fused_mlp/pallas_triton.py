@@ -29,11 +29,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
-from pallas_kernels.sizes import is_power_of_2, next_power_of_2, power_of_2_divisor
-from pallas_kernels.triton_util import CompilerParams
+from pallas_kernels.sizes import is_power_of_2, power_of_2_divisor
+from pallas_kernels.triton_util import MATMUL_DTYPES, MIN_DOT, CompilerParams, dot_rows
 
-_MIN_DOT = 16  # smallest dimension of a Triton dot
-_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,20 +52,16 @@ class SkinnyConfig:
   num_stages: int = 4
 
 
-def _rows(num_tokens: int, at_most: int) -> int:
-  return max(_MIN_DOT, min(at_most, next_power_of_2(num_tokens)))
-
-
 def _check(name: str, x: jax.Array, *weights: jax.Array) -> None:
-  if x.ndim != 2 or x.dtype not in _DTYPES or any(w.dtype != x.dtype for w in weights):
+  if x.ndim != 2 or x.dtype not in MATMUL_DTYPES or any(w.dtype != x.dtype for w in weights):
     raise NotImplementedError(f"{name}: x must be [T, E] float32/bfloat16/float16 like the weights, got {x.shape} "
                               f"{x.dtype} and weights {[str(w.dtype) for w in weights]}")
 
 
 def _block(size: int, wanted: int, what: str, name: str) -> int:
   block = power_of_2_divisor(size, wanted)
-  if block < _MIN_DOT:
-    raise NotImplementedError(f"{name}: {what} {size} has no power-of-two block of >= {_MIN_DOT}")
+  if block < MIN_DOT:
+    raise NotImplementedError(f"{name}: {what} {size} has no power-of-two block of >= {MIN_DOT}")
   return block
 
 
@@ -163,7 +157,7 @@ def norm_gate_up_silu(x: jax.Array, norm_weight: jax.Array, gate_up_proj: jax.Ar
   cols = _block(width, config.block_cols, "F", "norm_gate_up_silu")
   block_k = _block(hidden, config.block_k, "E", "norm_gate_up_silu")
   num_tokens = x.shape[0]
-  rows = _rows(num_tokens, config.block_rows)
+  rows = dot_rows(num_tokens, config.block_rows)
   return pl.pallas_call(
       functools.partial(_gate_up_kernel, num_tokens=num_tokens, rows=rows, cols=cols, block_k=block_k, eps=eps,
                         precision=_precision(x.dtype)),
@@ -202,7 +196,7 @@ def matmul_add(a: jax.Array, w: jax.Array, residual: jax.Array, *, config: Skinn
   cols = _block(w.shape[1], config.block_cols, "N", "matmul_add")
   block_k = _block(w.shape[0], config.block_k, "K", "matmul_add")
   num_tokens = a.shape[0]
-  rows = _rows(num_tokens, config.block_rows)
+  rows = dot_rows(num_tokens, config.block_rows)
   return pl.pallas_call(
       functools.partial(_matmul_add_kernel, num_tokens=num_tokens, rows=rows, cols=cols, block_k=block_k,
                         precision=_precision(a.dtype)),

@@ -13,7 +13,7 @@ import pytest
 
 from pallas_kernels import reference
 from pallas_kernels.fused_mlp import SkinnyConfig, matmul_add, norm_gate_up_silu
-from tests.pallas_kernels.cuda_lowering import lower_for_cuda
+from cuda_lowering import lower_for_cuda
 
 _ON_GPU = jax.devices()[0].platform == "gpu"
 _INTERPRET = not _ON_GPU
