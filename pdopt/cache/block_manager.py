@@ -248,6 +248,11 @@ class BlockManager:
     req = self._requests.get(request_id)
     return len(req.pages) if req is not None else 0
 
+  def pages_held(self, request_ids: Sequence[str]) -> list[int]:
+    """`num_pages_held` of each request."""
+    requests = self._requests
+    return [len(requests[r].pages) if r in requests else 0 for r in request_ids]
+
   def num_pages_needed(self, request_id: str, num_tokens: int) -> int:
     """Extra pages `allocate(request_id, num_tokens)` would take.
 

@@ -40,7 +40,7 @@ from pdopt.engine.request import (Request, RequestOutput, RequestStatus, Samplin
 from pdopt.metrics import RequestRecord
 from pdopt.models.config import ModelConfig
 from pdopt.models.transformer import Transformer
-from pdopt.scheduling import Plan, RequestView, SchedulerView, make_scheduler
+from pdopt.scheduling import Decoding, Plan, RequestView, RunningViews, SchedulerView, make_scheduler
 from pdopt.scheduling.step_cost import StepCostModel
 
 
@@ -204,14 +204,23 @@ class Engine(Handoffs):
 
   def _view(self, now: float, ahead: int = 0) -> SchedulerView:
     """What the policy sees; `ahead` > 0 shows running requests as they will be after that many more decode
-    tokens (the steps in flight)."""
+    tokens (the steps in flight). The running requests' views are built only if the policy reads them: most
+    are decodes, which the policies take from the view's columns."""
     bm, requests, views = self.block_manager, self.requests, self._waiting_views
     held = bm.num_pages_held
+    running = [requests[r] for r in self.running]
+    decoding, prefilling = [], []
+    for req in running:  # `Request.is_decoding` inlined (each is RUNNING): this runs for every request every step.
+      n = len(req.all_token_ids)
+      (decoding if req.num_computed_tokens == n - 1 and n > len(req.prompt_token_ids) else prefilling).append(req)
+    ids = [r.request_id for r in decoding]
     return SchedulerView(
-        now=now, running=tuple([requests[r].view(held(r), ahead) for r in self.running]),
+        now=now,
+        running=RunningViews(lambda: tuple([r.view(held(r.request_id), ahead) for r in running]),
+                             Decoding(ids, [r.num_computed_tokens + ahead for r in decoding], bm.pages_held(ids)),
+                             tuple([r.view(held(r.request_id), ahead) for r in prefilling])),
         waiting=tuple([views.get(r) or views.setdefault(r, requests[r].view()) for r in self.waiting]),
-        free_pages=bm.num_free_pages,
-        page_size=self.config.page_size, num_pages=self.config.num_pages,
+        free_pages=bm.num_free_pages, page_size=self.config.page_size, num_pages=self.config.num_pages,
         num_lookahead_tokens=self.executor.num_lookahead_tokens)
 
   def _carry_out(self, plan: Plan, now: float, touched: dict[str, Request]) -> tuple[Work, ...]:
@@ -227,32 +236,36 @@ class Engine(Handoffs):
       self._preempt(self.requests[rid])
     work = []
     bm, requests = self.block_manager, self.requests
-    for chunk in plan.chunks:
-      req = requests[chunk.request_id]
+    for rid, num_tokens in plan.chunks:
+      req = requests[rid]
       status = req.status
+      if status is RequestStatus.RUNNING:  # Most chunks (decodes): no prefix to match, nothing swapped.
+        start, num_ids = req.num_computed_tokens, len(req.all_token_ids)
+        n = min(num_tokens, num_ids - start)
+        if n < 1 or not bm.allocate(rid, start + n):
+          self._preempt(req)
+          continue
+        # `Request.is_decoding`, inlined.
+        work.append(Work(req, start, n, start == num_ids - 1 and num_ids > len(req.prompt_token_ids)))
+        continue
       if status.done:
         continue
-      admitting = status is RequestStatus.WAITING
-      if admitting and req.swapped is None:
-        req.num_computed_tokens = bm.match_prefix(req.request_id, req.all_token_ids)
+      if req.swapped is None:  # Admitting: the longest cached prefix first.
+        req.num_computed_tokens = bm.match_prefix(rid, req.all_token_ids)
         req.num_cached_tokens = req.num_computed_tokens
-      n = min(chunk.num_tokens, len(req.all_token_ids) - req.num_computed_tokens)
-      if n < 1 or not bm.allocate(req.request_id, req.num_computed_tokens + n):
-        if admitting:
-          bm.free(req.request_id)
-          req.num_computed_tokens = req.num_computed_tokens if req.swapped is not None else 0
-        else:
-          self._preempt(req)
+      n = min(num_tokens, len(req.all_token_ids) - req.num_computed_tokens)
+      if n < 1 or not bm.allocate(rid, req.num_computed_tokens + n):
+        bm.free(rid)
+        req.num_computed_tokens = req.num_computed_tokens if req.swapped is not None else 0
         continue
       if req.swapped is not None:  # Back from host memory into its new pages.
-        self.executor.swap_in(req.request_id, req.swapped)
+        self.executor.swap_in(rid, req.swapped)
         req.swapped = None
-      if admitting:
-        self._leave_waiting(req.request_id)
-        self.running.append(req.request_id)
-        req.status = RequestStatus.RUNNING
-        if req.first_scheduled_time is None:
-          req.first_scheduled_time = now
+      self._leave_waiting(rid)
+      self.running.append(rid)
+      req.status = RequestStatus.RUNNING
+      if req.first_scheduled_time is None:
+        req.first_scheduled_time = now
       work.append(Work(req, req.num_computed_tokens, n, req.is_decoding))
     return tuple(work)
 
@@ -337,15 +350,21 @@ class Engine(Handoffs):
       if not work.is_decode:
         req.num_prefill_tokens_computed += work.num_tokens
       # Tokens after a stop (later accepted guesses, the rest of a block of decode steps) are dropped, and so
-      # is their K/V: the prefix cache only learns what the request keeps.
-      stop, reason = req.stop(tokens, eos, max_model_len)
-      if reason is not None:
-        num_computed -= len(tokens) - stop - 1
-        tokens = tokens[:stop + 1]
+      # is their K/V: the prefix cache only learns what the request keeps. One token that ends nothing is most
+      # steps' case (`Request.stop` inlined for it: no stop ids, no EOS that counts, room for more).
+      sampling, ids = req.sampling, req.all_token_ids
+      if (len(tokens) == 1 and not sampling.stop_token_ids and (sampling.ignore_eos or tokens[0] not in eos)
+          and min(sampling.max_tokens + len(req.prompt_token_ids), max_model_len) - len(ids) > 1):
+        reason = None
+      else:
+        stop, reason = req.stop(tokens, eos, max_model_len)
+        if reason is not None:
+          num_computed -= len(tokens) - stop - 1
+          tokens = tokens[:stop + 1]
       req.num_computed_tokens = num_computed
       # The pages of every token but the last emitted one are computed: commit them with those tokens appended
       # (in place: a copy of the whole sequence per request per step would cost more than the rest).
-      ids, num_tokens = req.all_token_ids, len(tokens)
+      num_tokens = len(tokens)
       if num_tokens > 1:
         ids.extend(tokens[:-1])
       bm.commit(req.request_id, ids, num_computed)
@@ -367,3 +386,4 @@ class Engine(Handoffs):
         self.running.remove(req.request_id)
         req.status = RequestStatus.HANDED_OFF
         self._handoffs.append(req)
+

@@ -20,12 +20,12 @@ class ChunkedPrefill:
 
   def schedule(self, view: SchedulerView) -> Plan:
     step = StepBuilder(view, self.config.max_num_batched_tokens, self.config.max_num_seqs)
-    step.schedule_decodes(view.running)
+    step.schedule_decodes()
     limit = self.config.chunk_size or self.config.max_num_batched_tokens
-    for request in view.running:
-      if request.request_id in step.preempted or step.scheduled(request.request_id):
-        continue
-      step.add(request, step.fit_chunk(request, limit))
+    # A decode left out above cannot fit later either (it lacked budget or a sequence, or was preempted).
+    for request in view.prefilling:
+      if request.request_id not in step.preempted:
+        step.add(request, step.fit_chunk(request, limit))
     if not step.preempted:  # Admitting new work while evicting old would only thrash.
       for request in view.waiting:
         n = step.fit_chunk(request, limit)

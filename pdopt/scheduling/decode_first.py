@@ -38,15 +38,17 @@ class DecodeFirst:
   def schedule(self, view: SchedulerView) -> Plan:
     budget = self.config.max_num_batched_tokens
     step = StepBuilder(view, budget, self.config.max_num_seqs)
-    step.schedule_decodes(view.running)
+    step.schedule_decodes()
     # Pages the scheduled decodes will need for their next token; prompts may not take them.
-    reserve = sum(view.pages_needed(r, 2) - view.pages_needed(r, 1)
-                  for r in view.running if step.scheduled(r.request_id))
+    decoding = view.decoding
+    reserve = sum(two - one for rid, one, two in zip(decoding.request_ids, decoding.pages_needed(view.page_size, 1),
+                                                     decoding.pages_needed(view.page_size, 2))
+                  if step.scheduled(rid))
     step.free_pages -= reserve
-    for request in view.running:
-      if request.request_id in step.preempted or step.scheduled(request.request_id):
-        continue
-      step.add(request, step.fit_chunk(request, budget))
+    # A decode left out above cannot fit later either (it lacked budget or a sequence, or was preempted).
+    for request in view.prefilling:
+      if request.request_id not in step.preempted:
+        step.add(request, step.fit_chunk(request, budget))
     if not step.preempted:  # Admitting new work while evicting old would only thrash.
       for request in view.waiting:
         if not step.add(request, step.fit_chunk(request, budget)):

@@ -8,7 +8,10 @@ carries the plan out, so both drive the very same policy objects.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import functools
+import itertools
 from typing import Callable, NamedTuple, Protocol, Sequence
 
 from pdopt.scheduling.step_cost import StepCostModel
@@ -64,13 +67,72 @@ class RequestView(NamedTuple):
     return is_decoding(self.is_running, self.num_tokens, self.num_computed_tokens, self.num_generated)
 
 
+class Decoding(NamedTuple):
+  """The running requests that decode (`RequestView.is_decoding`), as columns in admission order: what their
+  next tokens need, without a `RequestView` per request (the engine's steps hold tens of them).
+
+  Attributes:
+    request_ids: their ids.
+    num_computed_tokens: tokens whose K/V each has cached (its next token is the one after them).
+    num_pages_held: pages each holds.
+  """
+  request_ids: Sequence[str]
+  num_computed_tokens: Sequence[int]
+  num_pages_held: Sequence[int]
+
+  @classmethod
+  def of(cls, running: Sequence[RequestView]) -> Decoding:
+    decoding = [r for r in running if r.is_decoding]
+    return cls([r.request_id for r in decoding], [r.num_computed_tokens for r in decoding],
+               [r.num_pages_held for r in decoding])
+
+  def pages_needed(self, page_size: int, num_tokens: int) -> list[int]:
+    """Extra pages each needs to run `num_tokens` more tokens (`SchedulerView.pages_needed`)."""
+    return [max(0, -(-(c + num_tokens) // page_size) - h) for c, h in zip(self.num_computed_tokens,
+                                                                        self.num_pages_held)]
+
+
+class RunningViews(collections.abc.Sequence):
+  """The engine's running requests for a `SchedulerView`: their views, built on first use, and the columns of
+  their decodes with the views of the others, built at once (the policies plan most steps from these alone).
+
+  Args:
+    build: returns the views, in admission order.
+    decoding: the decoding requests (`Decoding`).
+    prefilling: the other views, in order.
+  """
+
+  def __init__(self, build: Callable[[], tuple[RequestView, ...]], decoding: Decoding,
+               prefilling: tuple[RequestView, ...]):
+    self._build, self._views = build, None
+    self.decoding, self.prefilling = decoding, prefilling
+
+  def _get(self) -> tuple[RequestView, ...]:
+    if self._views is None:
+      self._views = self._build()
+    return self._views
+
+  def __getitem__(self, index):
+    return self._get()[index]
+
+  def __len__(self) -> int:
+    return len(self.decoding.request_ids) + len(self.prefilling)
+
+  def __iter__(self):
+    return iter(self._get())
+
+  def __reversed__(self):
+    return reversed(self._get())
+
+
 @dataclasses.dataclass(frozen=True)
 class SchedulerView:
   """A snapshot of the engine for one scheduling decision.
 
   Attributes:
     now: the engine clock (seconds).
-    running: admitted requests in admission order (oldest first).
+    running: admitted requests in admission order (oldest first): any sequence; the engine's are
+      `RunningViews`.
     waiting: requests waiting for admission in queue order (preempted ones first, then by arrival).
     free_pages: pages allocatable now (free plus evictable prefix-cache pages).
     page_size: tokens per page.
@@ -79,12 +141,24 @@ class SchedulerView:
       decode by up to this many guesses after planning, from what the plan left unused); 0 without it.
   """
   now: float
-  running: tuple[RequestView, ...]
+  running: Sequence[RequestView]
   waiting: tuple[RequestView, ...]
   free_pages: int
   page_size: int
   num_pages: int
   num_lookahead_tokens: int = 0
+
+  @functools.cached_property
+  def decoding(self) -> Decoding:
+    """`running`'s decoding requests, as columns."""
+    return self.running.decoding if isinstance(self.running, RunningViews) else Decoding.of(self.running)
+
+  @functools.cached_property
+  def prefilling(self) -> tuple[RequestView, ...]:
+    """`running`'s other requests (a prompt partly computed), in order."""
+    if isinstance(self.running, RunningViews):
+      return self.running.prefilling
+    return tuple(r for r in self.running if not r.is_decoding)
 
   def pages_needed(self, request: RequestView, num_tokens: int) -> int:
     """Extra pages `request` needs to run `num_tokens` more tokens."""
@@ -232,12 +306,17 @@ class StepBuilder:
     self.preempted.append(request.request_id)
     self.free_pages += request.num_pages_held
 
-  def schedule_decodes(self, running: Sequence[RequestView]) -> None:
-    """Gives every decoding request in `running` (priority order) its token, preempting from the back of
-    `running` (lowest priority first) when pages run out, as vLLM does. With `view.num_lookahead_tokens`,
-    each scheduled decode also keeps that much of the token budget (at most what it can still generate)
-    unplanned, for speculative guesses; pages are not reserved (guesses only take pages left free)."""
+  def schedule_decodes(self, running: Sequence[RequestView] | None = None) -> None:
+    """Gives every decoding request in `running` (priority order; None: the view's, in admission order) its
+    token, preempting from the back of `running` (lowest priority first) when pages run out, as vLLM does.
+    With `view.num_lookahead_tokens`, each scheduled decode also keeps that much of the token budget (at most
+    what it can still generate) unplanned, for speculative guesses; pages are not reserved (guesses only take
+    pages left free)."""
     view, preempted = self.view, self.preempted
+    if running is None:
+      if self._place_all_decodes():
+        return
+      running = view.running
     lookahead = view.num_lookahead_tokens
     for request in running:
       if not request.is_decoding or (preempted and request.request_id in preempted):
@@ -250,6 +329,27 @@ class StepBuilder:
           continue
       if self._place(request.request_id, 1, need) and lookahead:
         self.tokens_left -= max(0, min(lookahead, request.max_tokens - request.num_generated - 1, self.tokens_left))
+
+  def _place_all_decodes(self) -> bool:
+    """Places every decode of the view at once (from its columns) if the loop of `schedule_decodes` would place
+    them all without preempting: nothing planned yet, no lookahead, and budget, sequences and pages for all.
+    Returns whether it did."""
+    decoding, view = self.view.decoding, self.view
+    n = len(decoding.request_ids)
+    if self.chunks or self.preempted or view.num_lookahead_tokens or n > self.tokens_left or n > self.seqs_left:
+      return False
+    # The loop places request i only if its need fits what the ones before it left: all fit iff their sum does.
+    need = sum(decoding.pages_needed(view.page_size, 1))
+    if need > self.free_pages:
+      return False
+    self.free_pages -= need
+    self.tokens_left -= n
+    self.seqs_left -= n
+    # `ScheduledChunk(rid, 1)` for each, built without a Python call per request.
+    self.chunks.extend(map(tuple.__new__, itertools.repeat(ScheduledChunk), zip(decoding.request_ids,
+                                                                                 itertools.repeat(1))))
+    self._scheduled.update(decoding.request_ids)
+    return True
 
   def _free_pages_for_decode(self, request: RequestView, running: Sequence[RequestView]) -> None:
     """Preempts from the back of `running` (neither preempted nor scheduled, not `request`) until the pages of

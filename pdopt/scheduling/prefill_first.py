@@ -32,13 +32,12 @@ class PrefillFirst:
   def schedule(self, view: SchedulerView) -> Plan:
     budget = self.config.max_num_batched_tokens
     step = StepBuilder(view, budget, self.config.max_num_seqs)
-    partial = [r for r in view.running if not r.is_decoding]
-    for request in (*partial, *view.waiting):
+    for request in (*view.prefilling, *view.waiting):
       if not self._add_whole(step, request, budget):
         break
     if step.chunks:
       return step.plan()  # A prefill step: running decodes wait.
-    step.schedule_decodes(view.running)
+    step.schedule_decodes()
     step.ensure_progress(view.running, budget)
     return step.plan()
 

@@ -172,10 +172,11 @@ class SimExecutor:
     t_pad, s_pad, p_pad = self.buckets.pick(sum(q), len(q), -(-max(kv) // self.page_size))
     seconds = self.step_cost.seconds(q, kv, t_pad, s_pad, p_pad * self.page_size, plan.num_waiting)
     self.clock.advance_to(self.clock.now + seconds)
-    # One token at the step's end for every request that samples: the lists are shared (the engine only reads them).
+    # One token at the step's end for every request that samples (a decode always does): the lists are shared
+    # (the engine only reads them).
     sampled, none, times = [self.token_id], [], [self.clock.now]
-    return StepOutcome(plan, tuple([WorkResult(k, sampled, times) if w.samples_next else WorkResult(k, none)
-                                    for w, k in zip(plan.work, kv)])), seconds
+    return StepOutcome(plan, tuple([WorkResult(k, sampled, times) if w.is_decode or w.samples_next
+                                    else WorkResult(k, none) for w, k in zip(plan.work, kv)])), seconds
 
   def _block(self, plan: StepPlan) -> _Dispatched:
     """`plan.num_steps` decode steps, each sequence one token per step (`chain_length` chose how many)."""

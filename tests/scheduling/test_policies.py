@@ -9,7 +9,8 @@ import random
 
 import pytest
 
-from pdopt.scheduling import POLICIES, Plan, RequestView, SchedulerView, SchedulingConfig, make_scheduler
+from pdopt.scheduling import (POLICIES, Plan, RequestView, SchedulerView, SchedulingConfig, StepBuilder,
+                              make_scheduler)
 from pdopt.scheduling.step_cost import DeviceSpec, ModelSizes, StepCostModel
 
 NUM_VIEWS = 400
@@ -154,6 +155,26 @@ def test_decodes_never_starved(policy):
         assert chunks.get(r.request_id) == 1, (r, plan)
         assert r.request_id not in plan.preempt
   assert checked > NUM_VIEWS // 4
+
+
+def test_decodes_placed_at_once_leave_the_step_as_the_loop_does():
+  """`schedule_decodes()` places every decode from the view's columns at once when the per-request loop would
+  preempt nothing; either way the step must end as the loop leaves it: chunks, preemptions, pages, budget."""
+  rng = random.Random(5)
+  at_once = looped = 0
+  for _ in range(NUM_VIEWS):
+    view = dataclasses.replace(_random_view(rng), num_lookahead_tokens=rng.choice([0, 0, 0, 2]))
+    budget, seqs = rng.choice([1, 3, 8, 512]), rng.randint(1, 12)
+    fast, loop = StepBuilder(view, budget, seqs), StepBuilder(view, budget, seqs)
+    fast.schedule_decodes()
+    loop.schedule_decodes(view.running)
+    assert ((fast.chunks, fast.preempted, fast.free_pages, fast.tokens_left, fast.seqs_left)
+            == (loop.chunks, loop.preempted, loop.free_pages, loop.tokens_left, loop.seqs_left)), view
+    if view.decoding.request_ids:
+      placed = StepBuilder(view, budget, seqs)._place_all_decodes()  # pylint: disable=protected-access
+      at_once += placed
+      looped += not placed
+  assert at_once > NUM_VIEWS // 8 and looped > NUM_VIEWS // 8, (at_once, looped)
 
 
 def test_decode_first_takes_what_is_left_and_ignores_chunk_size():

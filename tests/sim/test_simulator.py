@@ -12,6 +12,7 @@ import pytest
 import pdopt
 from pdopt import benchmark, sim, workloads
 from pdopt.engine.costs import model_sizes
+from pdopt.scheduling import Decoding
 from pdopt.scheduling.step_cost import FEATURES, DeviceSpec, StepCostModel
 from pdopt.sim import fit as fit_lib
 
@@ -58,6 +59,31 @@ def test_blocks_of_steps_change_nothing(policy):
   assert chained.num_steps < single.num_steps  # ... in fewer engine steps.
   assert engine.executor.num_steps == single.num_steps
   assert chained.num_preemptions == single.num_preemptions
+
+
+@pytest.mark.parametrize("policy", sorted(pdopt.scheduling.POLICIES))
+def test_the_engines_columns_are_its_running_views(policy):
+  """The engine gives policies its decoding requests as columns and the others as views, built apart from the
+  running requests' views (built only when read): at every decision, under preemption, they must agree."""
+  workload = _workload(num_requests=30, rate=60.0)
+  clock = sim.VirtualClock()
+  engine = sim.simulated_engine(MODEL, pdopt.EngineConfig(policy=policy, **{**CONFIG, "num_pages": 24}), _cost(),
+                                clock, arrivals=[r.arrival_time for r in workload])
+  views = []
+
+  def checked(schedule):
+    def wrapped(view):
+      running = tuple(view.running)
+      assert len(view.running) == len(running)
+      assert view.decoding == Decoding.of(running)
+      assert view.prefilling == tuple(r for r in running if not r.is_decoding)
+      views.append(bool(view.decoding.request_ids) and bool(view.prefilling))
+      return schedule(view)
+    return wrapped
+
+  engine.policy.schedule = checked(engine.policy.schedule)
+  result = benchmark.replay(engine, workload, progress=False)
+  assert sum(views) > 5 and result.num_preemptions > 0, (sum(views), result.num_preemptions)
 
 
 def test_same_seed_same_result():
