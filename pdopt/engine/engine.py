@@ -386,4 +386,3 @@ class Engine(Handoffs):
         self.running.remove(req.request_id)
         req.status = RequestStatus.HANDED_OFF
         self._handoffs.append(req)
-
