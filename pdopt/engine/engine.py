@@ -217,7 +217,8 @@ class Engine(Handoffs):
     return SchedulerView(
         now=now,
         running=RunningViews(lambda: tuple([r.view(held(r.request_id), ahead) for r in running]),
-                             Decoding(ids, [r.num_computed_tokens + ahead for r in decoding], bm.pages_held(ids)),
+                             Decoding(ids, [r.num_computed_tokens + ahead for r in decoding], bm.pages_held(ids),
+                                      [r.priority for r in decoding]),
                              tuple([r.view(held(r.request_id), ahead) for r in prefilling])),
         waiting=tuple([views.get(r) or views.setdefault(r, requests[r].view()) for r in self.waiting]),
         free_pages=bm.num_free_pages, page_size=self.config.page_size, num_pages=self.config.num_pages,

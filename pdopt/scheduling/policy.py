@@ -75,16 +75,18 @@ class Decoding(NamedTuple):
     request_ids: their ids.
     num_computed_tokens: tokens whose K/V each has cached (its next token is the one after them).
     num_pages_held: pages each holds.
+    priorities: the class of each (`RequestView.priority`).
   """
   request_ids: Sequence[str]
   num_computed_tokens: Sequence[int]
   num_pages_held: Sequence[int]
+  priorities: Sequence[int]
 
   @classmethod
   def of(cls, running: Sequence[RequestView]) -> Decoding:
     decoding = [r for r in running if r.is_decoding]
     return cls([r.request_id for r in decoding], [r.num_computed_tokens for r in decoding],
-               [r.num_pages_held for r in decoding])
+               [r.num_pages_held for r in decoding], [r.priority for r in decoding])
 
   def pages_needed(self, page_size: int, num_tokens: int) -> list[int]:
     """Extra pages each needs to run `num_tokens` more tokens (`SchedulerView.pages_needed`)."""
@@ -306,17 +308,17 @@ class StepBuilder:
     self.preempted.append(request.request_id)
     self.free_pages += request.num_pages_held
 
-  def schedule_decodes(self, running: Sequence[RequestView] | None = None) -> None:
-    """Gives every decoding request in `running` (priority order; None: the view's, in admission order) its
-    token, preempting from the back of `running` (lowest priority first) when pages run out, as vLLM does.
-    With `view.num_lookahead_tokens`, each scheduled decode also keeps that much of the token budget (at most
-    what it can still generate) unplanned, for speculative guesses; pages are not reserved (guesses only take
-    pages left free)."""
+  def schedule_decodes(self, running: Sequence[RequestView] | None = None, by_priority: bool = False) -> None:
+    """Gives every decoding request in `running` (priority order; None: the view's, in admission order, or with
+    `by_priority` stably sorted by `priority`) its token, preempting from the back of `running` (lowest
+    priority first) when pages run out, as vLLM does. With `view.num_lookahead_tokens`, each scheduled decode
+    also keeps that much of the token budget (at most what it can still generate) unplanned, for speculative
+    guesses; pages are not reserved (guesses only take pages left free)."""
     view, preempted = self.view, self.preempted
     if running is None:
-      if self._place_all_decodes():
+      if self._place_all_decodes(by_priority):
         return
-      running = view.running
+      running = sorted(view.running, key=lambda r: r.priority) if by_priority else view.running
     lookahead = view.num_lookahead_tokens
     for request in running:
       if not request.is_decoding or (preempted and request.request_id in preempted):
@@ -330,25 +332,26 @@ class StepBuilder:
       if self._place(request.request_id, 1, need) and lookahead:
         self.tokens_left -= max(0, min(lookahead, request.max_tokens - request.num_generated - 1, self.tokens_left))
 
-  def _place_all_decodes(self) -> bool:
-    """Places every decode of the view at once (from its columns) if the loop of `schedule_decodes` would place
-    them all without preempting: nothing planned yet, no lookahead, and budget, sequences and pages for all.
-    Returns whether it did."""
+  def _place_all_decodes(self, by_priority: bool) -> bool:
+    """Places every decode of the view at once (from its columns, in `schedule_decodes`' order) if its
+    per-request loop would place them all without preempting: nothing planned yet, no lookahead, and budget,
+    sequences and pages for all. Returns whether it did."""
     decoding, view = self.view.decoding, self.view
-    n = len(decoding.request_ids)
+    ids, n = decoding.request_ids, len(decoding.request_ids)
     if self.chunks or self.preempted or view.num_lookahead_tokens or n > self.tokens_left or n > self.seqs_left:
       return False
     # The loop places request i only if its need fits what the ones before it left: all fit iff their sum does.
     need = sum(decoding.pages_needed(view.page_size, 1))
     if need > self.free_pages:
       return False
+    if by_priority and n and min(decoding.priorities) != max(decoding.priorities):
+      ids = [ids[i] for i in sorted(range(n), key=decoding.priorities.__getitem__)]  # Stable, as `sorted` is.
     self.free_pages -= need
     self.tokens_left -= n
     self.seqs_left -= n
     # `ScheduledChunk(rid, 1)` for each, built without a Python call per request.
-    self.chunks.extend(map(tuple.__new__, itertools.repeat(ScheduledChunk), zip(decoding.request_ids,
-                                                                                 itertools.repeat(1))))
-    self._scheduled.update(decoding.request_ids)
+    self.chunks.extend(map(tuple.__new__, itertools.repeat(ScheduledChunk), zip(ids, itertools.repeat(1))))
+    self._scheduled.update(ids)
     return True
 
   def _free_pages_for_decode(self, request: RequestView, running: Sequence[RequestView]) -> None:

@@ -99,12 +99,13 @@ class SloAware:
 
   def schedule(self, view: SchedulerView) -> Plan:
     step = StepBuilder(view, self.config.max_num_batched_tokens, self.config.max_num_seqs)
-    running = sorted(view.running, key=lambda r: r.priority)  # Stable: arrival order within a class.
-    step.schedule_decodes(running)
-    decoding = {c.request_id for c in step.chunks}
-    decode_kv = [r.num_computed_tokens + 1 for r in view.running if r.request_id in decoding]
+    step.schedule_decodes(by_priority=True)  # Stable: arrival order within a class.
+    decoding = view.decoding
+    decode_kv = [c + 1 for rid, c in zip(decoding.request_ids, decoding.num_computed_tokens) if step.scheduled(rid)]
     prompt_budget = self.prompt_budget(decode_kv, step.tokens_left)
-    partial = sorted((r for r in view.running
+    # Running requests neither scheduled nor preempted: the partly computed prompts, and any decode left out.
+    left_out = any(not step.scheduled(r) and r not in step.preempted for r in decoding.request_ids)
+    partial = sorted((r for r in (view.running if left_out else view.prefilling)
                       if r.request_id not in step.preempted and not step.scheduled(r.request_id)),
                      key=self._priority)
     waiting = sorted(view.waiting, key=self._priority)
@@ -121,7 +122,9 @@ class SloAware:
         if not step.add(request, n):
           break
         prompt_budget -= n
-    step.ensure_progress(running, max(1, self.prompt_budget([], self.config.max_num_batched_tokens)))
+    if not step.chunks:
+      step.ensure_progress(sorted(view.running, key=lambda r: r.priority),
+                           max(1, self.prompt_budget([], self.config.max_num_batched_tokens)))
     return step.plan()
 
   def _reject(self, view: SchedulerView, partial: list[RequestView], waiting: list[RequestView],

@@ -159,19 +159,22 @@ def test_decodes_never_starved(policy):
 
 def test_decodes_placed_at_once_leave_the_step_as_the_loop_does():
   """`schedule_decodes()` places every decode from the view's columns at once when the per-request loop would
-  preempt nothing; either way the step must end as the loop leaves it: chunks, preemptions, pages, budget."""
+  preempt nothing; either way the step must end as the loop leaves it (in admission order, or stably by
+  priority): chunks in order, preemptions, pages, budget."""
   rng = random.Random(5)
   at_once = looped = 0
   for _ in range(NUM_VIEWS):
-    view = dataclasses.replace(_random_view(rng), num_lookahead_tokens=rng.choice([0, 0, 0, 2]))
-    budget, seqs = rng.choice([1, 3, 8, 512]), rng.randint(1, 12)
+    view = _random_view(rng)
+    running = tuple(r._replace(priority=rng.choice([0, 0, 1])) for r in view.running)
+    view = dataclasses.replace(view, running=running, num_lookahead_tokens=rng.choice([0, 0, 0, 2]))
+    budget, seqs, by_priority = rng.choice([1, 3, 8, 512]), rng.randint(1, 12), rng.random() < 0.5
     fast, loop = StepBuilder(view, budget, seqs), StepBuilder(view, budget, seqs)
-    fast.schedule_decodes()
-    loop.schedule_decodes(view.running)
+    fast.schedule_decodes(by_priority=by_priority)
+    loop.schedule_decodes(sorted(running, key=lambda r: r.priority) if by_priority else running)
     assert ((fast.chunks, fast.preempted, fast.free_pages, fast.tokens_left, fast.seqs_left)
             == (loop.chunks, loop.preempted, loop.free_pages, loop.tokens_left, loop.seqs_left)), view
     if view.decoding.request_ids:
-      placed = StepBuilder(view, budget, seqs)._place_all_decodes()  # pylint: disable=protected-access
+      placed = StepBuilder(view, budget, seqs)._place_all_decodes(by_priority)  # pylint: disable=protected-access
       at_once += placed
       looped += not placed
   assert at_once > NUM_VIEWS // 8 and looped > NUM_VIEWS // 8, (at_once, looped)
