@@ -72,8 +72,9 @@ class Fair:
     step = StepBuilder(view, self.config.max_num_batched_tokens, self.config.max_num_seqs)
     running = sorted(view.running, key=lambda r: r.priority)  # Stable: arrival order within a class.
     step.schedule_decodes(running)
+    by_id = {r.request_id: r for r in view.running}
     for chunk in step.chunks:
-      self._charge(next(r for r in view.running if r.request_id == chunk.request_id), chunk.num_tokens)
+      self._charge(by_id[chunk.request_id], chunk.num_tokens)
     limit = self.config.chunk_size or self.config.max_num_batched_tokens
     candidates = [r for r in view.running if r.request_id not in step.preempted and not step.scheduled(r.request_id)]
     if not step.preempted:  # Admitting new work while evicting old would only thrash.
