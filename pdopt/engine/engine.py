@@ -204,22 +204,29 @@ class Engine(Handoffs):
 
   def _view(self, now: float, ahead: int = 0) -> SchedulerView:
     """What the policy sees; `ahead` > 0 shows running requests as they will be after that many more decode
-    tokens (the steps in flight). The running requests' views are built only if the policy reads them: most
-    are decodes, which the policies take from the view's columns."""
+    tokens (the steps in flight). The decoding requests come as columns, and their views are built only if the
+    policy reads `running` (most steps are planned from the columns), from the columns' values."""
     bm, requests, views = self.block_manager, self.requests, self._waiting_views
     held = bm.num_pages_held
     running = [requests[r] for r in self.running]
-    decoding, prefilling = [], []
+    decoding, prefilling, decodes = [], [], []
     for req in running:  # `Request.is_decoding` inlined (each is RUNNING): this runs for every request every step.
       n = len(req.all_token_ids)
-      (decoding if req.num_computed_tokens == n - 1 and n > len(req.prompt_token_ids) else prefilling).append(req)
+      d = req.num_computed_tokens == n - 1 and n > len(req.prompt_token_ids)
+      decodes.append(d)
+      (decoding if d else prefilling).append(req)
     ids = [r.request_id for r in decoding]
+    columns = Decoding(ids, [r.num_computed_tokens + ahead for r in decoding], bm.pages_held(ids),
+                       [r.priority for r in decoding])
+    others = tuple([r.view(held(r.request_id), ahead) for r in prefilling])
+
+    def build() -> tuple[RequestView, ...]:  # In admission order.
+      decode_views = map(Request.decode_view, decoding, columns.num_computed_tokens, columns.num_pages_held)
+      other_views = iter(others)
+      return tuple([next(decode_views) if d else next(other_views) for d in decodes])
+
     return SchedulerView(
-        now=now,
-        running=RunningViews(lambda: tuple([r.view(held(r.request_id), ahead) for r in running]),
-                             Decoding(ids, [r.num_computed_tokens + ahead for r in decoding], bm.pages_held(ids),
-                                      [r.priority for r in decoding]),
-                             tuple([r.view(held(r.request_id), ahead) for r in prefilling])),
+        now=now, running=RunningViews(build, columns, others),
         waiting=tuple([views.get(r) or views.setdefault(r, requests[r].view()) for r in self.waiting]),
         free_pages=bm.num_free_pages, page_size=self.config.page_size, num_pages=self.config.num_pages,
         num_lookahead_tokens=self.executor.num_lookahead_tokens)

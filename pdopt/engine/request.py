@@ -169,6 +169,15 @@ class Request:
                        num_tokens - prompt_len + ahead, self.sampling.max_tokens, running, self.first_token_time,
                        self.priority, self.client)
 
+  def decode_view(self, num_computed_tokens: int, num_pages_held: int) -> RequestView:
+    """`view` of the request while it decodes, shown with `num_computed_tokens` computed tokens (its next token
+    the one after them) and `num_pages_held` pages: from these and the fields that no longer change once it
+    decodes (its first token came out), so the view stays what it was when the values were read."""
+    prompt_len = len(self.prompt_token_ids)
+    return RequestView(self.request_id, self.arrival_time, prompt_len, num_computed_tokens + 1, num_computed_tokens,
+                       num_pages_held, num_computed_tokens + 1 - prompt_len, self.sampling.max_tokens, True,
+                       self.first_token_time, self.priority, self.client)
+
   def stop(self, tokens: Sequence[int], eos: frozenset[int], max_model_len: int) -> tuple[int, str | None]:
     """Where the request ends among `tokens`, its next output tokens: (index of the last token it keeps, why)
     or (-1, None) if it goes on. Reasons: "stop" (a stop token), "eos" (one of `eos`, unless ignored),

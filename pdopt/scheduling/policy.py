@@ -97,11 +97,9 @@ class Decoding(NamedTuple):
 class RunningViews(collections.abc.Sequence):
   """The engine's running requests for a `SchedulerView`: their views, built on first use, and the columns of
   their decodes with the views of the others, built at once (the policies plan most steps from these alone).
-  The views are taken from the engine's requests when first read, so they show the snapshot only while the
-  engine waits for the plan: a policy reads them in `schedule`, not later.
 
   Args:
-    build: returns the views, in admission order.
+    build: returns the views, in admission order, as they were when the view was made (however late it runs).
     decoding: the decoding requests (`Decoding`).
     prefilling: the other views, in order.
   """
@@ -136,7 +134,7 @@ class SchedulerView:
   Attributes:
     now: the engine clock (seconds).
     running: admitted requests in admission order (oldest first): any sequence; the engine's are
-      `RunningViews` (read them during `schedule`).
+      `RunningViews`.
     waiting: requests waiting for admission in queue order (preempted ones first, then by arrival).
     free_pages: pages allocatable now (free plus evictable prefix-cache pages).
     page_size: tokens per page.

@@ -62,28 +62,37 @@ def test_blocks_of_steps_change_nothing(policy):
 
 
 @pytest.mark.parametrize("policy", sorted(pdopt.scheduling.POLICIES))
-def test_the_engines_columns_are_its_running_views(policy):
-  """The engine gives policies its decoding requests as columns and the others as views, built apart from the
-  running requests' views (built only when read): at every decision, under preemption, they must agree."""
+def test_the_engines_view_is_a_snapshot_of_its_running_requests(policy):
+  """The engine gives policies its decoding requests as columns and the others as views, and builds the views of
+  all running requests only when read: at every decision, under preemption, they must be the requests' own
+  views (`Request.view`) at that moment, also when read after the engine has moved on."""
   workload = _workload(num_requests=30, rate=60.0)
   clock = sim.VirtualClock()
   engine = sim.simulated_engine(MODEL, pdopt.EngineConfig(policy=policy, **{**CONFIG, "num_pages": 24}), _cost(),
                                 clock, arrivals=[r.arrival_time for r in workload])
-  views = []
+  kept, mixed = [], 0
 
   def checked(schedule):
     def wrapped(view):
-      running = tuple(view.running)
-      assert len(view.running) == len(running)
-      assert view.decoding == Decoding.of(running)
-      assert view.prefilling == tuple(r for r in running if not r.is_decoding)
-      views.append(bool(view.decoding.request_ids) and bool(view.prefilling))
+      nonlocal mixed
+      in_flight = engine.executor.in_flight
+      ahead = in_flight.num_steps if in_flight is not None else 0
+      want = tuple(engine.requests[rid].view(engine.block_manager.num_pages_held(rid), ahead)
+                   for rid in engine.running)
+      if len(kept) % 2:  # Every other view is first read after the run.
+        assert tuple(view.running) == want
+      kept.append((view, want))
+      assert view.decoding == Decoding.of(want)
+      assert view.prefilling == tuple(r for r in want if not r.is_decoding)
+      assert len(view.running) == len(want)
+      mixed += bool(view.decoding.request_ids) and bool(view.prefilling)
       return schedule(view)
     return wrapped
 
   engine.policy.schedule = checked(engine.policy.schedule)
   result = benchmark.replay(engine, workload, progress=False)
-  assert sum(views) > 5 and result.num_preemptions > 0, (sum(views), result.num_preemptions)
+  assert all(tuple(view.running) == want for view, want in kept)
+  assert mixed > 5 and result.num_preemptions > 0, (mixed, result.num_preemptions)
 
 
 def test_same_seed_same_result():
