@@ -24,14 +24,17 @@ PARAMS = pdopt.SamplingParams(max_tokens=10, ignore_eos=True)
 
 
 def _children() -> list[int]:
-  """Live processes whose parent is this one."""
+  """Live processes whose parent is this one, but for Python's multiprocessing resource tracker (started once
+  per process by whichever test first used a process pool, here or in another test module, and alive as long as
+  the process)."""
   out = []
   for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
     try:
       fields = stat.read_text().rsplit(")", 1)[1].split()
+      cmdline = (stat.parent / "cmdline").read_bytes()
     except OSError:
       continue
-    if int(fields[1]) == os.getpid() and fields[0] != "Z":
+    if int(fields[1]) == os.getpid() and fields[0] != "Z" and b"multiprocessing.resource_tracker" not in cmdline:
       out.append(int(stat.parent.name))
   return out
 
