@@ -13,6 +13,7 @@ import numpy as np
 
 from pdopt.metrics import RequestRecord
 from pdopt.scheduling import RequestView, is_decoding
+from pdopt.workloads.prompts import TokenIds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,8 +243,13 @@ class RequestOutput:
 def validate_prompt(prompt_token_ids: Sequence[int], vocab_size: int) -> tuple[int, ...]:
   """Returns the prompt as a tuple of ints, or raises ValueError naming the bad value.
 
-  Token ids must be integers (Python or NumPy, not bools or floats) in [0, vocab_size).
+  Token ids must be integers (Python or NumPy, not bools or floats) in [0, vocab_size). `TokenIds` drawn below
+  a bound within the vocabulary are not read again.
   """
+  if type(prompt_token_ids) is TokenIds and prompt_token_ids.bound <= vocab_size:  # pylint: disable=unidiomatic-typecheck
+    if not prompt_token_ids:
+      raise ValueError("prompt_token_ids is empty: a prompt needs at least one token")
+    return prompt_token_ids
   if isinstance(prompt_token_ids, np.ndarray):
     if prompt_token_ids.ndim != 1 or prompt_token_ids.dtype.kind not in "iu":
       raise ValueError(f"prompt_token_ids must be a 1-D array of integers, got dtype {prompt_token_ids.dtype} "

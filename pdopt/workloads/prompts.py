@@ -5,9 +5,15 @@ The traces hold lengths, not text, so prompts are random ids in [low, vocab_size
 the seed) begins with one of `num_shared_prefixes` fixed prefixes of `shared_prefix_len` tokens, which gives
 a prefix cache something to hit. Lengths never change: the prefix overwrites the first tokens (a prompt
 shorter than the prefix is the prefix cut to its length).
+
+The prompts come as `TokenIds`: tuples that carry the bound their ids were drawn below, so that the engine
+checks a prompt against its vocabulary once per prompt, not once per token each time it is submitted (a
+search submits the same prompts to every simulation).
 """
 
 from __future__ import annotations
+
+from typing import Iterable
 
 import numpy as np
 
@@ -16,9 +22,37 @@ _TOKEN_STREAM = 0
 _PREFIX_STREAM = 1
 
 
+class TokenIds(tuple):
+  """Token ids known to be Python ints in [0, `bound`) (checked when built), as `materialize_prompts` makes
+  them; the engine's prompt check then compares `bound` with its vocabulary instead of reading every id.
+
+  Raises:
+    ValueError: an id that is not an int (bools and NumPy integers included) or lies outside [0, bound).
+  """
+
+  bound: int
+
+  def __new__(cls, ids: Iterable[int], bound: int) -> TokenIds:
+    ids = tuple(ids)
+    bad = next((t for t in ids if type(t) is not int or not 0 <= t < bound), None)  # pylint: disable=unidiomatic-typecheck
+    if bad is not None:
+      raise ValueError(f"token id {bad!r} is not an int in [0, {bound})")
+    return _trusted(ids, bound)
+
+  def __reduce__(self):
+    return _trusted, (tuple(self), self.bound)
+
+
+def _trusted(ids: Iterable[int], bound: int) -> TokenIds:
+  """`TokenIds` of ids already known to be ints in [0, bound)."""
+  token_ids = tuple.__new__(TokenIds, ids)
+  token_ids.bound = bound
+  return token_ids
+
+
 def materialize_prompts(prompt_lens: np.ndarray, vocab_size: int, seed: int = 0, low: int = 0,
                         shared_prefix_fraction: float = 0.0, num_shared_prefixes: int = 1,
-                        shared_prefix_len: int = 0) -> list[tuple[int, ...]]:
+                        shared_prefix_len: int = 0) -> list[TokenIds]:
   """Makes one prompt per length, deterministically from the seed.
 
   Args:
@@ -32,7 +66,8 @@ def materialize_prompts(prompt_lens: np.ndarray, vocab_size: int, seed: int = 0,
     shared_prefix_len: tokens per shared prefix (>= 0; 0 disables sharing).
 
   Returns:
-    N tuples of Python ints (all tuples share the int objects, which keeps long traces small in memory).
+    N `TokenIds` (tuples of Python ints below `vocab_size`; all share the int objects, which keeps long traces
+    small in memory).
 
   Raises:
     ValueError: a bad id range, fraction, count or length, named.
@@ -65,4 +100,4 @@ def materialize_prompts(prompt_lens: np.ndarray, vocab_size: int, seed: int = 0,
   table = np.empty((vocab_size,), dtype=object)
   table[:] = range(vocab_size)
   objs = table[ids]
-  return [tuple(objs[offsets[i]:offsets[i + 1]]) for i in range(len(lens))]
+  return [_trusted(objs[offsets[i]:offsets[i + 1]], vocab_size) for i in range(len(lens))]

@@ -8,6 +8,7 @@ import pytest
 import pdopt
 from pdopt.engine.request import RequestStatus
 from pdopt.engine.speculative import SpeculativeConfig
+from pdopt.workloads import TokenIds
 
 VOCAB = 512
 
@@ -200,6 +201,8 @@ def test_top_k_one_is_greedy(model):
     ([1, -1], {}, "-1"),
     ([1, 2.5], {}, "2.5"),
     ([1, True], {}, "True"),
+    (TokenIds([], 10), {}, "empty"),
+    (TokenIds([1, 600], 1000), {}, "600"),  # Drawn below a bound past the vocabulary: checked id by id.
     ("abc", {}, "sequence of integer"),
     ([1] * 250, dict(max_tokens=10), "max_model_len"),
     ([1], dict(max_tokens=0), "max_tokens"),
@@ -223,6 +226,13 @@ def test_bad_input_is_named_and_others_keep_serving(model, prompt, params, match
   assert engine.requests[good].output_token_ids == _alone(model, [7, 8, 9], 3)
   assert len(engine.requests) == 1
   engine.check_no_leaks()
+
+
+def test_token_ids_within_the_vocabulary_are_served_as_lists_are(model):
+  prompt = TokenIds([7, 8, 9], model.config.vocab_size)
+  engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=32, max_model_len=256))
+  out = engine.generate([prompt], pdopt.SamplingParams(max_tokens=3, ignore_eos=True))
+  assert out[0].token_ids == _alone(model, [7, 8, 9], 3)
 
 
 def test_request_that_can_never_fit_is_refused_with_a_reason(model):

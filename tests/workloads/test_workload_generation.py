@@ -1,5 +1,8 @@
 """Arrival processes, synthetic lengths, clamping and prompt materialization."""
 
+import pickle
+import re
+
 import numpy as np
 import pytest
 
@@ -96,6 +99,17 @@ def test_prompt_ids_deterministic_by_seed():
   assert all(type(t) is int for t in a.requests[0].prompt_token_ids)
   with pytest.raises(ValueError, match="low_token_id=100"):
     _synthetic(low_token_id=100)
+
+
+def test_prompts_carry_the_bound_they_were_drawn_below():
+  prompt = _synthetic().requests[0].prompt_token_ids
+  assert type(prompt) is workloads.TokenIds and prompt.bound == 100
+  again = pickle.loads(pickle.dumps(prompt))
+  assert type(again) is workloads.TokenIds and again.bound == 100 and again == prompt
+  assert workloads.TokenIds([0, 4], 5) == (0, 4)
+  for bad in ([1, 5], [-1], [1, True], [np.int64(2)], [2.0]):  # Out of range, or not a plain int.
+    with pytest.raises(ValueError, match=re.escape(f"token id {bad[-1]!r} is not an int in [0, 5)")):
+      workloads.TokenIds(bad, 5)
 
 
 def test_shared_prefixes():
