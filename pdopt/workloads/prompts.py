@@ -39,6 +39,9 @@ class TokenIds(tuple):
       raise ValueError(f"token id {bad!r} is not an int in [0, {bound})")
     return _trusted(ids, bound)
 
+  def __setattr__(self, name: str, value) -> None:
+    raise AttributeError(f"TokenIds are immutable: cannot set {name!r}")
+
   def __reduce__(self):
     return _trusted, (tuple(self), self.bound)
 
@@ -46,7 +49,7 @@ class TokenIds(tuple):
 def _trusted(ids: Iterable[int], bound: int) -> TokenIds:
   """`TokenIds` of ids already known to be ints in [0, bound)."""
   token_ids = tuple.__new__(TokenIds, ids)
-  token_ids.bound = bound
+  object.__setattr__(token_ids, "bound", bound)
   return token_ids
 
 

@@ -107,6 +107,8 @@ def test_prompts_carry_the_bound_they_were_drawn_below():
   again = pickle.loads(pickle.dumps(prompt))
   assert type(again) is workloads.TokenIds and again.bound == 100 and again == prompt
   assert workloads.TokenIds([0, 4], 5) == (0, 4)
+  with pytest.raises(AttributeError, match="immutable"):
+    prompt.bound = 10**6  # A wider bound would let ids past a vocabulary through unchecked.
   for bad in ([1, 5], [-1], [1, True], [np.int64(2)], [2.0]):  # Out of range, or not a plain int.
     with pytest.raises(ValueError, match=re.escape(f"token id {bad[-1]!r} is not an int in [0, 5)")):
       workloads.TokenIds(bad, 5)
