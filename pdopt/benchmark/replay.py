@@ -5,7 +5,7 @@ The replay owns the arrival schedule; the engine owns everything else:
 * Time starts when `replay` is called (`start = engine.clock()`). A request whose trace time is `t` is
   submitted once the engine clock passes `start + t`, with `arrival_time=start + t`, so the time it spends
   queued behind a busy engine counts in its TTFT even though it was handed over late.
-* While the engine has work it steps back to back, as fast as it can (one `step()` per loop turn, new
+* While the engine has work it steps back to back, as fast as it can (one `advance()` per loop turn, new
   arrivals submitted between steps). When it is idle and the next arrival is in the future, the replay
   sleeps until then, on the real clock or on a `VirtualClock` (tests).
 * Every workload request ends exactly once in `ReplayResult.records`, in workload order: the engine's
@@ -131,9 +131,9 @@ def replay(engine: Engine, workload: Workload, *, progress: bool = True, desc: s
         next_index = len(requests)
         break
       if engine.has_unfinished():
-        for out in engine.step():
-          if out.finished:
-            ended(out.request_id)
+        for req in engine.advance():  # The engine's own requests (no outputs built: only their ends count here).
+          if req.status.done:
+            ended(req.request_id)
       elif next_index < len(requests):
         wait = start + requests[next_index].arrival_time - clock()
         if wait > 0:
