@@ -84,9 +84,10 @@ class Engine(Handoffs):
     self._seed_rng = np.random.default_rng(config.seed)
     self.requests: dict[str, Request] = {}
     self.waiting: collections.deque[str] = collections.deque()
-    # The policy's views of waiting requests, built once per stay in the queue: nothing a view shows changes
-    # while a request waits, and under overload the queue is long.
-    self._waiting_views: dict[str, RequestView] = {}
+    # The policy's views of the waiting requests, in the queue's order, built as each enters the queue: nothing
+    # a view shows changes while a request waits, and under overload the queue is long (the view of a step
+    # copies this deque instead of reading every waiting request).
+    self._waiting_views: collections.deque[RequestView] = collections.deque()
     self.running: list[str] = []
     self.num_steps = self.num_preemptions = 0
     self._handoffs: list[Request] = []
@@ -119,9 +120,11 @@ class Engine(Handoffs):
     if rid in self.requests:
       raise ValueError(f"request_id {rid!r} is already in use")
     seed = params.seed if params.seed is not None else int(self._seed_rng.integers(0, 2**32))
-    self.requests[rid] = Request(rid, prompt, params, seed, self.clock() if arrival_time is None else arrival_time,
-                                 checked_int("priority", priority, low=0), str(client))
+    req = self.requests[rid] = Request(rid, prompt, params, seed,
+                                       self.clock() if arrival_time is None else arrival_time,
+                                       checked_int("priority", priority, low=0), str(client))
     self.waiting.append(rid)
+    self._waiting_views.append(req.view())
     return rid
 
   def abort(self, request_id: str) -> bool:
@@ -193,8 +196,11 @@ class Engine(Handoffs):
     return [r.to_record() for r in self.requests.values() if r.status.done]
 
   def check_no_leaks(self) -> None:
-    """Raises if a request that has ended still holds pages or the allocator is inconsistent."""
+    """Raises if a request that has ended still holds pages, the allocator is inconsistent, or the waiting views
+    are not those of the waiting queue."""
     self.block_manager.check_invariants()
+    if [v.request_id for v in self._waiting_views] != list(self.waiting):
+      raise AssertionError("the waiting views are not those of the waiting queue, in its order")
     idle = not self.has_unfinished()
     if idle:
       self.block_manager.assert_no_leaks()
@@ -206,7 +212,7 @@ class Engine(Handoffs):
     """What the policy sees; `ahead` > 0 shows running requests as they will be after that many more decode
     tokens (the steps in flight). The decoding requests come as columns, and their views are built only if the
     policy reads `running` (most steps are planned from the columns), from the columns' values."""
-    bm, requests, views = self.block_manager, self.requests, self._waiting_views
+    bm, requests = self.block_manager, self.requests
     held = bm.num_pages_held
     running = [requests[r] for r in self.running]
     decoding, prefilling, decodes = [], [], []
@@ -227,7 +233,7 @@ class Engine(Handoffs):
 
     return SchedulerView(
         now=now, running=RunningViews(build, columns, others),
-        waiting=tuple([views.get(r) or views.setdefault(r, requests[r].view()) for r in self.waiting]),
+        waiting=tuple(self._waiting_views),
         free_pages=bm.num_free_pages, page_size=self.config.page_size, num_pages=self.config.num_pages,
         num_lookahead_tokens=self.executor.num_lookahead_tokens)
 
@@ -326,6 +332,7 @@ class Engine(Handoffs):
       req.num_preemptions += 1
       self.num_preemptions += 1
       self.waiting.appendleft(req.request_id)
+      self._waiting_views.appendleft(req.view())
 
   def _end(self, req: Request, status: RequestStatus, now: float, reason: str) -> None:
     self._release(req)
@@ -342,8 +349,9 @@ class Engine(Handoffs):
 
   def _leave_waiting(self, request_id: str) -> None:
     """Takes the request out of the waiting queue, and its view with it (it may come back changed)."""
-    self.waiting.remove(request_id)
-    self._waiting_views.pop(request_id, None)
+    i = self.waiting.index(request_id)
+    del self.waiting[i]
+    del self._waiting_views[i]
 
   def _apply(self, outcome: StepOutcome, touched: dict[str, Request]) -> None:
     """Per work item of the outcome's plan: its tokens now in the KV cache and the tokens it emits. A request
