@@ -24,7 +24,7 @@ written again.
 
 Life of a request, as the engine drives it::
 
-  cached = bm.match_prefix(rid, prompt)        # on (re)scheduling, no pages yet
+  cached = bm.match_prefix(rid, prompt, keys)  # on (re)scheduling, no pages yet
   if not bm.allocate(rid, cached + chunk): ... # pages for the tokens to compute
   ... run the step ...
   bm.commit(rid, all_token_ids, num_computed)  # register newly full pages
@@ -36,6 +36,9 @@ first, so the tail of a sequence (least likely to be shared) is evicted before
 its head.
 
 All operations are O(1) per page touched; `match_prefix` is O(matched pages).
+A caller that already has the keys of a sequence's first pages (a prompt submitted
+again: `page_keys` of it does not change) hands them to `match_prefix` or `commit`,
+and those pages are not hashed again.
 """
 
 from __future__ import annotations
@@ -152,6 +155,8 @@ class _RequestPages:
 
   pages: list[int] = dataclasses.field(default_factory=list)
   keys: list[bytes] = dataclasses.field(default_factory=list)
+  # Keys of the sequence's first pages that the caller had (`match_prefix` and `commit`'s `keys`).
+  known: Sequence[bytes] = ()
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -289,7 +294,7 @@ class BlockManager:
 
   # --------------------------------------------------------------- mutations
 
-  def match_prefix(self, request_id: str, token_ids: Sequence[int]) -> int:
+  def match_prefix(self, request_id: str, token_ids: Sequence[int], keys: Sequence[bytes] = ()) -> int:
     """Starts a request's page table with the longest run of cached pages.
 
     Called when a request that holds no pages is first scheduled or
@@ -300,6 +305,9 @@ class BlockManager:
     Args:
       request_id: the request; must hold no pages.
       token_ids: its full known token ids (prompt + generated so far).
+      keys: `page_keys(None, token_ids[:n * page_size], page_size)` for some n, if the caller has them
+        (a prompt's keys, kept with it): matching and later commits read them instead of hashing those
+        pages.
 
     Returns:
       Number of cached tokens, a multiple of page_size, at most
@@ -318,11 +326,12 @@ class BlockManager:
     self._prefix_queries += len(token_ids)
     if not self._enable_prefix_caching:
       return 0
+    req.known = keys
     ps = self._page_size
     max_pages = max(0, (len(token_ids) - 1) // ps)
     prev = _ROOT_KEY
     for i in range(max_pages):
-      key = page_key(prev, token_ids[i * ps:(i + 1) * ps])
+      key = keys[i] if i < len(keys) else page_key(prev, token_ids[i * ps:(i + 1) * ps])
       page = self._key_to_page.get(key)
       if page is None:
         break
@@ -372,8 +381,8 @@ class BlockManager:
       req.pages.append(page)
     return True
 
-  def commit(self, request_id: str, token_ids: Sequence[int],
-             num_computed_tokens: int) -> None:
+  def commit(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int,
+             keys: Sequence[bytes] = ()) -> None:
     """Registers the request's newly full pages in the prefix cache.
 
     Call after a step computed KV for the first num_computed_tokens tokens.
@@ -385,6 +394,8 @@ class BlockManager:
       token_ids: its token ids from the start (prompt + generated so far);
         at least num_computed_tokens of them.
       num_computed_tokens: tokens whose KV is now in the request's pages.
+      keys: the keys of the sequence's first pages, as for `match_prefix` (this and later commits read
+        them instead of hashing those pages).
 
     Raises:
       KeyError: unknown request.
@@ -397,17 +408,23 @@ class BlockManager:
     if not 0 <= num_computed_tokens <= len(token_ids) or num_computed_tokens > len(req.pages) * ps:
       raise ValueError(f"commit: num_computed_tokens={num_computed_tokens} outside [0, min(len(token_ids)="
                        f"{len(token_ids)}, the {len(req.pages)} pages of {request_id!r} x {ps})]")
+    if keys and self._enable_prefix_caching:
+      req.known = keys
     num_full = num_computed_tokens // ps
     if num_full <= len(req.keys) or not self._enable_prefix_caching:  # Most steps fill no page.
       return
-    first = len(req.keys)
-    for i, key in enumerate(page_keys(req.keys[-1] if req.keys else _ROOT_KEY,
-                                      token_ids[first * ps:num_full * ps], ps), first):
-      req.keys.append(key)
-      page = req.pages[i]
-      if key not in self._key_to_page:
-        self._key_to_page[key] = page
-        self._page_to_key[page] = key
+    first, known = len(req.keys), req.known
+    new = list(known[first:num_full])
+    hashed = first + len(new)  # Pages from here on are hashed, chained to the key before them.
+    if hashed < num_full:
+      prev = new[-1] if new else req.keys[-1] if req.keys else _ROOT_KEY
+      new += page_keys(prev, token_ids[hashed * ps:num_full * ps], ps)
+    key_to_page, page_to_key = self._key_to_page, self._page_to_key
+    for key, page in zip(new, req.pages[first:num_full]):
+      if key not in key_to_page:
+        key_to_page[key] = page
+        page_to_key[page] = key
+    req.keys += new
 
   def free(self, request_id: str) -> None:
     """Drops all of the request's references (finish, abort, preemption).
@@ -452,6 +469,8 @@ class BlockManager:
     keep_pages = -(-num_tokens // ps)
     keep_keys = num_tokens // ps
     if keep_pages >= len(req.pages) and keep_keys >= len(req.keys):
+      if len(req.known) > keep_keys:  # The tokens after the cut may change.
+        req.known = req.known[:keep_keys]
       return
     if keep_keys < keep_pages:  # the last kept page becomes partial
       page = req.pages[keep_pages - 1]
@@ -467,6 +486,7 @@ class BlockManager:
       self._release(page)
     del req.pages[keep_pages:]
     del req.keys[keep_keys:]
+    req.known = req.known[:keep_keys]
 
   def reset_prefix_cache(self) -> int:
     """Invalidates the prefix cache (for example after new weights).

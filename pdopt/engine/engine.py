@@ -265,7 +265,8 @@ class Engine(Handoffs):
       if status.done:
         continue
       if req.swapped is None:  # Admitting: the longest cached prefix first.
-        req.num_computed_tokens = bm.match_prefix(rid, req.all_token_ids)
+        keys = req.prompt_keys(bm.page_size) if bm.enable_prefix_caching else ()
+        req.num_computed_tokens = bm.match_prefix(rid, req.all_token_ids, keys)
         req.num_cached_tokens = req.num_computed_tokens
       n = min(num_tokens, len(req.all_token_ids) - req.num_computed_tokens)
       if n < 1 or not bm.allocate(rid, req.num_computed_tokens + n):

@@ -34,5 +34,7 @@ class Handoffs:
     request.status = RequestStatus.RUNNING
     self.requests[rid] = request
     self.running.append(rid)
-    self.block_manager.commit(rid, request.all_token_ids, request.num_computed_tokens)
+    bm = self.block_manager
+    bm.commit(rid, request.all_token_ids, request.num_computed_tokens,
+              request.prompt_keys(bm.page_size) if bm.enable_prefix_caching else ())
     return True

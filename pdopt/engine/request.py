@@ -11,6 +11,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from pdopt.cache.block_manager import page_keys
 from pdopt.metrics import RequestRecord
 from pdopt.scheduling import RequestView, is_decoding
 from pdopt.workloads.prompts import TokenIds
@@ -152,6 +153,15 @@ class Request:
     num_tokens = len(self.all_token_ids)
     return is_decoding(self.status is RequestStatus.RUNNING, num_tokens, self.num_computed_tokens,
                        num_tokens - len(self.prompt_token_ids))
+
+  def prompt_keys(self, page_size: int) -> Sequence[bytes]:
+    """The prefix-cache keys of the prompt's full pages (`block_manager.page_keys`); a `TokenIds` prompt keeps
+    them, so a prompt submitted again (a search's simulations, a request handed to another instance) is not
+    hashed again."""
+    prompt = self.prompt_token_ids
+    if type(prompt) is TokenIds:  # pylint: disable=unidiomatic-typecheck
+      return prompt.derived(("page_keys", page_size), functools.partial(page_keys, None, page_size=page_size))
+    return page_keys(None, prompt, page_size)
 
   @property
   def num_pending_tokens(self) -> int:

@@ -268,8 +268,16 @@ def start_guess(candidate: Candidate, candidates: Sequence[Candidate], scores: d
   return g_a or g_ref or None
 
 
-def _exit_with_parent(parent: int) -> None:
-  """In a worker: ends the process once `parent` is gone (killed, say), so no worker outlives its search."""
+# A worker process's problem, sent once when it starts (`_start_worker`) rather than with every candidate: the
+# workload's prompts are most of it, and its prompts keep their prefix-cache keys from one candidate to the next.
+_worker_problem: Problem | None = None
+
+
+def _start_worker(parent: int, problem: Problem) -> None:
+  """In a worker: keeps `problem`, and ends the process once `parent` is gone (killed, say), so no worker
+  outlives its search."""
+  global _worker_problem  # pylint: disable=global-statement
+  _worker_problem = problem
 
   def watch() -> None:
     while os.getppid() == parent:
@@ -277,6 +285,10 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)  # pylint: disable=protected-access
 
   threading.Thread(target=watch, daemon=True).start()
+
+
+def _evaluate_in_worker(candidate: Candidate, guess: float | None) -> dict[str, Any]:
+  return evaluate(_worker_problem, candidate, guess)
 
 
 def search(problem: Problem, candidates: Sequence[Candidate], results_file: pathlib.Path, workers: int = 2,
@@ -323,15 +335,15 @@ def search(problem: Problem, candidates: Sequence[Candidate], results_file: path
       return
     # Fresh interpreters: forking a process that runs JAX's threads could deadlock.
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
-      running = {pool.submit(evaluate, problem, c, guess(c)): c for c in ready}
+                                                initializer=_start_worker, initargs=(os.getpid(), problem)) as pool:
+      running = {pool.submit(_evaluate_in_worker, c, guess(c)): c for c in ready}
       while running:
         finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
         for future in finished:
           c = running.pop(future)
           entry = future.result()
           done[c.label] = entry
-          running.update({pool.submit(evaluate, problem, d, guess(d)): d for d in unblocked(c.label)})
+          running.update({pool.submit(_evaluate_in_worker, d, guess(d)): d for d in unblocked(c.label)})
           yield entry
 
   with results_file.open("a", encoding="utf-8") as out:

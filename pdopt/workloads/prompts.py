@@ -13,9 +13,11 @@ search submits the same prompts to every simulation).
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Callable, Hashable, Iterable, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 # Independent streams of one seed, so that e.g. adding shared prefixes leaves the other ids unchanged.
 _TOKEN_STREAM = 0
@@ -42,6 +44,14 @@ class TokenIds(tuple):
   def __setattr__(self, name: str, value) -> None:
     raise AttributeError(f"TokenIds are immutable: cannot set {name!r}")
 
+  def derived(self, key: Hashable, compute: Callable[[TokenIds], T]) -> T:
+    """`compute(self)`, computed once per `key` and kept with these ids (which never change): the engine keys
+    a prompt's pages for its prefix cache once, however often the prompt is submitted. Not pickled."""
+    memo: dict[Hashable, Any] = self._derived
+    if key not in memo:
+      memo[key] = compute(self)
+    return memo[key]
+
   def __reduce__(self):
     return _trusted, (tuple(self), self.bound)
 
@@ -50,6 +60,7 @@ def _trusted(ids: Iterable[int], bound: int) -> TokenIds:
   """`TokenIds` of ids already known to be ints in [0, bound)."""
   token_ids = tuple.__new__(TokenIds, ids)
   object.__setattr__(token_ids, "bound", bound)
+  object.__setattr__(token_ids, "_derived", {})
   return token_ids
 
 

@@ -1,12 +1,14 @@
 """Tests for the host-side KV page allocator (pdopt/cache/block_manager.py)."""
 
 import random
+import re
 
 import pytest
 
 from pdopt.cache.block_manager import BlockManager
 from pdopt.cache.block_manager import BlockStats
 from pdopt.cache.block_manager import page_key
+from pdopt.cache.block_manager import page_keys
 
 
 def _run_prompt(bm, rid, tokens):
@@ -399,6 +401,52 @@ class _Req:
     self.running = False
 
 
+class _Twins:
+  """Two managers driven alike: `match_prefix` and `commit` hand the first one the keys of a random number of
+  the sequence's first full pages (as a caller that kept a prompt's keys does) and the second none. Every answer
+  must agree, and `check` compares their page tables, key chains and cache maps."""
+
+  def __init__(self, rng: random.Random, **kwargs):
+    self.rng, self.keyed, self.hashing = rng, BlockManager(**kwargs), BlockManager(**kwargs)
+
+  def _keys(self, tokens):
+    ps = self.keyed.page_size
+    return page_keys(None, tokens[:self.rng.randint(0, len(tokens) // ps) * ps], ps)
+
+  def match_prefix(self, rid, tokens):
+    out = self.keyed.match_prefix(rid, tokens, self._keys(tokens))
+    assert self.hashing.match_prefix(rid, tokens) == out
+    return out
+
+  def commit(self, rid, tokens, num_computed):
+    keys = self._keys(tokens) if self.rng.random() < 0.2 else ()
+    self.keyed.commit(rid, tokens, num_computed, keys)
+    self.hashing.commit(rid, tokens, num_computed)
+
+  def __getattr__(self, name):
+    keyed, hashing = getattr(self.keyed, name), getattr(self.hashing, name)
+    if not callable(keyed):
+      return keyed
+
+    def both(*args):
+      try:
+        out = keyed(*args)
+      except ValueError as e:
+        with pytest.raises(ValueError, match=re.escape(str(e))):
+          hashing(*args)
+        raise
+      assert hashing(*args) == out, name
+      return out
+
+    return both
+
+  def check(self):
+    a, b = self.keyed, self.hashing
+    assert a._key_to_page == b._key_to_page and a._page_to_key == b._page_to_key
+    assert {r: (q.pages, q.keys) for r, q in a._requests.items()} == {r: (q.pages, q.keys)
+                                                                     for r, q in b._requests.items()}
+
+
 @pytest.mark.parametrize("seed, ps, caching", [
     (0, 2, True), (1, 1, True), (2, 4, True), (3, 3, True), (4, 2, False)])
 def test_randomized_stress(seed, ps, caching):
@@ -406,12 +454,13 @@ def test_randomized_stress(seed, ps, caching):
 
   Every computed token is written into a shadow copy of its page slot, so a
   prefix-cache hit on a page with stale or foreign content, or a write into a
-  page shared with another request, fails the test.
+  page shared with another request, fails the test. Keys handed in by the
+  caller must leave the same state as keys hashed by the manager (`_Twins`),
+  also after a rollback changes the tokens after the cut.
   """
   rng = random.Random(seed)
   num_pages = rng.randint(12, 40)
-  bm = BlockManager(num_pages=num_pages, page_size=ps,
-                    enable_prefix_caching=caching)
+  bm = _Twins(random.Random(seed + 100), num_pages=num_pages, page_size=ps, enable_prefix_caching=caching)
   max_len = num_pages * ps // 2
   bases = [[rng.randrange(50) for _ in range(max_len)] for _ in range(3)]
   shadow = [[None] * ps for _ in range(num_pages)]
@@ -515,6 +564,7 @@ def test_randomized_stress(seed, ps, caching):
     elif op < 0.92:
       bm.free("never-seen")
     bm.check_invariants()
+    bm.check()
     s = bm.stats()
     assert s.free + s.cached + s.used == num_pages
     assert bm.num_free_pages == s.free + s.cached

@@ -84,11 +84,13 @@ def test_greedy_identity_under_any_batching(model, workload, budget, chunk):
   engine.check_no_leaks()
 
 
-def test_prefix_cache_prefills_only_the_uncached_suffix(model):
+@pytest.mark.parametrize("kind", [list, lambda ids: TokenIds(map(int, ids), VOCAB)], ids=["list", "TokenIds"])
+def test_prefix_cache_prefills_only_the_uncached_suffix(model, kind):
+  """Also with `TokenIds` prompts, whose page keys the engine takes from the prompt instead of hashing."""
   rng = np.random.default_rng(3)
   prefix = list(rng.integers(2, VOCAB, size=200))
-  first = prefix + list(rng.integers(2, VOCAB, size=30))
-  second = prefix + list(rng.integers(2, VOCAB, size=50))
+  first = kind(prefix + list(rng.integers(2, VOCAB, size=30)))
+  second = kind(prefix + list(rng.integers(2, VOCAB, size=50)))
   engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=64, max_num_batched_tokens=128, max_model_len=512))
   out1 = engine.generate([first], pdopt.SamplingParams(max_tokens=4, ignore_eos=True))
   out2 = engine.generate([second], pdopt.SamplingParams(max_tokens=4, ignore_eos=True))

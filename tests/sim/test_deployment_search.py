@@ -160,14 +160,14 @@ def test_search_ranks_candidates_and_resumes(tmp_path):
                                            "disagg-1P1D-tp1-chunked-b64-c32-s8", "coloca-1x-tp2-chunked-b64-c32-s8"}
   results_file = tmp_path / "results.jsonl"
   first = search_lib.search(_problem(), candidates[:2], results_file, workers=1)
-  results = search_lib.search(_problem(), candidates, results_file, workers=1)  # Resumes: 2 more.
+  results = search_lib.search(_problem(), candidates, results_file, workers=2)  # Resumes: 2 more, in workers.
   assert len(results_file.read_text().splitlines()) == 4
   assert {r["label"] for r in first} <= {r["label"] for r in results}
   assert [r["goodput_per_gpu"] for r in results] == sorted((r["goodput_per_gpu"] for r in results), reverse=True)
   assert all(r["goodput_per_gpu"] > 0 and r["slo_attainment"] >= 0.9 for r in results)
   tp2 = next(r for r in results if r["candidate"]["tp"] == 2)
   assert tp2["step_cost_kind"] == "scaled"
-  for r in results:  # Started from its anchor's goodput per GPU or not, a candidate scores the same rate.
+  for r in results:  # Started from its anchor's goodput per GPU or not, in a worker or not: the same rate.
     alone = search_lib.evaluate(_problem(), search_lib.Candidate(**r["candidate"]))
     assert (r["goodput_per_gpu"], r["slo_attainment"]) == (alone["goodput_per_gpu"], alone["slo_attainment"])
 

@@ -114,6 +114,21 @@ def test_prompts_carry_the_bound_they_were_drawn_below():
       workloads.TokenIds(bad, 5)
 
 
+def test_prompts_keep_what_is_derived_from_them():
+  prompt = _synthetic().requests[0].prompt_token_ids
+  calls = []
+
+  def compute(ids):
+    calls.append(ids)
+    return sum(ids)
+
+  assert prompt.derived("sum", compute) == prompt.derived("sum", compute) == sum(prompt)
+  assert len(calls) == 1 and calls[0] is prompt
+  assert prompt.derived("len", lambda ids: len(ids)) == 32  # Another key, computed apart.
+  again = pickle.loads(pickle.dumps(prompt))  # Not pickled: computed again where it is needed.
+  assert again.derived("sum", compute) == sum(prompt) and len(calls) == 2
+
+
 def test_shared_prefixes():
   w = _synthetic(shared_prefix_fraction=0.5, num_shared_prefixes=2, shared_prefix_len=8)
   heads = [r.prompt_token_ids[:8] for r in w]
