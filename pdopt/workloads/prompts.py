@@ -24,6 +24,9 @@ _TOKEN_STREAM = 0
 _PREFIX_STREAM = 1
 
 
+_UNSEEN, _SEEN_ONCE = object(), object()  # `TokenIds.derived`'s marks.
+
+
 class TokenIds(tuple):
   """Token ids known to be Python ints in [0, `bound`) (checked when built), as `materialize_prompts` makes
   them; the engine's prompt check then compares `bound` with its vocabulary instead of reading every id.
@@ -45,12 +48,17 @@ class TokenIds(tuple):
     raise AttributeError(f"TokenIds are immutable: cannot set {name!r}")
 
   def derived(self, key: Hashable, compute: Callable[[TokenIds], T]) -> T:
-    """`compute(self)`, computed once per `key` and kept with these ids (which never change): the engine keys
-    a prompt's pages for its prefix cache once, however often the prompt is submitted. Not pickled."""
+    """`compute(self)`, kept with these ids (which never change) from the second call with `key` on: ids used
+    once (a prompt of a replay) keep nothing, and ids used again and again (a prompt in every simulation of a
+    search) are computed twice in all. The engine keys a prompt's pages for its prefix cache so. Not pickled."""
     memo: dict[Hashable, Any] = self._derived
-    if key not in memo:
-      memo[key] = compute(self)
-    return memo[key]
+    value = memo.get(key, _UNSEEN)
+    if value is _UNSEEN:
+      memo[key] = _SEEN_ONCE
+      return compute(self)
+    if value is _SEEN_ONCE:
+      value = memo[key] = compute(self)
+    return value
 
   def __reduce__(self):
     return _trusted, (tuple(self), self.bound)
