@@ -4,6 +4,11 @@
   python -m experiments.run --config=results/search_cpu/best_config.py
   python -m experiments.run --config=results/search_cpu/median_config.py
 
+Each config runs at the rate the search scored it. The search's score is the highest rate that meets the
+target, so the real counterpart is a sweep: `--config.rates=5.2,5.7,6.17,6.8` (and the same with
+`--config.backend=sim`) gives the attainment at each rate, real and simulated (BENCHMARKS.md, "Deployment
+search").
+
 `tiny-code` with the shipped CPU step-cost file (`pdopt/step_costs/tiny-code_cpu.json`, profiled at these
 shape buckets), a budget of 2 "GPUs" (CPU cores, one instance process each): 1 or 2 colocated replicas or 1
 prefill + 1 decode instance, `chunked` or `prefill_first`, 64- or 128-token step budgets (12 candidates). KV
