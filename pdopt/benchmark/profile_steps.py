@@ -188,23 +188,26 @@ def replay_steps(engine: pdopt.Engine, cost: StepCostModel, num_requests: int, r
                                           length_distribution="uniform", range_ratio=0.9, seed=1),
                            max_model_len=engine.max_model_len, vocab_size=engine.model_config.vocab_size)
   starts, executed, busy_after, compiled = [], [], [], []
-  step = engine.step
+  advance = engine.advance
 
-  def recorded_step():
+  def recorded_advance():
     starts.append(time.perf_counter())
     calls, programs = len(timed.calls), engine.num_compilations
-    out = step()
+    out = advance()
     executed.append(timed.calls[calls:])
     busy_after.append(engine.has_unfinished())
     compiled.append(engine.num_compilations != programs)
     return out
 
-  engine.step = recorded_step  # The instance's step, for this replay only.
+  # The instance's `advance` (what `replay` and `step` call), for this replay only.
+  engine.advance = recorded_advance
   try:
     replay(engine, workload, progress=False)
   finally:
-    del engine.step
+    del engine.advance
     engine.executor = timed.inner
+  if not executed:
+    raise RuntimeError("the calibration replay recorded no engine step")
   starts.append(time.perf_counter())
   ps = engine.config.page_size
   steps, rows, host = [], [], []

@@ -1,10 +1,11 @@
-"""The step profiler's checks that run before it allocates (the profile itself needs a device's time)."""
+"""The step profiler: its checks before it allocates, and the calibration replay it fits the host's work on."""
 
 import pytest
 
 import pdopt
 from pdopt.benchmark import profile_steps
 from pdopt.engine.costs import model_sizes
+from pdopt.scheduling.step_cost import DeviceSpec, StepCostModel
 
 
 def test_a_grid_too_large_for_the_device_is_refused_naming_max_batch():
@@ -15,3 +16,18 @@ def test_a_grid_too_large_for_the_device_is_refused_naming_max_batch():
     profile_steps.check_fits(33040, 16, sizes, 60 * gib, max_batch=128)
   profile_steps.check_fits(16528, 16, sizes, 60 * gib, max_batch=64)  # Half the batch fits.
   profile_steps.check_fits(33040, 16, sizes, None, max_batch=128)  # Memory unknown (a CPU): not checked.
+
+
+def test_the_calibration_replay_records_the_steps_it_serves():
+  """Every engine step of the replay is recorded with its plan and times, and the host's work is fitted from them."""
+  model = pdopt.init_model(pdopt.preset("tiny", dtype="float32"), seed=0)
+  engine = pdopt.Engine(model, pdopt.EngineConfig(num_pages=64, max_num_batched_tokens=64, max_num_seqs=8,
+                                                  max_model_len=128, enable_prefix_caching=False))
+  base = StepCostModel.roofline(model_sizes(model.config), DeviceSpec("cpu", 1e10, 1e11))
+  steps, host = profile_steps.replay_steps(engine, base, num_requests=6, rate=200.0, prompt_len=40, output_len=6)
+  # Steps that compiled a program (this engine is not warmed up) and the last one are left out.
+  assert len(steps) >= 3 and all(s.seconds > 0 and s.shape["replay"] for s in steps)
+  assert all(s.shape["tokens"] == sum(s.shape["q"]) >= s.shape["seqs"] == len(s.shape["kv"]) >= 1 for s in steps)
+  assert min(host.per_step, host.per_seq, host.per_waiting) >= 0
+  assert "advance" not in vars(engine) and not engine.has_unfinished()
+  engine.check_no_leaks()
