@@ -21,17 +21,17 @@ def trace(config, policy: str, rate: float, model) -> dict:
   engine.warmup()
   engine.executor = timed = _TimedExecutor(engine.executor)
   starts, calls_at, compiled = [], [], []
-  step = engine.step
+  advance = engine.advance
 
-  def recorded_step():
+  def recorded_advance():  # What `replay` calls for every step.
     starts.append(time.perf_counter())
     calls_at.append(len(timed.calls))
     n = engine.num_compilations
-    out = step()
+    out = advance()
     compiled.append(engine.num_compilations != n)
     return out
 
-  engine.step = recorded_step
+  engine.advance = recorded_advance
   replay(engine, workload, progress=False)
   starts.append(time.perf_counter())
   ps = engine_config.page_size
