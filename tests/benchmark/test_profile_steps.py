@@ -31,3 +31,18 @@ def test_the_calibration_replay_records_the_steps_it_serves():
   assert min(host.per_step, host.per_seq, host.per_waiting) >= 0
   assert "advance" not in vars(engine) and not engine.has_unfinished()
   engine.check_no_leaks()
+
+
+def test_a_profile_of_a_few_steps_fits_and_saves(tmp_path):
+  """`experiments.profile_steps`' whole path on the CPU: grid, calibration replay, fit, file."""
+  grid = [profile_steps.GridPoint(decodes=d, context=c) for d, c in ((1, 32), (4, 64), (8, 96))] + [
+      profile_steps.GridPoint(chunk=k, prefix=p) for k, p in ((16, 0), (48, 16), (64, 0))]
+  lines = []
+  model = profile_steps.profile_and_fit("tiny", grid=grid, repeats=1, buckets=((32, 64), (16,), (16,)),
+                                        progress=lines.append)
+  assert model.kind == "fitted" and model.metadata["platform"] == "cpu" and model.metadata["buckets"]["seqs"] == [16]
+  assert model.metadata["residuals"]["num_steps"] > len(grid)  # The grid's steps and the replay's.
+  assert any(line.startswith("host work per step") for line in lines)
+  path = tmp_path / "cost.json"
+  model.save(str(path))
+  assert StepCostModel.load(str(path)).coefficients == model.coefficients
