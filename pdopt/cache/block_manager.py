@@ -486,7 +486,8 @@ class BlockManager:
       self._release(page)
     del req.pages[keep_pages:]
     del req.keys[keep_keys:]
-    req.known = req.known[:keep_keys]
+    if len(req.known) > keep_keys:
+      req.known = req.known[:keep_keys]
 
   def reset_prefix_cache(self) -> int:
     """Invalidates the prefix cache (for example after new weights).

@@ -155,13 +155,13 @@ class Request:
                        num_tokens - len(self.prompt_token_ids))
 
   def prompt_keys(self, page_size: int) -> Sequence[bytes]:
-    """The prefix-cache keys of the prompt's full pages (`block_manager.page_keys`); a `TokenIds` prompt keeps
-    them, so a prompt submitted again (a search's simulations, a request handed to another instance) is not
-    hashed again."""
+    """The prefix-cache keys of the prompt's full pages (`block_manager.page_keys`) where the prompt keeps them:
+    a `TokenIds` prompt does from its second use on in this process (a search's simulations submit the same
+    prompts again and again); else () and the block manager hashes the pages as they fill."""
     prompt = self.prompt_token_ids
-    if type(prompt) is TokenIds:  # pylint: disable=unidiomatic-typecheck
-      return prompt.derived(("page_keys", page_size), functools.partial(page_keys, None, page_size=page_size))
-    return page_keys(None, prompt, page_size)
+    if type(prompt) is not TokenIds:  # pylint: disable=unidiomatic-typecheck
+      return ()
+    return prompt.derived(("page_keys", page_size), lambda ids: tuple(page_keys(None, ids, page_size)))
 
   @property
   def num_pending_tokens(self) -> int:

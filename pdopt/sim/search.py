@@ -288,6 +288,7 @@ def _start_worker(parent: int, problem: Problem) -> None:
 
 
 def _evaluate_in_worker(candidate: Candidate, guess: float | None) -> dict[str, Any]:
+  """`evaluate` in a worker process, on the problem it got when it started."""
   return evaluate(_worker_problem, candidate, guess)
 
 

@@ -86,7 +86,7 @@ def test_greedy_identity_under_any_batching(model, workload, budget, chunk):
 
 @pytest.mark.parametrize("kind", [list, lambda ids: TokenIds(map(int, ids), VOCAB)], ids=["list", "TokenIds"])
 def test_prefix_cache_prefills_only_the_uncached_suffix(model, kind):
-  """Also with `TokenIds` prompts, whose page keys the engine takes from the prompt instead of hashing."""
+  """Also with `TokenIds` prompts, whose page keys the engine takes from the prompt (kept from its second use)."""
   rng = np.random.default_rng(3)
   prefix = list(rng.integers(2, VOCAB, size=200))
   first = kind(prefix + list(rng.integers(2, VOCAB, size=30)))
@@ -102,6 +102,11 @@ def test_prefix_cache_prefills_only_the_uncached_suffix(model, kind):
   assert out1[0].token_ids == _alone(model, first, 4)
   engine.check_no_leaks()
   assert engine.block_manager.stats().cached > 0
+  for _ in range(2):  # Submitted again: `TokenIds` keep their keys from the second use on.
+    again = engine.generate([second], pdopt.SamplingParams(max_tokens=4, ignore_eos=True))
+    assert engine.requests[again[0].request_id].num_cached_tokens == (len(second) - 1) // 16 * 16
+    assert again[0].token_ids == out2[0].token_ids
+  engine.check_no_leaks()
 
 
 @pytest.mark.parametrize("decode_variant", [False, True], ids=["one_variant", "decode_variant"])
