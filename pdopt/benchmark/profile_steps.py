@@ -164,10 +164,13 @@ class _TimedExecutor:
 class HostWork:
   """The engine's host seconds per step outside its executor: `per_step` + `per_seq` * running sequences +
   `per_waiting` * waiting requests (the policy sees each of them at every step), with the replay loop's work
-  between steps (arrivals, outputs) included."""
+  between steps (outputs) included. `per_arrival` is a submission's work (`add_request`): fitted beside the
+  others so that the steps a burst of arrivals lengthens do not inflate `per_waiting` (arrivals and waiting
+  requests come together), and left out of the step-cost model, which prices steps, not submissions."""
   per_step: float
   per_seq: float
   per_waiting: float
+  per_arrival: float = 0.0
 
 
 def replay_steps(engine: pdopt.Engine, cost: StepCostModel, num_requests: int, rate: float, prompt_len: int,
@@ -179,19 +182,28 @@ def replay_steps(engine: pdopt.Engine, cost: StepCostModel, num_requests: int, r
   program, are left out.
 
   Returns:
-    (the steps with their executor's seconds, for the device's share of the fit; the host's work, by least
-    squares over the steps of (time to the next step - executor time)).
+    (the steps with their executor's seconds, for the device's share of the fit, each recording its host gap
+    and the arrivals in it; the host's work, by least squares over the steps of (time to the next step -
+    executor time)).
   """
   engine.executor = timed = _TimedExecutor(engine.executor)
+  submitted = [0]
+  add_request = engine.add_request
+
+  def counted_add_request(*args, **kwargs):
+    submitted[0] += 1
+    return add_request(*args, **kwargs)
+
   workload = make_workload(WorkloadConfig(kind="synthetic", num_requests=num_requests, rate=rate,
                                           prompt_len=prompt_len, output_len=output_len,
                                           length_distribution="uniform", range_ratio=0.9, seed=1),
                            max_model_len=engine.max_model_len, vocab_size=engine.model_config.vocab_size)
-  starts, executed, busy_after, compiled = [], [], [], []
+  starts, arrivals, executed, busy_after, compiled = [], [], [], [], []
   advance = engine.advance
 
   def recorded_advance():
     starts.append(time.perf_counter())
+    arrivals.append(submitted[0])
     calls, programs = len(timed.calls), engine.num_compilations
     out = advance()
     executed.append(timed.calls[calls:])
@@ -199,16 +211,17 @@ def replay_steps(engine: pdopt.Engine, cost: StepCostModel, num_requests: int, r
     compiled.append(engine.num_compilations != programs)
     return out
 
-  # The instance's `advance` (what `replay` and `step` call), for this replay only.
-  engine.advance = recorded_advance
+  # The instance's `advance` (what `replay` and `step` call) and `add_request`, for this replay only.
+  engine.advance, engine.add_request = recorded_advance, counted_add_request
   try:
     replay(engine, workload, progress=False)
   finally:
-    del engine.advance
+    del engine.advance, engine.add_request
     engine.executor = timed.inner
   if not executed:
     raise RuntimeError("the calibration replay recorded no engine step")
   starts.append(time.perf_counter())
+  arrivals.append(submitted[0])
   ps = engine.config.page_size
   steps, rows, host = [], [], []
   for i, calls in enumerate(executed):
@@ -219,14 +232,21 @@ def replay_steps(engine: pdopt.Engine, cost: StepCostModel, num_requests: int, r
     kv = [w.start + w.num_tokens for w in plan.work]
     shape = engine.buckets.pick(sum(q), len(q), max(-(-k // ps) for k in kv))
     features = cost.features(q, kv, shape[0], shape[1], shape[2] * ps)
-    # The lengths themselves, so that a later fit can compute features this one does not have.
+    # The lengths themselves, so that a later fit can compute features this one does not have, and the
+    # host's gap after the step with the submissions made in it, so that a later fit can refit the host's work.
+    gap, submissions = starts[i + 1] - starts[i] - execute_s, arrivals[i + 1] - arrivals[i]
     shape_record = {"replay": True, "tokens": sum(q), "seqs": len(q), "waiting": plan.num_waiting,
-                    "padded": list(shape), "q": q, "kv": kv}
+                    "padded": list(shape), "q": q, "kv": kv, "host_s": gap, "arrivals": submissions}
     steps.append(fit_lib.ProfiledStep(shape_record, tuple(float(f) for f in features), execute_s))
-    rows.append((1.0, float(len(q)), float(plan.num_waiting)))
-    host.append(starts[i + 1] - starts[i] - execute_s)
-  coef = fit_lib.nnls(np.asarray(rows), np.asarray(host))
-  return steps, HostWork(*(float(c) for c in coef))
+    rows.append((1.0, float(len(q)), float(plan.num_waiting), float(submissions)))
+    host.append(gap)
+  return steps, fit_host(np.asarray(rows), np.asarray(host))
+
+
+def fit_host(rows: np.ndarray, gaps: np.ndarray) -> HostWork:
+  """The host's work from the calibration replay's steps: nonnegative least squares of each step's host gap
+  (seconds) on its row (1, running sequences, waiting requests, arrivals in the gap)."""
+  return HostWork(*(float(c) for c in fit_lib.nnls(rows, gaps)))
 
 
 def _git_commit() -> tuple[str, bool]:
@@ -305,7 +325,8 @@ def profile_and_fit(model_name: str, *, kv_cache_dtype: str = "auto", grid: Sequ
                                 rate=100.0 if on_accelerator else 6.0, prompt_len=min(512, longest // 2),
                                 output_len=64 if on_accelerator else 24)
   progress(f"host work per step: {host.per_step * 1e6:.0f} us + {host.per_seq * 1e6:.1f} us per sequence + "
-           f"{host.per_waiting * 1e6:.1f} us per waiting request")
+           f"{host.per_waiting * 1e6:.1f} us per waiting request (+ {host.per_arrival * 1e6:.0f} us per "
+           "submission, not part of the model)")
   steps += replayed
   commit, dirty = _git_commit()
   metadata = {

@@ -1,5 +1,6 @@
 """The step profiler: its checks before it allocates, and the calibration replay it fits the host's work on."""
 
+import numpy as np
 import pytest
 
 import pdopt
@@ -28,9 +29,27 @@ def test_the_calibration_replay_records_the_steps_it_serves():
   # Steps that compiled a program (this engine is not warmed up) and the last one are left out.
   assert len(steps) >= 3 and all(s.seconds > 0 and s.shape["replay"] for s in steps)
   assert all(s.shape["tokens"] == sum(s.shape["q"]) >= s.shape["seqs"] == len(s.shape["kv"]) >= 1 for s in steps)
-  assert min(host.per_step, host.per_seq, host.per_waiting) >= 0
+  assert min(host.per_step, host.per_seq, host.per_waiting, host.per_arrival) >= 0
+  assert all(s.shape["host_s"] > 0 for s in steps) and sum(s.shape["arrivals"] for s in steps) <= 6
   assert "advance" not in vars(engine) and not engine.has_unfinished()
   engine.check_no_leaks()
+
+
+def test_the_host_fit_tells_submissions_from_waiting_requests():
+  """Arrivals come with waiting requests: a fit without an arrival term would charge their work to waiting."""
+  rng = np.random.default_rng(0)
+  seqs = rng.integers(1, 64, 400)
+  arrivals = np.where(np.arange(400) < 80, rng.integers(0, 8, 400), 0)  # A burst at the start
+  waiting, queued = [], 0
+  for a in arrivals:  # queues while three a step are admitted.
+    queued = max(0, queued + a - 3)
+    waiting.append(queued)
+  rows = np.stack([np.ones(400), seqs, waiting, arrivals], axis=1).astype(float)
+  gaps = rows @ np.array([150e-6, 10e-6, 3e-6, 400e-6]) + rng.normal(0, 5e-6, 400)
+  host = profile_steps.fit_host(rows, gaps)
+  assert host.per_step == pytest.approx(150e-6, rel=0.05) and host.per_seq == pytest.approx(10e-6, rel=0.05)
+  assert host.per_waiting == pytest.approx(3e-6, abs=1e-6) and host.per_arrival == pytest.approx(400e-6, rel=0.05)
+  assert profile_steps.fit_host(rows[:, :3], gaps).per_waiting > 30e-6  # Without the arrivals' column.
 
 
 def test_a_profile_of_a_few_steps_fits_and_saves(tmp_path):
