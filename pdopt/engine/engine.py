@@ -249,7 +249,7 @@ class Engine(Handoffs):
     for rid in plan.preempt:
       self._preempt(self.requests[rid])
     work = []
-    bm, requests = self.block_manager, self.requests
+    bm, requests, new_work = self.block_manager, self.requests, tuple.__new__  # `Work(...)` without its call.
     for rid, num_tokens in plan.chunks:
       req = requests[rid]
       status = req.status
@@ -260,7 +260,7 @@ class Engine(Handoffs):
           self._preempt(req)
           continue
         # `Request.is_decoding`, inlined.
-        work.append(Work(req, start, n, start == num_ids - 1 and num_ids > len(req.prompt_token_ids)))
+        work.append(new_work(Work, (req, start, n, start == num_ids - 1 and num_ids > len(req.prompt_token_ids))))
         continue
       if status.done:
         continue
@@ -298,12 +298,13 @@ class Engine(Handoffs):
     """Hands the executor the decode steps after the ones in flight if the policy, shown the state after
     them, decodes the same sequences one token each; returns the chained plan, or None."""
     inflight, ahead = self.executor.in_flight, self.executor.in_flight.num_steps
-    running = [self.requests[rid] for rid in self.running]
     if self.waiting or self.running != [w.request.request_id for w in inflight.work]:
       return None
+    running = [w.request for w in inflight.work]
+    lengths = [len(req.all_token_ids) for req in running]
     # Tokens each request may still generate after the in-flight ones: a block must not pass a length limit.
-    room = min(min(req.sampling.max_tokens - req.num_generated, self.max_model_len - req.num_tokens)
-               for req in running) - ahead
+    room = min(min([req.length_limit - n for req, n in zip(running, lengths)]),
+               self.max_model_len - max(lengths)) - ahead
     steps = self.executor.chain_length(room) if room >= 1 else 0
     if steps < 1:
       return None
@@ -314,11 +315,14 @@ class Engine(Handoffs):
     bm = self.block_manager
     # The block decodes positions num_tokens + ahead - 1 onwards, `steps` of them; a pool too full for a
     # block may still hold one more step. Pages taken so far stay with their requests, which need them soon.
-    if not all(bm.allocate(req.request_id, req.num_tokens + ahead + steps - 1) for req in running):
+    starts = [n + ahead - 1 for n in lengths]
+    if not all(map(bm.allocate, self.running, [s + steps for s in starts])):
       steps = 1
-      if not all(bm.allocate(req.request_id, req.num_tokens + ahead) for req in running):
+      if not all(map(bm.allocate, self.running, [s + 1 for s in starts])):
         return None
-    chained = StepPlan(tuple(Work(req, req.num_tokens + ahead - 1, steps, is_decode=True) for req in running),
+    # `Work(req, start, steps, True)` for each, built without a Python call per request.
+    chained = StepPlan(tuple(map(tuple.__new__, itertools.repeat(Work),
+                                 zip(running, starts, itertools.repeat(steps), itertools.repeat(True)))),
                        num_steps=steps, chained=True)
     self.executor.execute(chained)
     return chained
@@ -371,7 +375,7 @@ class Engine(Handoffs):
       # steps' case (`Request.stop` inlined for it: no stop ids, no EOS that counts, room for more).
       sampling, ids = req.sampling, req.all_token_ids
       if (len(tokens) == 1 and not sampling.stop_token_ids and (sampling.ignore_eos or tokens[0] not in eos)
-          and min(sampling.max_tokens + len(req.prompt_token_ids), max_model_len) - len(ids) > 1):
+          and min(req.length_limit, max_model_len) - len(ids) > 1):
         reason = None
       else:
         stop, reason = req.stop(tokens, eos, max_model_len)

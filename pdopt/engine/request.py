@@ -125,10 +125,13 @@ class Request:
   finish_reason: str | None = None
   decode_stall_s: float = 0.0  # Seconds it spent decoding in steps that also ran prompt tokens, or waited on them.
   swapped: Any = None  # Its K/V on the host while it is preempted by swapping (`EngineConfig.preemption_mode`).
+  # Prompt plus `max_tokens`: the length at which it ends, unless the engine's `max_model_len` is shorter.
+  length_limit: int = dataclasses.field(init=False, repr=False)
 
   def __post_init__(self):
     if not self.all_token_ids:
       self.all_token_ids = list(self.prompt_token_ids)
+    self.length_limit = len(self.prompt_token_ids) + self.sampling.max_tokens
 
   @property
   def prompt_len(self) -> int:

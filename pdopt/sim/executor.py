@@ -163,7 +163,7 @@ class SimExecutor:
     self._count(len(seconds), float(seconds.sum()))
     if outcome is None:  # A block: its tokens, one per step, each at the end of its step.
       n, tokens = plan.num_steps, [self.token_id] * plan.num_steps  # Shared, as in `_step`.
-      outcome = StepOutcome(plan, tuple([WorkResult(w.start + n, tokens, times) for w in plan.work]))
+      outcome = StepOutcome(plan, tuple([tuple.__new__(WorkResult, (w.start + n, tokens, times)) for w in plan.work]))
     return outcome
 
   def _step(self, plan: StepPlan) -> tuple[StepOutcome, float]:
@@ -175,8 +175,9 @@ class SimExecutor:
     # One token at the step's end for every request that samples (a decode always does): the lists are shared
     # (the engine only reads them).
     sampled, none, times = [self.token_id], [], [self.clock.now]
-    return StepOutcome(plan, tuple([WorkResult(k, sampled, times) if w.is_decode or w.samples_next
-                                    else WorkResult(k, none) for w, k in zip(plan.work, kv)])), seconds
+    new = tuple.__new__  # `WorkResult(...)` without its call: a step has one per request.
+    return StepOutcome(plan, tuple([new(WorkResult, (k, sampled, times) if w.is_decode or w.samples_next
+                                        else (k, none, None)) for w, k in zip(plan.work, kv)])), seconds
 
   def _block(self, plan: StepPlan) -> _Dispatched:
     """`plan.num_steps` decode steps, each sequence one token per step (`chain_length` chose how many)."""
