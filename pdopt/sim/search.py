@@ -7,7 +7,8 @@ attainment target, divided by its GPUs. The rate is found on a geometric grid by
 search from a guess (`start_guess`): both find the same grid rate when attainment falls with the rate, and a
 close start needs 2-3 simulations instead of 6-9. The guess comes from the candidate's `anchor` (the colocated
 candidate with the same engine settings and the next fewer instances), scaled by what the same change of
-deployment did to the `reference` candidates (those with the first candidate's engine settings). Candidates
+deployment did to the `reference` candidates (those with the first candidate's engine settings); a P:D split
+starts instead from the splits with fewer instances already scored (`split_guess`). Candidates
 run in parallel processes; every result is appended to a file as it comes, so a search that stops resumes
 where it was.
 """
@@ -243,6 +244,30 @@ def reference(candidate: Candidate, candidates: Sequence[Candidate]) -> Candidat
   return ref if ref != candidate and ref in candidates else None
 
 
+def smaller_splits(candidate: Candidate, candidates: Sequence[Candidate]) -> list[Candidate]:
+  """The disaggregated candidates with `candidate`'s engine settings and TP degree and fewer instances than it
+  (none for a colocated candidate)."""
+  if candidate.mode != "disaggregated":
+    return []
+  n, key = candidate.num_prefill + candidate.num_decode, dataclasses.replace(candidate, num_prefill=0, num_decode=0)
+  return [c for c in candidates if c.mode == "disaggregated" and c.num_prefill + c.num_decode < n
+          and dataclasses.replace(c, num_prefill=0, num_decode=0) == key]
+
+
+def split_guess(candidate: Candidate, candidates: Sequence[Candidate], scores: dict[str, float]) -> float | None:
+  """A P:D split's goodput per GPU from the `smaller_splits` scored so far (`scores`: label -> goodput per GPU):
+  a split of P' prefill and D' decode instances that sustains t' req/s shows that one prefill instance serves
+  at least t' / P' and one decode instance at least t' / D' (the side that limits it serves exactly that, the
+  other more), so the guess is min(P x the most per prefill instance, D x the most per decode instance), over
+  the candidate's GPUs. None unless two are scored (and served something)."""
+  known = [(c, scores[c.label] * c.num_gpus) for c in smaller_splits(candidate, candidates) if scores.get(c.label)]
+  if len(known) < 2:  # One split bounds both sides by its own rate: a split with more decode instances would
+    return None  # start from it however much it gains.
+  per_prefill = max(t / c.num_prefill for c, t in known)
+  per_decode = max(t / c.num_decode for c, t in known)
+  return min(candidate.num_prefill * per_prefill, candidate.num_decode * per_decode) / candidate.num_gpus
+
+
 def _guess_sources(candidate: Candidate, candidates: Sequence[Candidate]) -> tuple[Candidate | None, ...]:
   """(its anchor, its reference, its anchor's reference), each None where there is none."""
   a = anchor(candidate, candidates)
@@ -250,9 +275,10 @@ def _guess_sources(candidate: Candidate, candidates: Sequence[Candidate]) -> tup
 
 
 def dependencies(candidate: Candidate, candidates: Sequence[Candidate]) -> list[Candidate]:
-  """The candidates whose scores `start_guess` reads for `candidate`: its anchor, and the reference candidates
-  of itself and of its anchor."""
-  return list(dict.fromkeys(c for c in _guess_sources(candidate, candidates) if c is not None))
+  """The candidates whose scores `start_guess` reads for `candidate`: its anchor, the reference candidates of
+  itself and of its anchor, and its `smaller_splits`."""
+  return list(dict.fromkeys([c for c in _guess_sources(candidate, candidates) if c is not None]
+                            + smaller_splits(candidate, candidates)))
 
 
 def start_guess(candidate: Candidate, candidates: Sequence[Candidate], scores: dict[str, float]) -> float | None:
@@ -260,7 +286,12 @@ def start_guess(candidate: Candidate, candidates: Sequence[Candidate], scores: d
   `dependencies`: its anchor's, times the ratio of its reference's to its anchor's reference's (a change of
   deployment scales the goodput per GPU of different engine settings alike: on the shipped workloads most such
   guesses land within two rate steps of the answer); without those, the anchor's alone, else the reference's;
-  None without any."""
+  None without any. A P:D split with smaller splits scored starts from `split_guess` instead (from the
+  anchor, a split with one prefill instance would start from a colocated deployment's rate, which its single
+  prefill instance may be far from)."""
+  split = split_guess(candidate, candidates, scores)
+  if split is not None:
+    return split
   g_a, g_ref, g_ref_a = (scores.get(c.label) if c is not None else None
                          for c in _guess_sources(candidate, candidates))
   if g_a and g_ref and g_ref_a:

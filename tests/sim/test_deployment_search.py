@@ -348,6 +348,30 @@ def test_a_candidate_starts_from_its_anchor_scaled_as_the_reference_candidates_s
   assert guess(p4, {**scores, c2: 0.0}) == 16.0  # A reference that served nothing gives no ratio.
 
 
+def test_a_split_starts_from_what_the_smaller_splits_show_each_side_serves():
+  space = search_lib.SearchSpace(policies=("chunked",), token_budgets=(64,), chunk_sizes=(32,), max_num_seqs=(8,),
+                                 replicas=(1, 2, 4, 8), splits=((1, 1), (1, 2), (2, 2), (1, 7), (3, 5)), tps=(1,),
+                                 gpus=8)
+  candidates = space.candidates()
+  by_label = {c.label: c for c in candidates}
+  s11, s12, s22, s17, s35 = (by_label[f"disagg-{p}P{d}D-tp1-chunked-b64-c32-s8"]
+                             for p, d in ((1, 1), (1, 2), (2, 2), (1, 7), (3, 5)))
+  assert search_lib.smaller_splits(s35, candidates) == [s11, s12, s22]
+  assert search_lib.smaller_splits(by_label["coloca-8x-tp1-chunked-b64-c32-s8"], candidates) == []
+  assert set(search_lib.smaller_splits(s17, candidates)) <= set(search_lib.dependencies(s17, candidates))
+  # 1P1D sustains 60 req/s, 1P2D 100, 2P2D 120 (goodput per GPU x GPUs): one prefill instance serves at least
+  # 100, one decode instance at least 60 (2P2D: 120 / 2).
+  scores = {s11.label: 60 / 2, s12.label: 100 / 3, s22.label: 120 / 4}
+  assert search_lib.split_guess(s17, candidates, scores) == pytest.approx(min(1 * 100, 7 * 60) / 8)
+  assert search_lib.split_guess(s35, candidates, scores) == pytest.approx(min(3 * 100, 5 * 60) / 8)
+  assert search_lib.start_guess(s35, candidates, scores) == search_lib.split_guess(s35, candidates, scores)
+  # One smaller split scored bounds both sides by its own rate: the anchor's score is the start instead.
+  anchor_score = {"coloca-2x-tp1-chunked-b64-c32-s8": 45.0}
+  assert search_lib.split_guess(s12, candidates, {s11.label: 30.0}) is None
+  assert search_lib.start_guess(s12, candidates, {s11.label: 30.0, **anchor_score}) == 45.0
+  assert search_lib.split_guess(s35, candidates, {s11.label: 30.0, s12.label: 0.0}) is None  # Served nothing.
+
+
 def test_guesses_do_not_depend_on_the_workers_and_leave_every_score_unchanged(tmp_path):
   space = search_lib.SearchSpace(policies=("chunked", "prefill_first"), token_budgets=(64,), chunk_sizes=(32,),
                                  max_num_seqs=(8,), replicas=(1, 2), splits=((1, 1),), tps=(1,), gpus=2)
