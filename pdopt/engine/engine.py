@@ -155,7 +155,8 @@ class Engine(Handoffs):
         self.num_steps += 1
         return list(touched.values())
     now = self.clock()
-    work = self._carry_out(self.policy.schedule(self._view(now)), now, touched)
+    view, decoding = self._view(now)
+    work = self._carry_out(self.policy.schedule(view), now, touched, view.running.decoding, decoding)
     if work:
       budget_left = self.config.max_num_batched_tokens - sum(w.num_tokens for w in work)
       # Decoding requests wait on the prompt tokens of a step that has some.
@@ -208,10 +209,11 @@ class Engine(Handoffs):
 
   # ------------------------------------------------------------------ internals
 
-  def _view(self, now: float, ahead: int = 0) -> SchedulerView:
+  def _view(self, now: float, ahead: int = 0) -> tuple[SchedulerView, list[Request]]:
     """What the policy sees; `ahead` > 0 shows running requests as they will be after that many more decode
     tokens (the steps in flight). The decoding requests come as columns, and their views are built only if the
-    policy reads `running` (most steps are planned from the columns), from the columns' values."""
+    policy reads `running` (most steps are planned from the columns), from the columns' values. Returns the view
+    and the decoding requests, in the columns' order."""
     bm, requests = self.block_manager, self.requests
     held = bm.num_pages_held
     running = [requests[r] for r in self.running]
@@ -235,12 +237,13 @@ class Engine(Handoffs):
         now=now, running=RunningViews(build, columns, others),
         waiting=tuple(self._waiting_views),
         free_pages=bm.num_free_pages, page_size=self.config.page_size, num_pages=self.config.num_pages,
-        num_lookahead_tokens=self.executor.num_lookahead_tokens)
+        num_lookahead_tokens=self.executor.num_lookahead_tokens), decoding
 
-  def _carry_out(self, plan: Plan, now: float, touched: dict[str, Request]) -> tuple[Work, ...]:
+  def _carry_out(self, plan: Plan, now: float, touched: dict[str, Request], columns: Decoding,
+                 decoding: list[Request]) -> tuple[Work, ...]:
     """Rejections, preemptions and admissions of `plan`; pages for exactly the scheduled tokens. Returns
     the work of the step (a chunk whose pages do not fit after all is dropped: an admission waits, a running
-    request is preempted)."""
+    request is preempted). `columns` and `decoding` are the view's decoding requests the plan was made from."""
     for rid, reason in plan.reject:
       req = self.requests[rid]
       if req.status is RequestStatus.WAITING:
@@ -248,9 +251,11 @@ class Engine(Handoffs):
         touched[rid] = req
     for rid in plan.preempt:
       self._preempt(self.requests[rid])
-    work = []
     bm, requests, new_work = self.block_manager, self.requests, tuple.__new__  # `Work(...)` without its call.
-    for rid, num_tokens in plan.chunks:
+    chunks, work = plan.chunks, self._carry_out_decodes(plan, columns, decoding)
+    if work:
+      chunks = chunks[len(columns.request_ids):]
+    for rid, num_tokens in chunks:
       req = requests[rid]
       status = req.status
       if status is RequestStatus.RUNNING:  # Most chunks (decodes): no prefix to match, nothing swapped.
@@ -284,6 +289,31 @@ class Engine(Handoffs):
       work.append(Work(req, req.num_computed_tokens, n, req.is_decoding))
     return tuple(work)
 
+  def _carry_out_decodes(self, plan: Plan, columns: Decoding, decoding: list[Request]) -> list[Work]:
+    """The work of the view's decodes if the plan starts with all of them, in the columns' order, one token
+    each, and preempts nothing (most steps): pages only for the decodes whose next token starts a page (a
+    decode whose page does not fit is preempted, as the per-chunk loop of `_carry_out` does). Else [] and
+    `_carry_out` takes every chunk in turn."""
+    ids, n = columns.request_ids, len(columns.request_ids)
+    prefix = plan.chunks[:n]
+    if not n or plan.preempt or len(prefix) < n or [c[1] for c in prefix].count(1) != n \
+        or [c[0] for c in prefix] != ids:
+      return []
+    bm, ps, starts = self.block_manager, self.config.page_size, columns.num_computed_tokens
+    # Pages held cover the next token unless it starts a page: start >= held * page_size.
+    starts_page = [i for i, (c, h) in enumerate(zip(starts, columns.num_pages_held)) if c >= h * ps]
+    failed = []
+    for i in starts_page:  # In order, as the per-chunk loop: a preempted decode's pages may serve the next.
+      if not bm.allocate(ids[i], starts[i] + 1):
+        self._preempt(decoding[i])
+        failed.append(i)
+    one, true = itertools.repeat(1), itertools.repeat(True)
+    items = map(tuple.__new__, itertools.repeat(Work), zip(decoding, starts, one, true))  # `Work(...)`, no call each.
+    if failed:
+      drop = set(failed)
+      return [w for i, w in enumerate(items) if i not in drop]
+    return list(items)
+
   def _decoding(self, work: Sequence[Work]) -> list[Request]:
     """The running requests that decode (`Request.is_decoding`) once `work` is carried out: its decodes, and
     any running request it left out that decodes (`work` holds running requests only, one item each)."""
@@ -308,7 +338,7 @@ class Engine(Handoffs):
     steps = self.executor.chain_length(room) if room >= 1 else 0
     if steps < 1:
       return None
-    plan = self.policy.schedule(self._view(now, ahead=ahead))
+    plan = self.policy.schedule(self._view(now, ahead=ahead)[0])
     if (plan.reject or plan.preempt or len(plan.chunks) != len(running)
         or {c.request_id for c in plan.chunks} != set(self.running) or min(c.num_tokens for c in plan.chunks) < 1):
       return None

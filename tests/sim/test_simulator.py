@@ -12,7 +12,7 @@ import pytest
 import pdopt
 from pdopt import benchmark, sim, workloads
 from pdopt.engine.costs import model_sizes
-from pdopt.scheduling import Decoding
+from pdopt.scheduling import Decoding, Plan, ScheduledChunk
 from pdopt.scheduling.step_cost import FEATURES, DeviceSpec, StepCostModel
 from pdopt.sim import fit as fit_lib
 
@@ -93,6 +93,50 @@ def test_the_engines_view_is_a_snapshot_of_its_running_requests(policy):
   result = benchmark.replay(engine, workload, progress=False)
   assert all(tuple(view.running) == want for view, want in kept)
   assert mixed > 5 and result.num_preemptions > 0, (mixed, result.num_preemptions)
+
+
+@pytest.mark.parametrize("policy, overcommit", [*((p, False) for p in sorted(pdopt.scheduling.POLICIES)),
+                                               ("chunked", True)])
+def test_decodes_carried_out_at_once_change_nothing(policy, overcommit, monkeypatch):
+  """A plan that starts with all of the view's decodes is carried out for them at once
+  (`Engine._carry_out_decodes`): under page pressure, the records must be those of the per-chunk loop bit for
+  bit. With `overcommit`, the policy schedules every decode it would preempt, so that pages run out during
+  the carry-out, and the decodes whose page does not fit are preempted there, in order."""
+  workload = _workload(num_requests=30, rate=60.0)
+
+  def run(at_once: bool):
+    engine = sim.simulated_engine(MODEL, pdopt.EngineConfig(policy=policy, **{**CONFIG, "num_pages": 24}),
+                                  _cost(), sim.VirtualClock(), arrivals=[r.arrival_time for r in workload])
+    counts = {"at_once": 0, "preempted_there": 0}
+    carry_out = engine._carry_out_decodes  # pylint: disable=protected-access
+
+    def counted(plan, columns, decoding):
+      before = engine.num_preemptions
+      work = carry_out(plan, columns, decoding) if at_once else []
+      counts["at_once"] += bool(work)
+      counts["preempted_there"] += engine.num_preemptions - before
+      return work
+
+    monkeypatch.setattr(engine, "_carry_out_decodes", counted)
+    if overcommit:
+      schedule = engine.policy.schedule
+
+      def all_decodes(view):
+        plan = schedule(view)
+        ids = list(view.decoding.request_ids)
+        rest = tuple(c for c in plan.chunks if c.request_id not in set(ids) and c.request_id not in plan.preempt)
+        return Plan(tuple(ScheduledChunk(rid, 1) for rid in ids) + rest, (), plan.reject)
+
+      engine.policy.schedule = all_decodes
+    result = benchmark.replay(engine, workload, progress=False)
+    engine.check_no_leaks()
+    return result, counts
+
+  (loop, _), (at_once, counts) = run(False), run(True)
+  assert _timeline(at_once.records) == _timeline(loop.records)  # Bit for bit.
+  assert at_once.num_preemptions == loop.num_preemptions > 0
+  assert counts["at_once"] > 20
+  assert (counts["preempted_there"] > 0) == overcommit, counts
 
 
 def test_same_seed_same_result():
