@@ -234,7 +234,7 @@ class Engine(Handoffs):
       return tuple([next(decode_views) if d else next(other_views) for d in decodes])
 
     return SchedulerView(
-        now=now, running=RunningViews(build, columns, others),
+        now=now, running=RunningViews(build, columns, others, decodes),
         waiting=tuple(self._waiting_views),
         free_pages=bm.num_free_pages, page_size=self.config.page_size, num_pages=self.config.num_pages,
         num_lookahead_tokens=self.executor.num_lookahead_tokens), decoding

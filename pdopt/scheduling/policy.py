@@ -102,12 +102,23 @@ class RunningViews(collections.abc.Sequence):
     build: returns the views, in admission order, as they were when the view was made (however late it runs).
     decoding: the decoding requests (`Decoding`).
     prefilling: the other views, in order.
+    decodes: per running request in admission order, whether it decodes (so that `pages_held` needs no views);
+      None if not known.
   """
 
   def __init__(self, build: Callable[[], tuple[RequestView, ...]], decoding: Decoding,
-               prefilling: tuple[RequestView, ...]):
+               prefilling: tuple[RequestView, ...], decodes: Sequence[bool] | None = None):
     self._build, self._views = build, None
-    self.decoding, self.prefilling = decoding, prefilling
+    self.decoding, self.prefilling, self._decodes = decoding, prefilling, decodes
+
+  def pages_held(self) -> list[tuple[str, int]] | None:
+    """(request id, pages held) of every running request in admission order, from the columns and the other
+    views (no view built per decode); None without `decodes`."""
+    if self._decodes is None:
+      return None
+    decodes = zip(self.decoding.request_ids, self.decoding.num_pages_held)
+    others = iter([(r.request_id, r.num_pages_held) for r in self.prefilling])
+    return [next(decodes) if d else next(others) for d in self._decodes]
 
   def _get(self) -> tuple[RequestView, ...]:
     if self._views is None:
@@ -316,7 +327,7 @@ class StepBuilder:
     guesses; pages are not reserved (guesses only take pages left free)."""
     view, preempted = self.view, self.preempted
     if running is None:
-      if self._place_all_decodes(by_priority):
+      if self._place_all_decodes(by_priority) or self._place_decodes_from_columns(by_priority):
         return
       running = sorted(view.running, key=lambda r: r.priority) if by_priority else view.running
     lookahead = view.num_lookahead_tokens
@@ -352,6 +363,40 @@ class StepBuilder:
     # `ScheduledChunk(rid, 1)` for each, built without a Python call per request.
     self.chunks.extend(map(tuple.__new__, itertools.repeat(ScheduledChunk), zip(ids, itertools.repeat(1))))
     self._scheduled.update(ids)
+    return True
+
+  def _place_decodes_from_columns(self, by_priority: bool) -> bool:
+    """`schedule_decodes`' per-request loop, from the view's columns and the running requests' pages
+    (`RunningViews.pages_held`) instead of a view per running request, where it visits the decodes in
+    admission order (no lookahead; with `by_priority`, every running request of one class): the same chunks,
+    preemptions, pages and budget. Returns whether it ran."""
+    view, decoding = self.view, self.view.decoding
+    if view.num_lookahead_tokens or not isinstance(view.running, RunningViews):
+      return False
+    if by_priority:  # Sorted by priority, the running requests stay in admission order only if of one class.
+      classes = {*decoding.priorities, *(r.priority for r in view.prefilling)}
+      if len(classes) > 1:
+        return False
+    order = view.running.pages_held()
+    if order is None:
+      return False
+    ps, preempted, scheduled = view.page_size, self.preempted, self._scheduled
+    for rid, computed, held in zip(decoding.request_ids, decoding.num_computed_tokens, decoding.num_pages_held):
+      if preempted and rid in preempted:
+        continue
+      need = max(0, -(-(computed + 1) // ps) - held)
+      if need > self.free_pages:  # `_free_pages_for_decode`: from the back of the running requests.
+        for victim, victim_held in reversed(order):
+          if need <= self.free_pages:
+            break
+          if victim not in preempted and victim not in scheduled and victim != rid:
+            preempted.append(victim)
+            self.free_pages += victim_held
+        if need > self.free_pages:
+          preempted.append(rid)
+          self.free_pages += held
+          continue
+      self._place(rid, 1, need)
     return True
 
   def _free_pages_for_decode(self, request: RequestView, running: Sequence[RequestView]) -> None:

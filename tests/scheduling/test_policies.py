@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from pdopt.scheduling import (POLICIES, Plan, RequestView, SchedulerView, SchedulingConfig, StepBuilder,
-                              make_scheduler)
+from pdopt.scheduling import (POLICIES, Decoding, Plan, RequestView, RunningViews, SchedulerView, SchedulingConfig,
+                              StepBuilder, make_scheduler)
 from pdopt.scheduling.step_cost import DeviceSpec, ModelSizes, StepCostModel
 
 NUM_VIEWS = 400
@@ -159,25 +159,40 @@ def test_decodes_never_starved(policy):
 
 def test_decodes_placed_at_once_leave_the_step_as_the_loop_does():
   """`schedule_decodes()` places every decode from the view's columns at once when the per-request loop would
-  preempt nothing; either way the step must end as the loop leaves it (in admission order, or stably by
-  priority): chunks in order, preemptions, pages, budget."""
+  preempt nothing, and otherwise runs the loop from the columns where the view says which running requests
+  decode (the engine's views do); either way the step must end as the loop over views leaves it (in admission
+  order, or stably by priority): chunks in order, preemptions, pages, budget."""
   rng = random.Random(5)
-  at_once = looped = 0
+  at_once = looped = by_columns = 0
   for _ in range(NUM_VIEWS):
     view = _random_view(rng)
     running = tuple(r._replace(priority=rng.choice([0, 0, 1])) for r in view.running)
     view = dataclasses.replace(view, running=running, num_lookahead_tokens=rng.choice([0, 0, 0, 2]))
+    if rng.random() < 0.3:  # One class, as most runs have.
+      running = tuple(r._replace(priority=0) for r in running)
+    view = dataclasses.replace(view, running=running, num_lookahead_tokens=rng.choice([0, 0, 0, 2]))
+    # The engine's kind of `running`: columns, the other views, and which running requests decode.
+    columns = dataclasses.replace(view, running=RunningViews(
+        lambda running=running: running, Decoding.of(running), tuple(r for r in running if not r.is_decoding),
+        [r.is_decoding for r in running]))
     budget, seqs, by_priority = rng.choice([1, 3, 8, 512]), rng.randint(1, 12), rng.random() < 0.5
-    fast, loop = StepBuilder(view, budget, seqs), StepBuilder(view, budget, seqs)
+    fast, from_columns = StepBuilder(view, budget, seqs), StepBuilder(columns, budget, seqs)
+    loop = StepBuilder(view, budget, seqs)
     fast.schedule_decodes(by_priority=by_priority)
+    from_columns.schedule_decodes(by_priority=by_priority)
     loop.schedule_decodes(sorted(running, key=lambda r: r.priority) if by_priority else running)
-    assert ((fast.chunks, fast.preempted, fast.free_pages, fast.tokens_left, fast.seqs_left)
-            == (loop.chunks, loop.preempted, loop.free_pages, loop.tokens_left, loop.seqs_left)), view
+    want = (loop.chunks, loop.preempted, loop.free_pages, loop.tokens_left, loop.seqs_left)
+    assert (fast.chunks, fast.preempted, fast.free_pages, fast.tokens_left, fast.seqs_left) == want, view
+    assert (from_columns.chunks, from_columns.preempted, from_columns.free_pages, from_columns.tokens_left,
+            from_columns.seqs_left) == want, view
     if view.decoding.request_ids:
       placed = StepBuilder(view, budget, seqs)._place_all_decodes(by_priority)  # pylint: disable=protected-access
       at_once += placed
       looped += not placed
-  assert at_once > NUM_VIEWS // 8 and looped > NUM_VIEWS // 8, (at_once, looped)
+      # pylint: disable-next=protected-access
+      by_columns += not placed and StepBuilder(columns, budget, seqs)._place_decodes_from_columns(by_priority)
+  assert at_once > NUM_VIEWS // 8 and looped > NUM_VIEWS // 8 and by_columns > NUM_VIEWS // 16, \
+      (at_once, looped, by_columns)
 
 
 def test_decode_first_takes_what_is_left_and_ignores_chunk_size():
