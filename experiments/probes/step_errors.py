@@ -2,8 +2,8 @@
 """The cost model's error on serving steps, by what a step ran and what the step before it ran: each step of a
 `step_trace.py` file (its time until the next step started, host work included) against the prediction of
 COST.json at its padded shape, grouped by its kind and its predecessor's (D decode-only, P prompts only, M
-mixed). A group priced well alone but badly after another kind points at a cost the model has no term for
-(a decode step after long prompt steps, say). Steps that compiled are left out."""
+mixed, - no work). A group priced well alone but badly after another kind points at a cost the model has no
+term for (a decode step after long prompt steps, say). Steps that compiled are left out."""
 import collections
 import json
 import statistics
@@ -14,6 +14,8 @@ from pdopt.scheduling.step_cost import StepCostModel
 
 def kind(row: dict) -> str:
   decodes = row["decode"]
+  if not decodes:
+    return "-"  # A step with no work.
   return "D" if all(decodes) else ("P" if not any(decodes) else "M")
 
 
@@ -30,6 +32,9 @@ def main(trace_path: str, cost_path: str, page_size: int = 16) -> None:
         real_total += row["to_next_s"]
         predicted_total += predicted
       previous = kind(row)
+    if not groups:
+      print(f"{run['policy']} @ {run['rate']:g}: no step ran without compiling")
+      continue
     print(f"{run['policy']} @ {run['rate']:g}: {len(run['steps'])} steps, {real_total:.2f} s real, "
           f"predicted / real {predicted_total / real_total:.3f}")
     for (this, before), steps in sorted(groups.items(), key=lambda g: -sum(s[0] for s in g[1])):

@@ -253,7 +253,9 @@ class Engine(Handoffs):
       self._preempt(self.requests[rid])
     bm, requests, new_work = self.block_manager, self.requests, tuple.__new__  # `Work(...)` without its call.
     chunks, work = plan.chunks, self._carry_out_decodes(plan, columns, decoding)
-    if work:
+    if work is None:
+      work = []
+    else:  # The decodes are done (each run or preempted), also if none is left to run.
       chunks = chunks[len(columns.request_ids):]
     for rid, num_tokens in chunks:
       req = requests[rid]
@@ -289,16 +291,16 @@ class Engine(Handoffs):
       work.append(Work(req, req.num_computed_tokens, n, req.is_decoding))
     return tuple(work)
 
-  def _carry_out_decodes(self, plan: Plan, columns: Decoding, decoding: list[Request]) -> list[Work]:
+  def _carry_out_decodes(self, plan: Plan, columns: Decoding, decoding: list[Request]) -> list[Work] | None:
     """The work of the view's decodes if the plan starts with all of them, in the columns' order, one token
     each, and preempts nothing (most steps): pages only for the decodes whose next token starts a page (a
-    decode whose page does not fit is preempted, as the per-chunk loop of `_carry_out` does). Else [] and
-    `_carry_out` takes every chunk in turn."""
+    decode whose page does not fit is preempted, as the per-chunk loop of `_carry_out` does, so the list may
+    be empty). Else None, and `_carry_out` takes every chunk in turn."""
     ids, n = columns.request_ids, len(columns.request_ids)
     prefix = plan.chunks[:n]
     if not n or plan.preempt or len(prefix) < n or [c[1] for c in prefix].count(1) != n \
         or [c[0] for c in prefix] != ids:
-      return []
+      return None
     bm, ps, starts = self.block_manager, self.config.page_size, columns.num_computed_tokens
     # Pages held cover the next token unless it starts a page: start >= held * page_size.
     starts_page = [i for i, (c, h) in enumerate(zip(starts, columns.num_pages_held)) if c >= h * ps]

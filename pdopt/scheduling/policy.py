@@ -377,8 +377,8 @@ class StepBuilder:
       classes = {*decoding.priorities, *(r.priority for r in view.prefilling)}
       if len(classes) > 1:
         return False
-    order = view.running.pages_held()
-    if order is None:
+    running, order = view.running, None  # (id, pages held) of the running requests, read once a page is short.
+    if running._decodes is None:  # pylint: disable=protected-access
       return False
     ps, preempted, scheduled = view.page_size, self.preempted, self._scheduled
     for rid, computed, held in zip(decoding.request_ids, decoding.num_computed_tokens, decoding.num_pages_held):
@@ -386,6 +386,8 @@ class StepBuilder:
         continue
       need = max(0, -(-(computed + 1) // ps) - held)
       if need > self.free_pages:  # `_free_pages_for_decode`: from the back of the running requests.
+        if order is None:
+          order = running.pages_held()
         for victim, victim_held in reversed(order):
           if need <= self.free_pages:
             break

@@ -95,26 +95,30 @@ def test_the_engines_view_is_a_snapshot_of_its_running_requests(policy):
   assert mixed > 5 and result.num_preemptions > 0, (mixed, result.num_preemptions)
 
 
-@pytest.mark.parametrize("policy, overcommit", [*((p, False) for p in sorted(pdopt.scheduling.POLICIES)),
-                                               ("chunked", True)])
-def test_decodes_carried_out_at_once_change_nothing(policy, overcommit, monkeypatch):
+@pytest.mark.parametrize("policy, overcommit, num_pages, mode", [
+    *((p, False, 24, "recompute") for p in sorted(pdopt.scheduling.POLICIES)),
+    ("chunked", True, 24, "recompute"), ("chunked", True, 12, "recompute"), ("chunked", True, 12, "swap")])
+def test_decodes_carried_out_at_once_change_nothing(policy, overcommit, num_pages, mode, monkeypatch):
   """A plan that starts with all of the view's decodes is carried out for them at once
   (`Engine._carry_out_decodes`): under page pressure, the records must be those of the per-chunk loop bit for
   bit. With `overcommit`, the policy schedules every decode it would preempt, so that pages run out during
-  the carry-out, and the decodes whose page does not fit are preempted there, in order."""
+  the carry-out, and the decodes whose page does not fit are preempted there, in order; in a small pool, at
+  some steps all of them (their chunks must not be carried out again)."""
   workload = _workload(num_requests=30, rate=60.0)
 
   def run(at_once: bool):
-    engine = sim.simulated_engine(MODEL, pdopt.EngineConfig(policy=policy, **{**CONFIG, "num_pages": 24}),
-                                  _cost(), sim.VirtualClock(), arrivals=[r.arrival_time for r in workload])
-    counts = {"at_once": 0, "preempted_there": 0}
+    config = pdopt.EngineConfig(policy=policy, **{**CONFIG, "num_pages": num_pages}, preemption_mode=mode)
+    engine = sim.simulated_engine(MODEL, config, _cost(), sim.VirtualClock(),
+                                  arrivals=[r.arrival_time for r in workload])
+    counts = {"at_once": 0, "preempted_there": 0, "all_preempted": 0}
     carry_out = engine._carry_out_decodes  # pylint: disable=protected-access
 
     def counted(plan, columns, decoding):
       before = engine.num_preemptions
-      work = carry_out(plan, columns, decoding) if at_once else []
-      counts["at_once"] += bool(work)
+      work = carry_out(plan, columns, decoding) if at_once else None
+      counts["at_once"] += work is not None
       counts["preempted_there"] += engine.num_preemptions - before
+      counts["all_preempted"] += work == []
       return work
 
     monkeypatch.setattr(engine, "_carry_out_decodes", counted)
@@ -137,6 +141,7 @@ def test_decodes_carried_out_at_once_change_nothing(policy, overcommit, monkeypa
   assert at_once.num_preemptions == loop.num_preemptions > 0
   assert counts["at_once"] > 20
   assert (counts["preempted_there"] > 0) == overcommit, counts
+  assert (counts["all_preempted"] > 0) == (num_pages == 12), counts
 
 
 def test_same_seed_same_result():
