@@ -109,16 +109,16 @@ class RunningViews(collections.abc.Sequence):
   def __init__(self, build: Callable[[], tuple[RequestView, ...]], decoding: Decoding,
                prefilling: tuple[RequestView, ...], decodes: Sequence[bool] | None = None):
     self._build, self._views = build, None
-    self.decoding, self.prefilling, self._decodes = decoding, prefilling, decodes
+    self.decoding, self.prefilling, self.decodes = decoding, prefilling, decodes
 
   def pages_held(self) -> list[tuple[str, int]] | None:
     """(request id, pages held) of every running request in admission order, from the columns and the other
     views (no view built per decode); None without `decodes`."""
-    if self._decodes is None:
+    if self.decodes is None:
       return None
     decodes = zip(self.decoding.request_ids, self.decoding.num_pages_held)
     others = iter([(r.request_id, r.num_pages_held) for r in self.prefilling])
-    return [next(decodes) if d else next(others) for d in self._decodes]
+    return [next(decodes) if d else next(others) for d in self.decodes]
 
   def _get(self) -> tuple[RequestView, ...]:
     if self._views is None:
@@ -378,7 +378,7 @@ class StepBuilder:
       if len(classes) > 1:
         return False
     running, order = view.running, None  # (id, pages held) of the running requests, read once a page is short.
-    if running._decodes is None:  # pylint: disable=protected-access
+    if running.decodes is None:
       return False
     ps, preempted, scheduled = view.page_size, self.preempted, self._scheduled
     for rid, computed, held in zip(decoding.request_ids, decoding.num_computed_tokens, decoding.num_pages_held):
