@@ -243,10 +243,24 @@ def replay_steps(engine: pdopt.Engine, cost: StepCostModel, num_requests: int, r
   return steps, fit_host(np.asarray(rows), np.asarray(host))
 
 
+# Steps with a queue the calibration replay must see before the host fit has a term per waiting request.
+MIN_QUEUED_STEPS = 8
+
+
 def fit_host(rows: np.ndarray, gaps: np.ndarray) -> HostWork:
   """The host's work from the calibration replay's steps: nonnegative least squares of each step's host gap
-  (seconds) on its row (1, running sequences, waiting requests, arrivals in the gap)."""
-  return HostWork(*(float(c) for c in fit_lib.nnls(rows, gaps)))
+  (seconds) on its row (1, running sequences, waiting requests, arrivals in the gap).
+
+  The term per waiting request is fitted only when at least `MIN_QUEUED_STEPS` steps had a queue, and is 0
+  otherwise: from one or two such steps it is whatever their noise is (a 1B replay on an H200 that queued
+  once, one request, fitted 208 us per waiting request, where serving measures about 1 us)."""
+  rows = np.asarray(rows, float)
+  if rows.shape[1] > 2 and np.count_nonzero(rows[:, 2]) < MIN_QUEUED_STEPS:
+    kept = [i for i in range(rows.shape[1]) if i != 2]
+    coefficients = np.insert(fit_lib.nnls(rows[:, kept], gaps), 2, 0.0)
+  else:
+    coefficients = fit_lib.nnls(rows, gaps)
+  return HostWork(*(float(c) for c in coefficients))
 
 
 def _git_commit() -> tuple[str, bool]:

@@ -52,6 +52,23 @@ def test_the_host_fit_tells_submissions_from_waiting_requests():
   assert profile_steps.fit_host(rows[:, :3], gaps).per_waiting > 30e-6  # Without the arrivals' column.
 
 
+def test_the_host_fit_has_no_waiting_term_without_queues():
+  """A replay whose queue formed at a few steps only cannot tell their noise from work per waiting request."""
+  rng = np.random.default_rng(1)
+  seqs = rng.integers(1, 64, 300)
+  waiting = np.zeros(300)
+  waiting[[40, 41]] = 1  # two steps with one request waiting, and a slow gap at one of them
+  rows = np.stack([np.ones(300), seqs, waiting, np.zeros(300)], axis=1)
+  gaps = rows @ np.array([150e-6, 10e-6, 0.0, 0.0]) + rng.normal(0, 5e-6, 300)
+  gaps[40] += 400e-6
+  host = profile_steps.fit_host(rows, gaps)
+  assert host.per_waiting == 0.0
+  assert host.per_step == pytest.approx(150e-6, rel=0.05) and host.per_seq == pytest.approx(10e-6, rel=0.05)
+  waiting[40:40 + profile_steps.MIN_QUEUED_STEPS] = 1  # enough queued steps: the term is fitted again
+  rows[:, 2] = waiting
+  assert profile_steps.fit_host(rows, gaps).per_waiting > 10e-6
+
+
 def test_a_profile_of_a_few_steps_fits_and_saves(tmp_path):
   """`experiments.profile_steps`' whole path on the CPU: grid, calibration replay, fit, file."""
   grid = [profile_steps.GridPoint(decodes=d, context=c) for d, c in ((1, 32), (4, 64), (8, 96))] + [
