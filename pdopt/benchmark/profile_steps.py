@@ -256,8 +256,7 @@ def fit_host(rows: np.ndarray, gaps: np.ndarray) -> HostWork:
   once, one request, fitted 208 us per waiting request, where serving measures about 1 us)."""
   rows = np.asarray(rows, float)
   if rows.shape[1] > 2 and np.count_nonzero(rows[:, 2]) < MIN_QUEUED_STEPS:
-    kept = [i for i in range(rows.shape[1]) if i != 2]
-    coefficients = np.insert(fit_lib.nnls(rows[:, kept], gaps), 2, 0.0)
+    coefficients = np.insert(fit_lib.nnls(np.delete(rows, 2, axis=1), gaps), 2, 0.0)
   else:
     coefficients = fit_lib.nnls(rows, gaps)
   return HostWork(*(float(c) for c in coefficients))
